@@ -1,0 +1,678 @@
+"""
+model.py: the one shared module. GPT-2 in plain PyTorch, its weights and tokenizer, and a forward
+pass split the way an inference engine sees it: *prefill* and *decode*.
+
+    python model.py                                   # 40 tokens from random:124M, streamed
+    python model.py --model gpt2 --prompt "The GPU"   # real weights (needs the hub or a local copy)
+    python model.py --help
+
+What you will learn
+- The whole GPT-2 forward pass in ~100 lines, with the shapes at each step.
+- Why inference splits generation into two phases. *Prefill* pushes the whole prompt (T tokens)
+  through the model at once: big matmuls, compute-bound, and it fills the KV cache. *Decode* pushes
+  ONE new token per sequence: every weight is read from memory to do 2 FLOPs per weight per token,
+  so it is memory-bound, and it reads (never recomputes) the keys/values of all earlier tokens.
+- How attention plugs into the model through one small interface (`attend`), so that the same
+  model runs with no cache (recompute everything), a contiguous cache (kvcache.py), a paged cache
+  and Triton kernels (flash_attn.py, serve.py), without touching the model code.
+- How GPT-2 checkpoints are laid out (Conv1D weights stored transposed, two key layouts) and how
+  the real GPT-2 BPE tokenizer runs offline.
+
+The config already carries what the Llama family changes (n_kv_head for GQA, RMSNorm, RoPE,
+SwiGLU, untied head): `pos="rope"`, `norm="rmsnorm"`, `mlp="swiglu"`, `n_kv_head < n_head`.
+The `tiny-llama` preset exercises that path in tests.
+
+What this file leaves out: training, dropout, and any speed trick. It is the *oracle*: every
+faster path in the repository is tested against `generate()` here.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, asdict, replace
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the shapes of a decoder-only transformer.
+
+    The defaults are GPT-2 124M. The last five fields are where GPT-2 and Llama differ.
+    """
+    vocab_size: int = 50257      # GPT-2 BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    max_seq_len: int = 1024      # learned position table size (GPT-2), or RoPE table size
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None  # None = n_head (MHA); fewer = GQA; 1 = MQA
+    d_ff: int | None = None       # MLP hidden width; None = 4 * n_embd (GPT-2)
+    norm: str = "layernorm"       # "layernorm" (GPT-2, with bias) | "rmsnorm" (Llama)
+    norm_eps: float = 1e-5
+    pos: str = "learned"          # "learned" absolute table (GPT-2) | "rope" (Llama)
+    rope_base: float = 10000.0
+    mlp: str = "gelu"             # "gelu" (tanh approximation, GPT-2) | "swiglu" (Llama)
+    bias: bool = True             # GPT-2 has biases in every Linear and LayerNorm; Llama none
+    tie_embeddings: bool = True   # GPT-2 reuses the token embedding as the LM head
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.kv_heads}")
+        for name, value, allowed in (("norm", self.norm, ("layernorm", "rmsnorm")),
+                                     ("pos", self.pos, ("learned", "rope")),
+                                     ("mlp", self.mlp, ("gelu", "swiglu"))):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: expected one of {allowed}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError("RoPE rotates pairs of channels: head_dim must be even")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.n_embd
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The four released GPT-2 sizes. head_dim is 64 in all of them.
+    "124M": ModelConfig(n_layer=12, n_head=12, n_embd=768),
+    "355M": ModelConfig(n_layer=24, n_head=16, n_embd=1024),
+    "774M": ModelConfig(n_layer=36, n_head=20, n_embd=1280),
+    "1.5B": ModelConfig(n_layer=48, n_head=25, n_embd=1600),
+    # Tiny sizes for tests and laptops. n_head=3 is deliberately not a power of two.
+    "tiny": ModelConfig(n_layer=2, n_head=4, n_embd=64, max_seq_len=256),
+    "tiny-3head": ModelConfig(n_layer=3, n_head=3, n_embd=48, max_seq_len=128),
+    # The Llama-family path (GQA 6:2, RoPE, RMSNorm, SwiGLU, untied head) at test size.
+    "tiny-llama": ModelConfig(n_layer=2, n_head=6, n_kv_head=2, n_embd=96, d_ff=160,
+                              max_seq_len=256, norm="rmsnorm", norm_eps=1e-5, pos="rope",
+                              mlp="swiglu", bias=False, tie_embeddings=False),
+}
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token costs: 2 (K and V) * layers * kv_heads * head_dim * bytes.
+
+    GPT-2 124M in fp16: 2 * 12 * 12 * 64 * 2 = 36,864 B = 36 KiB per token, so a full 1024-token
+    context is 36 MiB per sequence. GPT-2 1.5B: 2 * 48 * 25 * 64 * 2 = 300 KiB per token.
+    GQA divides this by n_head / n_kv_head (SmolLM2-135M: 9 query heads share 3 KV heads).
+    """
+    return 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The attention interface: how a KV cache plugs into the model
+# ----------------------------------------------------------------------------------------------
+#
+# Every attention layer computes q, k, v for the new tokens and hands them to a backend:
+#
+#     out = kv.attend(layer, q, k, v, positions)
+#         q:         (B, n_head,    T, head_dim)   queries of the T new tokens
+#         k, v:      (B, n_kv_head, T, head_dim)   keys/values of the same new tokens
+#         positions: (B, T) int64                  absolute position of each new token
+#         out:       (B, n_head,    T, head_dim)
+#
+# The backend stores k and v wherever it keeps them and lets each query attend to every stored
+# key at a position <= its own. With no backend (kv=None) the model attends within the T tokens
+# only (plain causal attention, no memory of earlier calls): that is the recompute-everything path.
+# Batch metadata (positions, and in serve.py block tables and sequence lengths) is passed in
+# explicitly; nothing is hidden in global state.
+
+class AttentionBackend(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor: ...
+
+
+class KVCache:
+    """The simplest real KV cache: contiguous and preallocated.
+
+    k[layer] and v[layer] are (batch, n_kv_head, max_len, head_dim): row b, position p lives at
+    [b, :, p, :], so a decode step reads one contiguous (kv_len, head_dim) slab per head. Allocating
+    max_len up front costs memory for tokens that may never come (the waste a paged cache removes,
+    see serve.py) but makes every write an index and every read a slice.
+
+    `lengths[b]` counts the tokens stored for row b. Rows may have different lengths (continuous
+    batching); a query never sees slots past its own position, so stale slots are harmless.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's context of {cfg.max_seq_len}")
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+        # How many slots a step must read: the longest row after the step. Kept on the host so
+        # that the slice below costs no GPU->CPU sync; prefill()/decode() keep it up to date.
+        self.kv_len = 0
+
+    def attend(self, layer, q, k, v, positions):
+        B, _, T, _ = k.shape
+        # write the new keys/values at their positions: (B, n_kv, T, hd) -> slots positions[b, t]
+        index = positions[:, None, :, None].expand(B, k.shape[1], T, k.shape[3])
+        self.k[layer, :B].scatter_(2, index, k)
+        self.v[layer, :B].scatter_(2, index, v)
+        keys = self.k[layer, :B, :, :self.kv_len]       # (B, n_kv, S, hd)
+        values = self.v[layer, :B, :, :self.kv_len]
+        # query at position p sees slots 0..p: (B, 1, T, S) boolean mask
+        slots = torch.arange(self.kv_len, device=q.device)
+        visible = slots[None, None, None, :] <= positions[:, None, :, None]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
+                                              enable_gqa=keys.shape[1] != q.shape[1])
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The model, bottom up
+# ----------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """Llama's norm: x / rms(x) * g. No mean subtraction, no bias: one reduction instead of two."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()   # the mean of squares in fp16 overflows past |x| ~ 256
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for every (position, frequency): (max_seq_len, head_dim/2) each, in fp32.
+
+    RoPE rotates channel pair i of a query/key at position p by the angle p * base^(-2i/head_dim).
+    The dot product of a rotated q (position m) and k (position n) then depends on m - n only:
+    relative positions for free, and no position table to outgrow.
+    """
+    half = cfg.head_dim // 2
+    inv_freq = cfg.rope_base ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+    angles = torch.arange(cfg.max_seq_len, dtype=torch.float64, device=device)[:, None] * inv_freq
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, hd); cos/sin: (B, 1, T, hd/2). Pairs are (i, i + hd/2), the Hugging Face
+    layout ("rotate half"); llama.cpp's GGUF stores Q/K rows permuted for interleaved pairs."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with n_kv_head <= n_head (MHA when equal, GQA when fewer, MQA at 1).
+
+    One fused projection makes q, k and v: (n_head + 2 * n_kv_head) * head_dim outputs. For GPT-2
+    124M that is 768 -> 2304, one GEMM instead of three, which matters most in decode where each
+    launch does little work.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x, layer: int, positions, rope, kv: AttentionBackend | None):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim,
+                                     cfg.kv_heads * cfg.head_dim], dim=-1)
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = k.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)   # (B, nkv, T, hd)
+        v = v.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)   # (B, nkv, T, hd)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=cfg.kv_heads != cfg.n_head)
+        else:
+            y = kv.attend(layer, q, k, v, positions)
+        y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)   # (B, T, nh*hd)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """GPT-2: Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d).
+    Llama (SwiGLU): silu(x W_gate) * (x W_up) -> W_down, with gate and up fused into one GEMM."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.ff_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.ff_dim, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(F.silu(gate) * up)
+        return self.proj(F.gelu(h, approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, layer, positions, rope, kv):
+        x = x + self.attn(self.norm1(x), layer, positions, rope, kv)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """GPT-2 (and, by config, a Llama-family model).
+
+    forward(tokens (B, T), positions (B, T) or None, kv backend or None) -> logits (B, T, vocab)
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.pos == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        # Tied head (GPT-2): logits = h @ tok_emb.weight^T, no second 50257 x 768 matrix (38.6M
+        # parameters, a third of GPT-2 124M).
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # RoPE tables are derived, not learned: buffers outside the state dict.
+        cos, sin = rope_tables(cfg) if cfg.pos == "rope" else (None, None)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def hidden(self, tokens, positions=None, kv: AttentionBackend | None = None):
+        """The transformer body: (B, T) token ids -> (B, T, n_embd) after the final norm."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.tok_emb(tokens)                                          # (B, T, C)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # (B,1,T,hd/2)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, layer, positions, rope, kv)
+        return self.norm_f(x)
+
+    def logits(self, h):
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return h @ weight.t()                                             # (..., vocab)
+
+    def forward(self, tokens, positions=None, kv: AttentionBackend | None = None):
+        return self.logits(self.hidden(tokens, positions, kv))
+
+    @property
+    def device(self):
+        return self.tok_emb.weight.device
+
+    @property
+    def dtype(self):
+        return self.tok_emb.weight.dtype
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Prefill and decode
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run the whole prompt (B, T) at once into an empty cache; return the last position's logits (B, V).
+
+    Compute-bound: for GPT-2 124M and T=512 this is ~2 * 124M * 512 = 127 GFLOP in a handful of
+    big GEMMs. Only the last position's logits are needed to pick the next token, so the
+    (T, 768) x (768, 50257) head runs on one row per sequence, not T.
+    """
+    B, T = tokens.shape
+    if T == 0:
+        raise ValueError("prefill needs at least one token")
+    if T > cache.max_len:
+        raise ValueError(f"prompt of {T} tokens does not fit a cache of {cache.max_len}")
+    positions = torch.arange(T, device=tokens.device).expand(B, T)
+    cache.kv_len = T
+    h = model.hidden(tokens, positions, cache)
+    cache.lengths[:B] = T
+    return model.logits(h[:, -1])
+
+
+@torch.no_grad()
+def decode(model: Transformer, next_tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One new token per row (B,) against the cache; return logits (B, V).
+
+    Memory-bound: every weight is read once to do 2 FLOPs per token per weight, and every cached
+    K/V of the row is read once. The cost per step grows with the context only through that read.
+    """
+    B = next_tokens.shape[0]
+    if cache.kv_len + 1 > cache.max_len:
+        raise ValueError(f"the cache is full ({cache.max_len} tokens)")
+    positions = cache.lengths[:B, None].clone()                          # (B, 1)
+    cache.kv_len += 1
+    h = model.hidden(next_tokens[:, None], positions, cache)
+    cache.lengths[:B] += 1
+    return model.logits(h[:, -1])
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Sampling and the reference generation loop
+# ----------------------------------------------------------------------------------------------
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+    if not temperature >= 0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token for each row of logits (B, V) -> (B,).
+
+    temperature 0 is greedy (argmax). Otherwise: divide by the temperature, keep the top_k
+    largest (0 = all), then keep the smallest set whose probability reaches top_p (nucleus), and
+    draw from what is left with the given generator (seeded = reproducible).
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_stream(model: Transformer, prompt: list[int], max_new_tokens: int, *,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    seed: int | None = None, eos_id: int | None = None) -> Iterator[int]:
+    """The reference loop, one sequence: prefill the prompt, then decode one token at a time.
+
+    Yields each new token id as soon as it is chosen. Stops after max_new_tokens or after
+    yielding eos_id (if given). This is the oracle the faster engines are tested against.
+    """
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    total = len(prompt) + max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) = {total} "
+                         f"exceeds the model's context of {model.cfg.max_seq_len} tokens")
+    check_sampling_args(temperature, top_k, top_p)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    # the last sampled token is never fed back, so the cache needs one slot less than `total`
+    cache = KVCache(model.cfg, 1, total - 1, model.dtype, model.device)
+    logits = prefill(model, torch.tensor([prompt], device=model.device), cache)
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)
+        yield int(token)
+        if int(token) == eos_id or i + 1 == max_new_tokens:
+            return
+        logits = decode(model, token, cache)
+
+
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    """generate_stream, collected into a list."""
+    return list(generate_stream(model, prompt, max_new_tokens, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Tokenizer: the real GPT-2 BPE, offline
+# ----------------------------------------------------------------------------------------------
+#
+# GPT-2's byte-level BPE is tiktoken's `gpt2` / `r50k_base` encoding (identical ranks). tiktoken
+# downloads the rank file on first use, which fails on an air-gapped machine, so the file ships in
+# this repository: assets/gpt2.tiktoken (835 KB, MIT, the same file openai-whisper ships as
+# whisper/assets/gpt2.tiktoken). Each line is `base64(token bytes) rank`; rank = token id.
+# We check its SHA-256 so a corrupted copy fails loudly instead of tokenizing wrongly.
+
+GPT2_VOCAB_FILE = HERE / "assets" / "gpt2.tiktoken"
+GPT2_VOCAB_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# GPT-2's pre-tokenizer: split into contractions, letter runs, digit runs, punctuation runs and
+# whitespace, each optionally with one leading space; BPE merges never cross these pieces.
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_EOT = 50256
+
+_TOKENIZER = None
+
+
+def gpt2_tokenizer():
+    """tiktoken.Encoding for GPT-2 built from the shipped rank file (no network)."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        import tiktoken
+        data = GPT2_VOCAB_FILE.read_bytes()
+        if hashlib.sha256(data).hexdigest() != GPT2_VOCAB_SHA256:
+            raise RuntimeError(f"{GPT2_VOCAB_FILE} is corrupted (SHA-256 mismatch); restore it "
+                               f"from git or from openai-whisper's whisper/assets/gpt2.tiktoken")
+        ranks = {base64.b64decode(tok): int(rank)
+                 for tok, rank in (line.split() for line in data.splitlines() if line)}
+        _TOKENIZER = tiktoken.Encoding(name="gpt2", pat_str=GPT2_SPLIT_PATTERN,
+                                       mergeable_ranks=ranks,
+                                       special_tokens={"<|endoftext|>": GPT2_EOT},
+                                       explicit_n_vocab=50257)
+    return _TOKENIZER
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Weights: random, local Hugging Face safetensors, or the hub
+# ----------------------------------------------------------------------------------------------
+
+HUB_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+
+
+def init_random(model: Transformer, seed: int = 1337) -> Transformer:
+    """GPT-2's initialisation, seeded: N(0, 0.02) everywhere, residual projections scaled by
+    1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:   # norm gains are 1, biases 0
+                p.fill_(1.0 if name.endswith("norm1.weight") or name.endswith("norm2.weight")
+                        or name.endswith("norm_f.weight") else 0.0)
+                continue
+            std = 0.02 / math.sqrt(2 * model.cfg.n_layer) if name.endswith("proj.weight") else 0.02
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def gpt2_config_from_hf(hf: dict) -> ModelConfig:
+    """Hugging Face GPT2Config fields -> ModelConfig."""
+    return ModelConfig(vocab_size=hf.get("vocab_size", 50257), max_seq_len=hf.get("n_positions", 1024),
+                       n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                       d_ff=hf.get("n_inner"), norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+
+
+def gpt2_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename Hugging Face GPT-2 tensors to ours, and transpose the Conv1D weights.
+
+    Two key layouts exist: `transformer.h.0.attn.c_attn.weight` (what save_pretrained writes) and
+    `h.0.attn.c_attn.weight` (the original hub checkpoint). GPT-2's Conv1D stores weights as
+    (in, out), nn.Linear as (out, in): c_attn, c_proj and c_fc are transposed here.
+    """
+    hf_sd = {k.removeprefix("transformer."): v for k, v in hf_sd.items()}
+    rename = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight",
+              "ln_f.weight": "norm_f.weight", "ln_f.bias": "norm_f.bias"}
+    per_layer = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv",
+                 "attn.c_proj": "attn.proj", "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj"}
+    out = {}
+    for name, ours in rename.items():
+        out[ours] = hf_sd[name]
+    for i in range(cfg.n_layer):
+        for theirs, mine in per_layer.items():
+            for kind in ("weight", "bias"):
+                t = hf_sd[f"h.{i}.{theirs}.{kind}"]
+                if kind == "weight" and not theirs.startswith("ln"):
+                    t = t.t()   # Conv1D (in, out) -> Linear (out, in)
+                out[f"blocks.{i}.{mine}.{kind}"] = t
+    return out
+
+
+def _find_safetensors(path: Path) -> tuple[Path, Path | None]:
+    if path.is_file():
+        config = path.parent / "config.json"
+        return path, (config if config.exists() else None)
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{path}: expected exactly one *.safetensors file, found "
+                                f"{[f.name for f in files]} (sharded checkpoints are not supported)")
+    config = path / "config.json"
+    return files[0], (config if config.exists() else None)
+
+
+def _download_from_hub(name: str) -> Path:
+    repo = HUB_NAMES[name]
+    try:
+        from huggingface_hub import hf_hub_download
+        weights = hf_hub_download(repo, "model.safetensors")
+        hf_hub_download(repo, "config.json")
+    except Exception as err:
+        raise RuntimeError(
+            f"could not fetch '{name}' ({repo}) from the Hugging Face hub: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}\n"
+            f"Offline options: pass a local folder or .safetensors file in Hugging Face format "
+            f"(e.g. --model /path/to/gpt2), or random weights with --model random:124M "
+            f"(presets: {', '.join(PRESETS)}).") from err
+    return Path(weights)
+
+
+def load_gpt2(name_or_path: str, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> Transformer:
+    """Load GPT-2 from `random:<preset>`, a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl),
+    or a local Hugging Face folder / .safetensors file. Returns the model in eval mode."""
+    if name_or_path.startswith("random:"):
+        preset = name_or_path.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        model = init_random(Transformer(PRESETS[preset]))
+        return model.to(device=device, dtype=dtype).eval()
+
+    path = Path(name_or_path)
+    if not path.exists():
+        if name_or_path not in HUB_NAMES:
+            raise FileNotFoundError(
+                f"{name_or_path!r} is neither a local path nor a hub name "
+                f"({', '.join(HUB_NAMES)}) nor random:<preset> ({', '.join(PRESETS)})")
+        path = _download_from_hub(name_or_path)
+    from safetensors.torch import load_file
+    weights_file, config_file = _find_safetensors(path)
+    hf_sd = load_file(str(weights_file))
+    if config_file is not None:
+        cfg = gpt2_config_from_hf(json.loads(config_file.read_text()))
+    else:   # infer from shapes; every released GPT-2 has head_dim 64
+        hf_sd_keys = {k.removeprefix("transformer.") for k in hf_sd}
+        vocab, n_embd = hf_sd.get("wte.weight", hf_sd.get("transformer.wte.weight")).shape
+        n_pos = hf_sd.get("wpe.weight", hf_sd.get("transformer.wpe.weight")).shape[0]
+        n_layer = len({k.split(".")[1] for k in hf_sd_keys if k.startswith("h.")})
+        cfg = ModelConfig(vocab_size=vocab, max_seq_len=n_pos, n_layer=n_layer,
+                          n_head=n_embd // 64, n_embd=n_embd)
+    state = gpt2_state_dict_from_hf(hf_sd, cfg)
+    with torch.device("meta"):          # no memory, no init: the checkpoint fills every tensor
+        model = Transformer(cfg)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Demo
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Generate text with GPT-2 through the reference "
+                                "prefill/decode loop, streaming tokens as they come.")
+    p.add_argument("--model", default="random:124M",
+                   help="random:<preset> (offline), a hub name (gpt2, gpt2-medium, gpt2-large, "
+                        "gpt2-xl) or a local Hugging Face folder / .safetensors file")
+    p.add_argument("--prompt", default="The fastest way to serve a language model is")
+    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on cuda, float32 on cpu")
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    try:
+        model = load_gpt2(args.model, dtype, args.device)
+    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tok = gpt2_tokenizer()
+    prompt = tok.encode(args.prompt)
+    cfg = model.cfg
+    print(f"[{args.model}: {model.num_params() / 1e6:.0f}M parameters, {cfg.n_layer} layers, "
+          f"{cfg.n_head} heads, {args.device} {str(dtype).removeprefix('torch.')}, "
+          f"prompt {len(prompt)} tokens]")
+    if args.model.startswith("random:"):
+        print("[random weights: expect fluent-looking noise, not sense]")
+    print(args.prompt, end="", flush=True)
+    t0 = time.perf_counter()
+    n = 0
+    for n, token in enumerate(generate_stream(model, prompt, args.max_tokens,
+                                              temperature=args.temperature, top_k=args.top_k,
+                                              top_p=args.top_p, seed=args.seed), start=1):
+        print(tok.decode([token]), end="", flush=True)
+    dt = time.perf_counter() - t0
+    print(f"\n[{n} tokens in {dt:.2f} s: {n / dt:.1f} tok/s]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
