@@ -340,8 +340,7 @@ def topic_kv(ctx: BenchContext) -> None:
         nxt = tokens[:, -1]
 
         def step():                         # one decode step at context L, cache state restored
-            cache.kv_len = L
-            cache.lengths[:] = L
+            cache.lengths = [L] * batch
             decode(model, nxt, cache)
         ms = time_ms(step, ctx)
         rows.append([L, batch, ms, tokens_per_s(batch, ms), batch * L * kv_bytes_per_token(model.cfg, dt) / 2**20])

@@ -149,12 +149,13 @@ class KVCache:
     """The simplest real KV cache: contiguous and preallocated.
 
     k[layer] and v[layer] are (batch, n_kv_head, max_len, head_dim): row b, position p lives at
-    [b, :, p, :], so a decode step reads one contiguous (kv_len, head_dim) slab per head. Allocating
+    [b, :, p, :], so a decode step reads one contiguous (length, head_dim) slab per head. Allocating
     max_len up front costs memory for tokens that may never come (the waste a paged cache removes,
     see serve.py) but makes every write an index and every read a slice.
 
-    `lengths[b]` counts the tokens stored for row b. Rows may have different lengths (continuous
-    batching); a query never sees slots past its own position, so stale slots are harmless.
+    The cache is storage only. Each forward pass gets a `CacheStep` (below) that says which rows
+    it appends to and how many slots to read: the batch metadata travels as an argument.
+    Rows may hold different lengths (continuous batching, batching.py).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
@@ -164,28 +165,48 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
-        # How many slots a step must read: the longest row after the step. Kept on the host so
-        # that the slice below costs no GPU->CPU sync; prefill()/decode() keep it up to date.
-        self.kv_len = 0
+        # tokens stored per row, kept on the host: positions and read lengths are then known
+        # without a GPU->CPU sync (a sync per step would stall the launch queue)
+        self.lengths = [0] * batch_size
 
-    def attend(self, layer, q, k, v, positions):
-        B, _, T, _ = k.shape
-        # write the new keys/values at their positions: (B, n_kv, T, hd) -> slots positions[b, t]
-        index = positions[:, None, :, None].expand(B, k.shape[1], T, k.shape[3])
-        self.k[layer, :B].scatter_(2, index, k)
-        self.v[layer, :B].scatter_(2, index, v)
-        keys = self.k[layer, :B, :, :self.kv_len]       # (B, n_kv, S, hd)
-        values = self.v[layer, :B, :, :self.kv_len]
-        # query at position p sees slots 0..p: (B, 1, T, S) boolean mask
-        slots = torch.arange(self.kv_len, device=q.device)
-        visible = slots[None, None, None, :] <= positions[:, None, :, None]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
-                                              enable_gqa=keys.shape[1] != q.shape[1])
+    def reset(self, row: int) -> None:
+        """Forget row `row` (its slots are simply overwritten by the next sequence)."""
+        self.lengths[row] = 0
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+@dataclass
+class CacheStep:
+    """The attention backend for one forward pass over a KVCache.
+
+    rows: which cache rows the batch's rows append to (None = rows 0..B-1, the common case, where
+      reads are free slices instead of gathers). kv_len: how many slots to read, i.e. the longest
+      row after this step.
+    """
+    cache: KVCache
+    rows: torch.Tensor | None
+    kv_len: int
+
+    def attend(self, layer, q, k, v, positions):
+        B, n_kv, T, hd = k.shape
+        k_store, v_store = self.cache.k[layer], self.cache.v[layer]      # (rows, n_kv, max_len, hd)
+        rows = self.rows if self.rows is not None else torch.arange(B, device=k.device)
+        # write: slot [rows[b], :, positions[b, t], :] <- k[b, :, t, :]
+        k_store[rows[:, None], :, positions] = k.transpose(1, 2)
+        v_store[rows[:, None], :, positions] = v.transpose(1, 2)
+        if self.rows is None:
+            keys, values = k_store[:B, :, :self.kv_len], v_store[:B, :, :self.kv_len]   # views
+        else:
+            keys, values = k_store[rows, :, :self.kv_len], v_store[rows, :, :self.kv_len]
+        # a query at position p sees slots 0..p: (B, 1, T, S) boolean mask. It also hides the
+        # stale slots of shorter rows and whatever a previous sequence left in a reused row.
+        slots = torch.arange(self.kv_len, device=q.device)
+        visible = slots[None, None, None, :] <= positions[:, None, :, None]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
+                                              enable_gqa=n_kv != q.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,40 +379,51 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run the whole prompt (B, T) at once into an empty cache; return the last position's logits (B, V).
+def append_to_cache(model: Transformer, tokens: torch.Tensor, cache: KVCache,
+                    rows: list[int] | None = None) -> torch.Tensor:
+    """Push tokens (B, T) through the model, appending them to cache rows `rows` (default 0..B-1).
+
+    Row b's tokens get positions lengths[row] .. lengths[row] + T - 1. Returns the hidden state
+    of each row's last token (B, n_embd). prefill() and decode() below are the two ways to call it.
+    """
+    B, T = tokens.shape
+    if T == 0:
+        raise ValueError("need at least one token")
+    row_ids = list(range(B)) if rows is None else list(rows)
+    if len(row_ids) != B:
+        raise ValueError(f"{B} token rows but {len(row_ids)} cache rows")
+    starts = [cache.lengths[r] for r in row_ids]
+    if max(starts) + T > cache.max_len:
+        raise ValueError(f"appending {T} token(s) to a row of {max(starts)} overflows the cache "
+                         f"of {cache.max_len}: the cache is full")
+    positions = (torch.tensor(starts, device=tokens.device)[:, None]
+                 + torch.arange(T, device=tokens.device))                       # (B, T)
+    rows_t = None if rows is None else torch.tensor(row_ids, device=tokens.device)
+    h = model.hidden(tokens, positions, CacheStep(cache, rows_t, max(starts) + T))
+    for r in row_ids:
+        cache.lengths[r] += T
+    return h[:, -1]
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache,
+            rows: list[int] | None = None) -> torch.Tensor:
+    """Run whole prompts (B, T) at once into the cache; return the last position's logits (B, V).
 
     Compute-bound: for GPT-2 124M and T=512 this is ~2 * 124M * 512 = 127 GFLOP in a handful of
     big GEMMs. Only the last position's logits are needed to pick the next token, so the
     (T, 768) x (768, 50257) head runs on one row per sequence, not T.
     """
-    B, T = tokens.shape
-    if T == 0:
-        raise ValueError("prefill needs at least one token")
-    if T > cache.max_len:
-        raise ValueError(f"prompt of {T} tokens does not fit a cache of {cache.max_len}")
-    positions = torch.arange(T, device=tokens.device).expand(B, T)
-    cache.kv_len = T
-    h = model.hidden(tokens, positions, cache)
-    cache.lengths[:B] = T
-    return model.logits(h[:, -1])
+    return model.logits(append_to_cache(model, tokens, cache, rows))
 
 
-@torch.no_grad()
-def decode(model: Transformer, next_tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def decode(model: Transformer, next_tokens: torch.Tensor, cache: KVCache,
+           rows: list[int] | None = None) -> torch.Tensor:
     """One new token per row (B,) against the cache; return logits (B, V).
 
     Memory-bound: every weight is read once to do 2 FLOPs per token per weight, and every cached
     K/V of the row is read once. The cost per step grows with the context only through that read.
     """
-    B = next_tokens.shape[0]
-    if cache.kv_len + 1 > cache.max_len:
-        raise ValueError(f"the cache is full ({cache.max_len} tokens)")
-    positions = cache.lengths[:B, None].clone()                          # (B, 1)
-    cache.kv_len += 1
-    h = model.hidden(next_tokens[:, None], positions, cache)
-    cache.lengths[:B] += 1
-    return model.logits(h[:, -1])
+    return model.logits(append_to_cache(model, next_tokens[:, None], cache, rows))
 
 
 # ----------------------------------------------------------------------------------------------

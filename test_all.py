@@ -321,7 +321,7 @@ def test_decode_with_cache_equals_recompute(preset, device):
         nxt = torch.randint(0, model.cfg.vocab_size, (B,), generator=gen).to(device)  # teacher-forced
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         logits = M.decode(model, nxt, cache)
-    assert cache.lengths.tolist() == [P + steps - 1 + 1] * B
+    assert cache.lengths == [P + steps] * B
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-3head", "tiny-llama"])
@@ -347,40 +347,23 @@ def test_decode_only_attention_ragged_lengths(H, Hkv):
 
 
 def test_kv_cache_rows_of_different_lengths():
-    """Continuous-batching use of model.KVCache: rows advanced separately give each row's own logits."""
-    model = perturb(M.load_gpt2("random:tiny"), std=0.1)
-    prompts = [torch.randint(0, 50257, (n,)).tolist() for n in (5, 11, 2)]
-    cache = M.KVCache(model.cfg, 3, 32)
-    # fill each row on its own (prefill one row = a batch of one over a view of the cache)
-    for b, p in enumerate(prompts):
-        pos = torch.arange(len(p))[None]
-        cache.kv_len = max(cache.kv_len, len(p))
-        sub = _RowView(cache, b)
-        model.hidden(torch.tensor([p]), pos, sub)
-        cache.lengths[b] = len(p)
+    """Continuous-batching use of model.KVCache: rows filled one by one (out of order, one row
+    reused after a reset) then decoded together give each row its own logits."""
+    model = perturb(M.load_gpt2("random:tiny-llama"), std=0.1)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in (5, 11, 2)]
+    cache = M.KVCache(model.cfg, 4, 32)
+    M.prefill(model, torch.tensor([[1, 2, 3, 4, 5, 6, 7]]), cache, rows=[0])   # a finished sequence ...
+    cache.reset(0)                                                            # ... whose row is reused
+    for row, p in zip((2, 0, 3), prompts):
+        M.prefill(model, torch.tensor([p]), cache, rows=[row])
     nxt = torch.tensor([7, 8, 9])
-    cache.kv_len = int(cache.lengths.max()) + 1
-    positions = cache.lengths[:, None].clone()
-    with torch.no_grad():
-        logits = model(nxt[:, None], positions, cache)[:, -1]
+    logits = M.decode(model, nxt, cache, rows=[2, 0, 3])
     for b, p in enumerate(prompts):
         with torch.no_grad():
             ref = model(torch.tensor([p + [int(nxt[b])]]))[0, -1]
         assert rel_err(logits[b], ref) < 1e-4
-
-
-class _RowView:
-    """Routes one row's prefill into row b of a shared KVCache (what a batching scheduler does)."""
-    def __init__(self, cache, row):
-        self.cache, self.row = cache, row
-
-    def attend(self, layer, q, k, v, positions):
-        c, b = self.cache, self.row
-        T = k.shape[2]
-        c.k[layer, b, :, :T] = k[0]
-        c.v[layer, b, :, :T] = v[0]
-        return F.scaled_dot_product_attention(q, c.k[layer, b:b + 1, :, :T], c.v[layer, b:b + 1, :, :T],
-                                              is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+    assert cache.lengths == [12, 0, 6, 3]
 
 
 def test_kv_memory_formula_matches_allocation():
