@@ -1,0 +1,575 @@
+"""
+triton_matmul.py: a Triton GEMM (C = A @ B) built up step by step until it is within reach
+of cuBLAS, then given GPT-2's fused MLP epilogue (bias + GELU).
+
+You will learn about:
+  - how one Triton *program* computes one BLOCK_M x BLOCK_N tile of C with a loop over K,
+    an fp32 accumulator, and masks so that any M, N, K works;
+  - why the *order* in which programs are launched matters (L2 cache reuse, "grouped" order);
+  - how Triton stages A and B tiles through shared memory, what software pipelining
+    (`num_stages`) buys, and how `@triton.autotune` picks tile sizes / num_warps / num_stages;
+  - occupancy: computed from the compiled kernel's own registers and shared memory, and why
+    the fastest config is often *not* the highest-occupancy one;
+  - fusing bias + GELU into the GEMM epilogue, and profiling kernels (torch.profiler, ncu).
+
+The version ladder (8192^3 fp16 on an H200, GPU time per GEMM from CUDA graphs, one run of
+`python bench.py --topic matmul`, torch 2.11 / triton 3.6):
+  v1  one program per tile, row-major launch order, 64x64x32 tiles   209 TFLOP/s (0.33x cuBLAS)
+  v2  + grouped (L2-friendly) launch order, 128x128x64 tiles         578 TFLOP/s (0.90x)
+  v3  + autotuned BLOCK_M/N/K, num_warps, num_stages                  607 TFLOP/s (0.94x); geometric
+      mean over 2048/4096/8192: 0.95x cuBLAS in fp16, 0.96x in bf16
+  v4  + fused bias + GELU(tanh) epilogue (GPT-2 MLP c_fc, 16 tokens x 768 -> 3072): 4.0 us vs
+      5.2 us for torch addmm + gelu (1.3x); 4096 tokens: 46.0 vs 47.2 us (1.03x)
+  cuBLAS (torch.matmul), same run                                     643 TFLOP/s
+
+Run:
+  python triton_matmul.py                     # checks every version against torch, prints a table
+  python triton_matmul.py --size 4096 --profile   # + a torch.profiler table (GPU)
+  python bench.py --topic matmul              # TFLOP/s vs cuBLAS, autotune/occupancy table, plot
+Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1) on small shapes.
+"""
+import argparse
+import functools
+import math
+import os
+
+import torch
+
+# No GPU and no explicit choice: run Triton kernels in its CPU interpreter. This must happen
+# before `import triton`, which reads the variable when it is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# subtle: Triton's CPU interpreter keeps bf16 as raw uint16 bits and its tl.dot multiplies those
+# bits as integers (documented as unsupported; triton-lang/triton#11584). Under the interpreter
+# the kernels convert dot operands to fp32 first: exact for fp16/bf16, and it is what the
+# tensor cores compute anyway (exact products, fp32 sums). A global constexpr, so the GPU build
+# compiles the conversion away.
+CPU_INTERPRETER = tl.constexpr(INTERPRET)
+
+# -----------------------------------------------------------------------------
+# The reference. Every kernel below is checked against this (tests use float64 on CPU).
+
+def matmul_reference(a, b, bias=None, activation=None, acc_dtype=torch.float32):
+    """C = act(A @ B + bias), computed in acc_dtype, returned in A's dtype."""
+    c = a.to(acc_dtype) @ b.to(acc_dtype)
+    if bias is not None:
+        c = c + bias.to(acc_dtype)
+    if activation == "gelu_tanh":
+        c = torch.nn.functional.gelu(c, approximate="tanh")
+    return c.to(a.dtype)
+
+
+def _check_inputs(a, b, bias=None, activation=None, out=None):
+    """Clear errors for bad input. Any strides are fine: the kernels take strides as arguments,
+    so a transposed weight (`w.t()`) or a sliced view works without a copy."""
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"expected 2-D a and b, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"inner dimensions differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+    if a.dtype != b.dtype or a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"a and b must share one of fp16/bf16/fp32, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"a is on {a.device}, b is on {b.device}")
+    if bias is not None and (bias.shape != (b.shape[1],) or bias.dtype != a.dtype):
+        raise ValueError(f"bias must be ({b.shape[1]},) of {a.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if activation not in (None, "gelu_tanh"):
+        raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
+    if out is not None and (out.shape != (a.shape[0], b.shape[1]) or out.dtype != a.dtype
+                            or out.device != a.device):
+        raise ValueError(f"out must be {(a.shape[0], b.shape[1])} {a.dtype} on {a.device}")
+    # Offsets are computed in int32 inside the kernels: refuse what would overflow.
+    for t in (a, b):
+        if max(s * (d - 1) for s, d in zip(t.stride(), t.shape)) >= 2**31:
+            raise ValueError("tensor too large for int32 offsets in this teaching kernel")
+
+
+# Precision of tl.dot. fp16/bf16 inputs always run on tensor cores with fp32 accumulation.
+# fp32 inputs: tl.dot's default, input_precision="tf32", keeps 10 mantissa bits and uses
+# tensor cores, while tl.dot(..., input_precision="ieee") would be exact fp32 on the FMA units.
+# torch.matmul uses exact fp32 unless torch.backends.cuda.matmul.allow_tf32 is True, so compare
+# like with like. Measured at 4096^3 on an H200 (relative Frobenius error, TFLOP/s): this
+# kernel 7.8e-4 at 82; cuBLAS tf32 2.9e-4 at 399; cuBLAS exact fp32 1.1e-6 at 51. Two likely
+# reasons we are worse: the operands are probably truncated rather than rounded to tf32, and
+# Hopper's wgmma reads 32-bit operands from SMEM only in K-major layout, which a row-major B
+# is not, so Triton cannot use its fast path. For fp32 weights, cast to bf16 or use cuBLAS.
+
+# -----------------------------------------------------------------------------
+# v1: one program per output tile.
+#
+# C is cut into tiles of BLOCK_M x BLOCK_N; the grid is (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))
+# and program (pid_m, pid_n) computes one tile:
+#
+#   acc = zeros(BLOCK_M, BLOCK_N) in fp32
+#   for k in range(0, K, BLOCK_K):
+#       acc += A[pid_m rows, k:k+BLOCK_K] @ B[k:k+BLOCK_K, pid_n cols]    # one tl.dot
+#   C[pid_m rows, pid_n cols] = acc
+#
+# Pointer arithmetic: element A[i, k] lives at a_ptr + i*stride_am + k*stride_ak, so a whole
+# tile of pointers is an outer sum of a column of row offsets and a row of column offsets.
+# Masks: rows >= M, columns >= N and the ragged last K step load 0 (which adds nothing to
+# the dot product) and are never stored, so M=1 or K=65 with BLOCK_K=32 are handled.
+# Why fp32 accumulation: summing K=4096 fp16 products in fp16 (10-bit mantissa) would lose
+# about 3 decimal digits; tensor cores accumulate in fp32 at no extra cost.
+
+@triton.jit
+def matmul_v1_kernel(
+    a_ptr, b_ptr, c_ptr,                                  # pointers to the matrices
+    M, N, K,                                              # A is M x K, B is K x N
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)      # (BLOCK_M,) rows of this tile
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)      # (BLOCK_N,) columns of this tile
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K - k0)
+        b_mask = (offs_k[:, None] < K - k0) & (offs_n[None, :] < N)
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if CPU_INTERPRETER:                               # bf16 workaround, see top of file
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc)                           # fp32 accumulate
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def matmul_v1(a, b, out=None, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32):
+    """v1: a first, correct Triton GEMM. tl.dot needs every block dimension >= 16.
+    `out` (optional, M x N) receives the result, like torch's out= argument."""
+    _check_inputs(a, b, out=out)
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype) if out is None else out
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    matmul_v1_kernel[grid](a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                           c.stride(0), c.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return c
+
+# -----------------------------------------------------------------------------
+# v2: L2-friendly ("grouped") launch order.
+#
+# The GPU runs programs roughly in launch order, ~one or two per SM at a time (132 SMs on an
+# H100 SXM). With v1's row-major order, the first 132 programs of an 8192^3 GEMM with 128x128
+# tiles are 2 rows of tiles: they read 2 row-panels of A (2 x 128 x 8192 fp16 = 4 MB) but
+# 64 column-panels of B, i.e. all of B (128 MB), far more than the 50 MB L2. Every B panel
+# comes from DRAM again for the next row. Grouped order walks GROUP_M rows of tiles
+# column by column instead, so those 132 programs cover an 8 x 16 block of tiles: 8 A panels
+# + 16 B panels = 24 MB, which fits in L2, and each panel is reused 8-16 times from L2:
+#
+#   row-major (v1)            grouped, GROUP_M = 2
+#    0  1  2  3                0  2  4  6
+#    4  5  6  7                1  3  5  7
+#    8  9 10 11                8 10 12 14
+#
+# Two more changes from v1: a 1-D grid (the program id is remapped to (pid_m, pid_n) as
+# above) and cheaper masks: row/column offsets past the edge are wrapped with `% M` / `% N`
+# (they load valid memory whose results are never stored), so only the K tail needs a mask.
+# v2 also uses bigger tiles than v1 (128x128x64, 8 warps; v3 explains why bigger is faster),
+# so the v1 -> v2 step in the ladder is both effects. GROUP_M=1 is row-major order again:
+# bench.py times `matmul_v2(a, b, GROUP_M=1)` next to v2 to isolate the L2 effect.
+# The epilogue (bias, activation) is switched off until v4; constexpr branches are removed
+# at compile time, so v2/v3 pay nothing for it.
+
+@triton.jit
+def _gelu_tanh(x):
+    # GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    # Uses 0.5 (1 + tanh(u)) == sigmoid(2u), which avoids a separate tanh and is stable for large |x|.
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x * tl.sigmoid(2.0 * u)
+
+
+@triton.jit
+def matmul_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+):
+    # --- grouped program order (see the picture above) ---
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n                # programs in one band of GROUP_M tile rows
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)  # the last band may be shorter
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)  # walk down the band...
+    pid_n = (pid % num_pid_in_group) // group_size_m                 # ...then to the next column
+
+    # --- main loop: same as v1, with wrapped rows/columns instead of M/N masks ---
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + (offs_n % N)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
+        if CPU_INTERPRETER:                               # bf16 workaround, see top of file
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # --- epilogue (v4): applied to the fp32 tile while it is still in registers ---
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if ACTIVATION == "gelu_tanh":
+        acc = _gelu_tanh(acc)
+
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _launch(kernel, a, b, bias, activation, out=None, **meta):
+    """Shared launcher for v2..v4. `kernel` is matmul_kernel (explicit meta) or the autotuned
+    wrapper (meta chosen by the autotuner). Returns (C, compiled kernel or None)."""
+    _check_inputs(a, b, bias, activation, out)
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype) if out is None else out
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
+    compiled = kernel[grid](
+        a, b, c, bias if bias is not None else c,         # dummy pointer when there is no bias
+        M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        HAS_BIAS=bias is not None, ACTIVATION=activation or "", **meta)
+    return c, compiled   # the interpreter returns None instead of a compiled kernel
+
+
+def matmul_v2(a, b, out=None, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3):
+    """v2: grouped launch order with one fixed, reasonable config."""
+    meta = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                num_warps=num_warps, num_stages=num_stages)
+    return _launch(matmul_kernel, a, b, None, None, out, **meta)[0]
+
+# -----------------------------------------------------------------------------
+# v3: autotuned tile sizes, num_warps, num_stages.
+#
+# Shared memory. Per K step a program needs an A tile (BLOCK_M x BLOCK_K) and a B tile
+# (BLOCK_K x BLOCK_N). We never write "shared memory" in the kernel: Triton's compiler sees
+# that the operands of tl.dot are loaded tiles and places them in shared memory (SMEM), where
+# the tensor cores read them (Hopper's wgmma reads both operands straight from SMEM). Each
+# element loaded from DRAM/L2 is then reused BLOCK_N (for A) or BLOCK_M (for B) times from
+# SMEM: a 128x256 tile does 2*128*256 = 65536 FLOPs per (128+256) elements loaded, i.e.
+# 85 FLOP/byte in fp16, versus 0.5 FLOP/byte for a loop that reads both operands of every
+# multiply-add from memory.
+#
+# Software pipelining (num_stages = S). A load from global memory takes ~500-800 cycles. With
+# S > 1 the compiler allocates S SMEM slots per operand (a ring buffer) and issues asynchronous
+# copies (cp.async; TMA when a kernel uses tensor descriptors) for K steps i+1 .. i+S-1 while
+# the tensor cores work on step i; the loop waits only for data that was requested S-1 steps
+# ago. Latency is hidden by overlap *within* one program, instead of by switching to other
+# warps. The price is SMEM: S * (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes, e.g. 128x256x64
+# fp16 with S=3 is 3 * 48 KB = 144 KB of the 228 KB a Hopper SM has: one such program per SM.
+#
+# num_warps: threads per program / 32. On Hopper, tl.dot becomes wgmma when num_warps is a
+# multiple of 4 (a "warpgroup") and BLOCK_M >= 64; the 128x256 fp32 accumulator is 128 KB of
+# registers, i.e. 128 registers per thread with 8 warps before any address or loop registers
+# (ptxas reports 206 in all), and 256 with 4 warps: more than the 255 a thread may have.
+#
+# The best values depend on shape and GPU, so @triton.autotune times every config the first
+# time it sees a new (M, N, K, dtype, epilogue) and caches the winner. Decode-shaped GEMMs
+# (M <= 32 tokens) get their own small-BLOCK_M configs: with BLOCK_M=128 a 1-token GEMM would
+# waste 127/128 of every tensor-core op and, worse, launch too few programs to pull full
+# memory bandwidth. On CPU (interpreter) the autotuner would run every config on every new
+# shape, which is very slow, so there we use a single small config.
+
+def _config(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m),
+                         num_warps=warps, num_stages=stages)
+
+if torch.cuda.is_available() and not INTERPRET:
+    AUTOTUNE_CONFIGS = [
+        # large-M configs (prefill, training-sized GEMMs). 128x128x64 with 3 stages (96 KB SMEM,
+        # 122 registers) fits 2 programs per SM: close when tiles are few (2048^2: 639 vs 663).
+        _config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4), _config(256, 128, 64, 8, 3),
+        _config(128, 128, 64, 8, 3), _config(128, 128, 64, 8, 4),
+        # medium tiles: enough programs when M or N is small (256 tokens x 768 outputs is only
+        # 6 tiles of 128x256 for 132 SMs, but 48 of 64x64)
+        _config(64, 128, 64, 4, 4), _config(64, 64, 64, 4, 4),
+        # small-M configs (decode: a few tokens against a big weight). Long BLOCK_K and deep
+        # pipelines keep many bytes of the weight in flight per program.
+        _config(16, 32, 128, 4, 4), _config(16, 32, 256, 4, 3), _config(16, 64, 256, 4, 3),
+        _config(32, 64, 64, 4, 4),
+    ]
+else:
+    AUTOTUNE_CONFIGS = [_config(32, 32, 32, 4, 1, group_m=4)]   # interpreter: one small config
+
+
+def smem_bytes_estimate(cfg, elem_bytes):
+    """SMEM one program of `cfg` needs: num_stages ring slots of an A and a B tile. This matches
+    kernel.metadata.shared for the fp16 configs above (128x256x64, 3 stages: 147456 bytes)."""
+    k = cfg.kwargs
+    return cfg.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * elem_bytes
+
+
+def _prune_configs(configs, named_args, smem_limit=None, **kwargs):
+    """Before compiling and timing anything (~1 s per config): only small-BLOCK_M configs for
+    M <= 32 (large ones otherwise); no tile twice the size of the matrix or more (it computes
+    mostly padding); none whose tiles cannot fit in shared memory (fp32 tiles are twice
+    fp16's), which would only fail at launch. If nothing is left, keep everything."""
+    a = named_args.get("a_ptr")
+    if smem_limit is None:
+        on_cuda = isinstance(a, torch.Tensor) and a.is_cuda
+        smem_limit = (getattr(torch.cuda.get_device_properties(a.device), "shared_memory_per_block_optin",
+                              227 * 1024) if on_cuda else float("inf"))
+    elem = a.element_size() if isinstance(a, torch.Tensor) else 2
+    M, N = named_args["M"], named_args.get("N", 1 << 30)
+    kept = [c for c in configs
+            if (c.kwargs["BLOCK_M"] <= 32) == (M <= 32)
+            and c.kwargs["BLOCK_M"] < 2 * max(M, 16) and c.kwargs["BLOCK_N"] < 2 * max(N, 16)
+            and smem_bytes_estimate(c, elem) <= smem_limit]
+    return kept or configs
+
+
+# Autotuning times each config with 25 ms warm-up and 50 ms of repeats (Triton's default
+# repeats for 100 ms): ~0.5 s per new shape for 7 configs. With 5 + 25 ms, one of our runs
+# picked a config 11% slower than the best at 4096^3: close configs differ by a few percent,
+# about as much as run-to-run noise, so the timing must not be too short.
+matmul_kernel_autotuned = triton.autotune(
+    configs=AUTOTUNE_CONFIGS, key=["M", "N", "K", "HAS_BIAS", "ACTIVATION"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    do_bench=functools.partial(triton.testing.do_bench, warmup=25, rep=50),
+)(matmul_kernel)
+
+# Where v3 falls short of cuBLAS (H200 numbers from bench.py, GPU time per GEMM):
+#  - Square sizes: 0.94-0.97x at 2048-8192, 0.89x at 1024. cuBLAS's Hopper kernels (nvjet) are
+#    persistent (one program per SM loops over tiles, so one tile's epilogue overlaps the next
+#    tile's loads), warp-specialised (producer warps issue TMA copies, consumer warpgroups run
+#    wgmma) and use 2-SM clusters that multicast shared tiles. Ours launches one program per
+#    tile and pays each pipeline's fill and drain.
+#  - Wave quantisation: 4096 x 768 x 2304 (GPT-2 c_attn prefill) is 0.78x. 128x256 tiles give
+#    288 tiles = 2.2 waves on 132 SMs, so the third wave runs 24 tiles on an idle GPU.
+#  - Few tiles, long K: 256 tokens x 3072 -> 768 (c_proj) is 0.69x: 12 tiles of 128x128 for 132
+#    SMs. cuBLAS splits K across programs (split-K / stream-K) and adds partial sums; we don't.
+#  - Decode (1-16 tokens): 0.82-1.0x cuBLAS. Both reach only 13-54% of the copy bandwidth: a
+#    3.5 MB weight takes ~0.8 us to stream but each kernel costs ~3-4 us of fixed start-up/tail.
+#  - Launch overhead, outside the kernel: from Python a Triton launch costs ~50 us
+#    (~80 us through the autotuner) on the test machine's host vs ~23 us for torch.matmul, more
+#    than the GPU time of any GEMM below ~2048^3. Called eagerly, v3 reaches only 0.68x cuBLAS
+#    on the same squares. CUDA graphs (serve.py) replay launches without that cost.
+
+
+def matmul(a, b, bias=None, activation=None, out=None):
+    """v3/v4: the autotuned GEMM. act(a @ b + bias) with activation in (None, "gelu_tanh").
+
+    `a` may have leading batch dimensions (B, T, K): they are flattened into M = B*T, which is
+    how a Linear layer sees its input. For a torch Linear weight W (N, K) pass b = W.t()."""
+    lead = a.shape[:-1]
+    a2 = a.reshape(-1, a.shape[-1])
+    out2 = None if out is None else out.view(-1, b.shape[1])
+    c, _ = _launch(matmul_kernel_autotuned, a2, b, bias, activation, out2)
+    return c.reshape(*lead, b.shape[1])
+
+
+def matmul_with_config(a, b, config, bias=None, activation=None):
+    """Run matmul_kernel with one explicit triton.Config (for the autotune/occupancy table).
+    Returns (C, compiled kernel); the compiled kernel is None under the interpreter."""
+    meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    return _launch(matmul_kernel, a, b, bias, activation, **meta)
+
+# -----------------------------------------------------------------------------
+# v4: fused epilogue, bias + GELU (GPT-2's MLP: h = gelu_tanh(x @ W_fc + b_fc)).
+#
+# Unfused, torch runs three kernels: the GEMM writes h (M x 3072) to DRAM, the bias add reads
+# and writes it, the GELU reads and writes it again: 5 passes over M*3072*2 bytes. For 4096
+# tokens that is 5 * 25 MB = 126 MB of extra traffic, ~40 us at 3 TB/s next to a ~80 us
+# GEMM. Fused, bias and GELU are applied to the fp32 accumulator in registers and h is
+# written once (see the epilogue in matmul_kernel). It is also slightly more accurate: GELU
+# sees the fp32 value before the single rounding to fp16/bf16.
+# model.py can use it behind a flag: `h = matmul(x, w_fc, bias=b_fc, activation="gelu_tanh")`.
+
+def matmul_bias_gelu(a, b, bias, out=None):
+    """v4: gelu_tanh(a @ b + bias) in one kernel."""
+    return matmul(a, b, bias=bias, activation="gelu_tanh", out=out)
+
+# -----------------------------------------------------------------------------
+# Occupancy: how many warps an SM keeps resident, as a fraction of its maximum (64 on
+# Hopper). A program (CTA) is resident until it finishes, and it can only start if its SM
+# has enough of each resource left:
+#   registers:     65536 per SM, allocated per warp in units of 256 (n_regs*32 rounded up)
+#   shared memory: 228 KB per SM, plus 1 KB the driver reserves per program
+#   threads:       2048 per SM (64 warps), and at most 32 programs per SM
+# The compiled kernel reports its own registers per thread (kernel.n_regs, set by ptxas) and
+# SMEM per program (kernel.metadata.shared).
+#
+# Why the fastest config is often not the highest-occupancy one: occupancy exists to hide
+# latency by switching between warps. A pipelined GEMM hides latency inside one program
+# (num_stages in-flight copies), and big tiles give more reuse per byte loaded. Measured at
+# 4096^3 fp16 on an H200: 128x256x64 with 3 stages (206 registers/thread, 144 KB SMEM: one
+# program = 8 warps per SM, 12.5% occupancy) ran 667 TFLOP/s; 128x128x64 (2 programs per SM,
+# 25%) 592; 64x64x64 (3 programs, 18.8%) 340. The big tile does 2*128*256/(128+256) = 171
+# FLOPs per element it loads, the 64x64 tile 64: fewer bytes cross from L2 to SMEM per FLOP.
+# Low occupancy hurts when nothing else hides latency: unpipelined (num_stages=1) kernels,
+# or memory-bound decode GEMMs, where bytes in flight per SM are what count.
+# Also watch "waves": 512 tiles over 132 SMs at one program each is 3.9 waves, so the last
+# wave leaves 12% of the SMs idle; a config with more, smaller tiles can lose less to that tail.
+
+def occupancy_from_resources(n_regs, shared_bytes, num_warps, regs_per_sm=65536,
+                             smem_per_sm=228 * 1024, max_warps_per_sm=64, max_programs_per_sm=32,
+                             reg_unit=256, smem_reserved_per_program=1024, warp_size=32):
+    """Programs per SM, occupancy (resident warps / max warps) and the limiting resource."""
+    regs_per_warp = math.ceil(n_regs * warp_size / reg_unit) * reg_unit
+    limits = {
+        "registers": (regs_per_sm // regs_per_warp) // num_warps if regs_per_warp else max_programs_per_sm,
+        "shared memory": smem_per_sm // (shared_bytes + smem_reserved_per_program),
+        "warps": max_warps_per_sm // num_warps,
+        "programs": max_programs_per_sm,
+    }
+    limiter = min(limits, key=limits.get)
+    programs = limits[limiter]
+    return dict(programs_per_sm=programs, occupancy=programs * num_warps / max_warps_per_sm,
+                limiter=limiter, n_regs=n_regs, shared_bytes=shared_bytes, num_warps=num_warps)
+
+
+def device_limits(device):
+    """SM limits of a CUDA device, with Hopper values where torch does not report them."""
+    p = torch.cuda.get_device_properties(device)
+    return dict(regs_per_sm=getattr(p, "regs_per_multiprocessor", 65536),
+                smem_per_sm=getattr(p, "shared_memory_per_multiprocessor", 228 * 1024),
+                max_warps_per_sm=getattr(p, "max_threads_per_multi_processor", 2048) // 32,
+                num_sms=p.multi_processor_count)
+
+
+def occupancy_of(kernel, device):
+    """Occupancy of a compiled Triton kernel (the object `fn[grid](...)` returns) on `device`."""
+    limits = device_limits(device)
+    num_sms = limits.pop("num_sms")
+    occ = occupancy_from_resources(kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps, **limits)
+    occ["num_sms"] = num_sms
+    occ["n_spills"] = kernel.n_spills
+    return occ
+
+
+def occupancy_table(M, N, K, dtype=torch.float16, device="cuda", configs=None):
+    """For each config: compile it on an (M, N, K) problem and read its resources.
+    Returns a list of dicts (config fields + occupancy fields + waves). Needs CUDA."""
+    if INTERPRET or not torch.cuda.is_available():
+        raise RuntimeError("occupancy needs a compiled kernel, i.e. a CUDA GPU (not the interpreter)")
+    a = torch.randn(M, K, device=device, dtype=dtype)
+    b = torch.randn(K, N, device=device, dtype=dtype)
+    rows = []
+    for cfg in configs or AUTOTUNE_CONFIGS:
+        try:
+            _, kernel = matmul_with_config(a, b, cfg)
+        except triton.runtime.errors.OutOfResources as err:   # e.g. too much SMEM for fp32
+            rows.append(dict(config=cfg, error=str(err)))
+            continue
+        occ = occupancy_of(kernel, a.device)
+        tiles = triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"])
+        occ["waves"] = tiles / (occ["num_sms"] * max(occ["programs_per_sm"], 1))
+        rows.append(dict(config=cfg, **occ))
+    return rows
+
+
+def config_name(cfg):
+    k = cfg.kwargs
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} w{cfg.num_warps} s{cfg.num_stages}"
+
+# -----------------------------------------------------------------------------
+# Profiling.
+#
+# torch.profiler records every kernel launch with its GPU time, so it shows what the GEMM
+# really costs, how many kernels a call launches (1 for the fused v4, 3 for torch's
+# matmul + bias + gelu), and the autotuner's extra launches on a new shape.
+# For hardware counters use Nsight Compute on one launch of the kernel (skip the warm-up and
+# autotuning launches):
+#
+#   ncu --kernel-name matmul_kernel --launch-skip 0 --launch-count 1 \
+#       --section SpeedOfLight --section Occupancy --section LaunchStats \
+#       --section MemoryWorkloadAnalysis -o matmul_4096 python triton_matmul.py --size 4096
+#
+# (the first launch of matmul_kernel in the demo is v2's 128x128x64 config on the 4096^3 check;
+# raise --launch-skip past the autotuner's trial launches to see v3's pick) and read:
+# "Compute (SM) Throughput" (tensor pipe busy %), "DRAM Throughput", "Achieved
+# Occupancy" vs "Theoretical Occupancy" (the latter should equal occupancy_of above), "Block
+# Limit Registers / Shared Mem", and L2 hit rate (grouped order raises it). Single metrics:
+# `--metrics sm__warps_active.avg.pct_of_peak_sustained_active,dram__bytes_read.sum,lts__t_sector_hit_rate.pct`.
+
+def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, reps=10, row_limit=12):
+    """Profile `reps` calls of v3, v4 and torch's equivalents; return key_averages().table()."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    a = torch.randn(M, K, device=device, dtype=dtype)
+    b = torch.randn(K, N, device=device, dtype=dtype)
+    bias = torch.randn(N, device=device, dtype=dtype)
+    gelu = functools.partial(torch.nn.functional.gelu, approximate="tanh")
+    matmul(a, b), matmul(a, b, bias, "gelu_tanh")           # autotune outside the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(reps):   # labelled ranges: CPU-side cost of each call, incl. Python/launch
+            with record_function("triton v3 matmul"):
+                matmul(a, b)
+            with record_function("torch.matmul"):
+                torch.matmul(a, b)
+            with record_function("triton v4 matmul+bias+gelu"):
+                matmul(a, b, bias, "gelu_tanh")
+            with record_function("torch matmul+bias+gelu"):
+                gelu(torch.matmul(a, b) + bias)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+
+# -----------------------------------------------------------------------------
+# Demo: check every version against torch and print a small table.
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_gpu = torch.cuda.is_available() and not INTERPRET
+    parser.add_argument("--size", type=int, default=1024 if on_gpu else 64, help="square size for the checks")
+    parser.add_argument("--dtype", default="fp16" if on_gpu else "fp32", choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
+    args = parser.parse_args()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    device = "cuda" if on_gpu else "cpu"
+    if dtype != torch.float32 and not on_gpu:
+        print("note: fp16/bf16 under the interpreter is emulated (slow); try --dtype fp32")
+    torch.manual_seed(0)
+    s = args.size
+    shapes = [(s, s, s), (1, 768, 2304 if on_gpu else 96), (17, 33, 65)]
+    print(f"device: {torch.cuda.get_device_name() if on_gpu else 'CPU (Triton interpreter)'}, dtype {args.dtype}")
+    print(f"| {'M x K x N':>16} | version | max error vs fp32 torch | ok |")
+    print("|---|---|---|---|")
+    for M, K, N in shapes:
+        a = torch.randn(M, K, device=device, dtype=dtype)
+        b = torch.randn(K, N, device=device, dtype=dtype) / math.sqrt(K)
+        bias = torch.randn(N, device=device, dtype=dtype)
+        versions = [("v1", matmul_v1(a, b), None), ("v2", matmul_v2(a, b), None),
+                    ("v3", matmul(a, b), None), ("v4", matmul_bias_gelu(a, b, bias), "gelu_tanh")]
+        for name, c, act in versions:   # error relative to (1 + |ref|), ref computed in fp32
+            ref = matmul_reference(a.float(), b.float(), bias.float() if act else None, act)
+            err = ((c.float() - ref).abs() / (1 + ref.abs())).max().item()
+            tol = {torch.float32: 4e-3 if on_gpu else 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2)  # tf32 on GPU
+            print(f"| {f'{M} x {K} x {N}':>16} | {name} | {err:.2e} | {'yes' if err < tol else 'NO'} |")
+    if on_gpu:
+        a = torch.randn(s, s, device=device, dtype=dtype)
+        cfg = _prune_configs(AUTOTUNE_CONFIGS, dict(M=s, N=s, a_ptr=a))[0]   # first that fits
+        _, kernel = matmul_with_config(a, a, cfg)
+        occ = occupancy_of(kernel, a.device)
+        print(f"\n{config_name(cfg)}: {occ['n_regs']} regs/thread, {occ['shared_bytes']} B smem, "
+              f"{occ['programs_per_sm']} program(s)/SM, occupancy {occ['occupancy']:.1%} (limited by {occ['limiter']})")
+    if args.profile:
+        print(profile_matmul(s, s, s, dtype=dtype, device=device))
+
+
+if __name__ == "__main__":
+    main()
