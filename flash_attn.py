@@ -1,0 +1,749 @@
+"""
+flash_attn.py: FlashAttention-style attention in Triton, for prefill and for paged decode.
+
+What you will learn:
+  - why naive attention is slow and memory hungry: it writes the N x N score matrix to memory
+  - the online softmax: how a running max and a running sum let us see the keys a tile at a
+    time, so the N x N matrix never exists (memory O(N), one pass over K and V)
+  - FlashAttention-2 tiling in Triton: one program per (query tile, head), K/V streamed
+    through shared memory, causal tiles above the diagonal skipped, GQA without copying K/V,
+    packed variable-length batches (the layout a serving engine's batched prefill uses)
+  - flash-decoding: one new token per sequence against a *paged* KV cache, with the sequence
+    split across programs (split-K) and a second small kernel that merges the pieces
+  - the roofline: prefill is compute bound (intensity ~ T/2 FLOP/byte), decode is memory
+    bound (intensity ~ n_heads/n_kv_heads FLOP/byte), and what that means for each kernel
+
+Run:
+  python flash_attn.py            # checks both kernels against the references, small table
+  python flash_attn.py --help
+  python bench.py --topic flash   # timings vs PyTorch SDPA (cuDNN and FlashAttention-2), roofline
+Without a GPU everything runs in the Triton interpreter (TRITON_INTERPRET=1, set below), slowly.
+
+Version ladder (measured by bench.py on one NVIDIA H200, torch 2.11, triton 3.6, 2026-11-27;
+prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 query heads):
+  prefill v0  attention_naive: scores (B, H, T, T) materialised, softmax, second matmul
+              -> 25 TFLOP/s at T=8192 D=128; at T=10k with 32 heads, 12 GiB for the
+              scores and probabilities
+  prefill v1  PyTorch SDPA, two peers: default (cuDNN on Hopper) and FLASH_ATTENTION backend
+              -> cuDNN 341-608 TFLOP/s, FlashAttention-2 215-321 TFLOP/s
+  prefill v2  flash_attn / flash_attn_varlen, pointer loads + cp.async pipelining, causal tile
+              skipping, unmasked off-diagonal loop, autotuned tiles
+              -> 317-500 TFLOP/s: 1.27-1.56x the FA2 backend everywhere; vs cuDNN 0.86-0.95x at
+                 D=64 and 0.72-0.89x at D=128 (the gap is discussed at the end of Part 3)
+  prefill v3  same kernel with use_tma=True (tiles moved by Hopper's TMA engine through
+              device-side tensor descriptors) -> within -27%..+8% of v2; it wins only at D=128,
+              T=2k-4k, so v2 (pointer loads) stays the default
+  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.8 ms, 100k tokens 160 ms
+              (511 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
+              path would need 1,192 GiB. cuDNN: 1.4 ms and 141 ms.
+  decode  v0  paged_decode_reference (Python loop over sequences; correctness only, not timed)
+  decode  v1  paged_decode with num_splits=1: one program per (sequence, KV head)
+              -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs)
+  decode  v2  paged_decode, split-K (flash-decoding) + merge kernel
+              -> batch 4, context 32k: 0.13 ms (4.6x v1); batch 32, context 8k: 0.255 ms =
+                 4.2 TB/s, 0.95-1.0x SDPA on the same contiguous cache; with randomly scattered
+                 blocks 95-103% of the measured copy bandwidth (4.25 TB/s, read+write)
+
+What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
+sliding windows, and causal attention where queries are a suffix of a longer key sequence
+(chunked prefill / prefix caching: q_len < k_len); the decode kernel covers one query token.
+"""
+
+import argparse
+import math
+import os
+
+import torch
+
+# Without CUDA, Triton kernels can still run in the Triton interpreter (numpy on the CPU). The
+# variable must be set before triton is imported, because triton reads it at import time.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interpreter_bf16_workaround(*tensors):
+    """subtle: the Triton 3.6 interpreter multiplies the raw uint16 bit patterns of bfloat16
+    operands in tl.dot (triton-lang/triton#11584, "not supported yet"). On CPU we therefore run
+    bf16 inputs through the kernels as float32 and round the output back to bf16. On the GPU
+    the kernels see real bf16."""
+    if INTERPRET and tensors[0].dtype == torch.bfloat16:
+        return [t.float() if t.dtype == torch.bfloat16 else t for t in tensors]
+    return None
+
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16; 256 would not fit in registers
+
+# -----------------------------------------------------------------------------
+# Part 1. References: the plain PyTorch attention every kernel is checked against.
+#
+# Shapes: q (T, H, D), k/v (T, Hkv, D) for one sequence. GQA: query head h reads KV head
+# h // (H // Hkv), so H/Hkv query heads share one K/V head (MHA: H == Hkv, MQA: Hkv == 1).
+
+
+def _check_head_dim(head_dim):
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} not supported; use one of {SUPPORTED_HEAD_DIMS}")
+
+
+def attention_reference(q, k, v, cu_seqlens, causal=True, scale=None):
+    """Packed variable-length attention in float32, one sequence at a time.
+    q (total, H, D), k/v (total, Hkv, D), cu_seqlens int (n_seqs+1,) -> out (total, H, D)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs = q[start:end].float().transpose(0, 1)                                  # (H, T, D)
+        ks = k[start:end].float().transpose(0, 1).repeat_interleave(group, dim=0)  # (H, T, D)
+        vs = v[start:end].float().transpose(0, 1).repeat_interleave(group, dim=0)
+        scores = (qs @ ks.transpose(1, 2)) * scale                                 # (H, T, T)
+        if causal:
+            t = end - start
+            above = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(above, float("-inf"))
+        out[start:end] = (scores.softmax(dim=-1) @ vs).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def attention_naive(q, k, v, is_causal=True, scale=None):
+    """Prefill v0, the "naive path" bench.py times: batched (B, H, T, D) like SDPA, in the input
+    dtype, materialising the (B, H, T, T) scores. Memory: B*H*T*T*2 bytes for the scores alone,
+    2 GiB at B=1, H=16, T=8192 and 300 GiB at T=100k: this is what FlashAttention removes."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale                                     # (B, H, T, T)
+    if is_causal:
+        t = q.shape[2]
+        above = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def naive_scores_bytes(batch, n_heads, seq_len, dtype_bytes=2):
+    """Bytes the naive path needs for one copy of the score matrix (the softmax output is a
+    second one of the same size)."""
+    return batch * n_heads * seq_len * seq_len * dtype_bytes
+
+
+# -----------------------------------------------------------------------------
+# Part 2. The online softmax (the one idea behind FlashAttention).
+#
+# For one query row with scores s_1..s_N, attention is  o = sum_j exp(s_j - m) v_j / l  with
+# m = max_j s_j and l = sum_j exp(s_j - m) (subtracting m keeps exp() from overflowing; it
+# cancels between numerator and denominator). We want o while seeing the keys BLOCK_N at a
+# time. Keep three running values after tiles 1..t:
+#     m_t = max of all scores seen,  l_t = sum_j exp(s_j - m_t),  acc_t = sum_j exp(s_j - m_t) v_j
+# When tile t+1 arrives with scores s' and values v':
+#     m_{t+1}   = max(m_t, max s')
+#     alpha     = exp(m_t - m_{t+1})          (<= 1: how much the old max was too small)
+#     p         = exp(s' - m_{t+1})
+#     l_{t+1}   = alpha * l_t + sum p
+#     acc_{t+1} = alpha * acc_t + p @ v'
+# Proof that this is exact: every old term was exp(s_j - m_t); multiplying by alpha turns it
+# into exp(s_j - m_t + m_t - m_{t+1}) = exp(s_j - m_{t+1}), i.e. the term we would have had
+# with the new max from the start. After the last tile, o = acc / l, with no approximation.
+# FlashAttention-2 detail: divide by l once at the end, not per tile (saves BLOCK_M*D divides
+# per tile), and keep acc in fp32.
+#
+# exp2 instead of exp: the GPU's special-function unit computes 2^x natively; exp(x) costs an
+# extra multiply by log2(e). We fold log2(e) into the softmax scale once (qk_scale below), so
+# all m, l, p are in base 2; exp2(x*log2(e) - m2) == exp(x - m) exactly in real arithmetic.
+#
+# The same three numbers also let two *partial* results be merged later (flash-decoding,
+# Part 4): a partial (o_i = acc_i / l_i, lse_i = m_i + log2 l_i) carries all it needs.
+
+LOG2E = 1.4426950408889634
+
+
+# -----------------------------------------------------------------------------
+# Part 3. Prefill: FlashAttention-2 forward.
+#
+# Grid: (query tiles, heads, sequences). A program owns BLOCK_M query rows of one head of one
+# sequence. It loads its Q tile once (stays in registers), then walks K/V in BLOCK_N-row tiles:
+#     S = Q K^T (BLOCK_M x BLOCK_N, wgmma)  ->  online softmax  ->  acc += P V (wgmma)
+# The K/V tiles pass through shared memory; `num_stages` buffers let the loads of tile j+1
+# (cp.async, or TMA with use_tma) fly while tile j is being multiplied.
+# HBM traffic: Q, O once; K, V once per query tile, i.e. T/BLOCK_M times, mostly from L2
+# since neighbouring programs (grid axis 0 varies fastest) read the same K/V.
+#
+# Causal: query row i sees keys 0..i. For query tile [m0, m0+BLOCK_M):
+#   - key tiles entirely left of m0 are fully visible: no mask needed (the fast loop)
+#   - key tiles in [m0, m0+BLOCK_M) straddle the diagonal: apply the mask (the diagonal loop)
+#   - key tiles at or beyond m0+BLOCK_M are fully masked: never loaded (half the work skipped)
+# Non-causal: the fast loop covers whole BLOCK_N tiles; a final masked tile covers the ragged
+# end of the sequence (key index >= seq_len gets -inf).
+#
+# Layouts: token t of sequence s, head h lives at  base + s*stride_s + (start_s + t)*stride_t
+# + h*stride_h. Packed varlen (total, H, D): stride_s = 0 and start_s = cu_seqlens[s].
+# Batched (B, H, T, D) as SDPA takes it: stride_s = H*T*D, start_s = 0, stride_t = D. One
+# kernel, no transposed copies.
+
+
+@triton.jit
+def _load_kv_tile(src, row0, offs_n, offs_d, stride_t, seq_len,
+                  MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Load rows row0..row0+BLOCK_N of one head's K or V: (BLOCK_N, HEAD_DIM)."""
+    # (if/else rather than an early return: Triton still compiles the code after a return
+    # inside a constexpr branch, and `src + ...` is meaningless for a descriptor)
+    if USE_TMA:
+        # The descriptor knows the sequence length: rows past it arrive as zeros.
+        tile = src.load([row0, 0])
+    else:
+        ptrs = src + (row0 + offs_n)[:, None] * stride_t + offs_d[None, :]
+        if MASKED:
+            tile = tl.load(ptrs, mask=(row0 + offs_n)[:, None] < seq_len, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
+                     stride_kt, stride_vt, seq_len, lo, hi, qk_scale,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                     USE_TMA: tl.constexpr):
+    """Online softmax over key tiles [lo, hi). MASKED=False is the hot loop: no compares, no
+    selects, every load unconditional (the caller guarantees all keys are visible)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        k = _load_kv_tile(k_src, start_n, offs_n, offs_d, stride_kt, seq_len, MASKED, USE_TMA)
+        s = tl.dot(q, tl.trans(k))                               # (BLOCK_M, BLOCK_N) raw scores
+        if MASKED:
+            visible = (start_n + offs_n)[None, :] < seq_len
+            if CAUSAL:
+                visible = visible & ((start_n + offs_n)[None, :] <= offs_m[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        # The scale is applied to the row max (BLOCK_M multiplies) and inside the exponent,
+        # where s*qk_scale - m compiles to one FMA per score instead of a multiply and a
+        # subtract (valid because qk_scale > 0, so max(s)*qk_scale = max(s*qk_scale)).
+        # Every row has at least one visible key in every masked tile we visit (the diagonal
+        # key for causal, key start_n for the ragged tail), so m_new is finite: no inf - inf.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.math.exp2(m_i - m_new)                        # rescales the old terms
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(v_src, start_n, offs_n, offs_d, stride_vt, seq_len, MASKED, USE_TMA)
+        # tl.dot(a, b, acc) accumulates inside the MMA (wgmma adds into its accumulator
+        # registers); writing acc*alpha + tl.dot(p, v) would add a zeroed product plus one
+        # extra BLOCK_M x D add per tile. P goes to bf16/fp16 for the tensor cores.
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+# max_seqlen and len_bucket are not specialised: Triton would otherwise compile a new variant
+# when they happen to equal 1 or be divisible by 16. len_bucket (next power of two of
+# max_seqlen) is unused by the code; it exists so that the autotuner can key on it.
+@triton.jit(do_not_specialize=["max_seqlen", "len_bucket"])
+def _flash_prefill_kernel(
+    Q, K, V, O, cu_seqlens, qk_scale, max_seqlen, len_bucket,
+    stride_qs, stride_qt, stride_qh,
+    stride_ks, stride_kt, stride_kh,
+    stride_vs, stride_vt, stride_vh,
+    stride_os, stride_ot, stride_oh,
+    GROUP: tl.constexpr,        # query heads per KV head (GQA)
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    tile, head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if CAUSAL:
+        # Tiles near the end of the sequence do the most work (they see the most keys).
+        # Launching them first shortens the tail where a few long programs run alone.
+        tile = tl.num_programs(0) - 1 - tile
+    if VARLEN:
+        start = tl.load(cu_seqlens + seq).to(tl.int64)
+        seq_len = (tl.load(cu_seqlens + seq + 1) - start).to(tl.int32)
+    else:
+        start = tl.zeros([], dtype=tl.int64)
+        seq_len = max_seqlen
+    m0 = tile * BLOCK_M
+    if m0 >= seq_len:            # varlen: this sequence is shorter than the longest one
+        return
+    kv_head = head // GROUP      # GQA: share the KV head, never copy it
+    seq64 = seq.to(tl.int64)
+    q_base = Q + seq64 * stride_qs + start * stride_qt + head * stride_qh
+    k_base = K + seq64 * stride_ks + start * stride_kt + kv_head * stride_kh
+    v_base = V + seq64 * stride_vs + start * stride_vt + kv_head * stride_vh
+    o_base = O + seq64 * stride_os + start * stride_ot + head * stride_oh
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if USE_TMA:
+        # Device-side descriptors, one per program, bounded by *this* sequence's length, so
+        # the hardware zero-fills rows of the next packed sequence and clips the O store.
+        q_src = tl.make_tensor_descriptor(q_base, [seq_len, HEAD_DIM], [stride_qt, 1], [BLOCK_M, HEAD_DIM])
+        k_src = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kt, 1], [BLOCK_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_base, [seq_len, HEAD_DIM], [stride_vt, 1], [BLOCK_N, HEAD_DIM])
+        o_dst = tl.make_tensor_descriptor(o_base, [seq_len, HEAD_DIM], [stride_ot, 1], [BLOCK_M, HEAD_DIM])
+        q = q_src.load([m0, 0])
+    else:
+        k_src, v_src = k_base, v_base
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+                    mask=offs_m[:, None] < seq_len, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        # keys [0, m0) are visible to every row of this tile (BLOCK_N divides BLOCK_M)
+        acc, m_i, l_i = _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
+                                         stride_kt, stride_vt, seq_len, 0, m0, qk_scale,
+                                         False, CAUSAL, BLOCK_N, USE_TMA)
+        diag_end = tl.minimum(m0 + BLOCK_M, seq_len)
+        acc, m_i, l_i = _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
+                                         stride_kt, stride_vt, seq_len, m0, diag_end, qk_scale,
+                                         True, CAUSAL, BLOCK_N, USE_TMA)
+    else:
+        full_end = (seq_len // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
+                                         stride_kt, stride_vt, seq_len, 0, full_end, qk_scale,
+                                         False, CAUSAL, BLOCK_N, USE_TMA)
+        acc, m_i, l_i = _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
+                                         stride_kt, stride_vt, seq_len, full_end, seq_len, qk_scale,
+                                         True, CAUSAL, BLOCK_N, USE_TMA)
+    out = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    if USE_TMA:
+        o_dst.store([m0, 0], out)
+    else:
+        tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out,
+                 mask=offs_m[:, None] < seq_len)
+
+
+# Tile sizes. On the GPU, triton.autotune times each config on the first call for every new
+# (head_dim, causal, TMA, length bucket) and keeps the fastest. Why these: a wgmma is issued
+# by a warpgroup (4 warps) on 64 rows, so BLOCK_M=128 is two 64-row slices (one per
+# warpgroup with num_warps=8). The Q tile (BLOCK_M x D) and the fp32 accumulator live in
+# registers, so D=128 wants 8 warps to stay under 255 registers per thread; D=64 can use 4.
+# BLOCK_N=64/128: bigger tiles amortise the softmax bookkeeping, smaller ones leave room for
+# 3-4 pipeline stages in the 227 KB of shared memory (one stage = K+V tile =
+# 2*BLOCK_N*D*2 bytes = 64 KB at BLOCK_N=128, D=128).
+# What the tuner picked on the H200: (64, 64, 4 warps, 3 stages) for T <= 2k (more programs
+# for a small problem), (128, 128, 8, 3) at D=128 and (128, 64, 8, 3-4) at D=64 for T >= 4k.
+# In the interpreter (CPU) we skip autotune: every config would be "timed" in numpy for
+# seconds each, and small tiles (16/32) keep the interpreted tests fast while still giving
+# several tiles per sequence, a diagonal split over two key tiles, and ragged ends.
+# Each row is (BLOCK_M, BLOCK_N, num_warps, num_stages). Configs that spill registers when
+# compiled for sm_90 (e.g. BLOCK_M=128 with 4 warps at D=128: 255 registers + a local-memory
+# stack) were dropped from the lists.
+_PREFILL_GPU_CONFIGS = {
+    64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4),
+         (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (128, 64, 8, 4)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4),
+          (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 8, 4), (64, 32, 4, 4)],
+}
+_INTERPRET_PREFILL_CONFIG = dict(BLOCK_M=32, BLOCK_N=16)
+
+
+def _prefill_configs(head_dim):
+    rows = _PREFILL_GPU_CONFIGS.get(head_dim, [(64, 32, 4, 2), (64, 64, 4, 3)])
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
+
+
+_tuned_prefill = {}  # head_dim -> autotuned kernel (configs differ per head_dim)
+
+
+def _prefill_launcher(head_dim):
+    if head_dim not in _tuned_prefill:
+        _tuned_prefill[head_dim] = triton.autotune(
+            configs=_prefill_configs(head_dim),
+            key=["HEAD_DIM", "CAUSAL", "VARLEN", "USE_TMA", "GROUP", "len_bucket"],
+        )(_flash_prefill_kernel)
+    return _tuned_prefill[head_dim]
+
+
+def _tma_allocator(size, alignment, stream):
+    # Device-side TMA descriptors are written to a small global scratch buffer at launch.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causal, scale,
+                    varlen, use_tma):
+    head_dim, n_heads, n_kv_heads = q.shape[-1], strides["n_heads"], strides["n_kv_heads"]
+    _check_head_dim(head_dim)
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype {q.dtype} not supported")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if scale <= 0:
+        raise ValueError("scale must be positive (the kernel folds it into the row max)")
+    if use_tma and not INTERPRET:
+        triton.set_allocator(_tma_allocator)
+    args = (q, k, v, out, cu_seqlens, scale * LOG2E, max_seqlen, triton.next_power_of_2(max_seqlen),
+            *strides["q"], *strides["k"], *strides["v"], *strides["o"])
+    meta = dict(GROUP=n_heads // n_kv_heads, HEAD_DIM=head_dim, CAUSAL=causal, VARLEN=varlen,
+                USE_TMA=use_tma)
+    if INTERPRET:
+        cfg = _INTERPRET_PREFILL_CONFIG
+        grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, n_seqs)
+        _flash_prefill_kernel[grid](*args, **meta, **cfg)
+    else:
+        grid = lambda c: (triton.cdiv(max_seqlen, c["BLOCK_M"]), n_heads, n_seqs)  # noqa: E731
+        # keyed on len_bucket: the tuner re-times per length class, not per length
+        _prefill_launcher(head_dim)[grid](*args, **meta)
+    return out
+
+
+def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, use_tma=False, out=None):
+    """Packed variable-length prefill: the serving engine's layout.
+    q (total_tokens, n_heads, D), k/v (total_tokens, n_kv_heads, D), cu_seqlens int32 (n_seqs+1,)
+    with cu_seqlens[0] = 0 and cu_seqlens[-1] = total_tokens, max_seqlen = longest sequence.
+    Returns out (total_tokens, n_heads, D). Sequence s is rows cu_seqlens[s]:cu_seqlens[s+1];
+    tokens of different sequences never attend to each other. `out` (like q) may be preallocated."""
+    if upcast := _interpreter_bf16_workaround(q, k, v):
+        res = flash_attn_varlen(*upcast, cu_seqlens, max_seqlen, causal, scale, use_tma).bfloat16()
+        return res if out is None else out.copy_(res)
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim must be contiguous"
+    out = torch.empty_like(q) if out is None else out
+    strides = dict(n_heads=q.shape[1], n_kv_heads=k.shape[1],
+                   q=(0, q.stride(0), q.stride(1)), k=(0, k.stride(0), k.stride(1)),
+                   v=(0, v.stride(0), v.stride(1)), o=(0, out.stride(0), out.stride(1)))
+    return _launch_prefill(q, k, v, out, cu_seqlens.to(torch.int32), cu_seqlens.numel() - 1,
+                           int(max_seqlen), strides, causal, scale, True, use_tma)
+
+
+def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
+    """Batched convenience wrapper with SDPA's layout: q (B, H, T, D), k/v (B, Hkv, T, D) ->
+    (B, H, T, D). Same kernel as flash_attn_varlen (stride_s = batch stride, no copies)."""
+    if upcast := _interpreter_bf16_workaround(q, k, v):
+        res = flash_attn(*upcast, is_causal, scale, use_tma).bfloat16()
+        return res if out is None else out.copy_(res)
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim must be contiguous"
+    batch, n_heads, seq_len, _ = q.shape
+    out = torch.empty_like(q) if out is None else out
+    strides = dict(n_heads=n_heads, n_kv_heads=k.shape[1],
+                   q=(q.stride(0), q.stride(2), q.stride(1)), k=(k.stride(0), k.stride(2), k.stride(1)),
+                   v=(v.stride(0), v.stride(2), v.stride(1)), o=(out.stride(0), out.stride(2), out.stride(1)))
+    return _launch_prefill(q, k, v, out, q, batch, seq_len, strides, is_causal, scale, False, use_tma)
+
+
+# Why this is near the compute roof, and what cuDNN does beyond it. Causal prefill does
+# 2*T^2*H*D FLOPs over 4*T*H*D*2 bytes of Q/K/V/O: at T=4096 that is ~1000 FLOP/byte, several
+# times the ridge point (H200 measured: 746 TFLOP/s cuBLAS / 4.25 TB/s copy = 175 FLOP/byte).
+# So the kernel is limited by how busy it keeps the tensor cores: measured 400-500 TFLOP/s at
+# T >= 4096, 55-67% of cuBLAS (an attention tile also does softmax work a GEMM does not).
+# cuDNN reaches 550-610 at D=128. Two things keep us below cuDNN / FlashAttention-3:
+#   1. Producer/consumer warp specialisation. Here the same warps issue loads, run wgmma and
+#      do the softmax, so the tensor cores idle during exp2/max/sum. FA3 dedicates one warp
+#      group to TMA loads and ping-pongs two consumer warp groups so one group's softmax
+#      overlaps the other's GEMMs, and overlaps softmax with the next P@V inside a group.
+#      Triton 3.6 exposes `tl.range(..., warp_specialize=True)` for this; we have not measured
+#      it on Hopper for this kernel, and it is the step a follow-up version would try (with
+#      the softmax of tile j overlapped with the Q K^T of tile j+1, as FA3 does).
+#   2. TMA for all tiles (use_tma=True here does this with device-side descriptors): one thread
+#      issues a whole-tile copy, freeing registers and issue slots compared with cp.async. On
+#      its own (measured) it is not a win: the loads were not the bottleneck; TMA pays off when
+#      a dedicated producer warp issues it, i.e. together with point 1.
+# Rough budget per 128x128 tile at D=128: two GEMMs of 2*128^3 FLOPs at ~4096 dense bf16
+# FLOP/clock/SM = 2048 clocks, versus 128*128 exp2 at 16/clock/SM (the special-function unit)
+# = 1024 clocks: unless the two overlap, the exponentials alone add 50% to the GEMM time.
+
+# -----------------------------------------------------------------------------
+# Part 4. Decode over a paged KV cache (flash-decoding).
+#
+# LAYOUT CONTRACT (serve.py owns these tensors; this is what the kernel reads):
+#   k_cache, v_cache : (num_blocks, block_size, n_kv_heads, head_dim), fp16/bf16/fp32.
+#                      block_size is a power of two >= 16. Physical block b holds block_size
+#                      consecutive tokens of one sequence.
+#   block_table      : int32 (B, max_blocks_per_seq). block_table[s, j] is the physical block
+#                      holding tokens j*block_size .. (j+1)*block_size-1 of sequence s. Entries
+#                      past the sequence's last block are never read (may hold anything).
+#   context_lens     : int32 (B,), >= 1: tokens of sequence s in the cache, including the token
+#                      being decoded (its K/V are written before attention is called).
+#   q                : (B, n_heads, head_dim), the new token's query  ->  out (B, n_heads, head_dim)
+# A contiguous cache (B, T, Hkv, D) is the special case block_table[s, j] = s*(T/bs) + j
+# (see contiguous_as_paged), which is how bench.py compares with SDPA.
+#
+# Why split-K. Decode reads every cached K/V byte once and does only ~2*H/Hkv FLOPs per
+# byte: pure bandwidth. One program per (sequence, KV head) gives B*Hkv programs, e.g.
+# 4*8 = 32 at batch 4: a quarter of the 132 SMs, so most of the HBM bandwidth is never asked
+# for (measured at batch 4, context 32k: 0.61 ms with one split, 0.13 ms with 16). Flash-
+# decoding also splits the *sequence*: program (s, kv_head, split) handles tokens
+# [split*L, (split+1)*L) and writes an unnormalised-but-rescalable partial (o_i, lse_i), then a
+# tiny merge kernel combines them with the online-softmax algebra of Part 2:
+#     M = max_i lse_i,  w_i = 2^(lse_i - M),  o = sum_i w_i o_i / sum_i w_i
+# GQA: a program loads each K/V tile of its KV head once and uses it for all GROUP query heads
+# of that head, as a (GROUP x D) @ (D x BLOCK_N) tl.dot (GROUP padded to 16 rows, the minimum
+# MMA height; the padding costs tensor-core time, which decode has to spare).
+
+
+def paged_decode_reference(q, k_cache, v_cache, block_table, context_lens, scale=None):
+    """Gather each sequence's pages and run float32 attention for its one query token."""
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.empty_like(q)
+    for s, ctx in enumerate(context_lens.tolist()):
+        blocks = block_table[s, : triton.cdiv(ctx, block_size)].long()
+        k = k_cache[blocks].reshape(-1, n_kv_heads, head_dim)[:ctx].float()     # (ctx, Hkv, D)
+        v = v_cache[blocks].reshape(-1, n_kv_heads, head_dim)[:ctx].float()
+        k = k.repeat_interleave(n_heads // n_kv_heads, dim=1).transpose(0, 1)   # (H, ctx, D)
+        v = v.repeat_interleave(n_heads // n_kv_heads, dim=1).transpose(0, 1)
+        scores = (k @ q[s].float()[:, :, None]).squeeze(-1) * scale             # (H, ctx)
+        out[s] = (scores.softmax(-1)[:, None, :] @ v).squeeze(1).to(q.dtype)
+    return out
+
+
+@triton.jit(do_not_specialize=["tokens_per_split", "split_bucket"])
+def _paged_decode_split_kernel(
+    Q, K_cache, V_cache, block_table, context_lens, O_part, LSE_part, qk_scale, tokens_per_split,
+    split_bucket,                          # unused; the autotuner's key (power of two)
+    stride_qb, stride_qh,
+    stride_kblk, stride_kpos, stride_kh,
+    stride_vblk, stride_vpos, stride_vh,
+    stride_bt,
+    stride_pb, stride_ph, stride_ps,       # O_part (B, H, n_splits, D); LSE_part (B, H, n_splits)
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx = tl.load(context_lens + seq)
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, ctx)
+
+    offs_g = tl.arange(0, BLOCK_G)             # query heads of this KV head (padded to 16)
+    heads = kv_head * GROUP + offs_g
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=offs_g[:, None] < GROUP, other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    bt_row = block_table + seq.to(tl.int64) * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        tok = start + offs_n
+        valid = tok < hi
+        # Page lookup per token: BLOCK_N may span several pages (BLOCK_N > PAGE) or part of one.
+        # PAGE is a constexpr power of two, so // and % are a shift and a mask.
+        block = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+        k_rows = block * stride_kblk + (tok % PAGE) * stride_kpos + kv_head * stride_kh
+        v_rows = block * stride_vblk + (tok % PAGE) * stride_vpos + kv_head * stride_vh
+        k = tl.load(K_cache + k_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                   # (BLOCK_G, BLOCK_N)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))                   # finite: token `start` is valid
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_cache + v_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    # An empty split (lo >= ctx) leaves l_i = 0, m_i = -inf: we store o = 0, lse = -inf, which
+    # the merge weighs with 2^-inf = 0.
+    empty = l_i == 0.0
+    o = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    part = seq * stride_pb + heads * stride_ph + split * stride_ps                 # (BLOCK_G,)
+    g_ok = offs_g < GROUP
+    tl.store(O_part + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None])
+    tl.store(LSE_part + part, lse, mask=g_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(O_part, LSE_part, Out, n_splits, stride_pb, stride_ph, stride_ps,
+                         stride_ob, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    seq, head = tl.program_id(0), tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    part = seq * stride_pb + head * stride_ph + offs_s * stride_ps
+    lse = tl.load(LSE_part + part, mask=offs_s < n_splits, other=float("-inf"))
+    w = tl.math.exp2(lse - tl.max(lse, 0))                                       # (BLOCK_S,)
+    o = tl.load(O_part + part[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_s < n_splits)[:, None], other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    tl.store(Out + seq * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+
+
+# Decode tiles: BLOCK_N tokens per step (64 K rows + 64 V rows at D=128 = 32 KB per stage).
+# Memory-bound, so the config matters less than having enough programs in flight; the H200
+# tuner picked BLOCK_N=128 (4 or 8 warps) for long splits. Measured there: reading scattered
+# blocks through the table costs 1-5% against the identity table, and the kernel runs at
+# 0.94-1.0x SDPA. Left on the table: the merge is a second launch even when num_splits == 1
+# (a few microseconds of a 255 us step), and the K/V loads depend on a block-table load,
+# which seems to keep Triton from software-pipelining them (the compiled kernel's shared
+# memory does not grow with num_stages); a next version would write the output directly for
+# one split and prefetch the block ids of tile j+1 while tile j is in use.
+_DECODE_GPU_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (32, 4, 3), (128, 8, 3), (64, 8, 4)]
+_INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
+_tuned_decode = []
+
+
+def _decode_launcher():
+    if not _tuned_decode:
+        configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _DECODE_GPU_CONFIGS]
+        _tuned_decode.append(triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket"])(
+            _paged_decode_split_kernel))
+    return _tuned_decode[0]
+
+
+def default_num_splits(batch, n_kv_heads, max_context, device):
+    """Enough splits for ~4 programs per SM, but no split shorter than 256 tokens (below that
+    the merge and the per-program setup cost more than the extra parallelism gains)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    wanted = triton.cdiv(4 * sms, batch * n_kv_heads)
+    return max(1, min(wanted, triton.cdiv(max_context, 256)))
+
+
+def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num_splits=None,
+                 max_context=None, out=None):
+    """One decode step of attention over a paged KV cache (layout contract above).
+    max_context: an upper bound of context_lens (pass it to avoid a GPU->CPU sync)."""
+    if upcast := _interpreter_bf16_workaround(q, k_cache, v_cache):
+        res = paged_decode(*upcast, block_table, context_lens, scale, num_splits, max_context).bfloat16()
+        return res if out is None else out.copy_(res)
+    batch, n_heads, head_dim = q.shape
+    _, block_size, n_kv_heads, _ = k_cache.shape
+    _check_head_dim(head_dim)
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size {block_size} must be a power of two >= 16")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if max_context is None:
+        max_context = int(context_lens.max())
+    if num_splits is None:
+        num_splits = default_num_splits(batch, n_kv_heads, max_context, q.device)
+    # tokens per split rounded up to 128 (the largest BLOCK_N) so splits start on tile edges
+    tokens_per_split = triton.cdiv(triton.cdiv(max_context, num_splits), 128) * 128
+    num_splits = triton.cdiv(max_context, tokens_per_split)
+    group = n_heads // n_kv_heads
+    o_part = torch.empty(batch, n_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(batch, n_heads, num_splits, dtype=torch.float32, device=q.device)
+    args = (q, k_cache, v_cache, block_table, context_lens, o_part, lse_part, scale * LOG2E,
+            tokens_per_split, triton.next_power_of_2(tokens_per_split), q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+            block_table.stride(0), o_part.stride(0) // head_dim, o_part.stride(1) // head_dim,
+            o_part.stride(2) // head_dim)
+    meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                PAGE=block_size)
+    grid = (batch, n_kv_heads, num_splits)
+    if INTERPRET:
+        _paged_decode_split_kernel[grid](*args, **meta, **_INTERPRET_DECODE_CONFIG)
+    else:
+        _decode_launcher()[grid](*args, **meta)
+    out = torch.empty_like(q) if out is None else out
+    _merge_splits_kernel[(batch, n_heads)](
+        o_part, lse_part, out, num_splits, o_part.stride(0) // head_dim, o_part.stride(1) // head_dim,
+        o_part.stride(2) // head_dim, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+    return out
+
+
+def contiguous_as_paged(k, block_size):
+    """View a contiguous cache k (B, T, Hkv, D) as a paged one without copying: returns
+    (k_cache (B*T/bs, bs, Hkv, D), block_table (B, T/bs) = the identity mapping)."""
+    batch, seq_len, n_kv_heads, head_dim = k.shape
+    assert seq_len % block_size == 0, "pad T to a multiple of block_size"
+    blocks_per_seq = seq_len // block_size
+    k_cache = k.view(batch * blocks_per_seq, block_size, n_kv_heads, head_dim)
+    table = torch.arange(batch * blocks_per_seq, dtype=torch.int32, device=k.device)
+    return k_cache, table.view(batch, blocks_per_seq)
+
+
+def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, device, spare_blocks=3):
+    """A paged cache whose blocks are handed out in random order (as after many allocations
+    and frees), filled with random K/V. Returns k_cache, v_cache, block_table."""
+    blocks_needed = [triton.cdiv(c, block_size) for c in context_lens]
+    num_blocks = sum(blocks_needed) + spare_blocks
+    perm = torch.randperm(num_blocks, device=device).to(torch.int32)
+    table = torch.full((len(context_lens), max(blocks_needed)), -1, dtype=torch.int32, device=device)
+    used = 0
+    for s, n in enumerate(blocks_needed):
+        table[s, :n] = perm[used: used + n]
+        used += n
+    shape = (num_blocks, block_size, n_kv_heads, head_dim)
+    return torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device), table
+
+
+# -----------------------------------------------------------------------------
+# Part 5. Roofline bookkeeping (bench.py divides these by measured time).
+#
+# A kernel can go no faster than min(peak FLOP/s, intensity * peak bytes/s), with
+# intensity = FLOPs / bytes moved to and from HBM. The ridge point peak_flops / peak_bw is
+# ~175 FLOP/byte with the ceilings bench.py measured on an H200 (746 TFLOP/s bf16 cuBLAS,
+# 4.25 TB/s copy), ~300 with an H100's datasheet numbers.
+#   prefill: FLOPs = 4*T^2*H*D (two matmuls of 2*T*T*D each per head), halved when causal;
+#            bytes = (Q + O) 2*T*H*D*e + (K + V) 2*T*Hkv*D*e (e = bytes per element)
+#            -> intensity ~ T/2 (causal, MHA, bf16): 2048 at T=4096, far right of the ridge:
+#            the kernel should sit under the flat compute roof.
+#   decode:  FLOPs = 4*B*H*T*D, bytes ~ K + V = 2*B*T*Hkv*D*e
+#            -> intensity = H/Hkv FLOP/byte at bf16 (1 for MHA, 4 for GQA 32/8): far left of
+#            the ridge, under the sloped bandwidth roof. No tiling trick changes this; only
+#            batching more queries per K/V byte (GQA, speculative decoding) or smaller K/V
+#            (quantised caches) moves decode to the right.
+
+
+def prefill_flops(seq_lens, n_heads, head_dim, causal):
+    total = sum(4 * t * t * n_heads * head_dim for t in seq_lens)
+    return total // 2 if causal else total
+
+
+def prefill_bytes(seq_lens, n_heads, n_kv_heads, head_dim, elt_bytes=2):
+    tokens = sum(seq_lens)
+    return (2 * tokens * n_heads + 2 * tokens * n_kv_heads) * head_dim * elt_bytes
+
+
+def decode_flops(context_lens, n_heads, head_dim):
+    return sum(4 * c * n_heads * head_dim for c in context_lens)
+
+
+def decode_bytes(context_lens, n_heads, n_kv_heads, head_dim, elt_bytes=2):
+    kv = 2 * sum(context_lens) * n_kv_heads * head_dim * elt_bytes
+    return kv + 2 * len(context_lens) * n_heads * head_dim * elt_bytes   # + q in, out
+
+
+# -----------------------------------------------------------------------------
+# Demo: check both kernels against the references on a few shapes and print a small table.
+
+
+def _max_rel_err(out, ref):
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
+def main():
+    parser = argparse.ArgumentParser(description="FlashAttention prefill + paged decode demo")
+    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float16",
+                        choices=["float16", "bfloat16"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    print(f"device={device} dtype={dtype} interpreter={INTERPRET}")
+    rows = []
+    # prefill, packed varlen, GQA 4 query heads / 2 KV heads
+    for causal in (True, False):
+        lens = [1, 7, 33] if INTERPRET else [1, 17, 300, 4097]
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+        q = torch.randn(sum(lens), 4, 64, dtype=dtype, device=device)
+        k = torch.randn(sum(lens), 2, 64, dtype=dtype, device=device)
+        v = torch.randn(sum(lens), 2, 64, dtype=dtype, device=device)
+        out = flash_attn_varlen(q, k, v, cu, max(lens), causal=causal)
+        err = _max_rel_err(out, attention_reference(q, k, v, cu, causal=causal))
+        rows.append((f"prefill varlen causal={causal}", f"lens={lens} H=4 Hkv=2 D=64", err))
+    # paged decode, random block table, contexts ending mid-block
+    for block_size in (16, 32):
+        ctx = [1, 45, 100] if INTERPRET else [1, 45, 1000, 5000]
+        kc, vc, table = random_paged_cache(ctx, 2, 64, block_size, dtype, device)
+        cl = torch.tensor(ctx, dtype=torch.int32, device=device)
+        q = torch.randn(len(ctx), 6, 64, dtype=dtype, device=device)
+        out = paged_decode(q, kc, vc, table, cl, num_splits=2)
+        err = _max_rel_err(out, paged_decode_reference(q, kc, vc, table, cl))
+        rows.append((f"paged decode bs={block_size}", f"ctx={ctx} H=6 Hkv=2 D=64", err))
+    print("| kernel | shape | max rel err vs reference |\n| --- | --- | --- |")
+    for name, shape, err in rows:
+        print(f"| {name} | {shape} | {err:.2e} |")
+    assert all(err < 2e-2 for _, _, err in rows), "kernel disagrees with the reference"
+    print("all kernels agree with the references. Timings: python bench.py --topic flash")
+
+
+if __name__ == "__main__":
+    main()
