@@ -1,0 +1,880 @@
+"""
+serve.py: a small vLLM-class inference engine. Paged KV cache, continuous batching, prefix
+caching, CUDA graphs, all in one file you can read top to bottom.
+
+    python serve.py --prompt "The GPU" --max-tokens 64       # stream one answer + a summary line
+    python serve.py --model random:1.5B --dtype float16 ...  # any model model.py can load
+    python serve.py --help                                   # every knob of EngineConfig
+
+What you will learn, in the order the engine is built
+1. Request state (`Sequence`) and per-request sampling (`SamplingParams`), validated up front so
+   a bad request fails before it touches the engine.
+2. The paged KV cache (`BlockManager`): the cache is one pool of fixed-size blocks per layer;
+   a sequence owns a *block table* (list of block ids) instead of a contiguous slab, so memory is
+   taken one block (16 tokens) at a time and nothing is reserved for tokens that never come.
+   Blocks are reference-counted, which makes *prefix caching* nearly free: full blocks are keyed
+   by a hash chained over their token ids, and a new prompt that starts with the same tokens
+   points at the same blocks instead of recomputing them.
+3. The scheduler (`Scheduler`): waiting and running queues, a token budget per step, prefill
+   steps and decode steps, and preemption by recompute when blocks run out.
+4. The model runner (`ModelRunner`): packed variable-length prefill (all new prompt tokens of
+   the step in one (1, N) batch, no padding), batched decode (one token per running sequence),
+   and CUDA graphs for decode, captured once per batch-size bucket.
+5. The engine (`LLMEngine`): add requests, step, stream; memory accounting.
+
+The attention of the model plugs in through model.py's `attend(layer, q, k, v, positions)`
+interface: `PagedStep` is that backend for one engine step, and it carries the step's batch
+metadata (slots, block tables, lengths) explicitly - no global context.
+On a GPU the attention runs flash_attn.py's Triton kernels (varlen prefill, paged decode); on a
+CPU the same engine runs a plain PyTorch gather + SDPA, which is the reference in tests.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import os
+import sys
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+# Without CUDA, Triton kernels run in the Triton interpreter (numpy on the CPU); the variable must
+# be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import model as M  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Requests
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings. Validated on construction: a bad value raises here."""
+    max_tokens: int = 64
+    temperature: float = 0.0        # 0 = greedy
+    top_k: int = 0                  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None         # per-request generator: reproducible whatever the batch
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()      # stop strings (need a tokenizer); not included in the output
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        M.check_sampling_args(self.temperature, self.top_k, self.top_p)
+        self.stop = tuple(self.stop)
+
+
+class Sequence:
+    """One request's state as it moves waiting -> running -> finished (and back on preemption)."""
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], params: SamplingParams, device):
+        self.id = next(Sequence._ids)
+        self.prompt = list(prompt)
+        self.output: list[int] = []
+        self.params = params
+        self.block_table: list[int] = []     # physical block ids, one per block_size tokens
+        self.num_cached = 0                  # leading tokens whose K/V are already in the cache
+        self.status = "waiting"
+        self.finish_reason: str | None = None
+        self.generator = (torch.Generator(device=device).manual_seed(params.seed)
+                          if params.seed is not None else None)
+        self.arrival = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self.text = ""                       # detokenised output (only with stop strings)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    def __len__(self):
+        return len(self.prompt) + len(self.output)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The paged KV cache
+# ----------------------------------------------------------------------------------------------
+#
+# Storage: k_pool, v_pool of shape (n_layer, num_blocks, block_size, n_kv_head, head_dim), the
+# layout flash_attn.py's paged decode kernel reads. Token at position p of a sequence lives in
+# block block_table[p // block_size], row p % block_size; its flat "slot" is
+# block * block_size + row. Waste is at most block_size - 1 tokens per sequence (the last block)
+# instead of max_len - len for a contiguous cache (kvcache.py's picture).
+#
+# Prefix caching. A *full* block's identity is hash(previous block's hash, its token ids): equal
+# hashes mean equal prefixes (we still compare the tokens, hash collisions being possible). When
+# a sequence finishes, its full blocks keep their contents and hash and go to an LRU list of
+# evictable blocks; a later prompt with the same prefix takes them back (ref count 0 -> 1) and
+# skips their prefill. Only blocks nobody references are ever evicted or overwritten.
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self.free: deque[int] = deque(range(num_blocks))   # blocks with no useful content
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_tokens: list[tuple | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()   # cached, unreferenced, LRU first
+        self.hits = self.lookups = 0                             # prefix-cache statistics (blocks)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def num_available(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    def blocks_in_use(self) -> int:
+        return self.num_blocks - self.num_available()
+
+    def _take(self) -> int:
+        """A block to write into: a never-used one first, else evict the least recently used
+        cached one (its hash is forgotten)."""
+        if self.free:
+            block = self.free.popleft()
+        else:
+            block, _ = self.evictable.popitem(last=False)
+            del self.hash_to_block[self.block_hash[block]]
+            self.block_hash[block] = self.block_tokens[block] = None
+        self.ref_count[block] = 1
+        return block
+
+    def _release(self, block: int) -> None:
+        self.ref_count[block] -= 1
+        assert self.ref_count[block] >= 0, f"block {block} released twice"
+        if self.ref_count[block] == 0:
+            if self.block_hash[block] is not None:
+                self.evictable[block] = None          # keep the contents for future hits
+            else:
+                self.free.append(block)
+
+    # -- prefix hashing --------------------------------------------------------------------------
+    @staticmethod
+    def chain_hash(prev: int | None, tokens: tuple) -> int:
+        return hash((prev, tokens))
+
+    def _cached_prefix(self, tokens: list[int]) -> list[int]:
+        """Blocks already holding a prefix of `tokens` (full blocks only). At least one token is
+        always left to compute, so a fully cached prompt recomputes its last block: the model
+        needs the last token's hidden state to produce logits, and writing that block into a
+        fresh one keeps shared blocks read-only."""
+        if not self.prefix_caching:
+            return []
+        bs, hits, prev = self.block_size, [], None
+        n_full = (len(tokens) - 1) // bs
+        for i in range(n_full):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            h = self.chain_hash(prev, chunk)
+            block = self.hash_to_block.get(h)
+            if block is None or self.block_tokens[block] != chunk:
+                break
+            hits.append(block)
+            prev = h
+        return hits
+
+    # -- sequences -------------------------------------------------------------------------------
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._cached_prefix(seq.tokens)
+        needed = math.ceil(len(seq) / self.block_size) - len(hits)
+        revived = sum(1 for b in hits if self.ref_count[b] == 0)   # hits that leave the LRU list
+        return needed + revived <= self.num_available()
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give a waiting sequence the blocks for all its tokens, reusing cached prefix blocks."""
+        assert not seq.block_table
+        tokens, bs = seq.tokens, self.block_size
+        hits = self._cached_prefix(tokens)
+        self.lookups += (len(tokens) - 1) // bs if self.prefix_caching else 0
+        self.hits += len(hits)
+        for block in hits:
+            if self.ref_count[block] == 0:
+                del self.evictable[block]
+            self.ref_count[block] += 1
+        seq.block_table = hits + [self._take() for _ in range(math.ceil(len(tokens) / bs) - len(hits))]
+        seq.num_cached = len(hits) * bs
+        # register the new full blocks: they are written by this very prefill step
+        prev = self.block_hash[hits[-1]] if hits else None
+        for i in range(len(hits), len(tokens) // bs if self.prefix_caching else 0):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            h = self.chain_hash(prev, chunk)
+            block = seq.block_table[i]
+            if h not in self.hash_to_block:
+                self.hash_to_block[h] = block
+                self.block_hash[block], self.block_tokens[block] = h, chunk
+            prev = h
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Decode writes the newest token at position len(seq) - 1: does it need a new block?"""
+        return len(seq.block_table) * self.block_size >= len(seq) or self.num_available() > 0
+
+    def append(self, seq: Sequence) -> None:
+        if len(seq.block_table) * self.block_size < len(seq):
+            seq.block_table.append(self._take())
+
+    def free_sequence(self, seq: Sequence) -> None:
+        for block in reversed(seq.block_table):   # reversed: the LRU evicts a prefix's tail first
+            self._release(block)
+        seq.block_table = []
+        seq.num_cached = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The scheduler
+# ----------------------------------------------------------------------------------------------
+#
+# Every step is either a prefill step (admit waiting sequences, run all their uncached prompt
+# tokens packed together) or a decode step (one token for every running sequence). Prefill goes
+# first whenever something can be admitted: a new request's time-to-first-token is usually what
+# an SLO is about, and a bigger running batch makes every later decode step more efficient
+# (a decode step reads all the weights whether it serves 1 sequence or 256).
+# The token budget caps a prefill step's size (activation memory, and the latency every running
+# sequence feels while the step runs). When a decode step needs a block and none is left, the
+# most recently admitted sequence is *preempted*: its blocks are freed and it goes back to the
+# front of the queue, to be recomputed (prompt + what it generated so far) when memory frees up.
+# Recompute is cheaper than swapping to host memory for short sequences, and needs no host pool.
+
+@dataclass
+class ScheduledStep:
+    kind: str                    # "prefill" | "decode"
+    seqs: list[Sequence]
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep:
+        batch, budget = [], self.max_num_batched_tokens
+        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if len(seq) > budget or not self.blocks.can_allocate(seq):
+                break
+            self.blocks.allocate(seq)
+            budget -= len(seq) - seq.num_cached
+            seq.status = "running"
+            batch.append(self.waiting.popleft())
+        if batch:
+            self.running.extend(batch)
+            return ScheduledStep("prefill", batch)
+        if not self.running:
+            seq = self.waiting[0]
+            raise RuntimeError(f"request {seq.id} ({len(seq)} tokens) cannot be scheduled: the KV pool "
+                               f"has {self.blocks.num_blocks} blocks of {self.blocks.block_size} tokens "
+                               f"and the token budget is {self.max_num_batched_tokens}")
+        # decode: every running sequence needs room for one more token
+        scheduled = []
+        while self.running:
+            seq = self.running.pop(0)
+            while not self.blocks.can_append(seq):
+                victim = self.running.pop() if self.running else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.append(seq)
+                scheduled.append(seq)
+        self.running = scheduled
+        return ScheduledStep("decode", list(scheduled))   # a copy: finish() edits self.running
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free_sequence(seq)
+        seq.status = "waiting"
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = "finished", reason
+        seq.finish_time = time.perf_counter()
+        self.running.remove(seq)
+        self.blocks.free_sequence(seq)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Attention over the paged cache: the model's backend for one step
+# ----------------------------------------------------------------------------------------------
+
+def store_kv_reference(k_pool, v_pool, k, v, slot_mapping):
+    """k_pool/v_pool: (num_blocks, block_size, Hkv, D); k, v: (N, Hkv, D); slot -1 = skip
+    (a padded row of a CUDA-graph batch must not write anything)."""
+    keep = slot_mapping >= 0
+    slots = torch.where(keep, slot_mapping, 0)
+    flat_k, flat_v = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
+    # masked rows rewrite slot 0 with its own value, so they change nothing
+    flat_k.index_copy_(0, slots, torch.where(keep[:, None, None], k, flat_k[slots]))
+    flat_v.index_copy_(0, slots, torch.where(keep[:, None, None], v, flat_v[slots]))
+
+
+# The engine's one kernel of its own: write each new token's K/V rows to its slot. One program
+# per token copies Hkv * D contiguous elements (768 for GPT-2: 1.5 KB in fp16) for K and for V.
+# Defined at module level (not in a closure) so torch.compile can import it by name.
+@triton.jit
+def store_kv_kernel(k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slot_ptr, stride_tok, stride_slot,
+                    ROW: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token)
+    if slot >= 0:                       # -1: a padded row of a CUDA-graph batch writes nothing
+        offs = tl.arange(0, BLOCK)
+        mask = offs < ROW
+        k = tl.load(k_ptr + token * stride_tok + offs, mask=mask)
+        v = tl.load(v_ptr + token * stride_tok + offs, mask=mask)
+        tl.store(k_pool_ptr + slot * stride_slot + offs, k, mask=mask)
+        tl.store(v_pool_ptr + slot * stride_slot + offs, v, mask=mask)
+
+
+def store_kv_triton(k_pool, v_pool, k, v, slot_mapping):
+    """Same contract as store_kv_reference, one launch instead of ~6 PyTorch ops."""
+    k, v = k.contiguous(), v.contiguous()
+    row = k.shape[1] * k.shape[2]
+    store_kv_kernel[(k.shape[0],)](k, v, k_pool, v_pool, slot_mapping, row, row,
+                                   ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+@dataclass
+class PagedStep:
+    """Everything attention needs for one engine step (the explicit batch metadata).
+
+    prefill: q/k/v arrive packed as (1, H, N, D) for all N new tokens of the step;
+      cu_seqlens_q (n+1,) delimits each sequence's new tokens, seq_lens (n,) its full length
+      (cached prefix included), block_tables (n, max_blocks).
+    decode: q/k/v are (B, H, 1, D); seq_lens (B,) includes the new token.
+    slot_mapping (N,): where each new token's K/V go (-1 = nowhere).
+    """
+    kind: str
+    k_pool: torch.Tensor                 # (n_layer, num_blocks, block_size, Hkv, D)
+    v_pool: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor           # int32 (n, max_blocks)
+    seq_lens: torch.Tensor               # int32 (n,)
+    cu_seqlens_q: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    has_prefix: bool = False             # some sequence reuses cached blocks
+    kernels: object = None               # flash_attn module on GPU, None = PyTorch reference
+    store_kv: object = store_kv_reference
+
+    def attend(self, layer, q, k, v, positions):
+        k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]
+        if self.kind == "decode":
+            q1, k1, v1 = q[:, :, 0], k[:, :, 0], v[:, :, 0]               # (B, H, D), (B, Hkv, D)
+            self.store_kv(k_pool, v_pool, k1, v1, self.slot_mapping)
+            if self.kernels is not None:
+                out = self.kernels.paged_decode(q1, k_pool, v_pool, self.block_tables, self.seq_lens,
+                                                max_context=self.max_seqlen_k)
+            else:
+                out = paged_decode_torch(q1, k_pool, v_pool, self.block_tables, self.seq_lens)
+            return out[:, :, None]
+        # prefill: (1, H, N, D) -> (N, H, D)
+        qn, kn, vn = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
+        self.store_kv(k_pool, v_pool, kn, vn, self.slot_mapping)
+        if self.kernels is not None and not self.has_prefix:
+            out = self.kernels.flash_attn_varlen(qn.contiguous(), kn.contiguous(), vn.contiguous(),
+                                                 self.cu_seqlens_q, self.max_seqlen_q, causal=True)
+        else:
+            out = paged_prefill_torch(qn, k_pool, v_pool, self.block_tables, self.seq_lens,
+                                      self.cu_seqlens_q)
+        return out.transpose(0, 1)[None]
+
+
+def gather_kv(pool, block_table, n_tokens):
+    """One sequence's first n_tokens K (or V) rows from the pool: (Hkv, n_tokens, D)."""
+    blocks = pool[block_table[:math.ceil(n_tokens / pool.shape[1])]]      # (nb, bs, Hkv, D)
+    return blocks.reshape(-1, *pool.shape[2:])[:n_tokens].transpose(0, 1)
+
+
+def paged_prefill_torch(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q):
+    """Reference prefill: per sequence, its new queries against all its keys (cached prefix
+    included), bottom-right causal. q: (N, H, D) -> (N, H, D)."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for i, total in enumerate(seq_lens.tolist()):
+        s, e = bounds[i], bounds[i + 1]
+        keys, values = gather_kv(k_pool, block_tables[i], total), gather_kv(v_pool, block_tables[i], total)
+        qi = q[s:e].transpose(0, 1)                                       # (H, n_new, D)
+        visible = (torch.arange(total, device=q.device)[None, :]
+                   <= torch.arange(total - (e - s), total, device=q.device)[:, None])
+        o = F.scaled_dot_product_attention(qi[None], keys[None], values[None], attn_mask=visible,
+                                           enable_gqa=keys.shape[0] != qi.shape[0])
+        out[s:e] = o[0].transpose(0, 1)
+    return out
+
+
+def paged_decode_torch(q, k_pool, v_pool, block_tables, seq_lens):
+    """Reference decode, vectorised (so it can be captured in a CUDA graph too): gather every
+    sequence's blocks, mask slots past its length. q: (B, H, D) -> (B, H, D)."""
+    B, max_blocks = block_tables.shape
+    bs = k_pool.shape[1]
+    keys = k_pool[block_tables.long()].reshape(B, max_blocks * bs, *k_pool.shape[2:]).transpose(1, 2)
+    values = v_pool[block_tables.long()].reshape(B, max_blocks * bs, *v_pool.shape[2:]).transpose(1, 2)
+    visible = torch.arange(max_blocks * bs, device=q.device)[None, :] < seq_lens[:, None]
+    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible[:, None, None, :],
+                                         enable_gqa=keys.shape[1] != q.shape[1])
+    return out[:, :, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The model runner: inputs, forward, CUDA graphs, sampling
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class EngineConfig:
+    """Every engine knob, with its default. The CLI is generated from this dataclass."""
+    model: str = "smollm2"               # anything model.load_model accepts (smollm2, gpt2, random:124M, ...)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "auto"                  # auto = float16 on cuda, float32 on cpu
+    block_size: int = 16                 # tokens per KV block (power of two >= 16 for the kernels)
+    num_blocks: int = 0                  # 0 = size the pool from memory (see gpu_memory_fraction)
+    gpu_memory_fraction: float = 0.85    # share of the GPU the engine may fill (weights+KV+peak)
+    cpu_kv_gib: float = 0.25             # KV pool size on CPU when num_blocks is 0
+    max_num_seqs: int = 256              # most sequences running at once (= largest decode batch)
+    max_num_batched_tokens: int = 8192   # token budget of one prefill step
+    prefix_caching: bool = True
+    cuda_graphs: bool = True             # capture decode steps (GPU only)
+    compile: bool = False                # torch.compile the decode forward
+    kernels: str = "auto"                # auto = Triton (flash_attn.py) on cuda, torch on cpu
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError("gpu_memory_fraction must be in (0, 1]")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError("kernels must be auto, triton or torch")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float16 if self.device.startswith("cuda") else torch.float32
+        return getattr(torch, self.dtype)
+
+
+GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+
+
+class ModelRunner:
+    """Owns the model, the KV pool and the decode graphs; turns a ScheduledStep into logits."""
+
+    def __init__(self, model: M.Transformer, cfg: EngineConfig, num_blocks: int):
+        self.model, self.cfg = model, cfg
+        mc = model.cfg
+        self.device, self.dtype = model.device, model.dtype
+        self.block_size = cfg.block_size
+        self.max_blocks_per_seq = math.ceil(mc.max_seq_len / cfg.block_size)
+        shape = (mc.n_layer, num_blocks, cfg.block_size, mc.kv_heads, mc.head_dim)
+        # zeros, not empty: a masked-out slot still enters the attention as 0 * value, and an
+        # uninitialised NaN there would turn the whole row into NaN
+        self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        use_triton = cfg.kernels == "triton" or (cfg.kernels == "auto" and self.device.type == "cuda")
+        self.kernels, self.store_kv = None, store_kv_reference
+        if use_triton:
+            import flash_attn
+            self.kernels, self.store_kv = flash_attn, store_kv_triton
+        self.decode_forward = self._decode_forward
+        if cfg.compile:
+            # compile in this process: Inductor's worker subprocesses hide the real error of a
+            # failing compile behind "SubprocException" (seen with the Triton kernels inside)
+            import torch._inductor.config as inductor_config
+            inductor_config.compile_threads = 1
+            self.decode_forward = torch.compile(self._decode_forward, dynamic=False)
+        self.graphs: dict[int, tuple] = {}
+        if cfg.cuda_graphs and self.device.type == "cuda":
+            self.capture_graphs()
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _block_tables(self, seqs, width=None):
+        width = width or max(len(s.block_table) for s in seqs)
+        return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
+                            dtype=torch.int32, device=self.device)
+
+    def _step(self, kind, slot_mapping, block_tables, seq_lens, **kw) -> PagedStep:
+        return PagedStep(kind, self.k_pool, self.v_pool, slot_mapping, block_tables, seq_lens,
+                         kernels=self.kernels, store_kv=self.store_kv, **kw)
+
+    # -- prefill ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """All new tokens of all sequences as ONE packed row (1, N): no padding at all.
+        Returns the logits of each sequence's last token (n, vocab)."""
+        ids, positions, slots, cu = [], [], [], [0]
+        for s in seqs:
+            ids += s.tokens[s.num_cached:]
+            positions += range(s.num_cached, len(s))
+            slots += self._slots(s, s.num_cached, len(s))
+            cu.append(cu[-1] + len(s) - s.num_cached)
+        dev = self.device
+        step = self._step("prefill", torch.tensor(slots, device=dev), self._block_tables(seqs),
+                          torch.tensor([len(s) for s in seqs], dtype=torch.int32, device=dev),
+                          cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+                          max_seqlen_q=max(len(s) - s.num_cached for s in seqs),
+                          max_seqlen_k=max(len(s) for s in seqs),
+                          has_prefix=any(s.num_cached for s in seqs))
+        h = self.model.hidden(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev), step)
+        last = torch.tensor(cu[1:], device=dev) - 1
+        return self.model.logits(h[0, last])
+
+    # -- decode ----------------------------------------------------------------------------------
+    def _decode_forward(self, tokens, positions, step: PagedStep):
+        return self.model.logits(self.model.hidden(tokens, positions, step)[:, -1])
+
+    @torch.no_grad()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per sequence: (B,) -> logits (B, vocab)."""
+        B = len(seqs)
+        tokens = [s.tokens[-1] for s in seqs]
+        positions = [len(s) - 1 for s in seqs]
+        slots = [self._slots(s, len(s) - 1, len(s))[0] for s in seqs]
+        lens = [len(s) for s in seqs]
+        graph_bs = next((b for b in sorted(self.graphs) if b >= B), None)
+        if graph_bs is not None:
+            return self._replay(graph_bs, seqs, tokens, positions, slots, lens)
+        dev = self.device
+        step = self._step("decode", torch.tensor(slots, device=dev), self._block_tables(seqs),
+                          torch.tensor(lens, dtype=torch.int32, device=dev), max_seqlen_k=max(lens))
+        return self.decode_forward(torch.tensor(tokens, device=dev)[:, None],
+                                   torch.tensor(positions, device=dev)[:, None], step)
+
+    # -- CUDA graphs -----------------------------------------------------------------------------
+    # A decode step of GPT-2 124M is ~150 kernel launches of a few microseconds each: at batch 1
+    # the GPU finishes each kernel before the CPU has issued the next, so the step takes as long
+    # as Python + launch overhead (~4-10 us per launch). A CUDA graph records the whole step once
+    # and replays it with ONE launch. The price: shapes and addresses are frozen, so we capture
+    # one graph per batch-size bucket, keep all inputs in static buffers, and pad a batch up to
+    # the next bucket. Padded rows get slot -1 (they write nothing) and length 1 (they read block
+    # 0 harmlessly); their logits are dropped.
+    def capture_graphs(self):
+        mc, dev = self.model.cfg, self.device
+        sizes = [b for b in GRAPH_BATCH_SIZES if b <= self.cfg.max_num_seqs]
+        if not sizes or sizes[-1] < self.cfg.max_num_seqs:
+            sizes.append(self.cfg.max_num_seqs)
+        n = sizes[-1]
+        self.static = dict(
+            tokens=torch.zeros(n, 1, dtype=torch.long, device=dev),
+            positions=torch.zeros(n, 1, dtype=torch.long, device=dev),
+            slots=torch.full((n,), -1, dtype=torch.long, device=dev),
+            seq_lens=torch.ones(n, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, device=dev))
+        pool = None
+        for bs in reversed(sizes):                      # largest first: the pool fits all later ones
+            st = self.static
+            step = self._step("decode", st["slots"][:bs], st["block_tables"][:bs], st["seq_lens"][:bs],
+                              max_seqlen_k=mc.max_seq_len)
+            args = (st["tokens"][:bs], st["positions"][:bs], step)
+            for _ in range(2):                          # warm up: autotune, compile, allocate
+                self.decode_forward(*args)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.decode_forward(*args)
+            pool = graph.pool()
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize()
+
+    def _replay(self, bs, seqs, tokens, positions, slots, lens):
+        st, B = self.static, len(seqs)
+        st["tokens"][:B, 0] = torch.tensor(tokens, device=self.device)
+        st["positions"][:B, 0] = torch.tensor(positions, device=self.device)
+        st["slots"].fill_(-1)
+        st["slots"][:B] = torch.tensor(slots, device=self.device)
+        st["seq_lens"].fill_(1)
+        st["seq_lens"][:B] = torch.tensor(lens, dtype=torch.int32, device=self.device)
+        st["block_tables"][:B].zero_()
+        width = max(len(s.block_table) for s in seqs)
+        st["block_tables"][:B, :width] = self._block_tables(seqs, width)
+        graph, logits = self.graphs[bs]
+        graph.replay()
+        return logits[:B]
+
+    # -- sampling --------------------------------------------------------------------------------
+    @staticmethod
+    def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """Greedy rows in one argmax; sampled rows one by one with their own seeded generator
+        (so a request's draws do not depend on what else is in the batch)."""
+        out = logits.argmax(dim=-1).tolist()
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.temperature > 0:
+                out[i] = int(M.sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, s.generator))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The engine
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class RequestOutput:
+    id: int
+    prompt: list[int]
+    tokens: list[int]
+    text: str | None
+    finish_reason: str
+    ttft_s: float
+    latency_s: float
+
+
+class LLMEngine:
+    """add_request() / step() / generate() / stream(): the user-facing engine."""
+
+    def __init__(self, cfg: EngineConfig, model: M.Transformer | None = None, tokenizer=None,
+                 eos_id: int | None = None):
+        self.cfg = cfg
+        dev = torch.device(cfg.device)
+        if model is None:
+            model, tokenizer = M.load_model(cfg.model, cfg.torch_dtype, dev), M.tokenizer_for(cfg.model)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eot_token", None)
+        self.weight_bytes = sum(p.nbytes for p in model.parameters())
+        self.block_bytes = (2 * model.cfg.n_layer * cfg.block_size * model.cfg.kv_heads
+                            * model.cfg.head_dim * model.dtype.itemsize)
+        self.peak_activation_bytes = 0
+        num_blocks = cfg.num_blocks or self._size_kv_pool()
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, cfg, num_blocks)
+        self.seqs: dict[int, Sequence] = {}
+        self.steps = {"prefill": 0, "decode": 0}
+
+    # -- memory ----------------------------------------------------------------------------------
+    def _size_kv_pool(self) -> int:
+        """KV blocks that fit: (GPU memory * fraction - weights - peak activations) / block bytes.
+        The peak comes from a worst-case warm-up: a prefill of max_num_batched_tokens tokens."""
+        dev = torch.device(self.cfg.device)
+        if dev.type != "cuda":
+            return max(1, int(self.cfg.cpu_kv_gib * 2**30) // self.block_bytes)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        n = min(self.cfg.max_num_batched_tokens, self.model.cfg.max_seq_len)
+        rows = max(1, self.cfg.max_num_batched_tokens // n)
+        with torch.no_grad():
+            tokens = torch.zeros(rows, n, dtype=torch.long, device=dev)
+            self.model.logits(self.model.hidden(tokens)[:, -1])
+        torch.cuda.synchronize(dev)
+        self.peak_activation_bytes = torch.cuda.max_memory_allocated(dev) - before
+        total = torch.cuda.get_device_properties(dev).total_memory
+        free_for_kv = total * self.cfg.gpu_memory_fraction - torch.cuda.memory_allocated(dev) \
+            - self.peak_activation_bytes
+        if free_for_kv < self.block_bytes:
+            raise RuntimeError(f"no memory left for the KV cache: weights {self.weight_bytes / 2**30:.2f} GiB, "
+                               f"peak activations {self.peak_activation_bytes / 2**30:.2f} GiB; raise "
+                               f"--gpu-memory-fraction or lower --max-num-batched-tokens")
+        return int(free_for_kv // self.block_bytes)
+
+    def memory_report(self) -> dict:
+        r = {"weights_GiB": self.weight_bytes / 2**30,
+             "kv_pool_GiB": self.blocks.num_blocks * self.block_bytes / 2**30,
+             "kv_blocks": self.blocks.num_blocks, "kv_blocks_in_use": self.blocks.blocks_in_use(),
+             "kv_tokens_capacity": self.blocks.num_blocks * self.cfg.block_size,
+             "peak_activations_GiB": self.peak_activation_bytes / 2**30}
+        if self.cfg.device.startswith("cuda"):
+            r["cuda_allocated_GiB"] = torch.cuda.memory_allocated() / 2**30
+            r["cuda_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        return r
+
+    # -- requests --------------------------------------------------------------------------------
+    def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None) -> int:
+        """Validate and queue a request; returns its id. Raises ValueError (and changes nothing)
+        for an empty prompt, one that cannot fit the context, or out-of-vocabulary tokens."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
+            prompt = self.tokenizer.encode(prompt)
+        prompt = list(prompt)
+        ctx = self.model.cfg.max_seq_len
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) + params.max_tokens > ctx:
+            raise ValueError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"model's context of {ctx} tokens")
+        if min(prompt) < 0 or max(prompt) >= self.model.cfg.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.model.cfg.vocab_size})")
+        if len(prompt) + params.max_tokens > self.blocks.num_blocks * self.cfg.block_size:
+            raise ValueError("this request alone does not fit the KV pool")
+        if len(prompt) > self.cfg.max_num_batched_tokens:
+            raise ValueError(f"the prompt ({len(prompt)}) exceeds max_num_batched_tokens "
+                             f"({self.cfg.max_num_batched_tokens})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        seq = Sequence(prompt, params, self.model.device)
+        self.seqs[seq.id] = seq
+        self.scheduler.add(seq)
+        return seq.id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[tuple[Sequence, int]]:
+        """Run one scheduled step; return (sequence, new token) for every sequence that got one."""
+        work = self.scheduler.schedule()
+        self.steps[work.kind] += 1
+        logits = (self.runner.prefill if work.kind == "prefill" else self.runner.decode)(work.seqs)
+        new_tokens = ModelRunner.sample(logits, work.seqs)
+        now = time.perf_counter()
+        emitted = []
+        for seq, token in zip(work.seqs, new_tokens):
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.output.append(token)
+            emitted.append((seq, token))
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+        return emitted
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and token == self.eos_id:
+            if self.tokenizer is not None:
+                seq.text = self.tokenizer.decode(seq.output[:-1])   # the EOS token is not text
+            return "eos"
+        if p.stop:
+            seq.text = self.tokenizer.decode(seq.output)
+            for s in p.stop:
+                if s in seq.text:
+                    seq.text = seq.text[:seq.text.index(s)]
+                    return "stop"
+        if len(seq.output) >= p.max_tokens:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        text = None
+        if self.tokenizer is not None:
+            text = seq.text if seq.finish_reason in ("stop", "eos") else self.tokenizer.decode(seq.output)
+        return RequestOutput(seq.id, seq.prompt, list(seq.output), text, seq.finish_reason,
+                             seq.first_token_time - seq.arrival, seq.finish_time - seq.arrival)
+
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Run a list of requests to completion (all admitted at once); outputs in input order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        # validate everything before queueing anything: one bad request rejects the call
+        for prompt, p in zip(prompts, params_list):
+            self._validate_only(prompt, p)
+        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params_list)]
+        done = 0
+        while self.has_unfinished():
+            for seq, _ in self.step():
+                if seq.status == "finished":
+                    done += 1
+            if progress:
+                print(f"\r{done}/{len(ids)} requests done", end="", file=sys.stderr, flush=True)
+        if progress:
+            print(file=sys.stderr)
+        return [self._output(self.seqs.pop(i)) for i in ids]
+
+    def _validate_only(self, prompt, params):
+        """add_request's checks without queueing (raises ValueError)."""
+        seq_id = self.add_request(prompt, params)
+        seq = self.seqs.pop(seq_id)
+        self.scheduler.waiting.remove(seq)
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text pieces of one request as they are generated (other queued requests run too)."""
+        seq_id = self.add_request(prompt, params)
+        seq = self.seqs[seq_id]
+        printed = 0
+        while seq.status != "finished":
+            self.step()
+            text = self.tokenizer.decode(seq.output) if seq.status != "finished" else self._output(seq).text
+            # hold back an incomplete UTF-8 character (tiktoken decodes it as U+FFFD)
+            stable = text.rstrip("\ufffd") if seq.status != "finished" else text
+            if len(stable) > printed:
+                yield stable[printed:]
+                printed = len(stable)
+        self.seqs.pop(seq_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. CLI
+# ----------------------------------------------------------------------------------------------
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field, with the dataclass's default (one source of defaults)."""
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Serve a prompt through the paged, continuously "
+                                "batched engine and stream the answer.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--prompt", default=None, help="default: a question for chat models, a sentence "
+                   "start otherwise; chat models get the prompt wrapped in their chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    cfg = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        t0 = time.perf_counter()
+        engine = LLMEngine(cfg)
+        t_load = time.perf_counter() - t0
+        print(f"[{cfg.model} on {cfg.device}: loaded in {t_load:.1f} s, "
+              f"KV pool {engine.blocks.num_blocks} blocks x {cfg.block_size} tokens]", file=sys.stderr)
+        chat = M.is_chat_model(cfg.model)
+        text = args.prompt or (M.DEFAULT_CHAT_PROMPT if chat else M.DEFAULT_COMPLETION_PROMPT)
+        prompt = M.chat_tokens(engine.tokenizer, [{"role": "user", "content": text}]) if chat else text
+        print(f"User: {text}\nAssistant: " if chat else text, end="", flush=True)
+        t0 = time.perf_counter()
+        first = None
+        for piece in engine.stream(prompt, params):
+            first = first or time.perf_counter()
+            print(piece, end="", flush=True)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 2
+    dt = time.perf_counter() - t0
+    n = engine.steps["prefill"] + engine.steps["decode"]
+    mem = engine.memory_report()
+    print(f"\n[TTFT {1e3 * (first - t0):.0f} ms | {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s | "
+          f"weights {mem['weights_GiB']:.2f} GiB, KV pool {mem['kv_pool_GiB']:.2f} GiB"
+          + (f", CUDA peak {mem['cuda_peak_GiB']:.2f} GiB" if "cuda_peak_GiB" in mem else "") + "]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
