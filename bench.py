@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 # The Triton interpreter lets every kernel run on a laptop CPU (slowly). It must be switched on
 # before triton is first imported, so it happens here, at the top, and only when there is no GPU.
@@ -86,15 +87,18 @@ class BenchContext:
     def __post_init__(self):
         self.header = device_description(self.device, self.dtype)
 
-    def table(self, title: str, headers: list[str], rows: list[list], note: str = "") -> None:
-        """Print (and record) a markdown table; floats get 3 significant digits."""
+    def table(self, title: str, headers: list[str], rows: list[list], note: str = "",
+              dtype: torch.dtype | None = None) -> None:
+        """Print (and record) a markdown table; floats get 3 significant digits. `dtype`: the one
+        the table was measured in, when a topic fixes its own instead of the CLI's --dtype."""
         def cell(x):
             if isinstance(x, float):
                 if math.isnan(x):
                     return "-"
                 return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
             return str(x)
-        lines = [f"### {title}", "", self.header, "",
+        header = self.header if dtype is None else device_description(self.device, dtype)
+        lines = [f"### {title}", "", header, "",
                  "| " + " | ".join(headers) + " |",
                  "| " + " | ".join("---" for _ in headers) + " |"]
         lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
@@ -295,6 +299,69 @@ def topic_attention(ctx: BenchContext) -> None:
         _plot_lines(ctx, "attention", "Attention latency (one layer)", "sequence / context length", "ms",
                     {f"prefill naive (B={B})": (seqs, naive_ms_s), f"prefill SDPA (B={B})": (seqs, sdpa_ms_s),
                      f"decode naive (B={Bd})": (ctxs, dec_naive), f"decode SDPA (B={Bd})": (ctxs, dec_sdpa)})
+    attention_e2e_section(ctx)
+
+
+def attention_e2e_section(ctx: BenchContext) -> None:
+    """Decode step time vs context length for a whole model: GPT-2 124M (MHA, 12 KV heads per
+    layer) against SmolLM2-135M (GQA, 3 KV heads), two models of about the same size.
+
+    What it shows: a decode step reads every weight once (fixed cost) plus every cached K/V of
+    every row (grows with context). GPT-2 caches 36 KiB per token in fp16, SmolLM2 22.5 KiB
+    despite having 30 layers instead of 12, so as the context grows SmolLM2's step gets cheaper
+    than GPT-2's even though at short context its 2.5x more layers (more kernel launches) cost more.
+    """
+    import model as M
+    dev, dt = ctx.device, ctx.dtype
+    gpt2_cfg = M.replace(M.PRESETS["124M"], max_seq_len=8192)   # positions past 1024: random weights anyway
+    models = {"GPT-2 124M (MHA 12/12)": M.init_random(M.Transformer(gpt2_cfg)).to(dev, dt).eval()}
+    try:
+        if ctx.quick:
+            raise FileNotFoundError("quick: random weights load faster")
+        models["SmolLM2-135M (GQA 9/3)"] = M.load_model("smollm2", dt, dev)
+        smol_src = "the real weights from the GGUF file"
+    except FileNotFoundError:
+        models["SmolLM2-135M (GQA 9/3)"] = M.load_model("random:smollm2-135M", dt, dev)
+        smol_src = "random weights of the real shape"
+    batch = 2 if ctx.quick else 16
+    contexts = [64, 256] if ctx.quick else [256, 1024, 2048, 4096, 8192]
+    elt = torch.finfo(dt).bits // 8
+    rows, series = [], {}
+    for name, model in models.items():
+        cfg = model.cfg
+        kv_tok = M.kv_bytes_per_token(cfg, dt)
+        weight_bytes = sum(p.numel() for p in model.parameters()) * elt
+        xs, ys = [], []
+        for L in contexts:
+            cache = M.KVCache(cfg, batch, L + 1, dt, dev)
+            # the cached values do not change the cost: fill with small noise, no prefill needed
+            cache.k.normal_(0, 0.1)
+            cache.v.normal_(0, 0.1)
+            nxt = torch.randint(0, cfg.vocab_size, (batch,), device=dev)
+
+            def step():                     # one decode step at context L for every row
+                cache.lengths = [L] * batch
+                M.decode(model, nxt, cache)
+            with torch.no_grad():
+                ms = time_ms(step, ctx)
+            kv_read = batch * L * kv_tok
+            rows.append([name, L, batch, kv_tok, kv_read / 2**20, ms, tokens_per_s(batch, ms),
+                         (weight_bytes + kv_read) / (ms * 1e-3) / 1e9])
+            xs.append(L)
+            ys.append(tokens_per_s(batch, ms))
+            del cache
+        series[name] = (xs, ys)
+    ctx.table("Decode step vs context length, whole model: MHA (GPT-2 124M) vs GQA (SmolLM2-135M)",
+              ["model (query/KV heads)", "context", "batch", "KV bytes/token", "KV read/step (MiB)",
+               "ms/step", "tok/s", "GB/s (weights + KV)"], rows,
+              note=f"Reference model path (model.decode, SDPA over a contiguous KVCache), {dt} weights "
+                   f"and cache. GPT-2: random weights, position table extended to 8192. SmolLM2: "
+                   f"{smol_src}. KV bytes/token = 2 * layers * KV heads * head_dim * bytes: "
+                   f"GPT-2 2*12*12*64, SmolLM2 2*30*3*64. A step reads all weights once plus "
+                   f"batch * context * KV bytes/token; GB/s counts both.")
+    if ctx.plot:
+        _plot_lines(ctx, "attention_e2e", f"Decode throughput vs context, batch {batch}",
+                    "context length (tokens)", "tokens/s", series, logx=True, logy=True)
 
 
 # ---- kvcache.py ------------------------------------------------------------------------------
@@ -377,6 +444,782 @@ def topic_kv(ctx: BenchContext) -> None:
         ctx.outdir.mkdir(parents=True, exist_ok=True)
         KV.plot_layout(lengths, 128, PRESETS["tiny"], ctx.outdir / "kv_layout.png", dt)
         print(f"wrote {ctx.outdir / 'kv_layout.png'}\n")
+
+
+# ---- triton_matmul.py ------------------------------------------------------------------------
+
+def _time_graphed_ms(fns, ctx: BenchContext) -> float:
+    """GPU milliseconds per call of the callables `fns`, replayed back to back from one CUDA graph.
+
+    Eager timing of a small GEMM measures the host, not the GPU: a Triton launch from Python
+    costs tens of microseconds (argument binding, specialisation key, autotuner lookup), more
+    than a 2048^3 GEMM takes. A CUDA graph replays recorded launches with ~no host work, so this
+    is the kernels' own time, which is how serve.py runs decode. Pass several callables (e.g.
+    the same GEMM on different weight copies) to keep the weights out of L2 between calls.
+    Off-GPU it falls back to eager time_ms of the first callable."""
+    if ctx.device.type != "cuda":
+        return time_ms(fns[0], ctx)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):          # warm-up (compile, autotune) outside the capture
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    ms = time_ms(graph.replay, ctx, warmup=3, reps=20) / len(fns)
+    del graph
+    return ms
+
+
+@register("matmul")
+def topic_matmul(ctx: BenchContext) -> None:
+    """Triton GEMM ladder vs cuBLAS: TFLOP/s by version, GPT-2 shapes, fused epilogue,
+    autotune configs with their occupancy, launch overhead, a torch.profiler view, a plot."""
+    import triton_matmul as tm   # imported here: it sets TRITON_INTERPRET on CPU-only machines
+
+    on_gpu = ctx.device.type == "cuda" and not tm.INTERPRET
+    dev = ctx.device
+    ceil = measure_ceilings(ctx)
+    dtypes = [torch.float16, torch.bfloat16] if on_gpu else [ctx.dtype]
+    dname = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    if not on_gpu:
+        squares, geo_sizes = [32, 64], [32, 64]
+        tokens_list, gpt2_kn = [1, 16], [(64, 96)]
+    else:
+        squares = [1024, 2048, 4096] if ctx.quick else [1024, 2048, 4096, 8192]
+        geo_sizes = [s for s in squares if s >= 2048]
+        tokens_list = [1, 16, 256, 4096]
+        gpt2_kn = [(768, 2304), (768, 3072), (3072, 768), (1600, 6400)]   # c_attn, c_fc, c_proj, 1.5B c_fc
+    gelu = lambda x: torch.nn.functional.gelu(x, approximate="tanh")   # noqa: E731
+
+    def rand(*shape, dtype):
+        return torch.randn(*shape, device=dev, dtype=dtype)
+
+    def tflops(M, N, K, ms):
+        return 2 * M * N * K / ms / 1e9
+
+    def geomean(xs):
+        return math.exp(sum(map(math.log, xs)) / len(xs))
+
+    # --- 1. the version ladder on square sizes, next to cuBLAS -------------------------------
+    versions = [("v1", tm.matmul_v1), ("v2 row-major", lambda a, b: tm.matmul_v2(a, b, GROUP_M=1)),
+                ("v2", tm.matmul_v2), ("v3", tm.matmul), ("cuBLAS", torch.matmul)]
+    curves = {}   # (dtype name, version) -> [TFLOP/s per square size], for the plot
+    for dtype in dtypes:
+        rows, ratios, eager_ratios = [], [], []
+        for s in squares:
+            a, b = rand(s, s, dtype=dtype), rand(s, s, dtype=dtype)
+            t = {name: tflops(s, s, s, _time_graphed_ms([lambda f=f: f(a, b)] * 10, ctx)) for name, f in versions}
+            eager = {name: tflops(s, s, s, time_ms(lambda f=f: f(a, b), ctx)) for name, f in versions[3:]}
+            for name in t:
+                curves.setdefault((dname[dtype], name), []).append(t[name])
+            if s in geo_sizes:
+                ratios.append(t["v3"] / t["cuBLAS"])
+                eager_ratios.append(eager["v3"] / eager["cuBLAS"])
+            rows.append([s] + [t[n] for n, _ in versions] + [t["v2"] / t["cuBLAS"], t["v3"] / t["cuBLAS"],
+                                                             eager["v3"], eager["cuBLAS"]])
+        ctx.table(f"matmul {dname[dtype]}: TFLOP/s on square M=N=K, Triton versions vs cuBLAS",
+                  ["size"] + [n for n, _ in versions] + ["v2/cuBLAS", "v3/cuBLAS", "v3 eager", "cuBLAS eager"],
+                  rows,
+                  note=f"Version columns: {'GPU time per GEMM (CUDA graph of 10 calls)' if on_gpu else 'eager (CPU)'}. "
+                       f"Eager columns: one Python call per GEMM, launch overhead included. Geometric mean of v3/cuBLAS over "
+                       f"{geo_sizes}: {geomean(ratios):.3f} (target >= 0.9); eager: {geomean(eager_ratios):.3f}. "
+                       f"cuBLAS 8192^3 {dname[ctx.dtype]} from measure_ceilings: {ceil['matmul_tflops']:.3g} TFLOP/s.")
+
+    # --- 2. GPT-2's own GEMMs: prefill is compute-bound, decode is memory-bound --------------
+    for dtype in dtypes:
+        rows = []
+        for K, N in gpt2_kn:
+            b = rand(K, N, dtype=dtype)
+            # decode: cycle through enough weight copies (>= 128 MB) that each call reads HBM, not L2
+            copies = [b] + [rand(K, N, dtype=dtype) for _ in range(min(31, (128 << 20) // b.nbytes) if on_gpu else 0)]
+            for T in tokens_list:
+                a = rand(T, K, dtype=dtype)
+                ws = copies if T <= 16 else [b] * 10
+                ms_tr = _time_graphed_ms([lambda w=w: tm.matmul(a, w) for w in ws], ctx)
+                ms_cb = _time_graphed_ms([lambda w=w: torch.matmul(a, w) for w in ws], ctx)
+                gbytes = (T * K + K * N + T * N) * a.element_size() / 1e9
+                row = [T, f"{K}x{N}", tflops(T, N, K, ms_tr), tflops(T, N, K, ms_cb), ms_cb / ms_tr,
+                       gbytes / ms_tr * 1e3, gbytes / ms_cb * 1e3]
+                row.append(f"{gbytes / ms_tr * 1e3 / ceil['copy_gbps']:.0%}" if T <= 16 else "")
+                row += [time_ms(lambda: tm.matmul(a, b), ctx) * 1e3, time_ms(lambda: torch.matmul(a, b), ctx) * 1e3]
+                rows.append(row)
+            del copies
+        ctx.table(f"matmul {dname[dtype]}: GPT-2 shapes (tokens x K) @ (K x N), v3 vs cuBLAS",
+                  ["tokens", "K x N", "v3 TFLOP/s", "cuBLAS TFLOP/s", "v3/cuBLAS", "v3 GB/s", "cuBLAS GB/s",
+                   "v3 % of copy BW", "v3 eager us", "cuBLAS eager us"], rows,
+                  note=f"GPU time per GEMM from CUDA graphs; decode rows (tokens <= 16) rotate over weight copies "
+                       f"so every call reads the weight from HBM. They read the whole weight for a few tokens: "
+                       f"memory-bound. GB/s counts A + B + C once; measured copy bandwidth "
+                       f"{ceil['copy_gbps']:.0f} GB/s. Eager columns include Python launch overhead.")
+
+    # --- 3. v4 fused bias + GELU vs torch (addmm + gelu), GPT-2 MLP c_fc shapes --------------
+    for dtype in dtypes:
+        rows = []
+        for K, N in gpt2_kn[1::2] if on_gpu else gpt2_kn:   # 768x3072 and 1600x6400 (the MLP's c_fc)
+            b, bias = rand(K, N, dtype=dtype), rand(N, dtype=dtype)
+            for T in tokens_list:
+                a = rand(T, K, dtype=dtype)
+                v4 = lambda: tm.matmul_bias_gelu(a, b, bias)                   # noqa: E731
+                v3 = lambda: gelu(tm.matmul(a, b, bias))                       # noqa: E731
+                torch_ = lambda: gelu(torch.addmm(bias, a, b))                 # noqa: E731
+                ms = [_time_graphed_ms([f] * 10, ctx) for f in (v4, v3, torch_)]
+                rows.append([T, f"{K}x{N}"] + [m * 1e3 for m in ms] + [ms[2] / ms[0],
+                            time_ms(v4, ctx) * 1e3, time_ms(torch_, ctx) * 1e3])
+        ctx.table(f"matmul {dname[dtype]}: fused bias+GELU epilogue (v4) vs unfused",
+                  ["tokens", "K x N", "v4 fused us", "v3 (+bias) then gelu us", "torch addmm + gelu us",
+                   "torch / v4", "v4 eager us", "torch eager us"], rows,
+                  note="GPU time per call from CUDA graphs (weights stay in L2 here); eager columns include "
+                       "launch overhead (1 Triton launch for v4, 2 kernels for torch).")
+
+    # --- 4. autotune configs: speed next to occupancy from the compiled kernel ---------------
+    dtype = dtypes[0]
+    tune_shapes = [(2048, 2048, 2048), (4096, 4096, 4096), (16, 768, 3072)] if on_gpu else [(64, 64, 64)]
+    for M, K, N in tune_shapes:
+        a, b = rand(M, K, dtype=dtype), rand(K, N, dtype=dtype)
+        tm.matmul(a, b)                                      # let the autotuner choose
+        best = tm.matmul_kernel_autotuned.best_config
+        configs = tm._prune_configs(tm.AUTOTUNE_CONFIGS, dict(M=M, a_ptr=a))
+        occ_rows = tm.occupancy_table(M, N, K, dtype, dev, configs) if on_gpu else [dict(config=c) for c in configs]
+        rows = []
+        for r in occ_rows:
+            cfg = r["config"]
+            name = tm.config_name(cfg) + (" (autotuner's pick)" if str(cfg) == str(best) else "")
+            if "error" in r:
+                rows.append([name, "out of resources"] + [""] * 7)
+                continue
+            ms = _time_graphed_ms([lambda: tm.matmul_with_config(a, b, cfg)] * 10, ctx)
+            if not on_gpu:
+                rows.append([name, tflops(M, N, K, ms)] + ["n/a (CPU)"] * 7)
+                continue
+            rows.append([name, tflops(M, N, K, ms), r["n_regs"], r["n_spills"], r["shared_bytes"] / 1024,
+                         r["programs_per_sm"], f"{r['occupancy']:.1%}", r["limiter"], r["waves"]])
+        ctx.table(f"matmul {dname[dtype]}: autotune configs at M={M}, K={K}, N={N} (BMxBNxBK, warps, stages)",
+                  ["config", "TFLOP/s", "regs/thread", "spills", "smem KB", "programs/SM", "occupancy",
+                   "limited by", "waves"], rows,
+                  note="Occupancy = resident warps / 64, from the compiled kernel's registers and shared memory "
+                       "(occupancy_of in triton_matmul.py); waves = tiles / (SMs x programs per SM). "
+                       "The autotuner timed eagerly and may pick differently from these graph timings.")
+
+    # --- 5. launch overhead: a tiny GEMM is all host time when called from Python ------------
+    n = 64
+    a, b, bias = rand(n, n, dtype=dtypes[0]), rand(n, n, dtype=dtypes[0]), rand(n, dtype=dtypes[0])
+    calls = [("v1", lambda: tm.matmul_v1(a, b)), ("v2", lambda: tm.matmul_v2(a, b)), ("v3 (autotuned)", lambda: tm.matmul(a, b)),
+             ("v4 (autotuned, fused)", lambda: tm.matmul_bias_gelu(a, b, bias)), ("torch.matmul", lambda: torch.matmul(a, b))]
+    ctx.table(f"matmul {dname[dtypes[0]]}: time per call of a {n}^3 GEMM (launch overhead)",
+              ["call", "eager us", "in a CUDA graph us"],
+              [[name, time_ms(f, ctx) * 1e3, _time_graphed_ms([f] * 10, ctx) * 1e3] for name, f in calls],
+              note="Eager: Python + Triton launch path per call. In a graph: the GPU work only.")
+
+    # --- 6. fp32 inputs: Triton uses tf32 tensor cores, torch.matmul exact fp32 by default ---
+    if on_gpu:
+        s = 4096
+        a, b = rand(s, s, dtype=torch.float32), rand(s, s, dtype=torch.float32)
+        ref = a.double() @ b.double()
+        err = lambda c: ((c.double() - ref).norm() / ref.norm()).item()   # noqa: E731
+        rows = [["Triton v3 (tf32)", tflops(s, s, s, _time_graphed_ms([lambda: tm.matmul(a, b)] * 3, ctx)),
+                 f"{err(tm.matmul(a, b)):.1e}"]]
+        old = torch.backends.cuda.matmul.allow_tf32
+        for allow, name in ((False, "cuBLAS fp32 (torch default)"), (True, "cuBLAS tf32 (allow_tf32=True)")):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            rows.append([name, tflops(s, s, s, _time_graphed_ms([lambda: torch.matmul(a, b)] * 3, ctx)),
+                         f"{err(torch.matmul(a, b)):.1e}"])
+        torch.backends.cuda.matmul.allow_tf32 = old
+        ctx.table(f"matmul fp32 inputs at {s}^3", ["kernel", "TFLOP/s", "relative error (Frobenius)"], rows)
+
+    # --- 7. profiler view ------------------------------------------------------------------
+    n = 4096 if on_gpu else 32
+    reps = 10 if on_gpu else 1
+    table = tm.profile_matmul(n, n, n, dtype=dtypes[0], device=dev, reps=reps)
+    ctx.note(f"torch.profiler, {n}^3 {dname[dtypes[0]]}, {reps} call(s) each of v3, torch.matmul, v4 fused, "
+             f"torch matmul+bias+gelu:\n\n```\n{table}\n```")
+
+    # --- 8. plot ---------------------------------------------------------------------------
+    if ctx.plot:
+        series = {f"{name} {dn}": (squares, ys) for (dn, name), ys in curves.items()}
+        _plot_lines(ctx, "matmul", "Triton GEMM versions vs cuBLAS (square M=N=K, CUDA-graph timing)",
+                    "M = N = K", "TFLOP/s", series, logx=True, logy=False)
+
+
+# ---- flash_attn.py ---------------------------------------------------------------------------
+
+def _sdpa(backend, q, k, v, is_causal):
+    """SDPA through one backend (None = PyTorch's default choice: cuDNN on Hopper)."""
+    gqa = q.shape[1] != k.shape[1]
+    if backend is None:
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
+    from torch.nn.attention import sdpa_kernel
+
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=gqa)
+    return run
+
+
+def _try_time(fn, ctx, **kw):
+    """Milliseconds, or None when this peer cannot run the shape (backend missing on CPU, OOM)."""
+    try:
+        fn()  # first call: compiles / autotunes / picks a backend, outside the timing
+        return time_ms(fn, ctx, **kw)
+    except Exception as err:   # noqa: BLE001  (one failing peer must not end the whole topic)
+        ctx.note(f"(skipped a peer: {type(err).__name__}: {str(err).splitlines()[0][:120]})")
+        return None
+
+
+NAN = float("nan")   # bench.py's table prints NaN as "-"
+
+
+def _num(x):
+    return NAN if x is None else float(x)
+
+
+def _speedup(ours_ms, peer_ms):
+    """peer time / our time: > 1 means we are faster."""
+    return NAN if ours_ms is None or peer_ms is None else peer_ms / ours_ms
+
+
+def _peak_extra_mb(fn, ctx):
+    """Peak GPU memory allocated by fn beyond what existed before (inputs), in MiB."""
+    if ctx.device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    try:
+        out = fn()
+    except (RuntimeError, torch.OutOfMemoryError):
+        return None
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak / 2**20
+
+
+def _bench_prefill(ctx, dtype, causal, points):
+    """One table: our prefill (two load paths) vs SDPA cuDNN, SDPA FA2 and the naive path."""
+    import flash_attn as fa
+    from torch.nn.attention import SDPBackend
+    seqs = [1024, 2048, 4096, 8192, 16384] if not ctx.quick else [64, 96]
+    if not causal:
+        seqs = seqs[2:3] if not ctx.quick else seqs[:1]
+    head_dims = [64, 128] if not ctx.quick else [32]
+    tokens = 16384 if not ctx.quick else 128
+    rows = []
+    for d in head_dims:
+        h = 2048 // d if not ctx.quick else 2
+        for t in seqs:
+            b = max(1, tokens // t)
+            q, k, v = (torch.randn(b, h, t, d, device=ctx.device, dtype=dtype) for _ in range(3))
+            flops = fa.prefill_flops([t] * b, h, d, causal)
+            nbytes = fa.prefill_bytes([t] * b, h, h, d)
+            ours = _try_time(lambda: fa.flash_attn(q, k, v, is_causal=causal), ctx)
+            ours_tma = _try_time(lambda: fa.flash_attn(q, k, v, is_causal=causal, use_tma=True), ctx)
+            cudnn = _try_time(_sdpa(None, q, k, v, causal), ctx)
+            fa2 = _try_time(_sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, causal), ctx)
+            naive = _try_time(lambda: fa.attention_naive(q, k, v, is_causal=causal), ctx) \
+                if b * h * t * t * 2 <= 8 * 2**30 else None
+            best = min(x for x in (ours, ours_tma) if x is not None)
+            tf = lambda ms: None if ms is None else flops / ms / 1e9   # noqa: E731
+            rows.append([d, t, f"{b}x{h}", best, _num(tf(ours)), _num(tf(ours_tma)),
+                         _num(tf(cudnn)), _num(tf(fa2)), _num(tf(naive)),
+                         _speedup(best, fa2), _speedup(best, cudnn)])
+            if causal:
+                points.append((f"prefill D={d} T={t}", flops / nbytes, tf(best)))
+    ctx.table(f"Prefill attention, {'causal' if causal else 'non-causal'} {str(dtype)[6:]} "
+              f"(TFLOP/s; {tokens} tokens per batch, H = 2048/D)",
+              ["D", "T", "BxH", "ours ms", "ours", "ours TMA", "SDPA default (cuDNN)",
+               "SDPA FA2", "naive", "ours vs FA2 (x)", "ours vs cuDNN (x)"], rows,
+              note="ours ms / ratios use the faster of our two load paths (pointer+cp.async, TMA). "
+                   "Targets: >= 1.0x FA2 everywhere, >= 0.85x cuDNN at T >= 4096. naive: '-' where "
+                   "its T x T scores would exceed 8 GiB.")
+
+
+@register("flash")
+def topic_flash(ctx: BenchContext) -> None:
+    import flash_attn as fa
+    from torch.nn.attention import SDPBackend
+
+    gpu = ctx.device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float16   # fp16 on CPU: the interpreter's bf16 dot is broken
+    ceil = measure_ceilings(ctx)
+    ctx.note(f"Ceilings measured in this run: copy {ceil['copy_gbps']:.0f} GB/s, "
+             f"matmul {ceil['matmul_tflops']:.0f} TFLOP/s. Kernels: flash_attn.py; dtype {dtype}.")
+    points = []   # (label, intensity FLOP/byte, achieved TFLOP/s) for the roofline plot
+    _bench_prefill(ctx, dtype, True, points)
+
+
+    # ---- decode: paged vs contiguous vs SDPA
+    rows = []
+    decode_shapes = [(32, 8192, 32, 8, 128), (32, 16384, 32, 8, 128), (32, 8192, 32, 32, 128),
+                     (4, 32768, 32, 8, 128)] if not ctx.quick else [(2, 64, 4, 2, 32)]
+    block_size = 16
+    for b, t, h, hkv, d in decode_shapes:
+        q = torch.randn(b, h, d, device=ctx.device, dtype=dtype)
+        k = torch.randn(b, t, hkv, d, device=ctx.device, dtype=dtype)
+        v = torch.randn(b, t, hkv, d, device=ctx.device, dtype=dtype)
+        lens = torch.full((b,), t, dtype=torch.int32, device=ctx.device)
+        kc, table = fa.contiguous_as_paged(k, block_size)
+        vc, _ = fa.contiguous_as_paged(v, block_size)
+        contig = _try_time(lambda: fa.paged_decode(q, kc, vc, table, lens, max_context=t), ctx)
+        one_split = _try_time(lambda: fa.paged_decode(q, kc, vc, table, lens, num_splits=1, max_context=t), ctx)
+        del kc, vc
+        # SDPA gets its favourite layout, (B, Hkv, T, D) contiguous, as separate tensors
+        qs, ks, vs = q[:, :, None], k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        del k, v
+        sdpa_def = _try_time(_sdpa(None, qs, ks, vs, False), ctx)
+        sdpa_fa2 = _try_time(_sdpa(SDPBackend.FLASH_ATTENTION, qs, ks, vs, False), ctx)
+        del ks, vs
+        # a real paged cache: blocks scattered in random order
+        kp, vp, ptable = fa.random_paged_cache([t] * b, hkv, d, block_size, dtype, ctx.device)
+        paged = _try_time(lambda: fa.paged_decode(q, kp, vp, ptable, lens, max_context=t), ctx)
+        del kp, vp
+        nbytes = fa.decode_bytes([t] * b, h, hkv, d)
+        gbs = lambda ms: None if ms is None else nbytes / ms / 1e6   # noqa: E731
+        best_sdpa = min((x for x in (sdpa_def, sdpa_fa2) if x is not None), default=None)
+        rows.append([f"{b}x{t}", f"{h}/{hkv}", _num(contig), _num(gbs(contig)), _num(one_split),
+                     _num(sdpa_def), _num(sdpa_fa2), _speedup(contig, best_sdpa), _num(paged),
+                     _num(gbs(paged)), NAN if paged is None else 100 * gbs(paged) / ceil["copy_gbps"]])
+        if paged is not None:
+            points.append((f"decode B={b} T={t} H/Hkv={h}/{hkv}", fa.decode_flops([t] * b, h, d) / nbytes,
+                           fa.decode_flops([t] * b, h, d) / paged / 1e9))
+    ctx.table(f"Decode attention, one token per sequence, {str(dtype)[6:]}, D=128, block_size {block_size} (ms)",
+              ["B x ctx", "H/Hkv", "ours contiguous", "GB/s", "ours 1 split", "SDPA default", "SDPA FA2",
+               "ours vs best SDPA (x)", "ours paged (random blocks)", "GB/s", "% of copy BW"], rows,
+              note="GB/s = K+V (+q, out) bytes / time. 'ours contiguous' = paged kernel with the identity "
+                   "block table over one (B, T, Hkv, D) tensor. Targets: >= 1.0x SDPA, paged >= 70% of copy BW.")
+
+    # ---- long context: one sequence, 10k and 100k tokens
+    rows = []
+    h, hkv, d = (32, 8, 128) if not ctx.quick else (2, 1, 32)
+    for t in ([10_000, 100_000] if not ctx.quick else [100, 300]):
+        q = torch.randn(t, h, d, device=ctx.device, dtype=dtype)
+        k = torch.randn(t, hkv, d, device=ctx.device, dtype=dtype)
+        v = torch.randn(t, hkv, d, device=ctx.device, dtype=dtype)
+        cu = torch.tensor([0, t], dtype=torch.int32, device=ctx.device)
+        run = lambda: fa.flash_attn_varlen(q, k, v, cu, t, causal=True)   # noqa: E731
+        few = dict(warmup=1, reps=3) if t > 50_000 else {}
+        ms = _try_time(run, ctx, **few)
+        mem = _peak_extra_mb(run, ctx)
+        qb, kb, vb = (x.transpose(0, 1)[None] for x in (q, k, v))   # (1, H, T, D) views for SDPA
+        sdpa_ms = _try_time(_sdpa(None, qb, kb, vb, True), ctx, **few)
+        sdpa_mem = _peak_extra_mb(_sdpa(None, qb, kb, vb, True), ctx)
+        flops = fa.prefill_flops([t], h, d, True)
+        naive_gib = 2 * fa.naive_scores_bytes(1, h, t) / 2**30   # scores + probabilities
+        rows.append([t, _num(ms), _num(None if ms is None else flops / ms / 1e9), _num(mem),
+                     _num(sdpa_ms), _num(sdpa_mem), naive_gib])
+        del q, k, v, qb, kb, vb
+    ctx.table(f"Long-context causal prefill, one sequence, H={h}, Hkv={hkv}, D={d}, {str(dtype)[6:]}",
+              ["tokens", "ours ms", "ours TFLOP/s", "ours peak extra MiB", "SDPA default ms",
+               "SDPA peak extra MiB", "naive would need GiB"], rows,
+              note="peak extra = torch.cuda.max_memory_allocated during the call minus before it (the "
+                   "output is most of it: O(N) memory). The naive path needs 2 x H x T^2 x 2 bytes.")
+
+    _bench_prefill(ctx, dtype, False, points)
+
+    if ctx.plot and points:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 5))
+        xs = [10 ** (i / 20) for i in range(-20, 101)]  # 0.1 .. 1e5 FLOP/byte
+        roof = [min(ceil["matmul_tflops"], x * ceil["copy_gbps"] / 1e3) for x in xs]
+        ax.loglog(xs, roof, "k-", label="roof: min(cuBLAS TFLOP/s, AI x copy GB/s)")
+        for label, ai, tflops in points:
+            if tflops is not None:
+                ax.loglog([ai], [tflops], "o" if label.startswith("prefill") else "s", label=label)
+        ax.set_xlabel("arithmetic intensity (FLOP / byte of HBM traffic)")
+        ax.set_ylabel("achieved TFLOP/s")
+        ax.set_title("flash_attn.py on the measured roofline")
+        ax.legend(fontsize=6)
+        ctx.savefig(fig, "flash")
+        plt.close(fig)
+
+
+# ---- batching.py -----------------------------------------------------------------------------
+
+@register("batching")
+def topic_batching(ctx: BenchContext) -> None:
+    # subtle: on CPU the tiny model's ops are too small to split across threads, and on a busy
+    # machine a thread pool waiting for a free core stalls every op (measured 10-50x on 2 shared
+    # cores), which would make the wall-clock latencies meaningless. One thread, then restore.
+    threads = torch.get_num_threads()
+    if ctx.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        _topic_batching(ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _topic_batching(ctx: BenchContext) -> None:
+    import batching as BT
+    from model import KVCache, decode, load_gpt2, prefill
+    dev, dt = ctx.device, ctx.dtype
+    if ctx.quick:   # CPU: a tiny model and a short trace, ~10 s in all
+        preset, n_req, prompts, outputs, ref_b, budget_s = "tiny", 24, (4, 48), (4, 32), 8, 30.0
+        static_bs, cont_bs, dyn_windows = [4, 8, 16], [4, 8, 16], [0.0, 0.1]
+    else:           # GPU: GPT-2 124M, 256 requests, the issue's length ranges
+        preset, n_req, prompts, outputs, ref_b, budget_s = "124M", 256, (16, 256), (16, 256), 32, 75.0
+        static_bs, cont_bs, dyn_windows = [16, 32, 64], [16, 32, 64], [0.0, 0.05, 0.2]
+    model = load_gpt2(f"random:{preset}", dt, dev)
+    mean_prompt, mean_out = sum(prompts) / 2, sum(outputs) / 2
+
+    # 1. Calibrate the arrival rate so that the trace loads the system: continuous batching with
+    #    ref_b slots needs about prefill_ms + mean_out * step_ms / ref_b per request; offer 80% of
+    #    that. Policies that waste compute (or slots) are then overloaded and their queues grow.
+    cache = KVCache(model.cfg, ref_b, int(mean_prompt + mean_out), dt, dev)
+    ctx_len = int(mean_prompt + mean_out / 2)
+    prefill(model, torch.randint(0, 1000, (ref_b, ctx_len), device=dev), cache)
+    nxt = torch.zeros(ref_b, dtype=torch.long, device=dev)
+    rows = list(range(ref_b))
+
+    def step():
+        cache.lengths = [ctx_len] * ref_b
+        decode(model, nxt, cache, rows=rows).argmax(-1).tolist()
+    step_ms = time_ms(step, ctx)
+    one_prompt = torch.randint(0, 1000, (1, int(mean_prompt)), device=dev)
+
+    def one_prefill():
+        cache.reset(0)
+        prefill(model, one_prompt, cache, rows=[0]).argmax(-1).tolist()
+    prefill_ms = time_ms(one_prefill, ctx)
+    del cache
+    per_request_ms = prefill_ms + mean_out * step_ms / ref_b
+    # cap the trace's length (CPU: 3 s, GPU: 12 s) so a slow calibration cannot stretch every run
+    rate = max(0.8 * 1e3 / per_request_ms, n_req / (3.0 if ctx.quick else 12.0))
+    trace = BT.make_trace(n_req, rate, prompts, outputs, model.cfg.vocab_size, seed=0)
+    ctx.note(f"Trace: {n_req} requests, Poisson arrivals at {rate:.1f} req/s (over "
+             f"{trace[-1].arrival_s:.1f} s), prompts uniform {prompts[0]}-{prompts[1]} tokens, outputs "
+             f"uniform {outputs[0]}-{outputs[1]} (mean {mean_out:.0f}); offered load "
+             f"{rate * mean_out:,.0f} generated tok/s. GPT-2 {preset} (random weights), greedy, EOS ignored. "
+             f"Calibration: a decode step at batch {ref_b} takes {step_ms:.2f} ms, a {int(mean_prompt)}-token "
+             f"prefill {prefill_ms:.2f} ms, so continuous batching with {ref_b} slots serves ~"
+             f"{1e3 / per_request_ms:.1f} req/s; the rate is 80% of that (or higher if that would stretch "
+             f"the trace past {3 if ctx.quick else 12} s).")
+
+    # 2. Run each policy on the same trace (real model, wall clock). Warm up every code path first.
+    warm = BT.make_trace(4, float("inf"), (8, 24), (4, 8), model.cfg.vocab_size, seed=1)
+    BT.run_static(model, warm, 2)
+    BT.run_dynamic(model, warm, 2, 0.0)
+    BT.run_continuous(model, warm, 2)
+    configs = ([("static", b, None) for b in static_bs] + [("dynamic", ref_b, w) for w in dyn_windows]
+               + [("continuous", b, None) for b in cont_bs])
+    # the headline three first, so a time budget never drops them
+    headline = [("static", ref_b, None), ("dynamic", ref_b, dyn_windows[1]), ("continuous", ref_b, None)]
+    configs = headline + [c for c in configs if c not in headline]
+    runs, skipped, t_start = {}, [], time.perf_counter()
+    for kind, b, w in configs:
+        if (kind, b, w) not in headline and time.perf_counter() - t_start > budget_s:
+            skipped.append(f"{kind} B={b}" + ("" if w is None else f" W={w * 1e3:g}ms"))
+            continue
+        if kind == "static":
+            runs[(kind, b, w)] = BT.run_static(model, trace, b)
+        elif kind == "dynamic":
+            runs[(kind, b, w)] = BT.run_dynamic(model, trace, b, w)
+        else:
+            runs[(kind, b, w)] = BT.run_continuous(model, trace, b)
+
+    def row(run, base=None):
+        s = BT.summarize(run)
+        cells = [run.policy, s["throughput_tok_s"], 100 * s["padding_waste"],
+                 1e3 * s["ttft_p50_s"], 1e3 * s["ttft_p90_s"], 1e3 * s["ttft_p99_s"],
+                 s["e2e_p50_s"], s["e2e_p90_s"], s["e2e_p99_s"], run.model_calls]
+        if base is not None:
+            cells.append(s["throughput_tok_s"] / BT.summarize(base)["throughput_tok_s"])
+        return cells
+    # E[longest of n uniform draws on [a, b]] ~ a + (b - a) * n / (n + 1)
+    longest = outputs[0] + (outputs[1] - outputs[0]) * ref_b / (ref_b + 1)
+    expected_waste = 1 - mean_out / longest
+    headers = ["policy", "tok/s", "padding waste %", "TTFT P50 ms", "TTFT P90 ms", "TTFT P99 ms",
+               "E2E P50 s", "E2E P90 s", "E2E P99 s", "model calls"]
+    base = runs[headline[0]]
+    same = sum(all(runs[c].results[r.id].tokens == base.results[r.id].tokens for c in headline)
+               for r in trace)
+    ctx.table(f"Static vs dynamic vs continuous batching, batch {ref_b}: GPT-2 {preset}, {n_req} requests",
+              headers + ["tok/s vs static"], [row(runs[c], base) for c in headline],
+              note="padding waste = token-slots computed for nothing (pad positions in a padded prefill, "
+                   "decode rows whose request already finished) / all token-slots computed. TTFT = arrival "
+                   "to first token (queueing + prefill); E2E = arrival to last token. tok/s = generated "
+                   f"tokens / time until the last one. Expected waste of a static batch of {ref_b} on this trace: "
+                   f"~{100 * expected_waste:.0f}% (mean output {mean_out:.0f} vs ~{longest:.0f} for the longest of "
+                   f"{ref_b}; prompts alike). Greedy tokens identical "
+                   f"under the three policies for {same}/{n_req} requests"
+                   + ("." if dev.type == "cpu" else " (fp16/bf16 batches of other shapes may round "
+                      "differently; the CPU fp32 tests require exact equality)."))
+    sweep = [runs[c] for c in configs if c in runs]
+    ctx.table(f"Throughput vs latency sweep (batch size for static/continuous; window for dynamic B={ref_b})",
+              headers, [row(r) for r in sweep],
+              note="Same trace for every row. A bigger batch makes more tokens per weight read; the price "
+                   "is latency once the system keeps up (a static batch first waits to fill, and every padded "
+                   "batch runs as long as its longest member), while an overloaded system drains its queue "
+                   "faster with it. A window bounds the wait to fill at low load; window 0 launches whatever "
+                   "waits. Continuous batching pays neither price: no pad, no waiting for a batch to end."
+                   + (f" Skipped for the time budget: {', '.join(skipped)}." if skipped else ""))
+    if ctx.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for kind, marker in (("static", "s"), ("dynamic", "^"), ("continuous", "o")):
+            pts = [(c, r) for c, r in runs.items() if c[0] == kind]
+            pts.sort(key=lambda cr: (cr[0][1], cr[0][2] or 0))
+            xs = [BT.summarize(r)["throughput_tok_s"] for _, r in pts]
+            for ax, key, scale in ((axes[0], "ttft_p90_s", 1e3), (axes[1], "e2e_p90_s", 1.0)):
+                ys = [BT.summarize(r)[key] * scale for _, r in pts]
+                ax.plot(xs, ys, marker=marker, label=kind)
+                for (c, _), x, y in zip(pts, xs, ys):
+                    ax.annotate(f"B={c[1]}" if c[2] is None else f"W={c[2] * 1e3:g}ms", (x, y),
+                                fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for ax, label in ((axes[0], "P90 TTFT (ms)"), (axes[1], "P90 end-to-end latency (s)")):
+            ax.set_xlabel("throughput (generated tok/s)")
+            ax.set_ylabel(label)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"Batching: throughput vs P90 latency, GPT-2 {preset}, {n_req} Poisson requests\n"
+                     + ctx.header.replace("**", ""), fontsize=8)
+        fig.subplots_adjust(wspace=0.3)
+        ctx.savefig(fig, "batching")
+        plt.close(fig)
+
+
+# ---- serve.py --------------------------------------------------------------------------------
+
+def _serve_engine(model, ctx, **kw):
+    import serve as S
+    cfg = S.EngineConfig(device=str(ctx.device), dtype=str(model.dtype).removeprefix("torch."), **kw)
+    return S.LLMEngine(cfg, model=model)
+
+
+def _decode_rate(run, n_new: int) -> tuple[float, float]:
+    """(decode tok/s, prefill ms) of a generation callable run(n) -> None, from two timed runs:
+    n_new tokens and 1 token. Subtracting removes prefill and fixed costs from the decode rate."""
+    t0 = time.perf_counter()
+    run(1)
+    t1 = time.perf_counter()
+    run(n_new)
+    t2 = time.perf_counter()
+    return (n_new - 1) / ((t2 - t1) - (t1 - t0)), (t1 - t0) * 1e3
+
+
+def _hf_gpt2(cfg, dtype, device):
+    """transformers' GPT-2 of the same shape, random weights, built directly on the device."""
+    import transformers
+    hf_cfg = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.n_embd,
+                                     n_layer=cfg.n_layer, n_head=cfg.n_head)
+    with torch.device(device):
+        return transformers.GPT2LMHeadModel(hf_cfg).to(dtype).eval()
+
+
+def _sync_wall(ctx):
+    ctx.sync()
+    return time.perf_counter()
+
+
+@register("serve")
+def topic_serve(ctx: BenchContext) -> None:
+    """End to end against transformers' generate: batch-1 decode speed and batch throughput."""
+    import serve as S
+    from model import load_gpt2
+    dev, gpu = ctx.device, ctx.device.type == "cuda"
+    dt = torch.float16 if gpu else torch.float32
+    ceil = measure_ceilings(ctx)
+    # (a) batch-1 decode
+    sizes = ["124M", "1.5B"] if gpu else ["tiny"]
+    n_new = 256 if gpu else 24
+    prompt = list(range(1000, 1032))
+    rows = []
+    for size in sizes:
+        model = load_gpt2(f"random:{size}", dt, dev)
+        weight_bytes = sum(p.nbytes for p in model.parameters())
+        engine = _serve_engine(model, ctx, num_blocks=128, max_num_seqs=1, prefix_caching=False)
+        params = lambda n: S.SamplingParams(max_tokens=n, ignore_eos=True)   # noqa: E731
+        engine.generate([prompt], params(4))                                  # warm-up (autotune)
+        ours, ours_prefill = _decode_rate(lambda n: (engine.generate([prompt], params(n)), ctx.sync()), n_new)
+        hf = _hf_gpt2(model.cfg, dt, dev)
+        ids = torch.tensor([prompt], device=dev)
+
+        def hf_run(n, **kw):
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False, pad_token_id=0, **kw)
+            ctx.sync()
+        hf_run(4)
+        hf_dyn, _ = _decode_rate(hf_run, n_new)
+        hf_static = float("nan")
+        try:
+            hf_run(4, cache_implementation="static")
+            hf_static, _ = _decode_rate(lambda n: hf_run(n, cache_implementation="static"), n_new)
+        except Exception as err:   # noqa: BLE001 (report, do not crash the topic)
+            ctx.note(f"(transformers static cache failed on {size}: {type(err).__name__}: {err})")
+        # roofline: a decode step must read every weight once; at the measured DRAM rate
+        # (copy_gbps counts the bytes a copy reads plus writes, i.e. all DRAM traffic) that takes
+        # weight_bytes / copy_gbps seconds. KV-cache reads (small at a 32..288-token context) ignored.
+        roof = ceil["copy_gbps"] * 1e9 / weight_bytes
+        rows.append([f"GPT-2 {size}", weight_bytes / 2**20, ours, hf_dyn, hf_static, ours / hf_dyn,
+                     ours / hf_static, roof, ours / roof])
+        del engine, hf, model
+        _free_memory(gpu)
+    ctx.table(f"Batch-1 decode, {n_new} new tokens after a 32-token prompt, random weights, "
+              f"{str(dt).removeprefix('torch.')}",
+              ["model", "weights MiB", "ours tok/s", "HF generate tok/s (dynamic cache)",
+               "HF generate tok/s (static cache)", "vs HF dynamic (x)", "vs HF static (x)",
+               "bandwidth roofline tok/s", "ours / roofline"], rows,
+              note="Decode rate = (N-1) / (time(N tokens) - time(1 token)): prefill and fixed costs removed. "
+                   "Roofline = one read of every weight per token at the measured copy bandwidth "
+                   f"({ceil['copy_gbps']:.0f} GB/s, bytes read + written). Ours: serve.py"
+                   + (" with CUDA graphs and the flash_attn.py kernels." if gpu else
+                      " on CPU (no graphs, PyTorch reference attention)."), dtype=dt)
+    # (b) throughput on a fixed seeded workload, all requests arriving at once
+    import random
+    rng = random.Random(0)
+    n_req = 512 if gpu else 24
+    p_lo, p_hi, o_lo, o_hi = (32, 512, 64, 512) if gpu else (8, 48, 8, 32)
+    model = load_gpt2("random:124M" if gpu else "random:tiny", dt, dev)
+    V = model.cfg.vocab_size
+    work = [([rng.randrange(V) for _ in range(rng.randint(p_lo, p_hi))], rng.randint(o_lo, o_hi))
+            for _ in range(n_req)]
+    useful = sum(n for _, n in work)
+    engine = _serve_engine(model, ctx, max_num_seqs=256 if gpu else 16, gpu_memory_fraction=0.6,
+                           num_blocks=0 if gpu else 256)
+    engine.generate([work[0][0]], S.SamplingParams(max_tokens=4, ignore_eos=True))      # warm-up
+    t0 = _sync_wall(ctx)
+    outs = engine.generate([p for p, _ in work], [S.SamplingParams(max_tokens=n, ignore_eos=True) for _, n in work])
+    ours_s = _sync_wall(ctx) - t0
+    assert sum(len(o.tokens) for o in outs) == useful
+    ttft = sorted(o.ttft_s for o in outs)
+    lat = sorted(o.latency_s for o in outs)
+    mem = engine.memory_report()
+    del engine
+    _free_memory(gpu)
+    # transformers: left-padded batches of 32, each batch runs to its longest requested output
+    hf = _hf_gpt2(model.cfg, dt, dev)
+    hf_batches = 4 if gpu else 2            # a sample of the same workload; the rate is per token
+    bsz = 32 if gpu else 8
+    hf_tokens, hf_computed, hf_s = 0, 0, 0.0
+    for i in range(hf_batches):
+        chunk = work[i * bsz:(i + 1) * bsz]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in chunk], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in chunk], device=dev)
+        n = max(o for _, o in chunk)
+        t0 = _sync_wall(ctx)
+        hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        hf_s += _sync_wall(ctx) - t0
+        hf_tokens += sum(o for _, o in chunk)
+        hf_computed += n * len(chunk)
+    ours_tps, hf_tps = useful / ours_s, hf_tokens / hf_s
+    ctx.table(f"Throughput: {n_req} requests (prompts {p_lo}-{p_hi}, outputs {o_lo}-{o_hi} tokens, EOS ignored), "
+              f"all arriving at once, GPT-2 {'124M' if gpu else 'tiny'} {str(dt).removeprefix('torch.')}",
+              ["engine", "requests timed", "useful output tokens", "seconds", "output tok/s", "vs HF (x)",
+               "TTFT P50 / P99 s", "latency P50 / P99 s"],
+              [["serve.py (paged, continuous batching" + (", CUDA graphs)" if gpu else ")"), n_req, useful, ours_s, ours_tps,
+                ours_tps / hf_tps, f"{_pct(ttft, 50):.2f} / {_pct(ttft, 99):.2f}",
+                f"{_pct(lat, 50):.2f} / {_pct(lat, 99):.2f}"],
+               [f"HF generate, left-padded batches of {bsz}", hf_batches * bsz, hf_tokens, hf_s, hf_tps, 1.0,
+                "-", "-"]],
+              note=f"HF runs the first {hf_batches} batches of the same workload (its rate per useful token "
+                   f"does not depend on how many batches run); each batch decodes to its longest output, so "
+                   f"{100 * (1 - hf_tokens / hf_computed):.0f}% of its decoded rows were waste.", dtype=dt)
+    ctx.table("Engine memory after the throughput run", list(mem),
+              [[round(v, 3) if isinstance(v, float) else v for v in mem.values()]], dtype=dt)
+
+
+def _free_memory(gpu):
+    """An engine holds reference cycles (bound methods, graphs): collect them before the next peer
+    needs the memory."""
+    import gc
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+
+
+def _pct(sorted_xs, p):
+    return sorted_xs[min(len(sorted_xs) - 1, int(round(p / 100 * (len(sorted_xs) - 1))))]
+
+
+@register("graphs")
+def topic_graphs(ctx: BenchContext) -> None:
+    """One decode step: eager vs torch.compile vs CUDA graph (vs both); launches, CPU vs GPU time."""
+    import serve as S
+    from model import load_gpt2
+    dev, gpu = ctx.device, ctx.device.type == "cuda"
+    dt = torch.float16 if gpu else torch.float32
+    model = load_gpt2("random:124M" if gpu else "random:tiny", dt, dev)
+    context = 512 if gpu else 64
+    batches = [1, 32] if gpu else [1, 4]
+    # torch.compile recompiles for every engine (a minute of GPU-machine time each): batch 1 only
+    variants = [("eager", False, False), ("torch.compile", True, False), ("CUDA graph", False, True),
+                ("compile + graph", True, True)]
+    if not gpu:
+        variants = variants[:1]
+        ctx.note("(CPU: CUDA graphs need a GPU and torch.compile of the decode step is skipped to keep "
+                 "the CPU run short; only the eager row is measured)")
+    rows, cpu_top = [], None
+    for batch in batches:
+        for name, compiled, graphs in variants:
+            if compiled and batch != batches[0]:
+                continue
+            try:
+                engine = _serve_engine(model, ctx, num_blocks=batch * ((context + 64) // 16 + 2), block_size=16,
+                                       max_num_seqs=batch, max_num_batched_tokens=batch * context,
+                                       cuda_graphs=graphs, compile=compiled, prefix_caching=False)
+                for i in range(batch):
+                    engine.add_request(list(range(i, i + context)), S.SamplingParams(max_tokens=64, ignore_eos=True))
+                while engine.scheduler.waiting:                 # prefill all, first token each
+                    engine.step()
+                engine.scheduler.schedule()                     # decode step's block bookkeeping
+                seqs = list(engine.scheduler.running)
+                step = lambda: engine.runner.decode(seqs)       # noqa: E731 (rewrites one slot each call)
+                gpu_ms = time_ms(step, ctx)
+                host = []
+                for _ in range(20):                             # host time to issue one step
+                    ctx.sync()
+                    t0 = time.perf_counter()
+                    step()
+                    host.append((time.perf_counter() - t0) * 1e3)
+                ctx.sync()
+                launches, top = _profile_step(step, ctx)
+                if name == "eager" and batch == batches[0]:
+                    cpu_top = top
+                rows.append([batch, name, gpu_ms, statistics.median(host), launches, tokens_per_s(batch, gpu_ms)])
+                del engine, seqs, step
+                _free_memory(gpu)
+            except Exception as err:    # noqa: BLE001 (a failing variant is reported, not fatal)
+                rows.append([batch, f"{name} (failed: {type(err).__name__}: {str(err).splitlines()[0][:60]})",
+                             float("nan"), float("nan"), "-", float("nan")])
+    ctx.table(f"One decode step, GPT-2 {'124M' if gpu else 'tiny'} {str(dt).removeprefix('torch.')}, "
+              f"context {context}",
+              ["batch", "variant", "ms/step (median, back to back)", "host ms to issue one step",
+               "GPU kernels per step", "tok/s"], rows,
+              note="Host time = wall time for the Python call to return (GPU idle before it). When it is "
+                   "close to ms/step the step is CPU-bound: the GPU waits for launches. A CUDA graph replays "
+                   "the whole step with one launch; torch.compile fuses elementwise ops (fewer kernels) but "
+                   "still launches each from the host.", dtype=dt)
+    if cpu_top:
+        ctx.note("Where the host time of one eager decode step goes (torch.profiler, top by self CPU time):"
+                 "\n\n```\n" + cpu_top + "\n```")
+
+
+def _profile_step(step, ctx, n=5):
+    """(GPU kernels per step, the profiler's top CPU ops table) over n steps."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        ctx.sync()
+    events = prof.events()
+    kernels = sum(1 for e in events if getattr(e, "device_type", None) is not None
+                  and str(e.device_type).endswith("CUDA") and "Memcpy" not in e.name and "Memset" not in e.name)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=40)
+    return (kernels / n if ctx.device.type == "cuda" else "-"), table
 
 
 # ----------------------------------------------------------------------------------------------
