@@ -440,22 +440,29 @@ def paged_decode_torch(q, k_pool, v_pool, block_tables, seq_lens):
 # 5. The model runner: inputs, forward, CUDA graphs, sampling
 # ----------------------------------------------------------------------------------------------
 
+def _knob(default, help: str):
+    """A config field with its --help text (read by add_config_args)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class EngineConfig:
     """Every engine knob, with its default. The CLI is generated from this dataclass."""
-    model: str = "smollm2"               # anything model.load_model accepts (smollm2, gpt2, random:124M, ...)
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "auto"                  # auto = float16 on cuda, float32 on cpu
-    block_size: int = 16                 # tokens per KV block (power of two >= 16 for the kernels)
-    num_blocks: int = 0                  # 0 = size the pool from memory (see gpu_memory_fraction)
-    gpu_memory_fraction: float = 0.85    # share of the GPU the engine may fill (weights+KV+peak)
-    cpu_kv_gib: float = 0.25             # KV pool size on CPU when num_blocks is 0
-    max_num_seqs: int = 256              # most sequences running at once (= largest decode batch)
-    max_num_batched_tokens: int = 8192   # token budget of one prefill step
-    prefix_caching: bool = True
-    cuda_graphs: bool = True             # capture decode steps (GPU only)
-    compile: bool = False                # torch.compile the decode forward
-    kernels: str = "auto"                # auto = Triton (flash_attn.py) on cuda, torch on cpu
+    model: str = _knob("smollm2", "anything model.load_model accepts: smollm2, a .gguf path, gpt2, "
+                       "a Hugging Face GPT-2 folder, random:<preset>")
+    device: str = _knob("cuda" if torch.cuda.is_available() else "cpu", "where the model runs")
+    dtype: str = _knob("auto", "auto = float16 on cuda, float32 on cpu; or float32/float16/bfloat16")
+    block_size: int = _knob(16, "tokens per KV block (the Triton kernels need a power of two >= 16)")
+    num_blocks: int = _knob(0, "KV blocks in the pool; 0 = size it from memory")
+    gpu_memory_fraction: float = _knob(0.85, "share of the GPU the engine may fill with weights, "
+                                       "peak activations and the KV pool (when num_blocks is 0)")
+    cpu_kv_gib: float = _knob(0.25, "KV pool size on CPU when num_blocks is 0")
+    max_num_seqs: int = _knob(256, "most sequences running at once (= the largest decode batch)")
+    max_num_batched_tokens: int = _knob(8192, "token budget of one prefill step")
+    prefix_caching: bool = _knob(True, "reuse KV blocks of identical prompt prefixes")
+    cuda_graphs: bool = _knob(True, "replay decode steps from CUDA graphs (GPU only)")
+    compile: bool = _knob(False, "torch.compile the decode forward")
+    kernels: str = _knob("auto", "auto = Triton (flash_attn.py) on cuda, PyTorch on cpu; or triton/torch")
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -704,10 +711,9 @@ class LLMEngine:
         return r
 
     # -- requests --------------------------------------------------------------------------------
-    def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None) -> int:
-        """Validate and queue a request; returns its id. Raises ValueError (and changes nothing)
-        for an empty prompt, one that cannot fit the context, or out-of-vocabulary tokens."""
-        params = params or SamplingParams()
+    def check_request(self, prompt: list[int] | str, params: SamplingParams) -> list[int]:
+        """The prompt as token ids, or a ValueError saying why this request can never run: an
+        empty prompt, one past the context or the KV pool, out-of-vocabulary ids."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
@@ -728,7 +734,13 @@ class LLMEngine:
                              f"({self.cfg.max_num_batched_tokens})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        seq = Sequence(prompt, params, self.model.device)
+        return prompt
+
+    def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None) -> int:
+        """Validate and queue a request; returns its id. A bad request raises ValueError before
+        anything is queued (the sampling parameters were already checked by SamplingParams)."""
+        params = params or SamplingParams()
+        seq = Sequence(self.check_request(prompt, params), params, self.model.device)
         self.seqs[seq.id] = seq
         self.scheduler.add(seq)
         return seq.id
@@ -782,8 +794,7 @@ class LLMEngine:
         """Run a list of requests to completion (all admitted at once); outputs in input order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         # validate everything before queueing anything: one bad request rejects the call
-        for prompt, p in zip(prompts, params_list):
-            self._validate_only(prompt, p)
+        prompts = [self.check_request(prompt, p or SamplingParams()) for prompt, p in zip(prompts, params_list)]
         ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params_list)]
         done = 0
         while self.has_unfinished():
@@ -795,12 +806,6 @@ class LLMEngine:
         if progress:
             print(file=sys.stderr)
         return [self._output(self.seqs.pop(i)) for i in ids]
-
-    def _validate_only(self, prompt, params):
-        """add_request's checks without queueing (raises ValueError)."""
-        seq_id = self.add_request(prompt, params)
-        seq = self.seqs.pop(seq_id)
-        self.scheduler.waiting.remove(seq)
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text pieces of one request as they are generated (other queued requests run too)."""
@@ -826,11 +831,11 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     """One flag per EngineConfig field, with the dataclass's default (one source of defaults)."""
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        default, help = f.default, f.metadata.get("help")
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
         else:
-            parser.add_argument(flag, type=type(default), default=default)
+            parser.add_argument(flag, type=type(default), default=default, help=help)
 
 
 def main(argv=None) -> int:
