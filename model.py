@@ -617,6 +617,35 @@ def gpt2_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) ->
     return out
 
 
+def llama_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face LlamaForCausalLM tensors -> ours: q|k|v rows fused into one qkv weight and
+    gate|up into one fc weight (one GEMM each instead of three and two). HF checkpoints already
+    use the rotate-half RoPE layout, so no row permutation (unlike GGUF, section 8)."""
+    out = {"tok_emb.weight": hf_sd["model.embed_tokens.weight"], "norm_f.weight": hf_sd["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = hf_sd["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        p = f"model.layers.{i}."
+        out[f"blocks.{i}.norm1.weight"] = hf_sd[p + "input_layernorm.weight"]
+        out[f"blocks.{i}.norm2.weight"] = hf_sd[p + "post_attention_layernorm.weight"]
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([hf_sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        out[f"blocks.{i}.attn.proj.weight"] = hf_sd[p + "self_attn.o_proj.weight"]
+        out[f"blocks.{i}.mlp.fc.weight"] = torch.cat([hf_sd[p + "mlp.gate_proj.weight"],
+                                                      hf_sd[p + "mlp.up_proj.weight"]])
+        out[f"blocks.{i}.mlp.proj.weight"] = hf_sd[p + "mlp.down_proj.weight"]
+    return out
+
+
+def hf_llama_config(cfg: ModelConfig):
+    """The transformers LlamaConfig of the same shape (for oracles and benchmarks)."""
+    import transformers
+    return transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd,
+                                    intermediate_size=cfg.ff_dim, num_hidden_layers=cfg.n_layer,
+                                    num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+                                    max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                                    rope_theta=cfg.rope_base, tie_word_embeddings=cfg.tie_embeddings)
+
+
 def _find_safetensors(path: Path) -> tuple[Path, Path | None]:
     if path.is_file():
         config = path.parent / "config.json"

@@ -198,29 +198,16 @@ def test_loader_matches_transformers_fp16_cuda(hf_checkpoint):
 # The Llama-family path of model.py (GQA, RoPE, RMSNorm, SwiGLU) vs transformers' LlamaForCausalLM
 # ----------------------------------------------------------------------------------------------
 
-def test_llama_path_matches_transformers():
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-llama-rope1e5-tied"])
+def test_llama_path_matches_transformers(preset):
     import transformers
     cfg = M.PRESETS["tiny-llama"]
-    hf_cfg = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd,
-                                      intermediate_size=cfg.ff_dim, num_hidden_layers=cfg.n_layer,
-                                      num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
-                                      max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                                      rope_theta=cfg.rope_base, tie_word_embeddings=False)
+    if preset.endswith("tied"):        # SmolLM2's choices: RoPE base 1e5, tied head
+        cfg = M.replace(cfg, rope_base=100000.0, tie_embeddings=True)
     torch.manual_seed(3)
-    hf = perturb(transformers.LlamaForCausalLM(hf_cfg), std=0.1).eval()
-    sd = hf.state_dict()
+    hf = perturb(transformers.LlamaForCausalLM(M.hf_llama_config(cfg)), std=0.1).eval()
     ours = M.Transformer(cfg)
-    mine = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"],
-            "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(cfg.n_layer):
-        p = f"model.layers.{i}."
-        mine[f"blocks.{i}.norm1.weight"] = sd[p + "input_layernorm.weight"]
-        mine[f"blocks.{i}.norm2.weight"] = sd[p + "post_attention_layernorm.weight"]
-        mine[f"blocks.{i}.attn.qkv.weight"] = torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        mine[f"blocks.{i}.attn.proj.weight"] = sd[p + "self_attn.o_proj.weight"]
-        mine[f"blocks.{i}.mlp.fc.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
-        mine[f"blocks.{i}.mlp.proj.weight"] = sd[p + "mlp.down_proj.weight"]
-    ours.load_state_dict(mine, strict=True)
+    ours.load_state_dict(M.llama_state_dict_from_hf(hf.state_dict(), cfg), strict=True)
     tokens = torch.randint(0, cfg.vocab_size, (2, 41))
     with torch.no_grad():
         assert rel_err(ours(tokens), hf(tokens).logits) < 1e-4
@@ -623,18 +610,21 @@ def test_serve_cli_runs(capsys):
     assert S.main(["--model", "random:tiny", "--device", "cpu", "--max-tokens", "0"]) == 2
 
 
-def _gpu_model(seed=0):
-    """A GPT-2-shaped model with head_dim 64 (what the Triton kernels are tuned for)."""
+def _gpu_model(arch, seed=0):
+    """4-layer models with head_dim 64 (what the Triton kernels are tuned for): GPT-2's layout, or
+    SmolLM2-135M's (GQA 9:3, RoPE 1e5, RMSNorm, SwiGLU, tied head)."""
     torch.manual_seed(seed)
     cfg = M.ModelConfig(n_layer=4, n_head=4, n_embd=256, max_seq_len=512)
+    if arch == "llama":
+        cfg = M.replace(M.PRESETS["smollm2-135M"], n_layer=4, max_seq_len=512)
     return perturb(M.init_random(M.Transformer(cfg)), std=0.05)
 
 
 @needs_cuda
-@pytest.mark.parametrize("graphs", [True, False])
-def test_engine_fp16_cuda_logits_match_fp32_reference(graphs):
-    ref_model = _gpu_model().cuda()
-    model16 = _gpu_model().cuda().half()
+@pytest.mark.parametrize("arch,graphs", [("gpt2", True), ("gpt2", False), ("llama", True)])
+def test_engine_fp16_cuda_logits_match_fp32_reference(arch, graphs):
+    ref_model = _gpu_model(arch).cuda()
+    model16 = _gpu_model(arch).cuda().half()
     engine = S.LLMEngine(S.EngineConfig(device="cuda", dtype="float16", num_blocks=64, block_size=16,
                                         max_num_seqs=32, cuda_graphs=graphs), model=model16)
     assert bool(engine.runner.graphs) == graphs
