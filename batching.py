@@ -39,8 +39,8 @@ The model really runs (the KV cache and prefill/decode of model.py) and time is 
 clock, while requests arrive on a seeded trace: a request is admissible once the clock passes its
 arrival time. Decoding is greedy and EOS is ignored (each request gets exactly max_new_tokens), so
 every policy must give every request exactly the tokens of `generate()` run alone: test_all.py
-checks that. What this file leaves out: paged KV memory, batched or chunked prefill, preemption
-and sampling (serve.py adds those).
+checks that. What this file leaves out: paged KV memory, batched (packed) prefill, preemption and
+sampling (serve.py adds those), and chunked prefill (neither file has it yet).
 """
 from __future__ import annotations
 
@@ -305,9 +305,11 @@ def run_dynamic(model: Transformer, requests: list[Request], max_batch: int, win
     # a finished row keeps decoding until its batch ends, so the row with the longest prompt
     # may run for the longest output's steps: size the cache (and check the context) for that
     max_len = max(len(r.prompt) for r in requests) + max(r.max_new_tokens for r in requests) - 1
-    if max_len >= model.cfg.max_seq_len:
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if max_len > model.cfg.max_seq_len:
         raise ValueError(f"padded batching needs room for the longest prompt plus the longest "
-                         f"output ({max_len + 1} tokens) in every row; the context is "
+                         f"output ({max_len} cache slots) in every row; the context is "
                          f"{model.cfg.max_seq_len}")
     run = Run(policy or f"dynamic B={max_batch} W={window_s * 1e3:g}ms",
               {r.id: RequestResult(r.id, r.arrival_s) for r in requests})
@@ -358,12 +360,14 @@ def run_static(model: Transformer, requests: list[Request], batch_size: int, clo
 # compute a token-slot for nothing per idle row. Under load almost every slot is busy anyway.
 # What remains wasteful: each slot reserves max_len tokens of KV memory whether its request uses
 # them or not (a contiguous cache), which caps n_slots; serve.py's paged cache fixes that. A
-# prefill also stalls the decode of every active request for its duration (serve.py: chunked
-# prefill).
+# prefill also stalls the decode of every active request for its duration (chunked prefill, which
+# splits long prompts across decode steps, is the usual fix; this repository does not have it yet).
 
 @torch.no_grad()
 def run_continuous(model: Transformer, requests: list[Request], n_slots: int, clock=None) -> Run:
     """Serve `requests` with iteration-level scheduling over n_slots cache rows."""
+    if n_slots < 1:
+        raise ValueError(f"n_slots must be >= 1, got {n_slots}")
     max_len = check_requests(model, requests)
     run = Run(f"continuous B={n_slots}", {r.id: RequestResult(r.id, r.arrival_s) for r in requests})
     cache = KVCache(model.cfg, n_slots, max_len, model.dtype, model.device)

@@ -1232,7 +1232,8 @@ def topic_graphs(ctx: BenchContext) -> None:
                 continue
             try:
                 engine = _serve_engine(model, ctx, num_blocks=batch * ((context + 64) // 16 + 2), block_size=16,
-                                       max_num_seqs=batch, max_num_batched_tokens=batch * context,
+                                       max_num_seqs=batch,
+                                       max_num_batched_tokens=max(batch * context, model.cfg.max_seq_len),
                                        cuda_graphs=graphs, compile=compiled, prefix_caching=False)
                 for i in range(batch):
                     engine.add_request(list(range(i, i + context)), S.SamplingParams(max_tokens=64, ignore_eos=True))

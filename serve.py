@@ -25,15 +25,17 @@ What you will learn, in the order the engine is built
 The attention of the model plugs in through model.py's `attend(layer, q, k, v, positions)`
 interface: `PagedStep` is that backend for one engine step, and it carries the step's batch
 metadata (slots, block tables, lengths) explicitly - no global context.
-On a GPU the attention runs flash_attn.py's Triton kernels (varlen prefill, paged decode); on a
-CPU the same engine runs a plain PyTorch gather + SDPA, which is the reference in tests.
+On a GPU the attention runs flash_attn.py's Triton kernels (varlen prefill, paged decode; a
+prefill step in which some prompt reuses cached prefix blocks falls back to the PyTorch gather
+path, since the varlen kernel takes queries and keys of equal lengths); on a CPU the same engine
+runs a plain PyTorch gather + SDPA, which is the reference in tests.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import math
+import numbers
 import os
 import sys
 import time
@@ -71,18 +73,28 @@ class SamplingParams:
     stop: tuple[str, ...] = ()      # stop strings (need a tokenizer); not included in the output
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+        if not _is_int(self.max_tokens) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not _is_int(self.top_k):
+            raise ValueError(f"top_k must be an integer (0 = off), got {self.top_k!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         M.check_sampling_args(self.temperature, self.top_k, self.top_p)
-        self.stop = tuple(self.stop)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+
+def _is_int(x) -> bool:
+    """A real integer (Python or NumPy), not a bool and not a float that happens to be whole."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 class Sequence:
     """One request's state as it moves waiting -> running -> finished (and back on preemption)."""
-    _ids = itertools.count()
 
-    def __init__(self, prompt: list[int], params: SamplingParams, device):
-        self.id = next(Sequence._ids)
+    def __init__(self, seq_id: int, prompt: list[int], params: SamplingParams, device):
+        self.id = seq_id
         self.prompt = list(prompt)
         self.output: list[int] = []
         self.params = params
@@ -99,7 +111,11 @@ class Sequence:
 
     @property
     def tokens(self) -> list[int]:
-        return self.prompt + self.output
+        return self.prompt + self.output      # a copy: for prefill and hashing, not per decode step
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1] if self.output else self.prompt[-1]
 
     def __len__(self):
         return len(self.prompt) + len(self.output)
@@ -116,7 +132,8 @@ class Sequence:
 # instead of max_len - len for a contiguous cache (kvcache.py's picture).
 #
 # Prefix caching. A *full* block's identity is hash(previous block's hash, its token ids): equal
-# hashes mean equal prefixes (we still compare the tokens, hash collisions being possible). When
+# hashes mean equal prefixes, up to hash collisions (Python's 64-bit tuple hash; we also compare
+# the block's own tokens, which catches a collision in the last block but not in its parents). When
 # a sequence finishes, its full blocks keep their contents and hash and go to an LRU list of
 # evictable blocks; a later prompt with the same prefix takes them back (ref count 0 -> 1) and
 # skips their prefill. Only blocks nobody references are ever evicted or overwritten.
@@ -225,8 +242,14 @@ class BlockManager:
         if len(seq.block_table) * self.block_size < len(seq):
             seq.block_table.append(self._take())
 
-    def free_sequence(self, seq: Sequence) -> None:
+    def free_sequence(self, seq: Sequence, written: bool = True) -> None:
+        """Release a sequence's blocks. written=False (its step failed before the model wrote
+        the K/V): blocks nobody else holds also forget their prefix hash, so no later prompt can
+        hit a block that was registered but never filled."""
         for block in reversed(seq.block_table):   # reversed: the LRU evicts a prefix's tail first
+            if not written and self.ref_count[block] == 1 and self.block_hash[block] is not None:
+                del self.hash_to_block[self.block_hash[block]]
+                self.block_hash[block] = self.block_tokens[block] = None
             self._release(block)
         seq.block_table = []
         seq.num_cached = 0
@@ -307,11 +330,15 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: str, written: bool = True) -> None:
+        """Retire a sequence (done, aborted or failed) and free its blocks, wherever it is queued."""
         seq.status, seq.finish_reason = "finished", reason
         seq.finish_time = time.perf_counter()
-        self.running.remove(seq)
-        self.blocks.free_sequence(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_sequence(seq, written)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,14 +346,16 @@ class Scheduler:
 # ----------------------------------------------------------------------------------------------
 
 def store_kv_reference(k_pool, v_pool, k, v, slot_mapping):
-    """k_pool/v_pool: (num_blocks, block_size, Hkv, D); k, v: (N, Hkv, D); slot -1 = skip
-    (a padded row of a CUDA-graph batch must not write anything)."""
-    keep = slot_mapping >= 0
-    slots = torch.where(keep, slot_mapping, 0)
-    flat_k, flat_v = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
-    # masked rows rewrite slot 0 with its own value, so they change nothing
-    flat_k.index_copy_(0, slots, torch.where(keep[:, None, None], k, flat_k[slots]))
-    flat_v.index_copy_(0, slots, torch.where(keep[:, None, None], v, flat_v[slots]))
+    """k_pool/v_pool: (num_blocks + 1, block_size, Hkv, D); k, v: (N, Hkv, D).
+
+    Slot -1 marks a padded row of a CUDA-graph batch, which must not touch any sequence's K/V.
+    The pool's last block belongs to no sequence (the BlockManager never hands it out): padded
+    rows write there. (Skipping them instead would need a data-dependent shape, which a graph
+    cannot hold; rewriting some real slot with its old value races with a real write to it.)"""
+    trash = (k_pool.shape[0] - 1) * k_pool.shape[1]
+    slots = torch.where(slot_mapping >= 0, slot_mapping, trash)
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slots, k)
+    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slots, v)
 
 
 # The engine's one kernel of its own: write each new token's K/V rows to its slot. One program
@@ -473,6 +502,13 @@ class EngineConfig:
             raise ValueError("kernels must be auto, triton or torch")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.uses_triton and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
+            raise ValueError(f"block_size {self.block_size}: the Triton kernels need a power of two "
+                             f">= 16 (or use --kernels torch)")
+
+    @property
+    def uses_triton(self) -> bool:
+        return self.kernels == "triton" or (self.kernels == "auto" and self.device.startswith("cuda"))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -493,14 +529,14 @@ class ModelRunner:
         self.device, self.dtype = model.device, model.dtype
         self.block_size = cfg.block_size
         self.max_blocks_per_seq = math.ceil(mc.max_seq_len / cfg.block_size)
-        shape = (mc.n_layer, num_blocks, cfg.block_size, mc.kv_heads, mc.head_dim)
+        # + 1: the trash block padded rows write into (store_kv_reference), owned by no sequence
+        shape = (mc.n_layer, num_blocks + 1, cfg.block_size, mc.kv_heads, mc.head_dim)
         # zeros, not empty: a masked-out slot still enters the attention as 0 * value, and an
         # uninitialised NaN there would turn the whole row into NaN
         self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        use_triton = cfg.kernels == "triton" or (cfg.kernels == "auto" and self.device.type == "cuda")
         self.kernels, self.store_kv = None, store_kv_reference
-        if use_triton:
+        if cfg.uses_triton:
             import flash_attn
             self.kernels, self.store_kv = flash_attn, store_kv_triton
         self.decode_forward = self._decode_forward
@@ -509,7 +545,9 @@ class ModelRunner:
             # failing compile behind "SubprocException" (seen with the Triton kernels inside)
             import torch._inductor.config as inductor_config
             inductor_config.compile_threads = 1
-            self.decode_forward = torch.compile(self._decode_forward, dynamic=False)
+            # dynamic=None (the default): the first recompile (a new batch size) marks the batch
+            # dimension dynamic, so the graph buckets do not each recompile (dynamo gives up after 8)
+            self.decode_forward = torch.compile(self._decode_forward)
         self.graphs: dict[int, tuple] = {}
         if cfg.cuda_graphs and self.device.type == "cuda":
             self.capture_graphs()
@@ -558,7 +596,7 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One token per sequence: (B,) -> logits (B, vocab)."""
         B = len(seqs)
-        tokens = [s.tokens[-1] for s in seqs]
+        tokens = [s.last_token for s in seqs]
         positions = [len(s) - 1 for s in seqs]
         slots = [self._slots(s, len(s) - 1, len(s))[0] for s in seqs]
         lens = [len(s) for s in seqs]
@@ -566,8 +604,11 @@ class ModelRunner:
         if graph_bs is not None:
             return self._replay(graph_bs, seqs, tokens, positions, slots, lens)
         dev = self.device
+        # an upper bound of the lengths, rounded up to a power of two: the kernel sizes its splits
+        # from it, and a bound that changed every step would re-specialise (and re-compile) it
+        bound = min(self.model.cfg.max_seq_len, triton.next_power_of_2(max(lens)))
         step = self._step("decode", torch.tensor(slots, device=dev), self._block_tables(seqs),
-                          torch.tensor(lens, dtype=torch.int32, device=dev), max_seqlen_k=max(lens))
+                          torch.tensor(lens, dtype=torch.int32, device=dev), max_seqlen_k=bound)
         return self.decode_forward(torch.tensor(tokens, device=dev)[:, None],
                                    torch.tensor(positions, device=dev)[:, None], step)
 
@@ -577,8 +618,9 @@ class ModelRunner:
     # as Python + launch overhead (~4-10 us per launch). A CUDA graph records the whole step once
     # and replays it with ONE launch. The price: shapes and addresses are frozen, so we capture
     # one graph per batch-size bucket, keep all inputs in static buffers, and pad a batch up to
-    # the next bucket. Padded rows get slot -1 (they write nothing) and length 1 (they read block
-    # 0 harmlessly); their logits are dropped.
+    # the next bucket. Padded rows get slot -1 (they write only the trash block), length 1 and an
+    # all-zero block table (they read one slot of block 0, harmlessly); their logits are dropped.
+    @torch.no_grad()
     def capture_graphs(self):
         mc, dev = self.model.cfg, self.device
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= self.cfg.max_num_seqs]
@@ -615,7 +657,7 @@ class ModelRunner:
         st["slots"][:B] = torch.tensor(slots, device=self.device)
         st["seq_lens"].fill_(1)
         st["seq_lens"][:B] = torch.tensor(lens, dtype=torch.int32, device=self.device)
-        st["block_tables"][:B].zero_()
+        st["block_tables"].zero_()
         width = max(len(s.block_table) for s in seqs)
         st["block_tables"][:B, :width] = self._block_tables(seqs, width)
         graph, logits = self.graphs[bs]
@@ -659,6 +701,13 @@ class LLMEngine:
         dev = torch.device(cfg.device)
         if model is None:
             model, tokenizer = M.load_model(cfg.model, cfg.torch_dtype, dev), M.tokenizer_for(cfg.model)
+        if cfg.max_num_batched_tokens < model.cfg.max_seq_len:
+            # a preempted sequence is re-prefilled whole (prompt + output, up to the context) in one
+            # step; without chunked prefill a smaller budget could leave it unschedulable forever
+            raise ValueError(f"max_num_batched_tokens ({cfg.max_num_batched_tokens}) must be >= the "
+                             f"model's context ({model.cfg.max_seq_len}): this engine prefills a whole "
+                             f"sequence in one step (no chunked prefill)")
+        model.requires_grad_(False)              # inference only: no autograd state, ever
         self.model, self.tokenizer = model.eval(), tokenizer
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eot_token", None)
         self.weight_bytes = sum(p.nbytes for p in model.parameters())
@@ -670,6 +719,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, cfg, num_blocks)
         self.seqs: dict[int, Sequence] = {}
+        self.next_id = 0
         self.steps = {"prefill": 0, "decode": 0}
 
     # -- memory ----------------------------------------------------------------------------------
@@ -725,35 +775,50 @@ class LLMEngine:
         if len(prompt) + params.max_tokens > ctx:
             raise ValueError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "
                              f"model's context of {ctx} tokens")
+        if not all(_is_int(t) for t in prompt):
+            raise ValueError("prompt token ids must be integers")
         if min(prompt) < 0 or max(prompt) >= self.model.cfg.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.model.cfg.vocab_size})")
         if len(prompt) + params.max_tokens > self.blocks.num_blocks * self.cfg.block_size:
             raise ValueError("this request alone does not fit the KV pool")
-        if len(prompt) > self.cfg.max_num_batched_tokens:
-            raise ValueError(f"the prompt ({len(prompt)}) exceeds max_num_batched_tokens "
-                             f"({self.cfg.max_num_batched_tokens})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
-        return prompt
+        return [int(t) for t in prompt]
 
     def add_request(self, prompt: list[int] | str, params: SamplingParams | None = None) -> int:
         """Validate and queue a request; returns its id. A bad request raises ValueError before
         anything is queued (the sampling parameters were already checked by SamplingParams)."""
         params = params or SamplingParams()
-        seq = Sequence(self.check_request(prompt, params), params, self.model.device)
+        seq = Sequence(self.next_id, self.check_request(prompt, params), params, self.model.device)
+        self.next_id += 1
         self.seqs[seq.id] = seq
         self.scheduler.add(seq)
         return seq.id
+
+    def abort(self, request_id: int) -> None:
+        """Drop a request wherever it is (waiting, running or finished): its blocks are freed."""
+        seq = self.seqs.pop(request_id)
+        if seq.status != "finished":
+            self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     def step(self) -> list[tuple[Sequence, int]]:
-        """Run one scheduled step; return (sequence, new token) for every sequence that got one."""
+        """Run one scheduled step; return (sequence, new token) for every sequence that got one.
+
+        If the model or the sampler raises, the step's sequences are retired (reason "error",
+        blocks freed, prefix hashes of unwritten blocks forgotten) before the error propagates,
+        so the engine stays usable for the other requests."""
         work = self.scheduler.schedule()
         self.steps[work.kind] += 1
-        logits = (self.runner.prefill if work.kind == "prefill" else self.runner.decode)(work.seqs)
-        new_tokens = ModelRunner.sample(logits, work.seqs)
+        try:
+            logits = (self.runner.prefill if work.kind == "prefill" else self.runner.decode)(work.seqs)
+            new_tokens = ModelRunner.sample(logits, work.seqs)
+        except Exception:
+            for seq in work.seqs:
+                self.scheduler.finish(seq, "error", written=work.kind == "decode")
+            raise
         now = time.perf_counter()
         emitted = []
         for seq, token in zip(work.seqs, new_tokens):
@@ -774,10 +839,10 @@ class LLMEngine:
             return "eos"
         if p.stop:
             seq.text = self.tokenizer.decode(seq.output)
-            for s in p.stop:
-                if s in seq.text:
-                    seq.text = seq.text[:seq.text.index(s)]
-                    return "stop"
+            found = [seq.text.find(s) for s in p.stop if s in seq.text]
+            if found:
+                seq.text = seq.text[:min(found)]       # cut at the earliest stop string
+                return "stop"
         if len(seq.output) >= p.max_tokens:
             return "length"
         return None
@@ -793,8 +858,11 @@ class LLMEngine:
                  progress: bool = False) -> list[RequestOutput]:
         """Run a list of requests to completion (all admitted at once); outputs in input order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        params_list = [p or SamplingParams() for p in params_list]
         # validate everything before queueing anything: one bad request rejects the call
-        prompts = [self.check_request(prompt, p or SamplingParams()) for prompt, p in zip(prompts, params_list)]
+        prompts = [self.check_request(prompt, p) for prompt, p in zip(prompts, params_list)]
         ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params_list)]
         done = 0
         while self.has_unfinished():
@@ -808,19 +876,42 @@ class LLMEngine:
         return [self._output(self.seqs.pop(i)) for i in ids]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield text pieces of one request as they are generated (other queued requests run too)."""
+        """Yield text pieces of one request as they are generated (other queued requests run too).
+
+        Text is held back while it could still turn out to be part of a stop string or of an
+        unfinished UTF-8 character, so the client never sees text that the final output cuts.
+        Closing the iterator early aborts the request."""
+        if self.tokenizer is None:
+            raise ValueError("streaming text needs a tokenizer")
+        params = params or SamplingParams()
         seq_id = self.add_request(prompt, params)
         seq = self.seqs[seq_id]
         printed = 0
-        while seq.status != "finished":
-            self.step()
-            text = self.tokenizer.decode(seq.output) if seq.status != "finished" else self._output(seq).text
-            # hold back an incomplete UTF-8 character (tiktoken decodes it as U+FFFD)
-            stable = text.rstrip("\ufffd") if seq.status != "finished" else text
-            if len(stable) > printed:
-                yield stable[printed:]
-                printed = len(stable)
-        self.seqs.pop(seq_id)
+        try:
+            while seq.status != "finished":
+                self.step()
+                if seq.status == "finished":
+                    stable = self._output(seq).text
+                else:
+                    stable = _stable_prefix(self.tokenizer.decode(seq.output), params.stop)
+                if len(stable) > printed:
+                    yield stable[printed:]
+                    printed = len(stable)
+        finally:
+            if seq_id in self.seqs:
+                self.abort(seq_id)
+
+
+def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
+    """The part of `text` that no later token can change: without a trailing incomplete UTF-8
+    character (tiktoken decodes it as U+FFFD) or a tail that begins some stop string."""
+    text = text.rstrip("\ufffd")
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                text = text[:-n]
+                break
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -873,7 +964,8 @@ def main(argv=None) -> int:
         print(f"\nerror: {err}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
-    n = engine.steps["prefill"] + engine.steps["decode"]
+    first = first or time.perf_counter()       # nothing streamed (e.g. EOS came first)
+    n = engine.steps["prefill"] + engine.steps["decode"]   # one request: one token per step
     mem = engine.memory_report()
     print(f"\n[TTFT {1e3 * (first - t0):.0f} ms | {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s | "
           f"weights {mem['weights_GiB']:.2f} GiB, KV pool {mem['kv_pool_GiB']:.2f} GiB"

@@ -560,6 +560,10 @@ def test_engine_stops_on_eos_and_stop_strings(tiny_model):
     ([1, 2], dict(top_p=1.01), "top_p"),
     ([1, 2], dict(top_k=-2), "top_k"),
     ([1, 60000], {}, "token ids"),
+    ([1.5, 2.0], {}, "integers"),
+    ([1, 2], dict(top_k=2.5), "top_k"),
+    ([1, 2], dict(max_tokens=True), "max_tokens"),
+    ([1, 2], dict(stop=("",)), "stop"),
 ])
 def test_engine_rejects_bad_requests(tiny_model, prompt, kwargs, match):
     engine = _engine(tiny_model)
@@ -569,6 +573,54 @@ def test_engine_rejects_bad_requests(tiny_model, prompt, kwargs, match):
     ok = engine.generate([[5, 6, 7]], S.SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert ok.tokens == M.generate(tiny_model, [5, 6, 7], 4)
     _assert_drained(engine)
+
+
+def test_engine_survives_a_failing_step(tiny_model, monkeypatch):
+    """An exception inside a step retires that step's requests (freeing their blocks and the prefix
+    hashes of blocks never written) and propagates; the engine then serves the next request."""
+    engine = _engine(tiny_model)
+    prompt = list(range(300, 340))                          # 2 full blocks get registered
+    real_prefill = engine.runner.prefill
+
+    def broken(seqs):
+        raise RuntimeError("simulated kernel failure")
+    monkeypatch.setattr(engine.runner, "prefill", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.generate([prompt], S.SamplingParams(max_tokens=3, ignore_eos=True))
+    assert not engine.has_unfinished() and not engine.blocks.hash_to_block   # nothing half-cached
+    monkeypatch.setattr(engine.runner, "prefill", real_prefill)
+    engine.seqs.clear()
+    out = engine.generate([prompt], S.SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert out.tokens == M.generate(tiny_model, prompt, 3) and engine.blocks.hits == 0
+    _assert_drained(engine)
+
+
+def test_engine_stream_holds_back_stop_strings_and_aborts_on_close(tiny_model):
+    tok = M.gpt2_tokenizer()
+    prompt = list(range(500, 520))
+    text = tok.decode(M.generate(tiny_model, prompt, 20))
+    engine = _engine(tiny_model)
+    for cut in range(4, len(text) - 4, 5):                 # stop strings at many places
+        stop = text[cut:cut + 4]
+        want = engine.generate([prompt], S.SamplingParams(max_tokens=20, stop=(stop,)))[0].text
+        pieces = list(engine.stream(prompt, S.SamplingParams(max_tokens=20, stop=(stop,))))
+        assert "".join(pieces) == want == text[:text.index(stop)]
+    stream = engine.stream(prompt, S.SamplingParams(max_tokens=20, ignore_eos=True))
+    next(stream)
+    stream.close()                                          # the client went away
+    _assert_drained(engine)
+    with pytest.raises(ValueError, match="SamplingParams"):
+        engine.generate([prompt, prompt], [S.SamplingParams()])
+    with pytest.raises(ValueError, match="context"):
+        _engine(tiny_model, max_num_batched_tokens=100)     # budget below the 256-token context
+
+
+def test_store_kv_padded_rows_never_touch_real_slots():
+    k_pool, v_pool = torch.zeros(5, 4, 2, 3), torch.zeros(5, 4, 2, 3)     # 4 blocks + trash
+    k, v = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
+    S.store_kv_reference(k_pool, v_pool, k, v, torch.tensor([0, -1, -1]))
+    assert torch.equal(k_pool.view(-1, 2, 3)[0], k[0]) and torch.equal(v_pool.view(-1, 2, 3)[0], v[0])
+    assert k_pool[:4].view(-1, 2, 3)[1:].abs().sum() == 0                  # nothing else written
 
 
 def test_engine_triton_kernels_match_torch_path(tiny_model):
@@ -585,13 +637,13 @@ def test_engine_triton_kernels_match_torch_path(tiny_model):
 
 def test_block_manager_prefix_chain_and_lru():
     bm = S.BlockManager(num_blocks=6, block_size=4)
-    a = S.Sequence(list(range(9)), S.SamplingParams(), "cpu")          # blocks: 2 full + 1 partial
+    a = S.Sequence(0, list(range(9)), S.SamplingParams(), "cpu")       # blocks: 2 full + 1 partial
     bm.allocate(a)
-    b = S.Sequence(list(range(8)) + [99, 98], S.SamplingParams(), "cpu")
+    b = S.Sequence(1, list(range(8)) + [99, 98], S.SamplingParams(), "cpu")
     bm.allocate(b)
     assert b.block_table[:2] == a.block_table[:2] and b.num_cached == 8
     assert bm.ref_count[a.block_table[0]] == 2
-    c = S.Sequence([0, 1, 2, 7] + list(range(4, 9)), S.SamplingParams(), "cpu")   # differs in block 0
+    c = S.Sequence(2, [0, 1, 2, 7] + list(range(4, 9)), S.SamplingParams(), "cpu")   # differs in block 0
     assert bm.can_allocate(c) is False                  # needs 3 fresh blocks, 1 left
     bm.free_sequence(a)
     bm.free_sequence(b)
