@@ -754,7 +754,7 @@ def topic_flash(ctx: BenchContext) -> None:
     from torch.nn.attention import SDPBackend
 
     gpu = ctx.device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float16   # fp16 on CPU: the interpreter's bf16 dot is broken
+    dtype = torch.bfloat16 if gpu else torch.float16   # fp16 on CPU: bf16 goes through an fp32 upcast there
     ceil = measure_ceilings(ctx)
     ctx.note(f"Ceilings measured in this run: copy {ceil['copy_gbps']:.0f} GB/s, "
              f"matmul {ceil['matmul_tflops']:.0f} TFLOP/s. Kernels: flash_attn.py; dtype {dtype}.")

@@ -10,7 +10,7 @@ What you will learn:
     packed variable-length batches (the layout a serving engine's batched prefill uses)
   - flash-decoding: one new token per sequence against a *paged* KV cache, with the sequence
     split across programs (split-K) and a second small kernel that merges the pieces
-  - the roofline: prefill is compute bound (intensity ~ T/2 FLOP/byte), decode is memory
+  - the roofline: prefill is compute bound (intensity ~ T/4 FLOP/byte causal, T/2 not), decode is memory
     bound (intensity ~ n_heads/n_kv_heads FLOP/byte), and what that means for each kernel
 
 Run:
@@ -28,8 +28,9 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               -> cuDNN 341-608 TFLOP/s, FlashAttention-2 215-321 TFLOP/s
   prefill v2  flash_attn / flash_attn_varlen, pointer loads + cp.async pipelining, causal tile
               skipping, unmasked off-diagonal loop, autotuned tiles
-              -> 317-500 TFLOP/s: 1.27-1.56x the FA2 backend everywhere; vs cuDNN 0.86-0.95x at
-                 D=64 and 0.72-0.89x at D=128 (the gap is discussed at the end of Part 3)
+              -> 317-500 TFLOP/s: 1.22-1.56x the FA2 backend everywhere; vs cuDNN 0.86-0.95x at
+                 D=64 and 0.67-0.89x at D=128 (the gap is discussed at the end of Part 3); with
+                 the better of v2/v3 per shape (what bench reports): 1.27-1.56x FA2, 0.72-0.89x cuDNN
   prefill v3  same kernel with use_tma=True (tiles moved by Hopper's TMA engine through
               device-side tensor descriptors) -> within -27%..+8% of v2; it wins only at D=128,
               T=2k-4k, so v2 (pointer loads) stays the default
@@ -41,8 +42,8 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs)
   decode  v2  paged_decode, split-K (flash-decoding) + merge kernel
               -> batch 4, context 32k: 0.13 ms (4.6x v1); batch 32, context 8k: 0.255 ms =
-                 4.2 TB/s, 0.95-1.0x SDPA on the same contiguous cache; with randomly scattered
-                 blocks 95-103% of the measured copy bandwidth (4.25 TB/s, read+write)
+                 4.2 TB/s, 0.94-1.0x SDPA on the same contiguous cache; with randomly scattered
+                 blocks 94-103% of the measured copy bandwidth (4.25 TB/s, read+write)
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -394,7 +395,9 @@ def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causa
 def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, use_tma=False, out=None):
     """Packed variable-length prefill: the serving engine's layout.
     q (total_tokens, n_heads, D), k/v (total_tokens, n_kv_heads, D), cu_seqlens int32 (n_seqs+1,)
-    with cu_seqlens[0] = 0 and cu_seqlens[-1] = total_tokens, max_seqlen = longest sequence.
+    with cu_seqlens[0] = 0 and cu_seqlens[-1] = total_tokens, max_seqlen = longest sequence
+    (not checked: reading cu_seqlens would cost a GPU->CPU sync per call; too small a max_seqlen
+    leaves rows unwritten).
     Returns out (total_tokens, n_heads, D). Sequence s is rows cu_seqlens[s]:cu_seqlens[s+1];
     tokens of different sequences never attend to each other. `out` (like q) may be preallocated."""
     if upcast := _interpreter_bf16_workaround(q, k, v):
@@ -416,6 +419,9 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
         res = flash_attn(*upcast, is_causal, scale, use_tma).bfloat16()
         return res if out is None else out.copy_(res)
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim must be contiguous"
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
+                         f"(B, H, T, D) and (B, Hkv, T, D) with the same B, T and D (q_len == k_len)")
     batch, n_heads, seq_len, _ = q.shape
     out = torch.empty_like(q) if out is None else out
     strides = dict(n_heads=n_heads, n_kv_heads=k.shape[1],
@@ -427,8 +433,8 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 # Why this is near the compute roof, and what cuDNN does beyond it. Causal prefill does
 # 2*T^2*H*D FLOPs over 4*T*H*D*2 bytes of Q/K/V/O: at T=4096 that is ~1000 FLOP/byte, several
 # times the ridge point (H200 measured: 746 TFLOP/s cuBLAS / 4.25 TB/s copy = 175 FLOP/byte).
-# So the kernel is limited by how busy it keeps the tensor cores: measured 400-500 TFLOP/s at
-# T >= 4096, 55-67% of cuBLAS (an attention tile also does softmax work a GEMM does not).
+# So the kernel is limited by how busy it keeps the tensor cores: measured 377-500 TFLOP/s at
+# T >= 4096, 51-67% of cuBLAS (an attention tile also does softmax work a GEMM does not).
 # cuDNN reaches 550-610 at D=128. Two things keep us below cuDNN / FlashAttention-3:
 #   1. Producer/consumer warp specialisation. Here the same warps issue loads, run wgmma and
 #      do the softmax, so the tensor cores idle during exp2/max/sum. FA3 dedicates one warp
@@ -461,7 +467,7 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 # A contiguous cache (B, T, Hkv, D) is the special case block_table[s, j] = s*(T/bs) + j
 # (see contiguous_as_paged), which is how bench.py compares with SDPA.
 #
-# Why split-K. Decode reads every cached K/V byte once and does only ~2*H/Hkv FLOPs per
+# Why split-K. Decode reads every cached K/V byte once and does only ~H/Hkv FLOPs per
 # byte: pure bandwidth. One program per (sequence, KV head) gives B*Hkv programs, e.g.
 # 4*8 = 32 at batch 4: a quarter of the 132 SMs, so most of the HBM bandwidth is never asked
 # for (measured at batch 4, context 32k: 0.61 ms with one split, 0.13 ms with 16). Flash-
@@ -672,7 +678,7 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # 4.25 TB/s copy), ~300 with an H100's datasheet numbers.
 #   prefill: FLOPs = 4*T^2*H*D (two matmuls of 2*T*T*D each per head), halved when causal;
 #            bytes = (Q + O) 2*T*H*D*e + (K + V) 2*T*Hkv*D*e (e = bytes per element)
-#            -> intensity ~ T/2 (causal, MHA, bf16): 2048 at T=4096, far right of the ridge:
+#            -> intensity ~ T/4 (causal, MHA, bf16; T/2 non-causal): 1024 at T=4096, right of the ridge:
 #            the kernel should sit under the flat compute roof.
 #   decode:  FLOPs = 4*B*H*T*D, bytes ~ K + V = 2*B*T*Hkv*D*e
 #            -> intensity = H/Hkv FLOP/byte at bf16 (1 for MHA, 4 for GQA 32/8): far left of

@@ -66,7 +66,8 @@ HERE = Path(__file__).resolve().parent
 class ModelConfig:
     """Everything that fixes the shapes of a decoder-only transformer.
 
-    The defaults are GPT-2 124M. The last five fields are where GPT-2 and Llama differ.
+    The defaults are GPT-2 124M. n_kv_head, d_ff and the fields from norm on are where GPT-2
+    and Llama differ.
     """
     vocab_size: int = 50257      # GPT-2 BPE: 50,000 merges + 256 bytes + <|endoftext|>
     max_seq_len: int = 1024      # learned position table size (GPT-2), or RoPE table size
@@ -987,7 +988,10 @@ def _chars_with_missing_bytes(missing: set[int]) -> str:
         elif 0xC2 <= b <= 0xF4:         # a lead byte: the block of code points it starts
             bits, shift = (0x1F, 6) if b < 0xE0 else (0x0F, 12) if b < 0xF0 else (0x07, 18)
             lo = (b & bits) << shift
-            parts.append(f"\\U{lo:08x}-\\U{lo + (1 << shift) - 1:08x}")
+            # subtle: E0 and F0 also begin over-long (invalid) encodings of smaller code points;
+            # the valid characters they start begin at U+0800 and U+10000
+            lo = max(lo, 0x800 if b == 0xE0 else 0x10000 if b == 0xF0 else 0)
+            parts.append(f"\\U{lo:08x}-\\U{((b & bits) << shift) + (1 << shift) - 1:08x}")
         elif 0x80 <= b <= 0xBF:
             raise NotImplementedError(f"continuation byte {b:#x} has no token")
         # 0xC0, 0xC1, 0xF5..0xFF never occur in valid UTF-8: nothing to remove
@@ -1147,6 +1151,18 @@ def is_chat_model(name_or_path: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 DEFAULT_CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
+# The demos' sampling (model.py and serve.py share it): a little randomness, no long tails.
+DEMO_SAMPLING = dict(max_tokens=64, temperature=0.2, top_k=50, top_p=0.9, seed=0)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """--max-tokens, --temperature, --top-k, --top-p, --seed with DEMO_SAMPLING's defaults."""
+    d = DEMO_SAMPLING
+    parser.add_argument("--max-tokens", type=int, default=d["max_tokens"])
+    parser.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=d["top_k"], help="0 = off")
+    parser.add_argument("--top-p", type=float, default=d["top_p"])
+    parser.add_argument("--seed", type=int, default=d["seed"])
 DEFAULT_COMPLETION_PROMPT = "The fastest way to serve a language model is"
 
 
@@ -1175,11 +1191,7 @@ def main(argv=None) -> int:
                         f"{DEFAULT_COMPLETION_PROMPT!r} for the others")
     p.add_argument("--raw", action="store_true", help="chat models: skip the chat template")
     p.add_argument("--system", default=SMOLLM2_DEFAULT_SYSTEM, help="chat models: system message")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_args(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on cuda, float32 on cpu")

@@ -936,11 +936,7 @@ def main(argv=None) -> int:
     add_config_args(p)
     p.add_argument("--prompt", default=None, help="default: a question for chat models, a sentence "
                    "start otherwise; chat models get the prompt wrapped in their chat template")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.2)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
+    M.add_sampling_args(p)
     args = p.parse_args(argv)
     cfg = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
     try:
