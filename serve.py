@@ -108,6 +108,7 @@ class Sequence:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.text = ""                       # detokenised output (only with stop strings)
+        self.full_blocks: list[tuple[int, tuple]] = []   # (chain hash, tokens) of each full block
 
     @property
     def tokens(self) -> list[int]:
@@ -184,28 +185,39 @@ class BlockManager:
     def chain_hash(prev: int | None, tokens: tuple) -> int:
         return hash((prev, tokens))
 
-    def _cached_prefix(self, tokens: list[int]) -> list[int]:
-        """Blocks already holding a prefix of `tokens` (full blocks only). At least one token is
-        always left to compute, so a fully cached prompt recomputes its last block: the model
+    def _full_blocks(self, seq: Sequence) -> list[tuple[int, tuple]]:
+        """(chain hash, token tuple) of every full block of seq's tokens, computed once per block
+        and kept on the sequence: its tokens only ever grow, so earlier hashes stay valid (a
+        waiting sequence is looked up at every step; it must not be rehashed each time)."""
+        bs, done = self.block_size, seq.full_blocks
+        n_full = len(seq) // bs
+        if len(done) < n_full:
+            tokens = seq.tokens
+            prev = done[-1][0] if done else None
+            for i in range(len(done), n_full):
+                chunk = tuple(tokens[i * bs:(i + 1) * bs])
+                prev = self.chain_hash(prev, chunk)
+                done.append((prev, chunk))
+        return done[:n_full]
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks already holding a prefix of seq's tokens (full blocks only). At least one token
+        is always left to compute, so a fully cached prompt recomputes its last block: the model
         needs the last token's hidden state to produce logits, and writing that block into a
         fresh one keeps shared blocks read-only."""
         if not self.prefix_caching:
             return []
-        bs, hits, prev = self.block_size, [], None
-        n_full = (len(tokens) - 1) // bs
-        for i in range(n_full):
-            chunk = tuple(tokens[i * bs:(i + 1) * bs])
-            h = self.chain_hash(prev, chunk)
+        hits = []
+        for h, chunk in self._full_blocks(seq)[:(len(seq) - 1) // self.block_size]:
             block = self.hash_to_block.get(h)
             if block is None or self.block_tokens[block] != chunk:
                 break
             hits.append(block)
-            prev = h
         return hits
 
     # -- sequences -------------------------------------------------------------------------------
     def can_allocate(self, seq: Sequence) -> bool:
-        hits = self._cached_prefix(seq.tokens)
+        hits = self._cached_prefix(seq)
         needed = math.ceil(len(seq) / self.block_size) - len(hits)
         revived = sum(1 for b in hits if self.ref_count[b] == 0)   # hits that leave the LRU list
         return needed + revived <= self.num_available()
@@ -213,26 +225,23 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> None:
         """Give a waiting sequence the blocks for all its tokens, reusing cached prefix blocks."""
         assert not seq.block_table
-        tokens, bs = seq.tokens, self.block_size
-        hits = self._cached_prefix(tokens)
-        self.lookups += (len(tokens) - 1) // bs if self.prefix_caching else 0
+        bs = self.block_size
+        hits = self._cached_prefix(seq)
+        self.lookups += (len(seq) - 1) // bs if self.prefix_caching else 0
         self.hits += len(hits)
         for block in hits:
             if self.ref_count[block] == 0:
                 del self.evictable[block]
             self.ref_count[block] += 1
-        seq.block_table = hits + [self._take() for _ in range(math.ceil(len(tokens) / bs) - len(hits))]
+        seq.block_table = hits + [self._take() for _ in range(math.ceil(len(seq) / bs) - len(hits))]
         seq.num_cached = len(hits) * bs
         # register the new full blocks: they are written by this very prefill step
-        prev = self.block_hash[hits[-1]] if hits else None
-        for i in range(len(hits), len(tokens) // bs if self.prefix_caching else 0):
-            chunk = tuple(tokens[i * bs:(i + 1) * bs])
-            h = self.chain_hash(prev, chunk)
-            block = seq.block_table[i]
-            if h not in self.hash_to_block:
-                self.hash_to_block[h] = block
-                self.block_hash[block], self.block_tokens[block] = h, chunk
-            prev = h
+        if self.prefix_caching:
+            for i, (h, chunk) in enumerate(self._full_blocks(seq)[len(hits):], start=len(hits)):
+                block = seq.block_table[i]
+                if h not in self.hash_to_block:
+                    self.hash_to_block[h] = block
+                    self.block_hash[block], self.block_tokens[block] = h, chunk
 
     def can_append(self, seq: Sequence) -> bool:
         """Decode writes the newest token at position len(seq) - 1: does it need a new block?"""
@@ -613,9 +622,10 @@ class ModelRunner:
                                    torch.tensor(positions, device=dev)[:, None], step)
 
     # -- CUDA graphs -----------------------------------------------------------------------------
-    # A decode step of GPT-2 124M is ~150 kernel launches of a few microseconds each: at batch 1
+    # A decode step of GPT-2 124M is ~160 kernel launches of a few microseconds each: at batch 1
     # the GPU finishes each kernel before the CPU has issued the next, so the step takes as long
-    # as Python + launch overhead (~4-10 us per launch). A CUDA graph records the whole step once
+    # as Python + launch overhead (on the H200 machine of results/graphs.md: 6.8 ms per eager
+    # step for 0.5 ms of GPU work; 1.0 ms as a graph). A CUDA graph records the whole step once
     # and replays it with ONE launch. The price: shapes and addresses are frozen, so we capture
     # one graph per batch-size bucket, keep all inputs in static buffers, and pad a batch up to
     # the next bucket. Padded rows get slot -1 (they write only the trash block), length 1 and an
@@ -789,7 +799,11 @@ class LLMEngine:
         """Validate and queue a request; returns its id. A bad request raises ValueError before
         anything is queued (the sampling parameters were already checked by SamplingParams)."""
         params = params or SamplingParams()
-        seq = Sequence(self.next_id, self.check_request(prompt, params), params, self.model.device)
+        return self._enqueue(self.check_request(prompt, params), params)
+
+    def _enqueue(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Queue an already checked request."""
+        seq = Sequence(self.next_id, prompt_ids, params, self.model.device)
         self.next_id += 1
         self.seqs[seq.id] = seq
         self.scheduler.add(seq)
@@ -863,7 +877,7 @@ class LLMEngine:
         params_list = [p or SamplingParams() for p in params_list]
         # validate everything before queueing anything: one bad request rejects the call
         prompts = [self.check_request(prompt, p) for prompt, p in zip(prompts, params_list)]
-        ids = [self.add_request(prompt, p) for prompt, p in zip(prompts, params_list)]
+        ids = [self._enqueue(prompt, p) for prompt, p in zip(prompts, params_list)]
         done = 0
         while self.has_unfinished():
             for seq, _ in self.step():
