@@ -246,7 +246,7 @@ def prefill_padded(model: Transformer, prompts: list[list[int]], cache: KVCache,
         tokens[b, :len(p)] = torch.tensor(p)
     dev = model.device
     positions = torch.arange(T, device=dev).expand(B, T)                     # (B, T)
-    h = model.hidden(tokens.to(dev), positions, CacheStep(cache, None, T))   # (B, T, C)
+    h = model.hidden(tokens.to(dev), positions, CacheStep(cache, None, cache.read_len(T)))   # (B, T, C)
     last = h[torch.arange(B, device=dev), torch.tensor(lengths, device=dev) - 1]   # (B, C)
     for b, n in enumerate(lengths):
         cache.lengths[b] = n

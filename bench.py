@@ -655,6 +655,66 @@ def topic_matmul(ctx: BenchContext) -> None:
                     "M = N = K", "TFLOP/s", series, logx=True, logy=False)
 
 
+@register("gemv")
+def topic_gemv(ctx: BenchContext) -> None:
+    """triton_matmul.py's v5 decode kernels (GEMV with fused bias/GELU/residual, one-row norms)
+    against what PyTorch launches for the same work, on GPT-2 1.5B's decode shapes."""
+    import triton_matmul as tm
+
+    on_gpu = ctx.device.type == "cuda" and not tm.INTERPRET
+    dev = ctx.device
+    dt = torch.float16 if on_gpu else torch.float32
+    ceil = measure_ceilings(ctx)
+    C, FF, V = (1600, 6400, 50257) if on_gpu else (64, 256, 1000)
+    gelu = lambda y: F.gelu(y, approximate="tanh")   # noqa: E731
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, device=dev, dtype=dt) * scale
+
+    rows = []
+    for tokens in ((1, 4) if on_gpu else (1,)):
+        for name, K, N, act, with_res, with_bias in [
+                ("attn c_attn +bias", C, 3 * C, None, False, True),
+                ("attn c_proj +bias +residual", C, C, None, True, True),
+                ("mlp c_fc +bias +GELU", C, FF, "gelu_tanh", False, True),
+                ("mlp c_proj +bias +residual", FF, C, None, True, True),
+                ("lm_head (tied, no bias)", C, V, None, False, False)]:
+            x = rand(tokens, K)
+            res = rand(tokens, N) if with_res else None
+            # enough weight copies (>= 128 MB, twice the L2) that every call streams W from HBM
+            copies = max(1, min(32, -(-(128 << 20) // (N * K * 2)))) if on_gpu else 1
+            ws = [(rand(N, K, scale=K ** -0.5), rand(N) if with_bias else None) for _ in range(copies)]
+
+            def torch_fn(w, b):
+                y = F.linear(x, w, b)
+                y = gelu(y) if act else y
+                return y + res if with_res else y
+
+            t_torch = _time_graphed_ms([lambda w=w, b=b: torch_fn(w, b) for w, b in ws], ctx)
+            t_ours = _time_graphed_ms([lambda w=w, b=b: tm.gemv(x, w, b, act, res) for w, b in ws], ctx)
+            gbps = N * K * 2 / t_ours / 1e6
+            rows.append([tokens, name, f"{K}->{N}", N * K * 2 / 2**20, t_torch * 1e3, t_ours * 1e3,
+                         t_torch / t_ours, gbps, f"{gbps / ceil['copy_gbps']:.0%}"])
+            del ws
+    x, w, b = rand(1, C) * 2 + 1, rand(C), rand(C)
+    for name, rms in [("LayerNorm", False), ("RMSNorm", True)]:
+        ref = (lambda: tm.row_norm_reference(x, w, None, rms=True)) if rms else (lambda: F.layer_norm(x, (C,), w, b))
+        ours = lambda rms=rms: tm.row_norm(x, w, None if rms else b, rms=rms)   # noqa: E731
+        rows.append([1, name, f"{C}", 0.0, _time_graphed_ms([ref] * 10, ctx) * 1e3,
+                     _time_graphed_ms([ours] * 10, ctx) * 1e3, NAN, NAN, ""])
+        rows[-1][6] = rows[-1][4] / rows[-1][5]
+    ctx.table(f"Decode kernels of GPT-2 {'1.5B' if on_gpu else '(tiny shapes)'}: PyTorch vs triton_matmul v5 "
+              f"(GEMV with fused epilogue, one-row norm), {str(dt).removeprefix('torch.')}",
+              ["tokens", "kernel", "K->N", "weight MiB", "torch us", "v5 us", "torch / v5", "v5 GB/s",
+               "v5 % of copy BW"], rows,
+              note="GPU time per call from CUDA graphs; torch = F.linear (cuBLAS) then separate GELU / "
+                   "residual-add kernels, or F.layer_norm / the RMSNorm formula (several kernels). Weight "
+                   f"copies rotate so W is read from HBM every call. Copy bandwidth {ceil['copy_gbps']:.0f} "
+                   "GB/s (read + write). serve.py uses v5 for single-row linears only: see tokens = 4."
+                   if on_gpu else "CPU: the Triton interpreter, so these times say nothing about a GPU.",
+              dtype=dt)
+
+
 # ---- flash_attn.py ---------------------------------------------------------------------------
 
 def _sdpa(backend, q, k, v, is_causal):
@@ -1219,22 +1279,24 @@ def topic_graphs(ctx: BenchContext) -> None:
     context = 512 if gpu else 64
     batches = [1, 32] if gpu else [1, 4]
     # torch.compile recompiles for every engine (a minute of GPU-machine time each): batch 1 only
-    variants = [("eager", False, False), ("torch.compile", True, False), ("CUDA graph", False, True),
-                ("compile + graph", True, True)]
+    variants = [("eager", False, False, False), ("torch.compile", True, False, False),
+                ("CUDA graph", False, True, False), ("compile + graph", True, True, False),
+                ("graph + v5 fused kernels", False, True, True)]
     if not gpu:
         variants = variants[:1]
         ctx.note("(CPU: CUDA graphs need a GPU and torch.compile of the decode step is skipped to keep "
                  "the CPU run short; only the eager row is measured)")
     rows, cpu_top = [], None
     for batch in batches:
-        for name, compiled, graphs in variants:
-            if compiled and batch != batches[0]:
+        for name, compiled, graphs, fused in variants:
+            if (compiled or fused) and batch != batches[0]:
                 continue
             try:
                 engine = _serve_engine(model, ctx, num_blocks=batch * ((context + 64) // 16 + 2), block_size=16,
                                        max_num_seqs=batch,
                                        max_num_batched_tokens=max(batch * context, model.cfg.max_seq_len),
-                                       cuda_graphs=graphs, compile=compiled, prefix_caching=False)
+                                       cuda_graphs=graphs, compile=compiled, prefix_caching=False,
+                                       fused_ops=fused)
                 for i in range(batch):
                     engine.add_request(list(range(i, i + context)), S.SamplingParams(max_tokens=64, ignore_eos=True))
                 while engine.scheduler.waiting:                 # prefill all, first token each

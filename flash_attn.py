@@ -209,10 +209,12 @@ def _load_kv_tile(src, row0, offs_n, offs_d, stride_t, seq_len,
 def _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
                      stride_kt, stride_vt, seq_len, lo, hi, qk_scale,
                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                     USE_TMA: tl.constexpr):
+                     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
     """Online softmax over key tiles [lo, hi). MASKED=False is the hot loop: no compares, no
-    selects, every load unconditional (the caller guarantees all keys are visible)."""
-    for start_n in range(lo, hi, BLOCK_N):
+    selects, every load unconditional (the caller guarantees all keys are visible).
+    WARP_SPEC asks Triton to split the loop between producer warps (loads) and consumer warps
+    (MMA + softmax), see the end of Part 3."""
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         k = _load_kv_tile(k_src, start_n, offs_n, offs_d, stride_kt, seq_len, MASKED, USE_TMA)
         s = tl.dot(q, tl.trans(k))                               # (BLOCK_M, BLOCK_N) raw scores
         if MASKED:
@@ -251,6 +253,7 @@ def _flash_prefill_kernel(
     GROUP: tl.constexpr,        # query heads per KV head (GQA)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr = False,
 ):
     tile, head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if CAUSAL:
@@ -296,19 +299,19 @@ def _flash_prefill_kernel(
         # keys [0, m0) are visible to every row of this tile (BLOCK_N divides BLOCK_M)
         acc, m_i, l_i = _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
                                          stride_kt, stride_vt, seq_len, 0, m0, qk_scale,
-                                         False, CAUSAL, BLOCK_N, USE_TMA)
+                                         False, CAUSAL, BLOCK_N, USE_TMA, WARP_SPEC)
         diag_end = tl.minimum(m0 + BLOCK_M, seq_len)
         acc, m_i, l_i = _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
                                          stride_kt, stride_vt, seq_len, m0, diag_end, qk_scale,
-                                         True, CAUSAL, BLOCK_N, USE_TMA)
+                                         True, CAUSAL, BLOCK_N, USE_TMA, False)
     else:
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
                                          stride_kt, stride_vt, seq_len, 0, full_end, qk_scale,
-                                         False, CAUSAL, BLOCK_N, USE_TMA)
+                                         False, CAUSAL, BLOCK_N, USE_TMA, WARP_SPEC)
         acc, m_i, l_i = _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
                                          stride_kt, stride_vt, seq_len, full_end, seq_len, qk_scale,
-                                         True, CAUSAL, BLOCK_N, USE_TMA)
+                                         True, CAUSAL, BLOCK_N, USE_TMA, False)
     out = (acc / l_i[:, None]).to(O.dtype.element_ty)
     if USE_TMA:
         o_dst.store([m0, 0], out)
@@ -333,18 +336,23 @@ def _flash_prefill_kernel(
 # Each row is (BLOCK_M, BLOCK_N, num_warps, num_stages). Configs that spill registers when
 # compiled for sm_90 (e.g. BLOCK_M=128 with 4 warps at D=128: 255 registers + a local-memory
 # stack) were dropped from the lists.
+# A fifth field True turns on warp specialisation of the hot loop (WARP_SPEC). Measured on the
+# H200 (2026-11-27, exp sweep): +8% at D=64 T=4096 (BLOCK 128x64, 8 warps), +5% at D=128
+# T=4096 (128x128), neutral at T=8192; with 4 warps Triton 3.6 fails to compile it, and TMA
+# loads without it were 5-10% slower than cp.async here.
 _PREFILL_GPU_CONFIGS = {
-    64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4),
-         (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (128, 64, 8, 4)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4),
-          (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 8, 4), (64, 32, 4, 4)],
+    64: [(128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 64, 4, 3), (128, 64, 4, 4),
+         (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3)],
+    128: [(128, 128, 8, 3, True), (128, 64, 8, 3, True), (128, 64, 8, 3), (128, 128, 8, 3),
+          (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4)],
 }
 _INTERPRET_PREFILL_CONFIG = dict(BLOCK_M=32, BLOCK_N=16)
 
 
 def _prefill_configs(head_dim):
     rows = _PREFILL_GPU_CONFIGS.get(head_dim, [(64, 32, 4, 2), (64, 64, 4, 3)])
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WARP_SPEC": bool(ws)}, num_warps=w, num_stages=s)
+            for m, n, w, s, *ws in rows]
 
 
 _tuned_prefill = {}  # head_dim -> autotuned kernel (configs differ per head_dim)
@@ -440,9 +448,13 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 #      do the softmax, so the tensor cores idle during exp2/max/sum. FA3 dedicates one warp
 #      group to TMA loads and ping-pongs two consumer warp groups so one group's softmax
 #      overlaps the other's GEMMs, and overlaps softmax with the next P@V inside a group.
-#      Triton 3.6 exposes `tl.range(..., warp_specialize=True)` for this; we have not measured
-#      it on Hopper for this kernel, and it is the step a follow-up version would try (with
-#      the softmax of tile j overlapped with the Q K^T of tile j+1, as FA3 does).
+#      Triton 3.6 exposes `tl.range(..., warp_specialize=True)` for this (WARP_SPEC here). Its
+#      automatic split of our loop gains 5-8% where it helps (H200 sweep: D=64 T=4096 0.85x ->
+#      0.92x cuDNN, D=128 T=4096 +5%, neutral at T=8192) and does not compile with 4 warps. It
+#      does not do FA3's ping-pong of two consumer warp groups (one group's softmax hidden
+#      under the other's GEMMs) nor the intra-group overlap of tile j's softmax with tile
+#      j+1's QK^T: those need hand-written warp-group code (CUTLASS/ThunderKittens-style, or
+#      Triton's lower-level Gluon dialect), which is what the remaining 15-25% at D=128 is.
 #   2. TMA for all tiles (use_tma=True here does this with device-side descriptors): one thread
 #      issues a whole-tile copy, freeing registers and issue slots compared with cp.async. On
 #      its own (measured) it is not a win: the loads were not the bottleneck; TMA pays off when
@@ -506,8 +518,10 @@ def _paged_decode_split_kernel(
     stride_vblk, stride_vpos, stride_vh,
     stride_bt,
     stride_pb, stride_ph, stride_ps,       # O_part (B, H, n_splits, D); LSE_part (B, H, n_splits)
+    Out, stride_ob, stride_oh,             # the final output, written here when DIRECT
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIRECT: tl.constexpr = False,          # one split: normalise and write Out, no merge launch
 ):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(context_lens + seq)
@@ -525,11 +539,11 @@ def _paged_decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     bt_row = block_table + seq.to(tl.int64) * stride_bt
+    # Page lookup per token: BLOCK_N may span several pages (BLOCK_N > PAGE) or part of one.
+    # PAGE is a constexpr power of two, so // and % are a shift and a mask.
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n
         valid = tok < hi
-        # Page lookup per token: BLOCK_N may span several pages (BLOCK_N > PAGE) or part of one.
-        # PAGE is a constexpr power of two, so // and % are a shift and a mask.
         block = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
         k_rows = block * stride_kblk + (tok % PAGE) * stride_kpos + kv_head * stride_kh
         v_rows = block * stride_vblk + (tok % PAGE) * stride_vpos + kv_head * stride_vh
@@ -548,10 +562,14 @@ def _paged_decode_split_kernel(
     empty = l_i == 0.0
     o = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    part = seq * stride_pb + heads * stride_ph + split * stride_ps                 # (BLOCK_G,)
     g_ok = offs_g < GROUP
-    tl.store(O_part + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None])
-    tl.store(LSE_part + part, lse, mask=g_ok)
+    if DIRECT:
+        out_rows = seq * stride_ob + heads * stride_oh
+        tl.store(Out + out_rows[:, None] + offs_d[None, :], o.to(Out.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        part = seq * stride_pb + heads * stride_ph + split * stride_ps             # (BLOCK_G,)
+        tl.store(O_part + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None])
+        tl.store(LSE_part + part, lse, mask=g_ok)
 
 
 @triton.jit
@@ -572,11 +590,11 @@ def _merge_splits_kernel(O_part, LSE_part, Out, n_splits, stride_pb, stride_ph, 
 # Memory-bound, so the config matters less than having enough programs in flight; the H200
 # tuner picked BLOCK_N=128 (4 or 8 warps) for long splits. Measured there: reading scattered
 # blocks through the table costs 1-5% against the identity table, and the kernel runs at
-# 0.94-1.0x SDPA. Left on the table: the merge is a second launch even when num_splits == 1
-# (a few microseconds of a 255 us step), and the K/V loads depend on a block-table load,
+# 0.94-1.0x SDPA. With one split the kernel writes the final output itself (DIRECT: no
+# partials, no merge launch). Left on the table: the K/V loads depend on a block-table load,
 # which seems to keep Triton from software-pipelining them (the compiled kernel's shared
-# memory does not grow with num_stages); a next version would write the output directly for
-# one split and prefetch the block ids of tile j+1 while tile j is in use.
+# memory does not grow with num_stages). Loading tile j+1's block ids during tile j was tried
+# (H200, 2026-11-27) and did not measurably help, so the simpler loop stayed.
 _DECODE_GPU_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (32, 4, 3), (128, 8, 3), (64, 8, 4)]
 _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 _tuned_decode = []
@@ -585,7 +603,7 @@ _tuned_decode = []
 def _decode_launcher():
     if not _tuned_decode:
         configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _DECODE_GPU_CONFIGS]
-        _tuned_decode.append(triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket"])(
+        _tuned_decode.append(triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "DIRECT"])(
             _paged_decode_split_kernel))
     return _tuned_decode[0]
 
@@ -622,20 +640,27 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     tokens_per_split = triton.cdiv(triton.cdiv(max_context, num_splits), 128) * 128
     num_splits = triton.cdiv(max_context, tokens_per_split)
     group = n_heads // n_kv_heads
-    o_part = torch.empty(batch, n_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(batch, n_heads, num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q) if out is None else out
+    direct = num_splits == 1    # the only split's result is final: no partials, no merge launch
+    if direct:
+        o_part = lse_part = out                 # unused by the kernel
+    else:
+        o_part = torch.empty(batch, n_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(batch, n_heads, num_splits, dtype=torch.float32, device=q.device)
+    part_strides = (0, 0, 0) if direct else tuple(st // head_dim for st in o_part.stride()[:3])
     args = (q, k_cache, v_cache, block_table, context_lens, o_part, lse_part, scale * LOG2E,
-            tokens_per_split, triton.next_power_of_2(tokens_per_split), q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-            block_table.stride(0), o_part.stride(0) // head_dim, o_part.stride(1) // head_dim,
-            o_part.stride(2) // head_dim)
+            tokens_per_split, triton.next_power_of_2(tokens_per_split), q.stride(0), q.stride(1),
+            *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0), *part_strides,
+            out, out.stride(0), out.stride(1))
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                PAGE=block_size)
+                PAGE=block_size, DIRECT=direct)
     grid = (batch, n_kv_heads, num_splits)
     if INTERPRET:
         _paged_decode_split_kernel[grid](*args, **meta, **_INTERPRET_DECODE_CONFIG)
     else:
         _decode_launcher()[grid](*args, **meta)
-    out = torch.empty_like(q) if out is None else out
+    if direct:
+        return out
     _merge_splits_kernel[(batch, n_heads)](
         o_part, lse_part, out, num_splits, o_part.stride(0) // head_dim, o_part.stride(1) // head_dim,
         o_part.stride(2) // head_dim, out.stride(0), out.stride(1),

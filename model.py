@@ -195,6 +195,20 @@ class KVCache:
         """Forget row `row` (its slots are simply overwritten by the next sequence)."""
         self.lengths[row] = 0
 
+    READ_BUCKET = 64
+
+    def read_len(self, needed: int) -> int:
+        """How many slots a step reads: `needed` rounded up to a multiple of 64 (at most max_len).
+        The extra slots are masked out, so results do not change; what changes is the number of
+        distinct shapes attention sees. On a GPU, SDPA with a mask may pick cuDNN, which builds an
+        execution plan for every new shape: with a read length that grows by one every step, and
+        continuous batching mixing batch sizes, that is a new plan (milliseconds) nearly every step.
+        On CPU the exact length is kept: summing over extra (zero-weight) slots changes the
+        rounding of the last bits, and the CPU tests compare greedy tokens exactly."""
+        if self.k.device.type != "cuda":
+            return needed
+        return min(self.max_len, -(-needed // self.READ_BUCKET) * self.READ_BUCKET)
+
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
@@ -274,6 +288,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
+class TorchOps:
+    """The two operations a forward pass spends its time in besides attention: a linear layer
+    (with what follows it: bias, GELU, the residual add) and a norm. Here as plain PyTorch;
+    an engine may pass its own (serve.py: fused Triton kernels for decode, where each of these
+    is a separate ~2-8 us kernel on one row and the launches, not the math, set the speed)."""
+
+    @staticmethod
+    def linear(x, weight, bias=None, activation=None, residual=None):
+        """residual + act(x @ weight^T + bias), weight (out, in) as nn.Linear stores it."""
+        y = F.linear(x, weight, bias)
+        if activation == "gelu_tanh":
+            y = F.gelu(y, approximate="tanh")
+        elif activation is not None:
+            raise ValueError(f"unknown activation {activation!r}")
+        return y if residual is None else residual + y
+
+    @staticmethod
+    def norm(x, module):
+        return module(x)
+
+
 class Attention(nn.Module):
     """Multi-head attention with n_kv_head <= n_head (MHA when equal, GQA when fewer, MQA at 1).
 
@@ -288,10 +323,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x, layer: int, positions, rope, kv: AttentionBackend | None):
-        cfg = self.cfg
+    def forward(self, x, layer: int, positions, rope, kv: AttentionBackend | None,
+                ops=None, residual: torch.Tensor | None = None):
+        """(residual +) proj(attention(x)): the residual add rides along with the projection so
+        a fused kernel can do both in one pass (see TorchOps)."""
+        cfg, ops = self.cfg, ops or TorchOps
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim,
+        q, k, v = ops.linear(x, self.qkv.weight, self.qkv.bias).split([cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim,
                                      cfg.kv_heads * cfg.head_dim], dim=-1)
         q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = k.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)   # (B, nkv, T, hd)
@@ -305,7 +343,7 @@ class Attention(nn.Module):
         else:
             y = kv.attend(layer, q, k, v, positions)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)   # (B, T, nh*hd)
-        return self.proj(y)
+        return ops.linear(y, self.proj.weight, self.proj.bias, residual=residual)
 
 
 class MLP(nn.Module):
@@ -318,12 +356,15 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.ff_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.ff_dim, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x):
-        h = self.fc(x)
+    def forward(self, x, ops=None, residual: torch.Tensor | None = None):
+        """(residual +) mlp(x)."""
+        ops = ops or TorchOps
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            return self.proj(F.silu(gate) * up)
-        return self.proj(F.gelu(h, approximate="tanh"))
+            gate, up = ops.linear(x, self.fc.weight, self.fc.bias).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = ops.linear(x, self.fc.weight, self.fc.bias, activation="gelu_tanh")
+        return ops.linear(h, self.proj.weight, self.proj.bias, residual=residual)
 
 
 class Block(nn.Module):
@@ -336,9 +377,9 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, layer, positions, rope, kv):
-        x = x + self.attn(self.norm1(x), layer, positions, rope, kv)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, layer, positions, rope, kv, ops):
+        x = self.attn(ops.norm(x, self.norm1), layer, positions, rope, kv, ops, residual=x)
+        return self.mlp(ops.norm(x, self.norm2), ops, residual=x)
 
 
 class Transformer(nn.Module):
@@ -362,8 +403,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def hidden(self, tokens, positions=None, kv: AttentionBackend | None = None):
-        """The transformer body: (B, T) token ids -> (B, T, n_embd) after the final norm."""
+    def hidden(self, tokens, positions=None, kv: AttentionBackend | None = None, ops=None):
+        """The transformer body: (B, T) token ids -> (B, T, n_embd) after the final norm.
+        ops: how linear layers and norms run (TorchOps by default; see TorchOps)."""
+        ops = ops or TorchOps
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -374,15 +417,15 @@ class Transformer(nn.Module):
         else:
             rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # (B,1,T,hd/2)
         for layer, block in enumerate(self.blocks):
-            x = block(x, layer, positions, rope, kv)
-        return self.norm_f(x)
+            x = block(x, layer, positions, rope, kv, ops)
+        return ops.norm(x, self.norm_f)
 
-    def logits(self, h):
+    def logits(self, h, ops=None):
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return h @ weight.t()                                             # (..., vocab)
+        return (ops or TorchOps).linear(h, weight)                        # (..., vocab)
 
-    def forward(self, tokens, positions=None, kv: AttentionBackend | None = None):
-        return self.logits(self.hidden(tokens, positions, kv))
+    def forward(self, tokens, positions=None, kv: AttentionBackend | None = None, ops=None):
+        return self.logits(self.hidden(tokens, positions, kv, ops), ops)
 
     @property
     def device(self):
@@ -421,7 +464,7 @@ def append_to_cache(model: Transformer, tokens: torch.Tensor, cache: KVCache,
     positions = (torch.tensor(starts, device=tokens.device)[:, None]
                  + torch.arange(T, device=tokens.device))                       # (B, T)
     rows_t = None if rows is None else torch.tensor(row_ids, device=tokens.device)
-    h = model.hidden(tokens, positions, CacheStep(cache, rows_t, max(starts) + T))
+    h = model.hidden(tokens, positions, CacheStep(cache, rows_t, cache.read_len(max(starts) + T)))
     for r in row_ids:
         cache.lengths[r] += T
     return h[:, -1]

@@ -43,6 +43,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -368,28 +369,109 @@ def store_kv_reference(k_pool, v_pool, k, v, slot_mapping):
 
 
 # The engine's one kernel of its own: write each new token's K/V rows to its slot. One program
-# per token copies Hkv * D contiguous elements (768 for GPT-2: 1.5 KB in fp16) for K and for V.
+# per token copies Hkv * D elements (768 for GPT-2: 1.5 KB in fp16) for K and for V.
 # Defined at module level (not in a closure) so torch.compile can import it by name.
+#
+# k and v are read through their strides (token, head; the last dimension must be contiguous), so
+# the views the model hands over need no .contiguous() copy first: in decode, GPT-2's k and v are
+# slices of the fused qkv output (token stride (H + 2 Hkv) * D, not Hkv * D), and a RoPE model's v
+# is one too; in prefill, kn = k[0].transpose(0, 1) has head stride N * D. The copies it saves were
+# 2 kernels per layer: for an eager GPT-2 decode step at batch > 1 (at batch 1 the slice already
+# counts as contiguous) 24 launches of ~50 us host time each on the H200 machine's host; inside a
+# graph, 24 small copy kernels of GPU time. (Measured, eager, batch 32: 89 -> 65 launches a step.)
 @triton.jit
-def store_kv_kernel(k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slot_ptr, stride_tok, stride_slot,
-                    ROW: tl.constexpr, BLOCK: tl.constexpr):
+def store_kv_kernel(k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slot_ptr,
+                    stride_kt, stride_kh, stride_vt, stride_vh, stride_slot,
+                    HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot >= 0:                       # -1: a padded row of a CUDA-graph batch writes nothing
-        offs = tl.arange(0, BLOCK)
+        offs = tl.arange(0, BLOCK)      # element (head, d) of the token's Hkv * D row
         mask = offs < ROW
-        k = tl.load(k_ptr + token * stride_tok + offs, mask=mask)
-        v = tl.load(v_ptr + token * stride_tok + offs, mask=mask)
-        tl.store(k_pool_ptr + slot * stride_slot + offs, k, mask=mask)
+        head, d = offs // HEAD_DIM, offs % HEAD_DIM
+        k = tl.load(k_ptr + token * stride_kt + head * stride_kh + d, mask=mask)
+        v = tl.load(v_ptr + token * stride_vt + head * stride_vh + d, mask=mask)
+        tl.store(k_pool_ptr + slot * stride_slot + offs, k, mask=mask)    # pool rows: contiguous
         tl.store(v_pool_ptr + slot * stride_slot + offs, v, mask=mask)
 
 
 def store_kv_triton(k_pool, v_pool, k, v, slot_mapping):
-    """Same contract as store_kv_reference, one launch instead of ~6 PyTorch ops."""
-    k, v = k.contiguous(), v.contiguous()
-    row = k.shape[1] * k.shape[2]
-    store_kv_kernel[(k.shape[0],)](k, v, k_pool, v_pool, slot_mapping, row, row,
-                                   ROW=row, BLOCK=triton.next_power_of_2(row))
+    """Same contract as store_kv_reference, one launch instead of ~6 PyTorch ops. k, v: (N, Hkv, D)
+    with any token and head strides (no copy); only a non-contiguous last dimension is copied."""
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    head_dim = k.shape[2]
+    row = k.shape[1] * head_dim
+    store_kv_kernel[(k.shape[0],)](k, v, k_pool, v_pool, slot_mapping,
+                                   k.stride(0), k.stride(1), v.stride(0), v.stride(1), row,
+                                   HEAD_DIM=head_dim, ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+# torch.compile and our Triton kernels. Inductor re-compiles a user Triton kernel it traces
+# into its own graph, and with this kernel's fp32 accumulator that fails (Triton 3.6 + torch
+# 2.11: "acc.type.element_ty == out_dtype" in tl.dot). Registering the two calls as custom ops
+# makes them opaque: Inductor fuses everything around them and calls them as they are.
+@torch.library.custom_op("waveboost::store_kv", mutates_args=("k_pool", "v_pool"))
+def store_kv_op(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                slot_mapping: torch.Tensor) -> None:
+    store_kv_triton(k_pool, v_pool, k, v, slot_mapping)
+
+
+@torch.library.custom_op("waveboost::paged_decode", mutates_args=())
+def paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    context_lens: torch.Tensor, max_context: int) -> torch.Tensor:
+    import flash_attn
+    return flash_attn.paged_decode(q, k_cache, v_cache, block_table, context_lens, max_context=max_context)
+
+
+@paged_decode_op.register_fake
+def _paged_decode_shape(q, k_cache, v_cache, block_table, context_lens, max_context):
+    return torch.empty_like(q)
+
+
+class CompiledKernels:
+    """flash_attn's interface (what PagedStep calls) through the custom ops above."""
+    @staticmethod
+    def paged_decode(q, k_cache, v_cache, block_table, context_lens, max_context):
+        return paged_decode_op(q, k_cache, v_cache, block_table, context_lens, max_context)
+
+    @staticmethod
+    def flash_attn_varlen(*args, **kwargs):     # prefill is never compiled
+        import flash_attn
+        return flash_attn.flash_attn_varlen(*args, **kwargs)
+
+
+class FusedDecodeOps(M.TorchOps):
+    """model.TorchOps for steps of a few rows (decode), as triton_matmul.py's kernels: one GEMV
+    kernel per linear layer with its bias, GELU and residual add fused in, one kernel per norm.
+    Why: at batch 1 a GPT-2 1.5B decode step is ~650 kernels, and on the H200 the cuBLAS M=1
+    GEMMs ran at ~2 TB/s of the ~4.2 the card can stream, torch's LayerNorm took 5 us for one row
+    of 1600 (one thread block per row), plus separate bias-free GELU and residual-add kernels.
+    Measured on the H200 (GPT-2 1.5B, batch 1, one decode step as a CUDA graph): 2.68 -> 1.84 ms,
+    633 -> 441 kernels. Only single-row linears take the GEMV: its several-row path (an M x N x K
+    product tile per step) made a batch-8 step 7x slower than cuBLAS (20.6 vs 3.0 ms), so more
+    rows go to PyTorch, where cuBLAS's tiled GEMMs win. Norms of up to 16 rows use the kernel."""
+
+    @staticmethod
+    def linear(x, weight, bias=None, activation=None, residual=None):
+        import triton_matmul as tm
+        rows = x.numel() // x.shape[-1]
+        if rows != 1:
+            return M.TorchOps.linear(x, weight, bias, activation, residual)
+        res = None if residual is None else residual.reshape(rows, -1)
+        y = tm.gemv(x.reshape(rows, x.shape[-1]), weight, bias, activation=activation, residual=res)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def norm(x, module):
+        import triton_matmul as tm
+        rows = x.numel() // x.shape[-1]
+        if rows > tm.MAX_GEMV_ROWS:
+            return module(x)
+        rms = isinstance(module, M.RMSNorm)
+        y = tm.row_norm(x.reshape(rows, x.shape[-1]), module.weight, None if rms else module.bias,
+                        eps=module.eps, rms=rms)
+        return y.view(x.shape)
 
 
 @dataclass
@@ -499,8 +581,12 @@ class EngineConfig:
     max_num_batched_tokens: int = _knob(8192, "token budget of one prefill step")
     prefix_caching: bool = _knob(True, "reuse KV blocks of identical prompt prefixes")
     cuda_graphs: bool = _knob(True, "replay decode steps from CUDA graphs (GPU only)")
-    compile: bool = _knob(False, "torch.compile the decode forward")
+    compile: bool = _knob(False, "torch.compile the decode forward (Inductor fuses the norms, adds and "
+                          "activations itself; the fused Triton decode ops are then not used)")
     kernels: str = _knob("auto", "auto = Triton (flash_attn.py) on cuda, PyTorch on cpu; or triton/torch")
+    fused_ops: bool = _knob(True, "decode steps run linear layers and norms as triton_matmul.py's "
+                            "GEMV/row-norm kernels (bias, GELU and residual fused) when the Triton "
+                            "kernels are on")
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -520,6 +606,10 @@ class EngineConfig:
         return self.kernels == "triton" or (self.kernels == "auto" and self.device.startswith("cuda"))
 
     @property
+    def uses_fused_ops(self) -> bool:
+        return self.fused_ops and self.uses_triton and not self.compile
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.float16 if self.device.startswith("cuda") else torch.float32
@@ -527,6 +617,62 @@ class EngineConfig:
 
 
 GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+
+
+# The inputs of one graph-replayed decode step live in ONE flat int32 buffer, cut into segments for
+# a batch of bs rows (each segment 16-byte aligned, as a separate allocation would be: Triton and
+# Inductor specialise kernels on pointer alignment):
+#     ids (3, bs): token, position, slot of each row | seq_lens (bs,) | block_tables (bs, width)
+# The same cut gives views of the pinned host staging buffer (numpy, filled in place) and of the
+# device buffer the graph reads (torch): one copy moves a whole step's inputs across.
+
+def _align4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+def decode_buffer_size(bs: int, width: int) -> int:
+    """int32 elements of a bs-row batch's inputs (decode_buffer_views), block tables width wide."""
+    return _align4(_align4(3 * bs) + bs) + bs * width
+
+
+def decode_buffer_views(buf, bs: int, width: int) -> dict:
+    """Views of a bs-row batch's decode inputs in the flat int32 buffer buf (numpy or torch)."""
+    lens_at = _align4(3 * bs)
+    tables_at = _align4(lens_at + bs)
+    return {"ids": buf[:3 * bs].reshape(3, bs), "seq_lens": buf[lens_at:lens_at + bs],
+            "block_tables": buf[tables_at:tables_at + bs * width].reshape(bs, width)}
+
+
+def fill_decode_inputs(views: dict, seqs: list[Sequence], block_size: int) -> None:
+    """Write a decode step's inputs into numpy views (decode_buffer_views) in place, with plain
+    numpy: no PyTorch op, no device call. Row i is seqs[i]'s newest token: its id, its position
+    len - 1, the slot its K/V go to, the length len and the block table. Rows past len(seqs) are
+    the bucket's padding: token 0, position 0, slot -1 (writes nothing), length 1 and an all-zero
+    block table (reads one slot of block 0, harmlessly; the row's logits are dropped)."""
+    B = len(seqs)
+    ids, seq_lens, tables = views["ids"], views["seq_lens"], views["block_tables"]
+    tables.fill(0)
+    for i, s in enumerate(seqs):
+        tables[i, :len(s.block_table)] = s.block_table
+    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=B)
+    pos = lens - 1
+    ids[0, :B] = [s.last_token for s in seqs]
+    ids[1, :B] = pos
+    ids[2, :B] = tables[np.arange(B), pos // block_size] * block_size + pos % block_size
+    ids[:, B:] = np.array([[0], [0], [-1]])
+    seq_lens[:B] = lens
+    seq_lens[B:] = 1
+
+
+@dataclass
+class DecodeGraph:
+    """One captured decode step (a batch-size bucket) and the buffers its inputs travel through."""
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor         # (bs, vocab), rewritten by every replay
+    greedy: torch.Tensor         # (bs,) int64: logits.argmax(-1), captured in the same graph
+    staging: dict                # numpy views of the pinned host buffer, in this bucket's layout
+    host: torch.Tensor           # the pinned host region those views cover ...
+    device: torch.Tensor         # ... and the device region the graph reads, same layout
 
 
 class ModelRunner:
@@ -548,6 +694,9 @@ class ModelRunner:
         if cfg.uses_triton:
             import flash_attn
             self.kernels, self.store_kv = flash_attn, store_kv_triton
+            if cfg.compile:
+                self.kernels, self.store_kv = CompiledKernels, store_kv_op
+        self.decode_ops = FusedDecodeOps if cfg.uses_fused_ops else M.TorchOps
         self.decode_forward = self._decode_forward
         if cfg.compile:
             # compile in this process: Inductor's worker subprocesses hide the real error of a
@@ -557,7 +706,8 @@ class ModelRunner:
             # dynamic=None (the default): the first recompile (a new batch size) marks the batch
             # dimension dynamic, so the graph buckets do not each recompile (dynamo gives up after 8)
             self.decode_forward = torch.compile(self._decode_forward)
-        self.graphs: dict[int, tuple] = {}
+        self.graphs: dict[int, DecodeGraph] = {}
+        self.graph_sizes: list[int] = []               # sorted(self.graphs)
         if cfg.cuda_graphs and self.device.type == "cuda":
             self.capture_graphs()
 
@@ -599,19 +749,21 @@ class ModelRunner:
 
     # -- decode ----------------------------------------------------------------------------------
     def _decode_forward(self, tokens, positions, step: PagedStep):
-        return self.model.logits(self.model.hidden(tokens, positions, step)[:, -1])
+        ops = self.decode_ops
+        return self.model.logits(self.model.hidden(tokens, positions, step, ops)[:, -1], ops)
 
     @torch.no_grad()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token per sequence: (B,) -> logits (B, vocab)."""
+    def decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per sequence: (B,) -> logits (B, vocab), and their argmax (B,) when a CUDA
+        graph computed it along (None otherwise). Both are on the device; see sample()."""
         B = len(seqs)
+        graph_bs = next((b for b in self.graph_sizes if b >= B), None)
+        if graph_bs is not None:
+            return self._replay(graph_bs, seqs)
         tokens = [s.last_token for s in seqs]
         positions = [len(s) - 1 for s in seqs]
         slots = [self._slots(s, len(s) - 1, len(s))[0] for s in seqs]
         lens = [len(s) for s in seqs]
-        graph_bs = next((b for b in sorted(self.graphs) if b >= B), None)
-        if graph_bs is not None:
-            return self._replay(graph_bs, seqs, tokens, positions, slots, lens)
         dev = self.device
         # an upper bound of the lengths, rounded up to a power of two: the kernel sizes its splits
         # from it, and a bound that changed every step would re-specialise (and re-compile) it
@@ -619,7 +771,7 @@ class ModelRunner:
         step = self._step("decode", torch.tensor(slots, device=dev), self._block_tables(seqs),
                           torch.tensor(lens, dtype=torch.int32, device=dev), max_seqlen_k=bound)
         return self.decode_forward(torch.tensor(tokens, device=dev)[:, None],
-                                   torch.tensor(positions, device=dev)[:, None], step)
+                                   torch.tensor(positions, device=dev)[:, None], step), None
 
     # -- CUDA graphs -----------------------------------------------------------------------------
     # A decode step of GPT-2 124M is ~160 kernel launches of a few microseconds each: at batch 1
@@ -630,56 +782,86 @@ class ModelRunner:
     # one graph per batch-size bucket, keep all inputs in static buffers, and pad a batch up to
     # the next bucket. Padded rows get slot -1 (they write only the trash block), length 1 and an
     # all-zero block table (they read one slot of block 0, harmlessly); their logits are dropped.
+    #
+    # With the launches gone, what is left on the host is the step's bookkeeping, and at batch 1
+    # it is the critical path. Feeding the graph's inputs one tensor at a time took ~13 PyTorch
+    # calls per step (5 torch.tensor(...) H2D copies from pageable memory, 5 slice copies, 2 fill_,
+    # a zero_), plus an argmax launch in sample(): at ~50 us each on the H200 machine's host, about
+    # 0.7 ms, more than the GPU's ~0.5 ms of work. Now all the inputs are views of ONE int32 device
+    # buffer (decode_buffer_views), filled on the host with numpy in a pinned staging buffer of the
+    # same layout and moved by ONE asynchronous copy; the greedy argmax is captured in the graph,
+    # so an all-greedy step reads back B token ids with one small copy and launches nothing else.
+    # Expected: ~15 PyTorch calls on the host per step -> 3 (copy, replay, read-back; plus an
+    # event record and wait of a few us), i.e. ~0.5 ms less host time per step on that machine.
+    # The numpy fill is ~10 us at batch 1, ~50 at batch 32 (the old lists + torch.tensor: 18, 134).
+    # Measured on a later H200 machine with a faster host (GPT-2 124M fp16, context 512, same
+    # tokens before and after): per step, CUDA runtime calls went from 11 memcpy + 6 stream syncs
+    # + 4 launches to 2 memcpy + 1 sync; engine.step() 0.72-0.84 -> 0.66-0.67 ms at batch 1 and
+    # 1.38-1.40 -> 1.10 ms at batch 32 (two runs); the host time to issue decode() 0.15-0.23 ->
+    # 0.06-0.12 ms at batch 1 and 0.37 -> 0.15 ms at batch 32.
+    # The int32 -> int64 casts the model and the KV store want (embedding and RoPE indices; slots,
+    # for index_copy_ and for 64-bit slot offsets) are one kernel inside the graph: GPU microseconds.
     @torch.no_grad()
     def capture_graphs(self):
-        mc, dev = self.model.cfg, self.device
+        dev, width = self.device, self.max_blocks_per_seq
         sizes = [b for b in GRAPH_BATCH_SIZES if b <= self.cfg.max_num_seqs]
         if not sizes or sizes[-1] < self.cfg.max_num_seqs:
             sizes.append(self.cfg.max_num_seqs)
-        n = sizes[-1]
-        self.static = dict(
-            tokens=torch.zeros(n, 1, dtype=torch.long, device=dev),
-            positions=torch.zeros(n, 1, dtype=torch.long, device=dev),
-            slots=torch.full((n,), -1, dtype=torch.long, device=dev),
-            seq_lens=torch.ones(n, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, device=dev))
+        n = decode_buffer_size(sizes[-1], width)            # the largest bucket's layout is longest
+        device_buf = torch.zeros(n, dtype=torch.int32, device=dev)
+        host_buf = torch.zeros(n, dtype=torch.int32, pin_memory=True)
+        host_np = host_buf.numpy()                          # shares host_buf's memory
+        # "the pinned buffer's last copy has left": set after each copy is queued, waited on before
+        # the host rewrites the buffer (a copy from pinned memory runs asynchronously, later)
+        self.inputs_copied = torch.cuda.Event()
         pool = None
         for bs in reversed(sizes):                      # largest first: the pool fits all later ones
-            st = self.static
-            step = self._step("decode", st["slots"][:bs], st["block_tables"][:bs], st["seq_lens"][:bs],
-                              max_seqlen_k=mc.max_seq_len)
-            args = (st["tokens"][:bs], st["positions"][:bs], step)
+            size = decode_buffer_size(bs, width)
+            g = DecodeGraph(None, None, None, decode_buffer_views(host_np, bs, width),
+                            host_buf[:size], device_buf[:size])
+            fill_decode_inputs(g.staging, [], self.block_size)      # all rows padding
+            g.device.copy_(g.host)
+            inputs = decode_buffer_views(g.device, bs, width)
             for _ in range(2):                          # warm up: autotune, compile, allocate
-                self.decode_forward(*args)
+                self._graph_step(inputs)
             torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.decode_forward(*args)
-            pool = graph.pool()
-            self.graphs[bs] = (graph, logits)
+            g.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.graph, pool=pool):
+                g.logits, g.greedy = self._graph_step(inputs)
+            pool = g.graph.pool()
+            self.graphs[bs] = g
+        self.graph_sizes = sorted(self.graphs)
         torch.cuda.synchronize()
 
-    def _replay(self, bs, seqs, tokens, positions, slots, lens):
-        st, B = self.static, len(seqs)
-        st["tokens"][:B, 0] = torch.tensor(tokens, device=self.device)
-        st["positions"][:B, 0] = torch.tensor(positions, device=self.device)
-        st["slots"].fill_(-1)
-        st["slots"][:B] = torch.tensor(slots, device=self.device)
-        st["seq_lens"].fill_(1)
-        st["seq_lens"][:B] = torch.tensor(lens, dtype=torch.int32, device=self.device)
-        st["block_tables"].zero_()
-        width = max(len(s.block_table) for s in seqs)
-        st["block_tables"][:B, :width] = self._block_tables(seqs, width)
-        graph, logits = self.graphs[bs]
-        graph.replay()
-        return logits[:B]
+    def _graph_step(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured step: int32 inputs (device views) -> logits and their argmax."""
+        ids = inputs["ids"].long()                      # (3, bs): tokens, positions, slots
+        step = self._step("decode", ids[2], inputs["block_tables"], inputs["seq_lens"],
+                          max_seqlen_k=self.model.cfg.max_seq_len)
+        logits = self.decode_forward(ids[0][:, None], ids[1][:, None], step)
+        return logits, logits.argmax(dim=-1)
+
+    def _replay(self, bs: int, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        g, B = self.graphs[bs], len(seqs)
+        # Never rewrite the pinned buffer while the last step's copy out of it may still be
+        # queued. The engine reads every step's tokens back (a sync) before the next step, so
+        # this wait returns at once there; a caller replaying back to back (bench.py) waits here
+        # for at most the previous step's copy, i.e. stays at most one step ahead of the GPU.
+        self.inputs_copied.synchronize()
+        fill_decode_inputs(g.staging, seqs, self.block_size)
+        g.device.copy_(g.host, non_blocking=True)       # ONE H2D copy: (4 + width) * bs * 4 bytes
+        self.inputs_copied.record()
+        g.graph.replay()
+        return g.logits[:B], g.greedy[:B]
 
     # -- sampling --------------------------------------------------------------------------------
     @staticmethod
-    def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def sample(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None) -> list[int]:
         """Greedy rows in one argmax; sampled rows one by one with their own seeded generator
-        (so a request's draws do not depend on what else is in the batch)."""
-        out = logits.argmax(dim=-1).tolist()
+        (so a request's draws do not depend on what else is in the batch). greedy: logits'
+        argmax if already computed (a decode graph's), which saves a launch: an all-greedy
+        batch then costs one small device-to-host copy."""
+        out = (logits.argmax(dim=-1) if greedy is None else greedy).tolist()
         for i, s in enumerate(seqs):
             p = s.params
             if p.temperature > 0:
@@ -827,8 +1009,11 @@ class LLMEngine:
         work = self.scheduler.schedule()
         self.steps[work.kind] += 1
         try:
-            logits = (self.runner.prefill if work.kind == "prefill" else self.runner.decode)(work.seqs)
-            new_tokens = ModelRunner.sample(logits, work.seqs)
+            if work.kind == "prefill":
+                logits, greedy = self.runner.prefill(work.seqs), None
+            else:
+                logits, greedy = self.runner.decode(work.seqs)     # greedy: a graph's argmax or None
+            new_tokens = ModelRunner.sample(logits, work.seqs, greedy)
         except Exception:
             for seq in work.seqs:
                 self.scheduler.finish(seq, "error", written=work.kind == "decode")

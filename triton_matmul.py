@@ -10,7 +10,10 @@ You will learn about:
     (`num_stages`) buys, and how `@triton.autotune` picks tile sizes / num_warps / num_stages;
   - occupancy: computed from the compiled kernel's own registers and shared memory, and why
     the fastest config is often *not* the highest-occupancy one;
-  - fusing bias + GELU into the GEMM epilogue, and profiling kernels (torch.profiler, ncu).
+  - fusing bias + GELU into the GEMM epilogue, and profiling kernels (torch.profiler, ncu);
+  - decode-shaped kernels (v5): why a 1-token GEMM is bandwidth-bound, how many bytes must be
+    in flight to reach HBM speed (Little's law), a GEMV with bias + GELU + residual fused, and
+    a one-row LayerNorm/RMSNorm.
 
 The version ladder (8192^3 fp16 on an H200, GPU time per GEMM from CUDA graphs, one run of
 `python bench.py --topic matmul`, torch 2.11 / triton 3.6):
@@ -21,11 +24,16 @@ The version ladder (8192^3 fp16 on an H200, GPU time per GEMM from CUDA graphs, 
   v4  + fused bias + GELU(tanh) epilogue (GPT-2 MLP c_fc, 16 tokens x 768 -> 3072): 4.0 us vs
       5.2 us for torch addmm + gelu (1.3x); 4096 tokens: 46.0 vs 47.2 us (1.03x)
   cuBLAS (torch.matmul), same run                                     643 TFLOP/s
+  v5  decode (1 token): GEMV on CUDA cores with bias/GELU/residual fused, one-row norms.
+      GPT-2 1.5B shapes, in CUDA graphs: 1.07-2.14x torch (cuBLAS + epilogue kernels), 31-59%
+      of copy bandwidth for the 5-20 MB layers, 83% for the 153 MB LM head; LayerNorm 2.2 vs
+      4.3 us. At 4 tokens it is 0.4-0.8x cuBLAS, so serve.py uses it for single rows only.
 
 Run:
   python triton_matmul.py                     # checks every version against torch, prints a table
   python triton_matmul.py --size 4096 --profile   # + a torch.profiler table (GPU)
   python bench.py --topic matmul              # TFLOP/s vs cuBLAS, autotune/occupancy table, plot
+  python bench.py --topic gemv                # v5: GPT-2 1.5B's decode kernels, torch vs v5
 Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1) on small shapes.
 """
 import argparse
@@ -533,6 +541,439 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
     return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
 
 # -----------------------------------------------------------------------------
+# v5: decode-shaped kernels. A GEMV with a fused epilogue, and a one-row LayerNorm / RMSNorm.
+#
+# Batch-1 decode pushes ONE token through the model: each Linear is y = x @ W^T + b with x of
+# shape (1, K). Every weight element is read from HBM to do one multiply-add (2 FLOPs per
+# 2 bytes in fp16), so the arithmetic intensity is 1 FLOP/byte, ~150x below the H200's
+# ridge point (cuBLAS's ~640 fp16 TFLOP/s over ~4.2 TB/s of measured copy bandwidth). With M
+# tokens it is M FLOP/byte: still bandwidth-bound up to M in the hundreds. The only number
+# that matters is how close the kernel comes to streaming its weight at full bandwidth.
+#
+# GPT-2 1.5B (48 layers, n_embd 1600, fp16), per layer and token:
+#
+#   GEMM (K -> N)                   weight    at 4.2 TB/s   cuBLAS, measured on the H200
+#   attn c_attn  1600 -> 4800 +b    15.4 MB      3.7 us      7.5 us
+#   attn c_proj  1600 -> 1600 +b     5.1 MB      1.2 us      6.7 us, + 1.4 us residual add
+#   mlp  c_fc    1600 -> 6400 +b    20.5 MB      4.9 us      8.4 us addmm + GELU (v4's table)
+#   mlp  c_proj  6400 -> 1600 +b    20.5 MB      4.9 us      8.7 us split-K + 1.9 us reduce
+#                                                                 + 1.4 us residual add
+#   2 LayerNorms on one row of 1600    6 KB       ~0         2 x 5 us
+#
+# The weights of one layer are 61 MB, 14.6 us at 4.2 TB/s (48 layers + the 161 MB LM head:
+# ~0.74 ms per token, ~1350 tokens/s at batch 1). The kernels above add up to ~46 us per
+# layer: we run at a third of the card's speed, and the five small kernels (norms, GELU,
+# adds: ~14 us) cost as much as the weights. Each kernel also has a floor: the measured
+# GELU on 6400 elements (13 KB) takes 1.3 us, so ~1.3 us is what launching, ramping up and
+# draining ANY kernel costs here, and kernels in one stream (or one CUDA graph) do not overlap.
+# Fewer, fused kernels that stream at full bandwidth: expect ~1.3 us + bytes / 4.2 TB/s each,
+# i.e. ~5, ~2.5, ~6 and ~6 us for the four GEMMs above with their epilogues fused in, and
+# ~1.5-2 us per norm (predictions; `python bench.py --topic gemv` measures them).
+#
+# Why cuBLAS's M=1 path is slow. We cannot see inside cuBLAS, but its GEMM kernels are built
+# for tiles: a program owns a 64..256-column strip of C and runs tensor-core MMAs whose rows
+# are 63/64 padding when M=1. Padding costs no bandwidth, but the tiling does: N=1600 cut into
+# 128-wide tiles is 13 programs for 132 SMs, so unless K is also split, most SMs issue no loads
+# at all. Splitting K fills the GPU but writes fp32 partial sums that a second kernel adds up
+# (the 1.9 us "reduce" seen for 6400 -> 1600), and bias/GELU/residual become further kernels.
+#
+# Little's law: how many bytes must be in flight. Bandwidth = bytes in flight / latency. A
+# loaded HBM access takes roughly 0.6-0.8 us, so 4.2 TB/s needs ~4.2e12 * 0.7e-6 = ~3 MB of
+# loads outstanding at every moment: ~22 KB per SM. Our GEMV grid has one program per
+# BLOCK_N output columns (rows of W); a program walks along K in BLOCK_K chunks, and with
+# num_stages = S the compiler keeps S-1 chunks' loads in flight ahead of the one being summed
+# (a ring buffer in shared memory, as in v3). A program of 4 warps uses few registers, so up
+# to 16 fit on an SM (64 warps): for GPT-2's N, all N/BLOCK_N programs are resident at once
+# (1600 / 4 = 400 programs = 3 per SM), and the bytes in flight are about
+#     (N / BLOCK_N) * BLOCK_N * BLOCK_K * 2 B * (S-1)  =  N * BLOCK_K * 2 B * (S-1),
+# independent of BLOCK_N. For N=1600, BLOCK_K=512, S=3: 3.3 MB: enough. With S=1 a program
+# waits for each chunk before asking for the next: one chunk per program, 1.6 MB, about half
+# the bandwidth. So: long K chunks and a few stages for small N; BLOCK_N only sets how many
+# programs share the work (a small BLOCK_N spreads N=1600 over more SMs, so more SMs issue
+# loads). fp32 weights: the same with 4-byte elements, twice the bytes and the time.
+#
+# The loads themselves: nn.Linear stores W as (N, K), row-major, so a program's BLOCK_N rows
+# are each contiguous along K: every thread loads 16 bytes (8 fp16) at a time and a warp
+# reads 256-512 contiguous bytes of a row, perfectly coalesced. (The transposed (K, N) layout that matmul()
+# takes would give each program strips only BLOCK_N * 2 bytes wide per row.)
+#
+# Arithmetic: CUDA cores, not tensor cores. tl.dot needs 16 rows; with M=1 it would multiply
+# 15 rows of padding. Instead each program broadcasts x against its W tile and sums:
+#     acc[m, n] += sum_k x[m, k] * W[n, k]          in fp32 registers
+# Per weight element that is one fp16->fp32 conversion and M FMAs. The H200's CUDA cores do
+# 132 SMs * 128 lanes * ~1.98 GHz = ~33e12 fp32 FMA/s, and weights arrive at 4.2e12 / 2 =
+# 2.1e12 elements/s, so up to ~16 FMAs per element keep up with HBM on paper (less in
+# practice: conversions, reductions and address math share the same issue slots). Hence
+# MAX_GEMV_ROWS = 16: beyond that the CUDA cores, not HBM, are the limit, and tensor cores
+# (matmul() and its BLOCK_M=16 configs, or cuBLAS) are the right tool; somewhere between 8
+# and 16 rows the two cross over, to be measured.
+#  - M = 1 (BLOCK_M = 1): the program keeps a BLOCK_N x BLOCK_K tile of fp32 partial products
+#    and adds each chunk into it elementwise; the reduction over K (across threads) happens
+#    once, after the loop. 8 x 512 partials over 128 threads are 32 registers per thread.
+#  - M > 1: all M rows are handled in the same program, so W is still read once. The product
+#    x[:, None, :] * W[None, :, :] is a BLOCK_M x BLOCK_N x BLOCK_K tile, reduced over K in
+#    every iteration (keeping it across iterations would cost BLOCK_M times the registers).
+#    The autotuner only tries configs where that tile is <= 64 values per thread.
+#    Each program also reads all of x (M*K*2 bytes, from L2: x is tiny and hot), i.e. x
+#    traffic is M / BLOCK_N of the weight traffic: configs with BLOCK_N >= M are preferred.
+#
+# The epilogue is v4's plus a residual, all on the fp32 accumulator before one rounding:
+#     y = act(x @ W^T + b) + residual          (act: None or GPT-2's tanh GELU)
+# which is GPT-2's c_fc (bias + GELU) and both c_proj's (bias + residual add) in one kernel
+# each: the 1.3 us GELU and both 1.4 us adds disappear. `out` may be `residual` itself
+# (h += proj(...) in place): each output element is read and then written by the same program.
+#
+# Autotuning and CUDA graphs. On a GPU the kernel is autotuned over a handful of configs,
+# keyed on (N, K, BLOCK_M, HAS_BIAS, ACTIVATION, HAS_RESIDUAL) plus the dtypes (the autotuner
+# adds those itself). M enters only through BLOCK_M = next power of two of M, so M = 3 and 4
+# share a tuning result. The first call with a new key compiles and times every config
+# (do_bench synchronises the device): it must not happen inside a CUDA-graph capture, so warm
+# up every (shape, BLOCK_M, epilogue, dtype) that will be captured first (serve.py's engine
+# runs each graph bucket before capturing it). When out is residual, re-running the kernel
+# to time it would add the residual again and again, so while tuning, the autotuner's hooks
+# save and restore that tensor around each timed run (only when out is residual). Once tuned,
+# gemv does no host synchronisation and allocates nothing but the output (nothing when `out`
+# is given): safe to capture.
+#
+# Under the interpreter (CPU) there is no tuning: one small fixed config keeps the tests fast.
+
+# Measured (H200, 2026-11-27, `python bench.py --topic gemv`, GPU time in CUDA graphs, torch =
+# cuBLAS F.linear + its separate GELU / add kernels):
+#     1 token   c_attn 1600->4800  7.4 -> 6.9 us    c_proj +res 1600->1600  8.4 -> 3.9 us
+#               c_fc +GELU ->6400 10.4 -> 8.2 us    c_proj +res 6400->1600 12.5 -> 8.2 us
+#               LM head ->50257   59 -> 46 us (3.5 TB/s, 83% of copy bandwidth)
+#     LayerNorm of one row: 4.3 -> 2.2 us;  RMSNorm (3 PyTorch kernels): 12.5 -> 1.8 us
+# Against the prediction above: the fused epilogues paid off as expected, but the 5-20 MB
+# GEMVs stream at only 1.3-2.5 TB/s: a ~3 us floor per kernel (launch, ramp-up, the last
+# programs draining) remains, and a "single shot" variant (BLOCK_K = all of K, one loop trip,
+# every load issued at once) measured the same, so the loop's pipelining is not what limits
+# it. At 4 tokens the M x N x K product tile makes the kernel 0.4-0.8x cuBLAS: serve.py calls
+# gemv for single rows only. In a whole GPT-2 1.5B decode step: 2.68 -> 1.84 ms (serve.py).
+
+MAX_GEMV_ROWS = 16
+
+
+@triton.jit
+def gemv_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
+    M, N, K,                                   # x is M x K, W is N x K (nn.Linear layout), y is M x N
+    stride_xm, stride_wn, stride_rm, stride_ym,  # row strides; every last dim is contiguous
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)   # this program's output columns = rows of W
+    offs_k = tl.arange(0, BLOCK_K)
+    # Like v2, rows past the edge are wrapped (% M, % N): they read valid memory whose results
+    # are never stored, so inside the loop only the K tail needs a mask.
+    w_ptrs = w_ptr + (offs_n % N)[:, None] * stride_wn + offs_k[None, :]       # (BLOCK_N, BLOCK_K)
+    if BLOCK_M == 1:
+        x_ptrs = x_ptr + offs_k                                                  # (BLOCK_K,)
+        part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            part += w.to(tl.float32) * x.to(tl.float32)[None, :]   # elementwise FMAs, no reduction
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        acc = tl.sum(part, axis=1)[None, :]                          # (1, BLOCK_N): reduce once
+    else:
+        x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :]     # (BLOCK_M, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)     # (M, 1, K) * (1, N, K) -> (M, N)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+
+    # --- epilogue on the fp32 accumulator: bias, activation, residual, one rounding ---
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if ACTIVATION == "gelu_tanh":
+        acc = _gelu_tanh(acc)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _gemv_config(bn, bk, warps, stages):
+    return triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages). The first group is for 1-2 rows: long K chunks
+# (512-1024 fp16 = 1-2 KB per row of W per step) and 2-4 stages put N * BLOCK_K * 2 B * (S-1)
+# = 3-10 MB in flight for GPT-2's N (see Little's law above); BLOCK_N from 4 (more programs,
+# for N=1600) to 16 (fewer, longer-lived programs, for N=4800..50257). The second group is for
+# 4-16 rows: the M x BLOCK_N x BLOCK_K product tile must stay small in registers, and
+# BLOCK_N >= M keeps the re-reads of x below the weight traffic.
+GEMV_GPU_CONFIGS = [
+    _gemv_config(4, 512, 4, 3), _gemv_config(4, 1024, 4, 2), _gemv_config(8, 256, 4, 4),
+    _gemv_config(8, 512, 4, 3), _gemv_config(16, 256, 4, 3), _gemv_config(16, 512, 8, 3),
+    _gemv_config(16, 128, 4, 4), _gemv_config(8, 128, 4, 4), _gemv_config(16, 64, 4, 4),
+    _gemv_config(16, 128, 8, 4), _gemv_config(16, 32, 4, 4), _gemv_config(16, 64, 8, 4),
+]
+# interpreter: one config, big enough that numpy does few steps, small enough that the test
+# shapes still cover several column blocks and K steps with ragged ends
+GEMV_CONFIGS = GEMV_GPU_CONFIGS if (torch.cuda.is_available() and not INTERPRET) else [_gemv_config(32, 128, 4, 1)]
+
+
+def _prune_gemv_configs(configs, named_args, **kwargs):
+    """Before compiling anything: drop configs whose BLOCK_M x BLOCK_N x BLOCK_K product tile
+    is more than 64 fp32 values per thread (register spills); for 1-2 rows keep the big tiles
+    (BLOCK_N * BLOCK_K >= 2048: enough bytes in flight), for more rows those with
+    BLOCK_N >= min(M, 16) (x re-reads); drop BLOCK_K > next_pow2(K) (a mostly masked chunk).
+    Relaxed step by step if that leaves nothing; the register rule goes last."""
+    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+    K = named_args.get("K", 1 << 30)
+
+    def fits(c):
+        return bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps
+
+    def suits(c):
+        bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        shape_ok = bn * bk >= 2048 if bm <= 2 else bn >= min(bm, 16)
+        return shape_ok and bk <= max(triton.next_power_of_2(K), 32)
+
+    return ([c for c in configs if fits(c) and suits(c)] or [c for c in configs if fits(c)]
+            or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / c.num_warps)])
+
+
+# In-place residual (out is residual): save/restore it around each timed run of the autotuner.
+_gemv_saved = {}
+
+
+def _gemv_pre_hook(nargs, reset_only=False):
+    if (not reset_only and nargs.get("HAS_RESIDUAL")
+            and nargs["res_ptr"].data_ptr() == nargs["y_ptr"].data_ptr()):
+        _gemv_saved["residual"] = nargs["res_ptr"].clone()
+
+
+def _gemv_post_hook(nargs, exception=None):
+    saved = _gemv_saved.pop("residual", None)
+    if saved is not None:
+        nargs["res_ptr"].copy_(saved)
+
+
+# Timing: 10 ms warm-up + 40 ms of repeats per config. A decode GEMV takes a few us and
+# do_bench empties the L2 before each repeat (so W comes from HBM, as in real decode).
+gemv_kernel_autotuned = triton.autotune(
+    configs=GEMV_CONFIGS, key=["N", "K", "BLOCK_M", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL"],
+    prune_configs_by={"early_config_prune": _prune_gemv_configs},
+    pre_hook=_gemv_pre_hook, post_hook=_gemv_post_hook,
+    do_bench=functools.partial(triton.testing.do_bench, warmup=10, rep=40),
+)(gemv_kernel)
+
+
+def _as_rows(t, n_cols, name):
+    """(..., n_cols) -> (rows, n_cols) as a view (never a copy: gemv allocates only its output)."""
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, n_cols)
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} and strides {t.stride()} cannot be "
+                         f"viewed as rows of {n_cols} without a copy") from None
+
+
+def _last_dim_contiguous(t):
+    return t.shape[-1] <= 1 or t.stride(-1) == 1
+
+
+def _check_int32(*tensors):
+    for t in tensors:
+        if t is not None and t.numel() and max(s * (d - 1) for s, d in zip(t.stride(), t.shape)) >= 2**31:
+            raise ValueError("tensor too large for int32 offsets in this teaching kernel")
+
+
+def _check_gemv_inputs(x, weight, bias, activation, residual, out):
+    """Clear errors, from tensor metadata only (no device sync). Returns 2-D views of
+    x, residual, out and the output's full shape."""
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"expected x (..., K) and a 2-D weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"inner dimensions differ: x is {tuple(x.shape)}, weight (N, K) is {tuple(weight.shape)}")
+    if x.dtype != weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x and weight must share one of fp16/bf16/fp32, got {x.dtype} and {weight.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device}, weight is on {weight.device}")
+    M = math.prod(x.shape[:-1])
+    if M > MAX_GEMV_ROWS:
+        raise ValueError(f"gemv takes at most MAX_GEMV_ROWS={MAX_GEMV_ROWS} rows (got {M}): "
+                         f"beyond that the CUDA cores are the bottleneck; use matmul() for more rows")
+    if activation not in (None, "gelu_tanh"):
+        raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
+    out_shape = (*x.shape[:-1], N)
+    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype or bias.device != x.device
+                             or not _last_dim_contiguous(bias)):
+        raise ValueError(f"bias must be a contiguous ({N},) {x.dtype} on {x.device}, got {tuple(bias.shape)} {bias.dtype}")
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None and (tuple(t.shape) != out_shape or t.dtype != x.dtype or t.device != x.device
+                              or not _last_dim_contiguous(t)):
+            raise ValueError(f"{name} must be {out_shape} {x.dtype} on {x.device} with a contiguous last dim, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if not (_last_dim_contiguous(x) and _last_dim_contiguous(weight)):
+        raise ValueError("x and weight need a contiguous last dim (rows may be strided): "
+                         "store weights as nn.Linear does, (N, K) row-major")
+    x2 = _as_rows(x, K, "x")
+    res2 = None if residual is None else _as_rows(residual, N, "residual")
+    out2 = None if out is None else _as_rows(out, N, "out")
+    _check_int32(x2, weight, res2, out2)
+    return x2, res2, out2, out_shape
+
+
+def _gemv_launch(kernel, x, weight, bias, activation, residual, out, **meta):
+    """Shared launcher of gemv (autotuned) and gemv_with_config. Returns (y, compiled or None)."""
+    x2, res2, out2, out_shape = _check_gemv_inputs(x, weight, bias, activation, residual, out)
+    M, K = x2.shape
+    N = weight.shape[0]
+    y2 = torch.empty((M, N), device=x.device, dtype=x.dtype) if out2 is None else out2
+    compiled = None
+    if M and N:
+        grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]),)
+        compiled = kernel[grid](
+            x2, weight, bias if bias is not None else y2, res2 if res2 is not None else y2, y2,
+            M, N, K, x2.stride(0), weight.stride(0),
+            res2.stride(0) if res2 is not None else 0, y2.stride(0),
+            BLOCK_M=triton.next_power_of_2(M), HAS_BIAS=bias is not None, ACTIVATION=activation or "",
+            HAS_RESIDUAL=residual is not None, **meta)
+    return (out if out is not None else y2.view(out_shape)), compiled
+
+
+def gemv(x, weight, bias=None, activation=None, residual=None, out=None):
+    """y = act(x @ weight.T + bias) + residual for a few rows of x, in one kernel (v5).
+
+    x: (M, K) or (..., K) with M = prod(leading dims) <= MAX_GEMV_ROWS (16); rows may be
+    strided (a slice), the last dim must be contiguous. weight: (N, K) as nn.Linear stores it.
+    bias: (N,) or None. activation: None or "gelu_tanh" (after the bias). residual: like the
+    output, (..., N), or None, added last. out: optional output (may be `residual` itself for
+    an in-place residual add; must not overlap x, weight or bias otherwise). All tensors share
+    x's dtype (fp16/bf16/fp32); accumulation is fp32. Returns (..., N) in x's dtype.
+    On a GPU the first call per (N, K, BLOCK_M, epilogue, dtype) autotunes: do it before any
+    CUDA-graph capture."""
+    return _gemv_launch(gemv_kernel_autotuned, x, weight, bias, activation, residual, out)[0]
+
+
+def gemv_with_config(x, weight, config, bias=None, activation=None, residual=None, out=None):
+    """gemv with one explicit triton.Config (BLOCK_N, BLOCK_K, num_warps, num_stages): no
+    autotuning. Returns (y, compiled kernel); the compiled kernel is None under the interpreter."""
+    meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    return _gemv_launch(gemv_kernel, x, weight, bias, activation, residual, out, **meta)
+
+
+def gemv_reference(x, weight, bias=None, activation=None, residual=None, out=None, *, acc_dtype=torch.float32):
+    """Plain PyTorch gemv: act(x @ W^T + b) + residual in acc_dtype, rounded once to x's dtype."""
+    y = x.to(acc_dtype) @ weight.to(acc_dtype).t()
+    if bias is not None:
+        y = y + bias.to(acc_dtype)
+    if activation == "gelu_tanh":
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    if residual is not None:
+        y = y + residual.to(acc_dtype)
+    y = y.to(x.dtype)
+    return y if out is None else out.copy_(y)
+
+# -----------------------------------------------------------------------------
+# The norm in front of every GEMV: LayerNorm (GPT-2) or RMSNorm (Llama) of ONE row.
+#
+# One row of 1600 fp16 is 3.2 KB in, 3.2 KB out, 6.4 KB of weight and bias: moving it takes
+# ~4 ns at 4.2 TB/s. All of the measured 5 us of torch's layer_norm is latency: launch, the
+# loads, block-wide reductions, the store, each waiting on the one before. Torch's kernel is
+# general (any number of rows, any width, it also writes the mean and 1/std that backward
+# needs) and we have not profiled where its time goes. Ours is the shortest chain we can
+# write: one program per row, the whole row in registers (BLOCK_C = next power of two >= C,
+# up to MAX_NORM_COLS = 8192: with 16 warps that is 16 fp32 values per thread), row, weight
+# and bias loaded at once (16-byte loads, independent, so their latencies overlap), two
+# reductions in fp32 (mean, then the variance of x - mean from registers: as exact as the
+# two-pass formula, with no second trip to memory) and one store. Expect ~1.5-2 us, near the
+# ~1.3 us floor of any kernel (to be measured). The real fix is to not launch it at all:
+# fold it into the GEMV that follows (every GEMV program would recompute the row's mean and
+# variance from L2: 3.2 KB x a few hundred programs, far less than the 15-20 MB of weights);
+# that is left as an exercise.
+#
+# Semantics, matched to the references (tests check both):
+#   LayerNorm: (x - mean) / sqrt(var + eps) * w + b, biased variance (divide by C), eps
+#              inside the sqrt, all in fp32 and rounded once (torch.nn.functional.layer_norm).
+#   RMSNorm:   model.RMSNorm: (x32 * rsqrt(mean(x32^2) + eps)).type_as(x) * w, i.e. rounded to
+#              x's dtype BEFORE the weight multiply, then rounded again. No bias.
+
+MAX_NORM_COLS = 8192
+
+
+@triton.jit
+def row_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, stride_xm, stride_ym, eps,
+                    BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_C)
+    mask = offs < C
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if RMS:
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / C + eps)             # padding adds 0 to the sum
+        y = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32) * w  # .type_as(x) * weight
+    else:
+        mean = tl.sum(x, axis=0) / C
+        xc = tl.where(mask, x - mean, 0.0)                            # keep the padding out of var
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / C + eps)
+        y = xc * rstd * w
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def row_norm(x, weight, bias=None, eps=1e-5, rms=False, out=None):
+    """LayerNorm (rms=False; weight, optional bias) or RMSNorm (rms=True; weight, no bias)
+    over the last dim of x (..., C), C <= MAX_NORM_COLS, one program per row. Rows may be
+    strided; the last dim must be contiguous. weight/bias: (C,) of x's dtype. Returns x's
+    shape and dtype (or fills `out`). No autotuning, no host sync: safe in a CUDA graph."""
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    C = x.shape[-1]
+    if C > MAX_NORM_COLS:
+        raise ValueError(f"row_norm keeps a row in registers: at most MAX_NORM_COLS={MAX_NORM_COLS} columns, got {C}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
+    if rms and bias is not None:
+        raise ValueError("RMSNorm has no bias")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.shape != (C,) or t.dtype != x.dtype or t.device != x.device
+                              or not _last_dim_contiguous(t)):
+            raise ValueError(f"{name} must be a contiguous ({C},) {x.dtype} on {x.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device
+                            or not _last_dim_contiguous(out)):
+        raise ValueError(f"out must be {tuple(x.shape)} {x.dtype} on {x.device} with a contiguous last dim")
+    if not _last_dim_contiguous(x):
+        raise ValueError("x needs a contiguous last dim (rows may be strided)")
+    x2 = _as_rows(x, C, "x")
+    y2 = torch.empty(x2.shape, device=x.device, dtype=x.dtype) if out is None else _as_rows(out, C, "out")
+    _check_int32(x2, y2)
+    if x2.shape[0] and C:
+        BLOCK_C = triton.next_power_of_2(C)
+        row_norm_kernel[(x2.shape[0],)](
+            x2, weight, bias if bias is not None else weight, y2, C, x2.stride(0), y2.stride(0), eps,
+            BLOCK_C=BLOCK_C, HAS_BIAS=bias is not None, RMS=rms,
+            num_warps=max(1, min(16, BLOCK_C // 256)))    # 8 values (16 B of fp16) per thread
+    return out if out is not None else y2.view(x.shape)
+
+
+def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
+    """torch.nn.functional.layer_norm (in fp32), or model.RMSNorm's formula."""
+    if rms:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+    return torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), weight.float(),
+                                          None if bias is None else bias.float(), eps).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
 # Demo: check every version against torch and print a small table.
 
 def main():
@@ -564,6 +1005,27 @@ def main():
             err = ((c.float() - ref).abs() / (1 + ref.abs())).max().item()
             tol = {torch.float32: 4e-3 if on_gpu else 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2)  # tf32 on GPU
             print(f"| {f'{M} x {K} x {N}':>16} | {name} | {err:.2e} | {'yes' if err < tol else 'NO'} |")
+    # v5: decode-shaped GEMV with each epilogue, and the one-row norms
+    Kd, Nd = (1600, 4800) if on_gpu else (100, 37)
+    for M in (1, 5):
+        x = torch.randn(M, Kd, device=device, dtype=dtype)
+        w = torch.randn(Nd, Kd, device=device, dtype=dtype) / math.sqrt(Kd)
+        bias, res = torch.randn(Nd, device=device, dtype=dtype), torch.randn(M, Nd, device=device, dtype=dtype)
+        for name, act, r in [("v5 gemv +b", None, None), ("v5 gemv +b +gelu", "gelu_tanh", None),
+                             ("v5 gemv +b +res", None, res)]:
+            y = gemv(x, w, bias, act, r)
+            ref = gemv_reference(x.float(), w.float(), bias.float(), act, None if r is None else r.float())
+            err = ((y.float() - ref).abs() / (1 + ref.abs())).max().item()
+            tol = {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2)  # CUDA cores: no tf32
+            print(f"| {f'{M} x {Kd} x {Nd}':>16} | {name} | {err:.2e} | {'yes' if err < tol else 'NO'} |")
+    x = torch.randn(3, Kd, device=device, dtype=dtype) * 2 + 1
+    w, bias = torch.randn(Kd, device=device, dtype=dtype), torch.randn(Kd, device=device, dtype=dtype)
+    for name, rms in [("v5 LayerNorm", False), ("v5 RMSNorm", True)]:
+        y = row_norm(x, w, None if rms else bias, rms=rms)
+        ref = row_norm_reference(x.float(), w.float(), None if rms else bias.float(), rms=rms)
+        err = ((y.float() - ref).abs() / (1 + ref.abs())).max().item()
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2)
+        print(f"| {f'3 x {Kd}':>16} | {name} | {err:.2e} | {'yes' if err < tol else 'NO'} |")
     if on_gpu:
         a = torch.randn(s, s, device=device, dtype=dtype)
         cfg = _prune_configs(AUTOTUNE_CONFIGS, dict(M=s, N=s, a_ptr=a))[0]   # first that fits
