@@ -1279,19 +1279,22 @@ def topic_graphs(ctx: BenchContext) -> None:
     context = 512 if gpu else 64
     batches = [1, 32] if gpu else [1, 4]
     # torch.compile recompiles for every engine (a minute of GPU-machine time each): batch 1 only
-    variants = [("eager", False, False, False), ("torch.compile", True, False, False),
-                ("CUDA graph", False, True, False), ("compile + graph", True, True, False),
-                ("graph + v5 fused kernels", False, True, True)]
+    # (name, torch.compile, CUDA graphs, v5 fused decode kernels, programmatic dependent launch)
+    variants = [("eager", False, False, False, True), ("torch.compile", True, False, False, True),
+                ("CUDA graph", False, True, False, True), ("compile + graph", True, True, False, True),
+                ("graph + v5 fused kernels, no PDL", False, True, True, False),
+                ("graph + v5 fused kernels + PDL", False, True, True, True)]
     if not gpu:
         variants = variants[:1]
         ctx.note("(CPU: CUDA graphs need a GPU and torch.compile of the decode step is skipped to keep "
                  "the CPU run short; only the eager row is measured)")
     rows, cpu_top = [], None
     for batch in batches:
-        for name, compiled, graphs, fused in variants:
+        for name, compiled, graphs, fused, pdl in variants:
             if (compiled or fused) and batch != batches[0]:
                 continue
             try:
+                _set_pdl(pdl)
                 engine = _serve_engine(model, ctx, num_blocks=batch * ((context + 64) // 16 + 2), block_size=16,
                                        max_num_seqs=batch,
                                        max_num_batched_tokens=max(batch * context, model.cfg.max_seq_len),
@@ -1321,6 +1324,8 @@ def topic_graphs(ctx: BenchContext) -> None:
             except Exception as err:    # noqa: BLE001 (a failing variant is reported, not fatal)
                 rows.append([batch, f"{name} (failed: {type(err).__name__}: {str(err).splitlines()[0][:60]})",
                              float("nan"), float("nan"), "-", float("nan")])
+            finally:
+                _set_pdl(True)
     ctx.table(f"One decode step, GPT-2 {'124M' if gpu else 'tiny'} {str(dt).removeprefix('torch.')}, "
               f"context {context}",
               ["batch", "variant", "ms/step (median, back to back)", "host ms to issue one step",
@@ -1332,6 +1337,15 @@ def topic_graphs(ctx: BenchContext) -> None:
     if cpu_top:
         ctx.note("Where the host time of one eager decode step goes (torch.profiler, top by self CPU time):"
                  "\n\n```\n" + cpu_top + "\n```")
+
+
+def _set_pdl(enabled: bool) -> None:
+    """Programmatic dependent launch for the decode kernels on (where the GPU has it) or off.
+    A process-wide switch (the kernels read it at launch), flipped here only to compare."""
+    import flash_attn as fa
+    import triton_matmul as tm
+    supported = (not tm.INTERPRET) and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    tm.PDL = fa.PDL = enabled and supported
 
 
 def _profile_step(step, ctx, n=5):

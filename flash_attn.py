@@ -28,9 +28,10 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               -> cuDNN 341-608 TFLOP/s, FlashAttention-2 215-321 TFLOP/s
   prefill v2  flash_attn / flash_attn_varlen, pointer loads + cp.async pipelining, causal tile
               skipping, unmasked off-diagonal loop, autotuned tiles
-              -> 317-500 TFLOP/s: 1.22-1.56x the FA2 backend everywhere; vs cuDNN 0.86-0.95x at
-                 D=64 and 0.67-0.89x at D=128 (the gap is discussed at the end of Part 3); with
-                 the better of v2/v3 per shape (what bench reports): 1.27-1.56x FA2, 0.72-0.89x cuDNN
+              -> 314-497 TFLOP/s: 1.27-1.56x the FA2 backend everywhere; vs cuDNN 0.83-0.94x at
+                 D=64 and 0.72-0.86x at D=128 (0.79x at T=4096, 0.77x at T=8192; the gap is
+                 discussed at the end of Part 3). Warp-specialised configs (WARP_SPEC) are
+                 among the autotuned ones: +5-8% where the tuner picks them
   prefill v3  same kernel with use_tma=True (tiles moved by Hopper's TMA engine through
               device-side tensor descriptors) -> within -27%..+8% of v2; it wins only at D=128,
               T=2k-4k, so v2 (pointer loads) stays the default
@@ -41,9 +42,10 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
   decode  v1  paged_decode with num_splits=1: one program per (sequence, KV head)
               -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs)
   decode  v2  paged_decode, split-K (flash-decoding) + merge kernel
-              -> batch 4, context 32k: 0.13 ms (4.6x v1); batch 32, context 8k: 0.255 ms =
-                 4.2 TB/s, 0.94-1.0x SDPA on the same contiguous cache; with randomly scattered
-                 blocks 94-103% of the measured copy bandwidth (4.25 TB/s, read+write)
+              -> batch 4, context 32k: 0.133 ms (4.9x v1); batch 32, context 8k: 0.252 ms =
+                 4.3 TB/s, 0.97-0.99x SDPA on the same contiguous cache (one split and a direct
+                 write once batch x KV heads fills the SMs); with randomly scattered blocks
+                 94-103% of the measured copy bandwidth (4.25 TB/s, read+write)
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -63,6 +65,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol, for PDL)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -441,9 +444,9 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 # Why this is near the compute roof, and what cuDNN does beyond it. Causal prefill does
 # 2*T^2*H*D FLOPs over 4*T*H*D*2 bytes of Q/K/V/O: at T=4096 that is ~1000 FLOP/byte, several
 # times the ridge point (H200 measured: 746 TFLOP/s cuBLAS / 4.25 TB/s copy = 175 FLOP/byte).
-# So the kernel is limited by how busy it keeps the tensor cores: measured 377-500 TFLOP/s at
-# T >= 4096, 51-67% of cuBLAS (an attention tile also does softmax work a GEMM does not).
-# cuDNN reaches 550-610 at D=128. Two things keep us below cuDNN / FlashAttention-3:
+# So the kernel is limited by how busy it keeps the tensor cores: measured 362-497 TFLOP/s at
+# T >= 4096, 51-70% of cuBLAS (an attention tile also does softmax work a GEMM does not).
+# cuDNN reaches 567-608 at D=128. Two things keep us below cuDNN / FlashAttention-3:
 #   1. Producer/consumer warp specialisation. Here the same warps issue loads, run wgmma and
 #      do the softmax, so the tensor cores idle during exp2/max/sum. FA3 dedicates one warp
 #      group to TMA loads and ping-pongs two consumer warp groups so one group's softmax
@@ -522,7 +525,11 @@ def _paged_decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr = False,          # one split: normalise and write Out, no merge launch
+    USE_PDL: tl.constexpr = False,         # programmatic dependent launch (see PDL below)
 ):
+    if USE_PDL:
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(context_lens + seq)
     lo = split * tokens_per_split
@@ -574,7 +581,11 @@ def _paged_decode_split_kernel(
 
 @triton.jit
 def _merge_splits_kernel(O_part, LSE_part, Out, n_splits, stride_pb, stride_ph, stride_ps,
-                         stride_ob, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+                         stride_ob, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+                         USE_PDL: tl.constexpr = False):
+    if USE_PDL:
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
     seq, head = tl.program_id(0), tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -590,13 +601,22 @@ def _merge_splits_kernel(O_part, LSE_part, Out, n_splits, stride_pb, stride_ph, 
 # Memory-bound, so the config matters less than having enough programs in flight; the H200
 # tuner picked BLOCK_N=128 (4 or 8 warps) for long splits. Measured there: reading scattered
 # blocks through the table costs 1-5% against the identity table, and the kernel runs at
-# 0.94-1.0x SDPA. With one split the kernel writes the final output itself (DIRECT: no
+# 0.97-0.99x SDPA. With one split the kernel writes the final output itself (DIRECT: no
 # partials, no merge launch). Left on the table: the K/V loads depend on a block-table load,
 # which seems to keep Triton from software-pipelining them (the compiled kernel's shared
 # memory does not grow with num_stages). Loading tile j+1's block ids during tile j was tried
 # (H200, 2026-11-27) and did not measurably help, so the simpler loop stayed.
 _DECODE_GPU_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (32, 4, 3), (128, 8, 3), (64, 8, 4)]
 _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
+# Programmatic dependent launch (Hopper+; explained in triton_matmul.py, next to its GEMV): the
+# decode kernels may be launched while the previous kernel still runs, and wait for it first
+# thing (griddepcontrol.wait). In a CUDA-graph decode step this hides part of the ~1-2 us gap
+# at each of the step's kernel boundaries.
+PDL = (not INTERPRET) and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def _pdl_launch() -> dict:
+    return dict(launch_pdl=True) if PDL else {}
 _tuned_decode = []
 
 
@@ -609,9 +629,13 @@ def _decode_launcher():
 
 
 def default_num_splits(batch, n_kv_heads, max_context, device):
-    """Enough splits for ~4 programs per SM, but no split shorter than 256 tokens (below that
+    """One split when (sequence, KV head) pairs alone give every SM a program: no partials, no
+    merge (H200, batch 32 x 8 KV heads = 256 programs: 1 split 0.966x SDPA, 3 splits 0.953x).
+    Otherwise enough splits for ~4 programs per SM, but none shorter than 256 tokens (below that
     the merge and the per-program setup cost more than the extra parallelism gains)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    if batch * n_kv_heads >= sms:
+        return 1
     wanted = triton.cdiv(4 * sms, batch * n_kv_heads)
     return max(1, min(wanted, triton.cdiv(max_context, 256)))
 
@@ -653,7 +677,7 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
             *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0), *part_strides,
             out, out.stride(0), out.stride(1))
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                PAGE=block_size, DIRECT=direct)
+                PAGE=block_size, DIRECT=direct, USE_PDL=PDL, **_pdl_launch())
     grid = (batch, n_kv_heads, num_splits)
     if INTERPRET:
         _paged_decode_split_kernel[grid](*args, **meta, **_INTERPRET_DECODE_CONFIG)
@@ -664,7 +688,7 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     _merge_splits_kernel[(batch, n_heads)](
         o_part, lse_part, out, num_splits, o_part.stride(0) // head_dim, o_part.stride(1) // head_dim,
         o_part.stride(2) // head_dim, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+        HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), USE_PDL=PDL, **_pdl_launch())
     return out
 
 

@@ -54,6 +54,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HERE = Path(__file__).resolve().parent
 
@@ -200,9 +201,9 @@ class KVCache:
     def read_len(self, needed: int) -> int:
         """How many slots a step reads: `needed` rounded up to a multiple of 64 (at most max_len).
         The extra slots are masked out, so results do not change; what changes is the number of
-        distinct shapes attention sees. On a GPU, SDPA with a mask may pick cuDNN, which builds an
-        execution plan for every new shape: with a read length that grows by one every step, and
-        continuous batching mixing batch sizes, that is a new plan (milliseconds) nearly every step.
+        distinct shapes attention sees (a read length that grows by one every step is a new shape
+        every step, and GPU kernels that plan or tune per shape pay for each: on the H200, with
+        cuDNN planning per shape, this bucketing doubled static batching's tok/s, batching.md).
         On CPU the exact length is kept: summing over extra (zero-weight) slots changes the
         rounding of the last bits, and the CPU tests compare greedy tokens exactly."""
         if self.k.device.type != "cuda":
@@ -240,8 +241,15 @@ class CacheStep:
         # stale slots of shorter rows and whatever a previous sequence left in a reused row.
         slots = torch.arange(self.kv_len, device=q.device)
         visible = slots[None, None, None, :] <= positions[:, None, :, None]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
-                                              enable_gqa=n_kv != q.shape[1])
+        if q.device.type != "cuda":
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
+                                                  enable_gqa=n_kv != q.shape[1])
+        # On a GPU, keep SDPA off cuDNN here: cuDNN builds an execution plan per new shape, and a
+        # cache step's shapes change all the time (prompt lengths, batch sizes that come and go
+        # in continuous batching). The memory-efficient kernel takes the mask with no plan to build.
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
+                                                  enable_gqa=n_kv != q.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------

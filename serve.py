@@ -54,8 +54,10 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.language.extra import cuda as tl_cuda  # noqa: E402
 
 import model as M  # noqa: E402
+import triton_matmul as tm  # noqa: E402  (decode GEMV/norm kernels, PDL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,7 +384,11 @@ def store_kv_reference(k_pool, v_pool, k, v, slot_mapping):
 @triton.jit
 def store_kv_kernel(k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slot_ptr,
                     stride_kt, stride_kh, stride_vt, stride_vh, stride_slot,
-                    HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
+                    USE_PDL: tl.constexpr = False):
+    if USE_PDL:                         # programmatic dependent launch: see triton_matmul.PDL
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot >= 0:                       # -1: a padded row of a CUDA-graph batch writes nothing
@@ -404,7 +410,8 @@ def store_kv_triton(k_pool, v_pool, k, v, slot_mapping):
     row = k.shape[1] * head_dim
     store_kv_kernel[(k.shape[0],)](k, v, k_pool, v_pool, slot_mapping,
                                    k.stride(0), k.stride(1), v.stride(0), v.stride(1), row,
-                                   HEAD_DIM=head_dim, ROW=row, BLOCK=triton.next_power_of_2(row))
+                                   HEAD_DIM=head_dim, ROW=row, BLOCK=triton.next_power_of_2(row),
+                                   USE_PDL=tm.PDL, **tm.pdl_launch_options())
 
 
 # torch.compile and our Triton kernels. Inductor re-compiles a user Triton kernel it traces
@@ -448,13 +455,13 @@ class FusedDecodeOps(M.TorchOps):
     GEMMs ran at ~2 TB/s of the ~4.2 the card can stream, torch's LayerNorm took 5 us for one row
     of 1600 (one thread block per row), plus separate bias-free GELU and residual-add kernels.
     Measured on the H200 (GPT-2 1.5B, batch 1, one decode step as a CUDA graph): 2.68 -> 1.84 ms,
-    633 -> 441 kernels. Only single-row linears take the GEMV: its several-row path (an M x N x K
+    633 -> 441 kernels; 1.68 ms once these kernels (and the attention ones) also use programmatic
+    dependent launch (triton_matmul.PDL). Only single-row linears take the GEMV: its several-row path (an M x N x K
     product tile per step) made a batch-8 step 7x slower than cuBLAS (20.6 vs 3.0 ms), so more
     rows go to PyTorch, where cuBLAS's tiled GEMMs win. Norms of up to 16 rows use the kernel."""
 
     @staticmethod
     def linear(x, weight, bias=None, activation=None, residual=None):
-        import triton_matmul as tm
         rows = x.numel() // x.shape[-1]
         if rows != 1:
             return M.TorchOps.linear(x, weight, bias, activation, residual)
@@ -464,7 +471,6 @@ class FusedDecodeOps(M.TorchOps):
 
     @staticmethod
     def norm(x, module):
-        import triton_matmul as tm
         rows = x.numel() // x.shape[-1]
         if rows > tm.MAX_GEMV_ROWS:
             return module(x)

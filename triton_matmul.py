@@ -50,6 +50,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol: PDL below)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # subtle: Triton's CPU interpreter keeps bf16 as raw uint16 bits and its tl.dot multiplies those
@@ -650,6 +651,19 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # it. At 4 tokens the M x N x K product tile makes the kernel 0.4-0.8x cuBLAS: serve.py calls
 # gemv for single rows only. In a whole GPT-2 1.5B decode step: 2.68 -> 1.84 ms (serve.py).
 
+# Programmatic dependent launch (PDL, Hopper and later). Kernels in one stream (or one CUDA
+# graph) normally run strictly one after another: kernel i+1 is launched, its programs are
+# scheduled and run their prologue only once kernel i has fully drained, ~1-2 us of idle SMs
+# per boundary, and a GPT-2 1.5B decode step has ~440 boundaries. Launched with launch_pdl=True,
+# kernel i+1 may start while kernel i still runs; it must then execute `griddepcontrol.wait`
+# (tl_cuda.gdc_wait) before touching memory kernel i writes, which blocks until kernel i has
+# completed and its writes are visible. `gdc_launch_dependents` lets kernel i+2 be launched in
+# turn. We wait first thing, so correctness never depends on what a kernel reads; what
+# overlaps is the launch, the scheduling of programs and the prologue. (Every kernel launched
+# this way waits on its predecessor, which waited on its own: the chain stays ordered.)
+# serve.py's decode kernels (gemv, row_norm, store_kv, paged decode, merge) all do it.
+PDL = (not INTERPRET) and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
 MAX_GEMV_ROWS = 16
 
 
@@ -660,7 +674,11 @@ def gemv_kernel(
     stride_xm, stride_wn, stride_rm, stride_ym,  # row strides; every last dim is contiguous
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:                                # see PDL above
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)   # this program's output columns = rows of W
@@ -829,6 +847,11 @@ def _check_gemv_inputs(x, weight, bias, activation, residual, out):
     return x2, res2, out2, out_shape
 
 
+def pdl_launch_options() -> dict:
+    """The launch option that lets a kernel start before its predecessor ends (see PDL)."""
+    return dict(launch_pdl=True) if PDL else {}
+
+
 def _gemv_launch(kernel, x, weight, bias, activation, residual, out, **meta):
     """Shared launcher of gemv (autotuned) and gemv_with_config. Returns (y, compiled or None)."""
     x2, res2, out2, out_shape = _check_gemv_inputs(x, weight, bias, activation, residual, out)
@@ -843,7 +866,7 @@ def _gemv_launch(kernel, x, weight, bias, activation, residual, out, **meta):
             M, N, K, x2.stride(0), weight.stride(0),
             res2.stride(0) if res2 is not None else 0, y2.stride(0),
             BLOCK_M=triton.next_power_of_2(M), HAS_BIAS=bias is not None, ACTIVATION=activation or "",
-            HAS_RESIDUAL=residual is not None, **meta)
+            HAS_RESIDUAL=residual is not None, USE_PDL=PDL, **meta, **pdl_launch_options())
     return (out if out is not None else y2.view(out_shape)), compiled
 
 
@@ -909,7 +932,11 @@ MAX_NORM_COLS = 8192
 
 @triton.jit
 def row_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, stride_xm, stride_ym, eps,
-                    BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr):
+                    BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
+                    USE_PDL: tl.constexpr = False):
+    if USE_PDL:                                # see PDL above
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_C)
     mask = offs < C
@@ -959,7 +986,7 @@ def row_norm(x, weight, bias=None, eps=1e-5, rms=False, out=None):
         BLOCK_C = triton.next_power_of_2(C)
         row_norm_kernel[(x2.shape[0],)](
             x2, weight, bias if bias is not None else weight, y2, C, x2.stride(0), y2.stride(0), eps,
-            BLOCK_C=BLOCK_C, HAS_BIAS=bias is not None, RMS=rms,
+            BLOCK_C=BLOCK_C, HAS_BIAS=bias is not None, RMS=rms, USE_PDL=PDL, **pdl_launch_options(),
             num_warps=max(1, min(16, BLOCK_C // 256)))    # 8 values (16 B of fp16) per thread
     return out if out is not None else y2.view(x.shape)
 
