@@ -28,16 +28,16 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               -> cuDNN 341-608 TFLOP/s, FlashAttention-2 215-321 TFLOP/s
   prefill v2  flash_attn / flash_attn_varlen, pointer loads + cp.async pipelining, causal tile
               skipping, unmasked off-diagonal loop, autotuned tiles
-              -> 314-497 TFLOP/s: 1.27-1.56x the FA2 backend everywhere; vs cuDNN 0.83-0.94x at
-                 D=64 and 0.72-0.86x at D=128 (0.79x at T=4096, 0.77x at T=8192; the gap is
-                 discussed at the end of Part 3). Warp-specialised configs (WARP_SPEC) are
-                 among the autotuned ones: +5-8% where the tuner picks them
+              -> 314-497 TFLOP/s; with the better of v2/v3 per shape (what bench reports):
+                 1.27-1.56x the FA2 backend everywhere, vs cuDNN 0.83-0.94x at D=64 and
+                 0.72-0.86x at D=128 (0.79x at T=4096, 0.77x at T=8192; the gap is discussed at
+                 the end of Part 3). Warp-specialised configs (WARP_SPEC) are among the tuned ones
   prefill v3  same kernel with use_tma=True (tiles moved by Hopper's TMA engine through
-              device-side tensor descriptors) -> within -27%..+8% of v2; it wins only at D=128,
+              device-side tensor descriptors) -> within -27%..+3% of v2; it wins only at D=128,
               T=2k-4k, so v2 (pointer loads) stays the default
-  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.8 ms, 100k tokens 160 ms
-              (511 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
-              path would need 1,192 GiB. cuDNN: 1.4 ms and 141 ms.
+  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.75 ms, 100k tokens 161 ms
+              (509 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
+              path would need 1,192 GiB. cuDNN: 1.43 ms and 139 ms.
   decode  v0  paged_decode_reference (Python loop over sequences; correctness only, not timed)
   decode  v1  paged_decode with num_splits=1: one program per (sequence, KV head)
               -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs)
@@ -66,6 +66,8 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol, for PDL)
+
+from model import pdl_supported  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -339,10 +341,12 @@ def _flash_prefill_kernel(
 # Each row is (BLOCK_M, BLOCK_N, num_warps, num_stages). Configs that spill registers when
 # compiled for sm_90 (e.g. BLOCK_M=128 with 4 warps at D=128: 255 registers + a local-memory
 # stack) were dropped from the lists.
-# A fifth field True turns on warp specialisation of the hot loop (WARP_SPEC). Measured on the
-# H200 (2026-11-27, exp sweep): +8% at D=64 T=4096 (BLOCK 128x64, 8 warps), +5% at D=128
-# T=4096 (128x128), neutral at T=8192; with 4 warps Triton 3.6 fails to compile it, and TMA
-# loads without it were 5-10% slower than cp.async here.
+# A fifth field True turns on warp specialisation of the hot loop (WARP_SPEC). H200 sweep of
+# fixed configs (2026-11-27, host launch time included, so ratios only): +8% at D=64 T=4096
+# (BLOCK 128x64, 8 warps), +5% at D=128 T=4096 (128x128), neutral at T=8192; a second sweep
+# with the launch overlapped saw +0-1%. With 4 warps Triton 3.6 fails to compile it, and TMA
+# loads were 5-10% slower than cp.async here. The autotuner times all of these per length
+# bucket and does not always pick the fastest (flash.md: D=64 T=4096 fell to 0.83x cuDNN).
 _PREFILL_GPU_CONFIGS = {
     64: [(128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 64, 4, 3), (128, 64, 4, 4),
          (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3)],
@@ -452,8 +456,8 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 #      group to TMA loads and ping-pongs two consumer warp groups so one group's softmax
 #      overlaps the other's GEMMs, and overlaps softmax with the next P@V inside a group.
 #      Triton 3.6 exposes `tl.range(..., warp_specialize=True)` for this (WARP_SPEC here). Its
-#      automatic split of our loop gains 5-8% where it helps (H200 sweep: D=64 T=4096 0.85x ->
-#      0.92x cuDNN, D=128 T=4096 +5%, neutral at T=8192) and does not compile with 4 warps. It
+#      automatic split of our loop gained 0-8% in H200 sweeps of fixed configs (most at D=64
+#      T=4096 and D=128 T=4096, none at T=8192) and does not compile with 4 warps. It
 #      does not do FA3's ping-pong of two consumer warp groups (one group's softmax hidden
 #      under the other's GEMMs) nor the intra-group overlap of tile j's softmax with tile
 #      j+1's QK^T: those need hand-written warp-group code (CUTLASS/ThunderKittens-style, or
@@ -612,11 +616,13 @@ _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # decode kernels may be launched while the previous kernel still runs, and wait for it first
 # thing (griddepcontrol.wait). In a CUDA-graph decode step this hides part of the ~1-2 us gap
 # at each of the step's kernel boundaries.
-PDL = (not INTERPRET) and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+PDL = pdl_supported()
 
 
 def _pdl_launch() -> dict:
     return dict(launch_pdl=True) if PDL else {}
+
+
 _tuned_decode = []
 
 
@@ -629,12 +635,13 @@ def _decode_launcher():
 
 
 def default_num_splits(batch, n_kv_heads, max_context, device):
-    """One split when (sequence, KV head) pairs alone give every SM a program: no partials, no
-    merge (H200, batch 32 x 8 KV heads = 256 programs: 1 split 0.966x SDPA, 3 splits 0.953x).
+    """One split when (sequence, KV head) pairs alone give the SMs ~1.5+ programs each: no
+    partials, no merge (H200, batch 32 x 8 KV heads = 256 programs, 1.9 per SM: 1 split 0.966x
+    SDPA, 3 splits 0.95x; fewer programs per SM were not measured, so they keep the rule below).
     Otherwise enough splits for ~4 programs per SM, but none shorter than 256 tokens (below that
     the merge and the per-program setup cost more than the extra parallelism gains)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    if batch * n_kv_heads >= sms:
+    if 2 * batch * n_kv_heads >= 3 * sms:
         return 1
     wanted = triton.cdiv(4 * sms, batch * n_kv_heads)
     return max(1, min(wanted, triton.cdiv(max_context, 256)))

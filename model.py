@@ -43,6 +43,7 @@ import codecs
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -199,13 +200,15 @@ class KVCache:
     READ_BUCKET = 64
 
     def read_len(self, needed: int) -> int:
-        """How many slots a step reads: `needed` rounded up to a multiple of 64 (at most max_len).
-        The extra slots are masked out, so results do not change; what changes is the number of
-        distinct shapes attention sees (a read length that grows by one every step is a new shape
-        every step, and GPU kernels that plan or tune per shape pay for each: on the H200, with
-        cuDNN planning per shape, this bucketing doubled static batching's tok/s, batching.md).
-        On CPU the exact length is kept: summing over extra (zero-weight) slots changes the
-        rounding of the last bits, and the CPU tests compare greedy tokens exactly."""
+        """How many slots a step reads: `needed` rounded up to a multiple of 64 (at most max_len),
+        on a GPU. The extra slots are masked out (zero weight); what changes is the number of
+        distinct shapes attention sees: a read length that grows by one every step is a new shape
+        every step, and an attention kernel that plans per shape (cuDNN) pays for each. Measured
+        on the H200 (batching.py's trace, cuDNN still on this path): static batching 1,152 ->
+        2,305 tok/s from this rounding alone (that run is not kept in results/; batching.md is
+        the run after the change below in CacheStep.attend).
+        On CPU the exact length is kept: summing over extra zero-weight slots can change the last
+        bits of the result, and the CPU tests compare greedy tokens exactly."""
         if self.k.device.type != "cuda":
             return needed
         return min(self.max_len, -(-needed // self.READ_BUCKET) * self.READ_BUCKET)
@@ -241,15 +244,16 @@ class CacheStep:
         # stale slots of shorter rows and whatever a previous sequence left in a reused row.
         slots = torch.arange(self.kv_len, device=q.device)
         visible = slots[None, None, None, :] <= positions[:, None, :, None]
-        if q.device.type != "cuda":
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
-                                                  enable_gqa=n_kv != q.shape[1])
-        # On a GPU, keep SDPA off cuDNN here: cuDNN builds an execution plan per new shape, and a
-        # cache step's shapes change all the time (prompt lengths, batch sizes that come and go
-        # in continuous batching). The memory-efficient kernel takes the mask with no plan to build.
+        gqa = n_kv != q.shape[1]
+        if q.device.type != "cuda" or gqa:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
+        # On a GPU, keep masked MHA off cuDNN: cuDNN builds an execution plan per new shape, and a
+        # cache step's shapes change all the time (prompt lengths, batch sizes that come and go in
+        # continuous batching). The memory-efficient kernel takes the mask with no plan to build
+        # (H200, batching.md: continuous batching 0.6x -> 1.3x static). It does not take GQA, which
+        # stays on SDPA's default choice (cuDNN; read_len keeps its shapes few).
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
-                                                  enable_gqa=n_kv != q.shape[1])
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +300,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
+def pdl_supported() -> bool:
+    """Can kernels use programmatic dependent launch here (a CUDA GPU of compute capability 9.0,
+    Hopper, or later, and not the Triton interpreter)? See triton_matmul.py's PDL section."""
+    return (os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] >= 9)
+
+
 class TorchOps:
     """The two operations a forward pass spends its time in besides attention: a linear layer
     (with what follows it: bias, GELU, the residual add) and a norm. Here as plain PyTorch;
@@ -337,8 +348,9 @@ class Attention(nn.Module):
         a fused kernel can do both in one pass (see TorchOps)."""
         cfg, ops = self.cfg, ops or TorchOps
         B, T, _ = x.shape
-        q, k, v = ops.linear(x, self.qkv.weight, self.qkv.bias).split([cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim,
-                                     cfg.kv_heads * cfg.head_dim], dim=-1)
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.split([cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim,
+                             cfg.kv_heads * cfg.head_dim], dim=-1)
         q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)     # (B, nh, T, hd)
         k = k.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)   # (B, nkv, T, hd)
         v = v.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)   # (B, nkv, T, hd)

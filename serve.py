@@ -380,7 +380,7 @@ def store_kv_reference(k_pool, v_pool, k, v, slot_mapping):
 # is one too; in prefill, kn = k[0].transpose(0, 1) has head stride N * D. The copies it saves were
 # 2 kernels per layer: for an eager GPT-2 decode step at batch > 1 (at batch 1 the slice already
 # counts as contiguous) 24 launches of ~50 us host time each on the H200 machine's host; inside a
-# graph, 24 small copy kernels of GPU time. (Measured, eager, batch 32: 89 -> 65 launches a step.)
+# graph, 24 small copy kernels of GPU time.
 @triton.jit
 def store_kv_kernel(k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slot_ptr,
                     stride_kt, stride_kh, stride_vt, stride_vh, stride_slot,
@@ -458,7 +458,8 @@ class FusedDecodeOps(M.TorchOps):
     633 -> 441 kernels; 1.68 ms once these kernels (and the attention ones) also use programmatic
     dependent launch (triton_matmul.PDL). Only single-row linears take the GEMV: its several-row path (an M x N x K
     product tile per step) made a batch-8 step 7x slower than cuBLAS (20.6 vs 3.0 ms), so more
-    rows go to PyTorch, where cuBLAS's tiled GEMMs win. Norms of up to 16 rows use the kernel."""
+    rows go to PyTorch, where cuBLAS's tiled GEMMs win. Norms likewise take the kernel for one
+    row (the case measured: 4.3 -> 2.2 us for LayerNorm, gemv.md)."""
 
     @staticmethod
     def linear(x, weight, bias=None, activation=None, residual=None):
@@ -472,7 +473,7 @@ class FusedDecodeOps(M.TorchOps):
     @staticmethod
     def norm(x, module):
         rows = x.numel() // x.shape[-1]
-        if rows > tm.MAX_GEMV_ROWS:
+        if rows != 1:
             return module(x)
         rms = isinstance(module, M.RMSNorm)
         y = tm.row_norm(x.reshape(rows, x.shape[-1]), module.weight, None if rms else module.bias,
@@ -722,8 +723,8 @@ class ModelRunner:
         bs = self.block_size
         return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _block_tables(self, seqs, width=None):
-        width = width or max(len(s.block_table) for s in seqs)
+    def _block_tables(self, seqs):
+        width = max(len(s.block_table) for s in seqs)
         return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
                             dtype=torch.int32, device=self.device)
 
@@ -782,8 +783,8 @@ class ModelRunner:
     # -- CUDA graphs -----------------------------------------------------------------------------
     # A decode step of GPT-2 124M is ~160 kernel launches of a few microseconds each: at batch 1
     # the GPU finishes each kernel before the CPU has issued the next, so the step takes as long
-    # as Python + launch overhead (on the H200 machine of results/graphs.md: 6.8 ms per eager
-    # step for 0.5 ms of GPU work; 1.0 ms as a graph). A CUDA graph records the whole step once
+    # as Python + launch overhead (on the H200 machine of results/graphs.md: 5.3 ms per eager
+    # step for ~0.5 ms of GPU work; 0.53 ms as a graph). A CUDA graph records the whole step once
     # and replays it with ONE launch. The price: shapes and addresses are frozen, so we capture
     # one graph per batch-size bucket, keep all inputs in static buffers, and pad a batch up to
     # the next bucket. Padded rows get slot -1 (they write only the trash block), length 1 and an

@@ -12,6 +12,7 @@ timing lives in bench.py.
 """
 import os
 
+import numpy as np
 import torch
 
 # Triton kernels run on CPU tensors through the interpreter; it must be on before triton loads.
@@ -637,6 +638,46 @@ def test_engine_triton_kernels_match_torch_path(tiny_model):
     assert [o.tokens for o in outs] == want
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_engine_fused_decode_ops_batch1_match_generate(preset):
+    """One request at a time, so every decode step has one row: the linears go through
+    triton_matmul.gemv (bias, GELU / SwiGLU input, residual fused) and the norms through
+    row_norm (LayerNorm, RMSNorm), under the interpreter on CPU. A 384-token vocabulary keeps the
+    interpreted LM-head GEMV short."""
+    cfg = M.ModelConfig(**{**M.asdict(M.PRESETS[preset]), "vocab_size": 384})
+    model = perturb(M.init_random(M.Transformer(cfg)), std=0.1)
+    model = model.to("cuda") if CUDA else model
+    prompts = [list(range(5, 22)), [7]]
+    want = [M.generate(model, p, 5) for p in prompts]
+    engine = _engine(model, kernels="triton", prefix_caching=False, cuda_graphs=False)
+    assert engine.runner.decode_ops is S.FusedDecodeOps
+    got = [engine.generate([p], S.SamplingParams(max_tokens=5, ignore_eos=True))[0].tokens for p in prompts]
+    assert got == want
+
+
+def test_fill_decode_inputs_layout_and_padding():
+    """The flat int32 buffer a decode graph reads: each row's token, position, slot, length and
+    block table, then padding rows (slot -1, length 1, zero table); stale contents overwritten."""
+    bs, width, block = 4, 5, 16
+    buf = np.full(S.decode_buffer_size(bs, width), 77, dtype=np.int32)   # stale values everywhere
+    views = S.decode_buffer_views(buf, bs, width)
+    seqs = []
+    for i, (n, table) in enumerate([(20, [3, 9]), (1, [4]), (33, [0, 5, 2])]):
+        seq = S.Sequence(i, list(range(100, 100 + n)), S.SamplingParams(), "cpu")
+        seq.block_table = table
+        seqs.append(seq)
+    S.fill_decode_inputs(views, seqs, block)
+    ids, lens, tables = views["ids"], views["seq_lens"], views["block_tables"]
+    assert ids[0].tolist() == [119, 100, 132, 0]                   # last tokens, then padding
+    assert ids[1].tolist() == [19, 0, 32, 0]                       # positions = len - 1
+    assert ids[2].tolist() == [9 * 16 + 3, 4 * 16 + 0, 2 * 16 + 0, -1]   # slot of the newest token
+    assert lens.tolist() == [20, 1, 33, 1]
+    assert tables.tolist() == [[3, 9, 0, 0, 0], [4, 0, 0, 0, 0], [0, 5, 2, 0, 0], [0] * 5]
+    # every element of the buffer is a view element or alignment padding: nothing else changed
+    covered = sum(v.size for v in views.values())
+    assert covered <= buf.size and (buf == 77).sum() == buf.size - covered
+
+
 def test_block_manager_prefix_chain_and_lru():
     bm = S.BlockManager(num_blocks=6, block_size=4)
     a = S.Sequence(0, list(range(9)), S.SamplingParams(), "cpu")       # blocks: 2 full + 1 partial
@@ -1010,7 +1051,7 @@ def test_gemv_autotune_pruning_and_hooks():
                             do_bench=fake_bench)(tm.gemv_kernel)
     x, w, b, h = _gemv_inputs(3, 37, 100, torch.float32, seed=9)
     h0 = h.clone()
-    y, _ = tm._gemv_launch(tuned, x, w, b, None, h, h)
+    y = tm._gemv_launch(tuned, x, w, b, None, h, h)
     assert y is h and len(calls) == 2
     _gemv_check(h, x, w, b, None, h0)
 

@@ -26,8 +26,8 @@ The version ladder (8192^3 fp16 on an H200, GPU time per GEMM from CUDA graphs, 
   cuBLAS (torch.matmul), same run                                     643 TFLOP/s
   v5  decode (1 token): GEMV on CUDA cores with bias/GELU/residual fused, one-row norms.
       GPT-2 1.5B shapes, in CUDA graphs: 1.07-2.14x torch (cuBLAS + epilogue kernels), 31-59%
-      of copy bandwidth for the 5-20 MB layers, 83% for the 153 MB LM head; LayerNorm 2.2 vs
-      4.3 us. At 4 tokens it is 0.4-0.8x cuBLAS, so serve.py uses it for single rows only.
+      of copy bandwidth for the 5-20 MB layers, 83% for the 161 MB LM head; LayerNorm 2.2 vs
+      4.3 us. At 4 tokens it is 0.37-0.84x cuBLAS, so serve.py uses it for single rows only.
 
 Run:
   python triton_matmul.py                     # checks every version against torch, prints a table
@@ -51,6 +51,8 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol: PDL below)
+
+from model import pdl_supported  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # subtle: Triton's CPU interpreter keeps bf16 as raw uint16 bits and its tl.dot multiplies those
@@ -559,7 +561,7 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 #   mlp  c_fc    1600 -> 6400 +b    20.5 MB      4.9 us      8.4 us addmm + GELU (v4's table)
 #   mlp  c_proj  6400 -> 1600 +b    20.5 MB      4.9 us      8.7 us split-K + 1.9 us reduce
 #                                                                 + 1.4 us residual add
-#   2 LayerNorms on one row of 1600    6 KB       ~0         2 x 5 us
+#   2 LayerNorms on one row of 1600    6 KB       ~0         2 x 4.3-4.9 us
 #
 # The weights of one layer are 61 MB, 14.6 us at 4.2 TB/s (48 layers + the 161 MB LM head:
 # ~0.74 ms per token, ~1350 tokens/s at batch 1). The kernels above add up to ~46 us per
@@ -606,8 +608,9 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # 2.1e12 elements/s, so up to ~16 FMAs per element keep up with HBM on paper (less in
 # practice: conversions, reductions and address math share the same issue slots). Hence
 # MAX_GEMV_ROWS = 16: beyond that the CUDA cores, not HBM, are the limit, and tensor cores
-# (matmul() and its BLOCK_M=16 configs, or cuBLAS) are the right tool; somewhere between 8
-# and 16 rows the two cross over, to be measured.
+# (matmul() and its BLOCK_M=16 configs, or cuBLAS) are the right tool. That was the paper
+# bound; measured, the several-row path below loses to cuBLAS already at 4 rows (0.37-0.84x,
+# see "Measured" below), so in practice this kernel is for one row.
 #  - M = 1 (BLOCK_M = 1): the program keeps a BLOCK_N x BLOCK_K tile of fp32 partial products
 #    and adds each chunk into it elementwise; the reduction over K (across threads) happens
 #    once, after the loop. 8 x 512 partials over 128 threads are 32 registers per thread.
@@ -662,7 +665,7 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # overlaps is the launch, the scheduling of programs and the prologue. (Every kernel launched
 # this way waits on its predecessor, which waited on its own: the chain stays ordered.)
 # serve.py's decode kernels (gemv, row_norm, store_kv, paged decode, merge) all do it.
-PDL = (not INTERPRET) and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+PDL = pdl_supported()
 
 MAX_GEMV_ROWS = 16
 
@@ -853,21 +856,20 @@ def pdl_launch_options() -> dict:
 
 
 def _gemv_launch(kernel, x, weight, bias, activation, residual, out, **meta):
-    """Shared launcher of gemv (autotuned) and gemv_with_config. Returns (y, compiled or None)."""
+    """Launch `kernel` (gemv_kernel, autotuned or with a fixed config in **meta). Returns y."""
     x2, res2, out2, out_shape = _check_gemv_inputs(x, weight, bias, activation, residual, out)
     M, K = x2.shape
     N = weight.shape[0]
     y2 = torch.empty((M, N), device=x.device, dtype=x.dtype) if out2 is None else out2
-    compiled = None
     if M and N:
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]),)
-        compiled = kernel[grid](
+        kernel[grid](
             x2, weight, bias if bias is not None else y2, res2 if res2 is not None else y2, y2,
             M, N, K, x2.stride(0), weight.stride(0),
             res2.stride(0) if res2 is not None else 0, y2.stride(0),
             BLOCK_M=triton.next_power_of_2(M), HAS_BIAS=bias is not None, ACTIVATION=activation or "",
             HAS_RESIDUAL=residual is not None, USE_PDL=PDL, **meta, **pdl_launch_options())
-    return (out if out is not None else y2.view(out_shape)), compiled
+    return out if out is not None else y2.view(out_shape)
 
 
 def gemv(x, weight, bias=None, activation=None, residual=None, out=None):
@@ -881,14 +883,7 @@ def gemv(x, weight, bias=None, activation=None, residual=None, out=None):
     x's dtype (fp16/bf16/fp32); accumulation is fp32. Returns (..., N) in x's dtype.
     On a GPU the first call per (N, K, BLOCK_M, epilogue, dtype) autotunes: do it before any
     CUDA-graph capture."""
-    return _gemv_launch(gemv_kernel_autotuned, x, weight, bias, activation, residual, out)[0]
-
-
-def gemv_with_config(x, weight, config, bias=None, activation=None, residual=None, out=None):
-    """gemv with one explicit triton.Config (BLOCK_N, BLOCK_K, num_warps, num_stages): no
-    autotuning. Returns (y, compiled kernel); the compiled kernel is None under the interpreter."""
-    meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    return _gemv_launch(gemv_kernel, x, weight, bias, activation, residual, out, **meta)
+    return _gemv_launch(gemv_kernel_autotuned, x, weight, bias, activation, residual, out)
 
 
 def gemv_reference(x, weight, bias=None, activation=None, residual=None, out=None, *, acc_dtype=torch.float32):
@@ -907,7 +902,7 @@ def gemv_reference(x, weight, bias=None, activation=None, residual=None, out=Non
 # The norm in front of every GEMV: LayerNorm (GPT-2) or RMSNorm (Llama) of ONE row.
 #
 # One row of 1600 fp16 is 3.2 KB in, 3.2 KB out, 6.4 KB of weight and bias: moving it takes
-# ~4 ns at 4.2 TB/s. All of the measured 5 us of torch's layer_norm is latency: launch, the
+# ~4 ns at 4.2 TB/s. All of the measured 4.3-4.9 us of torch's layer_norm is latency: launch, the
 # loads, block-wide reductions, the store, each waiting on the one before. Torch's kernel is
 # general (any number of rows, any width, it also writes the mean and 1/std that backward
 # needs) and we have not profiled where its time goes. Ours is the shortest chain we can
@@ -916,7 +911,7 @@ def gemv_reference(x, weight, bias=None, activation=None, residual=None, out=Non
 # and bias loaded at once (16-byte loads, independent, so their latencies overlap), two
 # reductions in fp32 (mean, then the variance of x - mean from registers: as exact as the
 # two-pass formula, with no second trip to memory) and one store. Expect ~1.5-2 us, near the
-# ~1.3 us floor of any kernel (to be measured). The real fix is to not launch it at all:
+# ~1.3 us floor of any kernel; measured 2.2 us (1.8 for RMSNorm) on the H200. The real fix is to not launch it at all:
 # fold it into the GEMV that follows (every GEMV program would recompute the row's mean and
 # variance from L2: 3.2 KB x a few hundred programs, far less than the 15-20 MB of weights);
 # that is left as an exercise.
