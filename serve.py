@@ -591,9 +591,9 @@ class EngineConfig:
     compile: bool = _knob(False, "torch.compile the decode forward (Inductor fuses the norms, adds and "
                           "activations itself; the fused Triton decode ops are then not used)")
     kernels: str = _knob("auto", "auto = Triton (flash_attn.py) on cuda, PyTorch on cpu; or triton/torch")
-    fused_ops: bool = _knob(True, "decode steps run linear layers and norms as triton_matmul.py's "
-                            "GEMV/row-norm kernels (bias, GELU and residual fused) when the Triton "
-                            "kernels are on")
+    fused_ops: bool = _knob(True, "single-sequence decode steps run linear layers and norms as "
+                            "triton_matmul.py's GEMV/row-norm kernels (bias, GELU and residual "
+                            "fused) when the Triton kernels are on")
 
     def __post_init__(self):
         if self.block_size < 1:
