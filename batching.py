@@ -58,7 +58,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model import CacheStep, KVCache, Transformer, decode, generate, load_gpt2, prefill, sample
+from model import (KVCache, Transformer, append_to_cache, check_request, decode, generate, load_gpt2,
+                   prefill, sample)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,11 +199,10 @@ def check_requests(model: Transformer, requests: list[Request]) -> int:
     if len({r.id for r in requests}) != len(requests):
         raise ValueError("request ids must be unique")
     for r in requests:
-        if not r.prompt or r.max_new_tokens <= 0:
-            raise ValueError(f"request {r.id}: need a non-empty prompt and max_new_tokens > 0")
-        if len(r.prompt) + r.max_new_tokens > model.cfg.max_seq_len:
-            raise ValueError(f"request {r.id}: prompt {len(r.prompt)} + {r.max_new_tokens} new "
-                             f"tokens exceeds the model's context of {model.cfg.max_seq_len}")
+        try:
+            check_request(model.cfg, r.prompt, r.max_new_tokens)
+        except ValueError as err:
+            raise ValueError(f"request {r.id}: {err}") from None
     return max(len(r.prompt) + r.max_new_tokens - 1 for r in requests)
 
 
@@ -249,8 +249,9 @@ def prefill_padded(model: Transformer, prompts: list[list[int]], cache: KVCache,
     for b, p in enumerate(prompts):
         tokens[b, :len(p)] = torch.tensor(p)
     dev = model.device
-    positions = torch.arange(T, device=dev).expand(B, T)                     # (B, T)
-    h = model.hidden(tokens.to(dev), positions, CacheStep(cache, None, cache.read_len(T)))   # (B, T, C)
+    for b in range(B):
+        cache.reset(b)                                                       # positions from 0
+    h = append_to_cache(model, tokens.to(dev), cache)                        # (B, T, C)
     last = h[torch.arange(B, device=dev), torch.tensor(lengths, device=dev) - 1]   # (B, C)
     for b, n in enumerate(lengths):
         cache.lengths[b] = n
@@ -263,11 +264,10 @@ def run_padded_batch(model: Transformer, batch: list[Request], cache: KVCache, c
     over ALL rows, finished or not (that is what a static batch computes)."""
     B = len(batch)
     results = [run.results[r.id] for r in batch]
-    for b in range(B):
-        cache.reset(b)
     T = max(len(r.prompt) for r in batch)
-    logits = prefill_padded(model, [r.prompt for r in batch], cache)
-    tokens = sample(logits).tolist()                # greedy; .tolist() waits for the GPU
+    logits = prefill_padded(model, [r.prompt for r in batch], cache)     # resets rows 0..B-1
+    next_ids = sample(logits)                       # greedy, stays on the device for the next step
+    tokens = next_ids.tolist()                      # .tolist() waits for the GPU
     clock.model_call(B * T)
     run.model_calls += 1
     run.computed_slots += B * T
@@ -277,8 +277,9 @@ def run_padded_batch(model: Transformer, batch: list[Request], cache: KVCache, c
         _stamp(results[b], tokens[b], r, t)
     for _ in range(max(r.max_new_tokens for r in batch) - 1):
         still_running = [len(res.tokens) < r.max_new_tokens for r, res in zip(batch, results)]
-        logits = decode(model, torch.tensor(tokens, device=model.device), cache)   # all B rows
-        tokens = sample(logits).tolist()
+        logits = decode(model, next_ids, cache)                                      # all B rows
+        next_ids = sample(logits)
+        tokens = next_ids.tolist()
         clock.model_call(B)
         run.model_calls += 1
         run.computed_slots += B

@@ -1271,11 +1271,11 @@ def _pct(sorted_xs, p):
 @register("graphs")
 def topic_graphs(ctx: BenchContext) -> None:
     """One decode step: eager vs torch.compile vs CUDA graph (vs both); launches, CPU vs GPU time."""
+    import model as M
     import serve as S
-    from model import load_gpt2
     dev, gpu = ctx.device, ctx.device.type == "cuda"
     dt = torch.float16 if gpu else torch.float32
-    model = load_gpt2("random:124M" if gpu else "random:tiny", dt, dev)
+    model = M.load_gpt2("random:124M" if gpu else "random:tiny", dt, dev)
     context = 512 if gpu else 64
     batches = [1, 32] if gpu else [1, 4]
     # torch.compile recompiles for every engine (a minute of GPU-machine time each): batch 1 only
@@ -1294,7 +1294,7 @@ def topic_graphs(ctx: BenchContext) -> None:
             if (compiled or fused) and batch != batches[0]:
                 continue
             try:
-                _set_pdl(pdl)
+                M.set_pdl(pdl)      # before Hopper always off: the two PDL rows then match
                 engine = _serve_engine(model, ctx, num_blocks=batch * ((context + 64) // 16 + 2), block_size=16,
                                        max_num_seqs=batch,
                                        max_num_batched_tokens=max(batch * context, model.cfg.max_seq_len),
@@ -1325,7 +1325,7 @@ def topic_graphs(ctx: BenchContext) -> None:
                 rows.append([batch, f"{name} (failed: {type(err).__name__}: {str(err).splitlines()[0][:60]})",
                              float("nan"), float("nan"), "-", float("nan")])
             finally:
-                _set_pdl(True)
+                M.set_pdl(True)
     ctx.table(f"One decode step, GPT-2 {'124M' if gpu else 'tiny'} {str(dt).removeprefix('torch.')}, "
               f"context {context}",
               ["batch", "variant", "ms/step (median, back to back)", "host ms to issue one step",
@@ -1337,16 +1337,6 @@ def topic_graphs(ctx: BenchContext) -> None:
     if cpu_top:
         ctx.note("Where the host time of one eager decode step goes (torch.profiler, top by self CPU time):"
                  "\n\n```\n" + cpu_top + "\n```")
-
-
-def _set_pdl(enabled: bool) -> None:
-    """Programmatic dependent launch for the decode kernels on (where the GPU has it) or off.
-    A process-wide switch (the kernels read it at launch), flipped here only to compare. Before
-    Hopper it is always off, and the "no PDL" and "+ PDL" rows of topic graphs measure the same."""
-    import flash_attn as fa
-    import triton_matmul as tm
-    from model import pdl_supported
-    tm.PDL = fa.PDL = enabled and pdl_supported()
 
 
 def _profile_step(step, ctx, n=5):

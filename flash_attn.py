@@ -67,7 +67,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol, for PDL)
 
-from model import pdl_supported  # noqa: E402
+from model import pdl_launch_args  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -529,7 +529,7 @@ def _paged_decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr = False,          # one split: normalise and write Out, no merge launch
-    USE_PDL: tl.constexpr = False,         # programmatic dependent launch (see PDL below)
+    USE_PDL: tl.constexpr = False,         # programmatic dependent launch (see below)
 ):
     if USE_PDL:
         tl_cuda.gdc_wait()
@@ -615,14 +615,7 @@ _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # Programmatic dependent launch (Hopper+; explained in triton_matmul.py, next to its GEMV): the
 # decode kernels may be launched while the previous kernel still runs, and wait for it first
 # thing (griddepcontrol.wait). In a CUDA-graph decode step this hides part of the ~1-2 us gap
-# at each of the step's kernel boundaries.
-PDL = pdl_supported()
-
-
-def _pdl_launch() -> dict:
-    return dict(launch_pdl=True) if PDL else {}
-
-
+# at each of the step's kernel boundaries. Launched with model.pdl_launch_args().
 _tuned_decode = []
 
 
@@ -684,7 +677,7 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
             *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0), *part_strides,
             out, out.stride(0), out.stride(1))
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                PAGE=block_size, DIRECT=direct, USE_PDL=PDL, **_pdl_launch())
+                PAGE=block_size, DIRECT=direct, **pdl_launch_args())
     grid = (batch, n_kv_heads, num_splits)
     if INTERPRET:
         _paged_decode_split_kernel[grid](*args, **meta, **_INTERPRET_DECODE_CONFIG)
@@ -695,7 +688,7 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     _merge_splits_kernel[(batch, n_heads)](
         o_part, lse_part, out, num_splits, o_part.stride(0) // head_dim, o_part.stride(1) // head_dim,
         o_part.stride(2) // head_dim, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), USE_PDL=PDL, **_pdl_launch())
+        HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), **pdl_launch_args())
     return out
 
 

@@ -47,7 +47,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -228,11 +228,20 @@ class CacheStep:
     cache: KVCache
     rows: torch.Tensor | None
     kv_len: int
+    # the row index and the mask are the same in every layer: built by the first layer, reused
+    _row_index: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _visible: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def attend(self, layer, q, k, v, positions):
         B, n_kv, T, hd = k.shape
         k_store, v_store = self.cache.k[layer], self.cache.v[layer]      # (rows, n_kv, max_len, hd)
-        rows = self.rows if self.rows is not None else torch.arange(B, device=k.device)
+        if self._visible is None:
+            self._row_index = self.rows if self.rows is not None else torch.arange(B, device=k.device)
+            # a query at position p sees slots 0..p: (B, 1, T, S) boolean mask. It also hides the
+            # stale slots of shorter rows and whatever a previous sequence left in a reused row.
+            slots = torch.arange(self.kv_len, device=q.device)
+            self._visible = slots[None, None, None, :] <= positions[:, None, :, None]
+        rows, visible = self._row_index, self._visible
         # write: slot [rows[b], :, positions[b, t], :] <- k[b, :, t, :]
         k_store[rows[:, None], :, positions] = k.transpose(1, 2)
         v_store[rows[:, None], :, positions] = v.transpose(1, 2)
@@ -240,10 +249,6 @@ class CacheStep:
             keys, values = k_store[:B, :, :self.kv_len], v_store[:B, :, :self.kv_len]   # views
         else:
             keys, values = k_store[rows, :, :self.kv_len], v_store[rows, :, :self.kv_len]
-        # a query at position p sees slots 0..p: (B, 1, T, S) boolean mask. It also hides the
-        # stale slots of shorter rows and whatever a previous sequence left in a reused row.
-        slots = torch.arange(self.kv_len, device=q.device)
-        visible = slots[None, None, None, :] <= positions[:, None, :, None]
         gqa = n_kv != q.shape[1]
         if q.device.type != "cuda" or gqa:
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
@@ -305,6 +310,24 @@ def pdl_supported() -> bool:
     Hopper, or later, and not the Triton interpreter)? See triton_matmul.py's PDL section."""
     return (os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
             and torch.cuda.get_device_capability()[0] >= 9)
+
+
+_pdl_on = None   # the one switch for every PDL kernel; None = decide on first use
+
+
+def set_pdl(enabled: bool) -> None:
+    """Turn programmatic dependent launch on (where the GPU has it) or off, for every kernel
+    launched with pdl_launch_args (bench.py flips it to compare)."""
+    global _pdl_on
+    _pdl_on = enabled and pdl_supported()
+
+
+def pdl_launch_args() -> dict:
+    """What a kernel that supports PDL is launched with: its USE_PDL constexpr and Triton's
+    launch_pdl option, both on where the GPU has PDL (unless set_pdl turned it off)."""
+    if _pdl_on is None:
+        set_pdl(True)
+    return dict(USE_PDL=True, launch_pdl=True) if _pdl_on else {}
 
 
 class TorchOps:
@@ -468,8 +491,8 @@ def append_to_cache(model: Transformer, tokens: torch.Tensor, cache: KVCache,
                     rows: list[int] | None = None) -> torch.Tensor:
     """Push tokens (B, T) through the model, appending them to cache rows `rows` (default 0..B-1).
 
-    Row b's tokens get positions lengths[row] .. lengths[row] + T - 1. Returns the hidden state
-    of each row's last token (B, n_embd). prefill() and decode() below are the two ways to call it.
+    Row b's tokens get positions lengths[row] .. lengths[row] + T - 1. Returns the hidden states
+    (B, T, n_embd). prefill() and decode() below are the two ways to call it.
     """
     B, T = tokens.shape
     if T == 0:
@@ -481,13 +504,12 @@ def append_to_cache(model: Transformer, tokens: torch.Tensor, cache: KVCache,
     if max(starts) + T > cache.max_len:
         raise ValueError(f"appending {T} token(s) to a row of {max(starts)} overflows the cache "
                          f"of {cache.max_len}: the cache is full")
-    positions = (torch.tensor(starts, device=tokens.device)[:, None]
-                 + torch.arange(T, device=tokens.device))                       # (B, T)
+    positions = (torch.tensor(starts)[:, None] + torch.arange(T)).to(tokens.device)   # (B, T), one copy
     rows_t = None if rows is None else torch.tensor(row_ids, device=tokens.device)
     h = model.hidden(tokens, positions, CacheStep(cache, rows_t, cache.read_len(max(starts) + T)))
     for r in row_ids:
         cache.lengths[r] += T
-    return h[:, -1]
+    return h
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache,
@@ -498,7 +520,7 @@ def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache,
     big GEMMs. Only the last position's logits are needed to pick the next token, so the
     (T, 768) x (768, 50257) head runs on one row per sequence, not T.
     """
-    return model.logits(append_to_cache(model, tokens, cache, rows))
+    return model.logits(append_to_cache(model, tokens, cache, rows)[:, -1])
 
 
 def decode(model: Transformer, next_tokens: torch.Tensor, cache: KVCache,
@@ -508,12 +530,25 @@ def decode(model: Transformer, next_tokens: torch.Tensor, cache: KVCache,
     Memory-bound: every weight is read once to do 2 FLOPs per token per weight, and every cached
     K/V of the row is read once. The cost per step grows with the context only through that read.
     """
-    return model.logits(append_to_cache(model, next_tokens[:, None], cache, rows))
+    return model.logits(append_to_cache(model, next_tokens[:, None], cache, rows)[:, -1])
 
 
 # ----------------------------------------------------------------------------------------------
 # 5. Sampling and the reference generation loop
 # ----------------------------------------------------------------------------------------------
+
+def check_request(cfg: ModelConfig, prompt: list[int], max_new_tokens: int) -> None:
+    """Why a request can never run on this model, as a clear error: an empty prompt, nothing to
+    generate, or more tokens than the context. Shared by generate(), batching.py and serve.py."""
+    if not prompt:
+        raise ValueError("the prompt is empty: need a non-empty prompt")
+    if max_new_tokens <= 0:
+        raise ValueError(f"need max_new_tokens > 0, got {max_new_tokens}")
+    total = len(prompt) + max_new_tokens
+    if total > cfg.max_seq_len:
+        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) = {total} "
+                         f"exceeds the model's context of {cfg.max_seq_len} tokens")
+
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
     if not temperature >= 0:  # also rejects NaN
@@ -558,14 +593,8 @@ def generate_stream(model: Transformer, prompt: list[int], max_new_tokens: int, 
     Yields each new token id as soon as it is chosen. Stops after max_new_tokens or after
     yielding eos_id (if given). This is the oracle the faster engines are tested against.
     """
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    check_request(model.cfg, prompt, max_new_tokens)
     total = len(prompt) + max_new_tokens
-    if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) = {total} "
-                         f"exceeds the model's context of {model.cfg.max_seq_len} tokens")
     check_sampling_args(temperature, top_k, top_p)
     generator = None
     if seed is not None:

@@ -57,7 +57,8 @@ import triton.language as tl  # noqa: E402
 from triton.language.extra import cuda as tl_cuda  # noqa: E402
 
 import model as M  # noqa: E402
-import triton_matmul as tm  # noqa: E402  (decode GEMV/norm kernels, PDL)
+import flash_attn  # noqa: E402
+import triton_matmul as tm  # noqa: E402  (decode GEMV/norm kernels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +387,7 @@ def store_kv_kernel(k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slot_ptr,
                     stride_kt, stride_kh, stride_vt, stride_vh, stride_slot,
                     HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
                     USE_PDL: tl.constexpr = False):
-    if USE_PDL:                         # programmatic dependent launch: see triton_matmul.PDL
+    if USE_PDL:                         # programmatic dependent launch: see triton_matmul.py
         tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
     token = tl.program_id(0)
@@ -411,7 +412,7 @@ def store_kv_triton(k_pool, v_pool, k, v, slot_mapping):
     store_kv_kernel[(k.shape[0],)](k, v, k_pool, v_pool, slot_mapping,
                                    k.stride(0), k.stride(1), v.stride(0), v.stride(1), row,
                                    HEAD_DIM=head_dim, ROW=row, BLOCK=triton.next_power_of_2(row),
-                                   USE_PDL=tm.PDL, **tm.pdl_launch_options())
+                                   **M.pdl_launch_args())
 
 
 # torch.compile and our Triton kernels. Inductor re-compiles a user Triton kernel it traces
@@ -427,7 +428,6 @@ def store_kv_op(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: 
 @torch.library.custom_op("waveboost::paged_decode", mutates_args=())
 def paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     context_lens: torch.Tensor, max_context: int) -> torch.Tensor:
-    import flash_attn
     return flash_attn.paged_decode(q, k_cache, v_cache, block_table, context_lens, max_context=max_context)
 
 
@@ -442,10 +442,7 @@ class CompiledKernels:
     def paged_decode(q, k_cache, v_cache, block_table, context_lens, max_context):
         return paged_decode_op(q, k_cache, v_cache, block_table, context_lens, max_context)
 
-    @staticmethod
-    def flash_attn_varlen(*args, **kwargs):     # prefill is never compiled
-        import flash_attn
-        return flash_attn.flash_attn_varlen(*args, **kwargs)
+    flash_attn_varlen = staticmethod(flash_attn.flash_attn_varlen)   # prefill is never compiled
 
 
 class FusedDecodeOps(M.TorchOps):
@@ -455,9 +452,9 @@ class FusedDecodeOps(M.TorchOps):
     GEMMs ran at ~2 TB/s of the ~4.2 the card can stream, torch's LayerNorm took 5 us for one row
     of 1600 (one thread block per row), plus separate bias-free GELU and residual-add kernels.
     Measured on the H200 (GPT-2 1.5B, batch 1, one decode step as a CUDA graph): 2.68 -> 1.84 ms,
-    633 -> 441 kernels; 1.68 ms once these kernels (and the attention ones) also use programmatic
-    dependent launch (triton_matmul.PDL). Only single-row linears take the GEMV: its several-row path (an M x N x K
-    product tile per step) made a batch-8 step 7x slower than cuBLAS (20.6 vs 3.0 ms), so more
+    633 -> 441 kernels; in a second run, 1.84 -> 1.68 ms once these kernels (and the attention
+    ones) also use programmatic dependent launch (model.pdl_launch_args).
+    Only single-row linears take the GEMV: its several-row path (an M x N x K product tile per step) made a batch-8 step 7x slower than cuBLAS (20.6 vs 3.0 ms), so more
     rows go to PyTorch, where cuBLAS's tiled GEMMs win. Norms likewise take the kernel for one
     row (the case measured: 4.3 -> 2.2 us for LayerNorm, gemv.md)."""
 
@@ -466,9 +463,7 @@ class FusedDecodeOps(M.TorchOps):
         rows = x.numel() // x.shape[-1]
         if rows != 1:
             return M.TorchOps.linear(x, weight, bias, activation, residual)
-        res = None if residual is None else residual.reshape(rows, -1)
-        y = tm.gemv(x.reshape(rows, x.shape[-1]), weight, bias, activation=activation, residual=res)
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return tm.gemv(x, weight, bias, activation=activation, residual=residual)
 
     @staticmethod
     def norm(x, module):
@@ -476,9 +471,7 @@ class FusedDecodeOps(M.TorchOps):
         if rows != 1:
             return module(x)
         rms = isinstance(module, M.RMSNorm)
-        y = tm.row_norm(x.reshape(rows, x.shape[-1]), module.weight, None if rms else module.bias,
-                        eps=module.eps, rms=rms)
-        return y.view(x.shape)
+        return tm.row_norm(x, module.weight, None if rms else module.bias, eps=module.eps, rms=rms)
 
 
 @dataclass
@@ -519,7 +512,7 @@ class PagedStep:
         qn, kn, vn = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
         self.store_kv(k_pool, v_pool, kn, vn, self.slot_mapping)
         if self.kernels is not None and not self.has_prefix:
-            out = self.kernels.flash_attn_varlen(qn.contiguous(), kn.contiguous(), vn.contiguous(),
+            out = self.kernels.flash_attn_varlen(qn.contiguous(), kn, vn,
                                                  self.cu_seqlens_q, self.max_seqlen_q, causal=True)
         else:
             out = paged_prefill_torch(qn, k_pool, v_pool, self.block_tables, self.seq_lens,
@@ -699,7 +692,6 @@ class ModelRunner:
         self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kernels, self.store_kv = None, store_kv_reference
         if cfg.uses_triton:
-            import flash_attn
             self.kernels, self.store_kv = flash_attn, store_kv_triton
             if cfg.compile:
                 self.kernels, self.store_kv = CompiledKernels, store_kv_op
@@ -760,25 +752,21 @@ class ModelRunner:
         return self.model.logits(self.model.hidden(tokens, positions, step, ops)[:, -1], ops)
 
     @torch.no_grad()
-    def decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One token per sequence: (B,) -> logits (B, vocab), and their argmax (B,) when a CUDA
-        graph computed it along (None otherwise). Both are on the device; see sample()."""
+    def decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per sequence: (B,) -> logits (B, vocab) and their argmax (B,), both on the
+        device (see sample())."""
         B = len(seqs)
         graph_bs = next((b for b in self.graph_sizes if b >= B), None)
         if graph_bs is not None:
             return self._replay(graph_bs, seqs)
-        tokens = [s.last_token for s in seqs]
-        positions = [len(s) - 1 for s in seqs]
-        slots = [self._slots(s, len(s) - 1, len(s))[0] for s in seqs]
-        lens = [len(s) for s in seqs]
-        dev = self.device
+        # eager (no graph for this size): the same inputs as a graph step, in one fresh buffer
+        width = max(len(s.block_table) for s in seqs)
+        buf = np.empty(decode_buffer_size(B, width), dtype=np.int32)
+        fill_decode_inputs(decode_buffer_views(buf, B, width), seqs, self.block_size)
         # an upper bound of the lengths, rounded up to a power of two: the kernel sizes its splits
         # from it, and a bound that changed every step would re-specialise (and re-compile) it
-        bound = min(self.model.cfg.max_seq_len, triton.next_power_of_2(max(lens)))
-        step = self._step("decode", torch.tensor(slots, device=dev), self._block_tables(seqs),
-                          torch.tensor(lens, dtype=torch.int32, device=dev), max_seqlen_k=bound)
-        return self.decode_forward(torch.tensor(tokens, device=dev)[:, None],
-                                   torch.tensor(positions, device=dev)[:, None], step), None
+        bound = min(self.model.cfg.max_seq_len, triton.next_power_of_2(max(map(len, seqs))))
+        return self._graph_step(decode_buffer_views(torch.from_numpy(buf).to(self.device), B, width), bound)
 
     # -- CUDA graphs -----------------------------------------------------------------------------
     # A decode step of GPT-2 124M is ~160 kernel launches of a few microseconds each: at batch 1
@@ -830,21 +818,23 @@ class ModelRunner:
             g.device.copy_(g.host)
             inputs = decode_buffer_views(g.device, bs, width)
             for _ in range(2):                          # warm up: autotune, compile, allocate
-                self._graph_step(inputs)
+                self._graph_step(inputs, self.model.cfg.max_seq_len)
             torch.cuda.synchronize()
             g.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g.graph, pool=pool):
-                g.logits, g.greedy = self._graph_step(inputs)
+                g.logits, g.greedy = self._graph_step(inputs, self.model.cfg.max_seq_len)
             pool = g.graph.pool()
             self.graphs[bs] = g
         self.graph_sizes = sorted(self.graphs)
         torch.cuda.synchronize()
 
-    def _graph_step(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The captured step: int32 inputs (device views) -> logits and their argmax."""
+    def _graph_step(self, inputs: dict, max_seqlen_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step (the one a graph captures): int32 inputs (device views of
+        decode_buffer_views) -> logits and their argmax. max_seqlen_k: an upper bound of the
+        lengths (graphs: the model's context, since a graph outlives any one step)."""
         ids = inputs["ids"].long()                      # (3, bs): tokens, positions, slots
         step = self._step("decode", ids[2], inputs["block_tables"], inputs["seq_lens"],
-                          max_seqlen_k=self.model.cfg.max_seq_len)
+                          max_seqlen_k=max_seqlen_k)
         logits = self.decode_forward(ids[0][:, None], ids[1][:, None], step)
         return logits, logits.argmax(dim=-1)
 
@@ -910,8 +900,7 @@ class LLMEngine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eot_token", None)
         self.weight_bytes = sum(p.nbytes for p in model.parameters())
-        self.block_bytes = (2 * model.cfg.n_layer * cfg.block_size * model.cfg.kv_heads
-                            * model.cfg.head_dim * model.dtype.itemsize)
+        self.block_bytes = cfg.block_size * M.kv_bytes_per_token(model.cfg, model.dtype)
         self.peak_activation_bytes = 0
         num_blocks = cfg.num_blocks or self._size_kv_pool()
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.prefix_caching)
@@ -968,12 +957,7 @@ class LLMEngine:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
             prompt = self.tokenizer.encode(prompt)
         prompt = list(prompt)
-        ctx = self.model.cfg.max_seq_len
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if len(prompt) + params.max_tokens > ctx:
-            raise ValueError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"model's context of {ctx} tokens")
+        M.check_request(self.model.cfg, prompt, params.max_tokens)   # empty, past the context
         if not all(_is_int(t) for t in prompt):
             raise ValueError("prompt token ids must be integers")
         if min(prompt) < 0 or max(prompt) >= self.model.cfg.vocab_size:

@@ -52,7 +52,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol: PDL below)
 
-from model import pdl_supported  # noqa: E402
+from model import pdl_launch_args  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # subtle: Triton's CPU interpreter keeps bf16 as raw uint16 bits and its tl.dot multiplies those
@@ -664,8 +664,8 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # turn. We wait first thing, so correctness never depends on what a kernel reads; what
 # overlaps is the launch, the scheduling of programs and the prologue. (Every kernel launched
 # this way waits on its predecessor, which waited on its own: the chain stays ordered.)
-# serve.py's decode kernels (gemv, row_norm, store_kv, paged decode, merge) all do it.
-PDL = pdl_supported()
+# serve.py's decode kernels (gemv, row_norm, store_kv, paged decode, merge) all do it, launched
+# with model.pdl_launch_args() (one switch, model.PDL, for all of them).
 
 MAX_GEMV_ROWS = 16
 
@@ -679,7 +679,7 @@ def gemv_kernel(
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
-    if USE_PDL:                                # see PDL above
+    if USE_PDL:                                # see the PDL section above
         tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -850,11 +850,6 @@ def _check_gemv_inputs(x, weight, bias, activation, residual, out):
     return x2, res2, out2, out_shape
 
 
-def pdl_launch_options() -> dict:
-    """The launch option that lets a kernel start before its predecessor ends (see PDL)."""
-    return dict(launch_pdl=True) if PDL else {}
-
-
 def _gemv_launch(kernel, x, weight, bias, activation, residual, out, **meta):
     """Launch `kernel` (gemv_kernel, autotuned or with a fixed config in **meta). Returns y."""
     x2, res2, out2, out_shape = _check_gemv_inputs(x, weight, bias, activation, residual, out)
@@ -868,7 +863,7 @@ def _gemv_launch(kernel, x, weight, bias, activation, residual, out, **meta):
             M, N, K, x2.stride(0), weight.stride(0),
             res2.stride(0) if res2 is not None else 0, y2.stride(0),
             BLOCK_M=triton.next_power_of_2(M), HAS_BIAS=bias is not None, ACTIVATION=activation or "",
-            HAS_RESIDUAL=residual is not None, USE_PDL=PDL, **meta, **pdl_launch_options())
+            HAS_RESIDUAL=residual is not None, **meta, **pdl_launch_args())
     return out if out is not None else y2.view(out_shape)
 
 
@@ -929,7 +924,7 @@ MAX_NORM_COLS = 8192
 def row_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, stride_xm, stride_ym, eps,
                     BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
                     USE_PDL: tl.constexpr = False):
-    if USE_PDL:                                # see PDL above
+    if USE_PDL:                                # see the PDL section above
         tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
     row = tl.program_id(0)
@@ -981,7 +976,7 @@ def row_norm(x, weight, bias=None, eps=1e-5, rms=False, out=None):
         BLOCK_C = triton.next_power_of_2(C)
         row_norm_kernel[(x2.shape[0],)](
             x2, weight, bias if bias is not None else weight, y2, C, x2.stride(0), y2.stride(0), eps,
-            BLOCK_C=BLOCK_C, HAS_BIAS=bias is not None, RMS=rms, USE_PDL=PDL, **pdl_launch_options(),
+            BLOCK_C=BLOCK_C, HAS_BIAS=bias is not None, RMS=rms, **pdl_launch_args(),
             num_warps=max(1, min(16, BLOCK_C // 256)))    # 8 values (16 B of fp16) per thread
     return out if out is not None else y2.view(x.shape)
 
