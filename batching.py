@@ -49,6 +49,7 @@ sampling (serve.py adds those), and chunked prefill (neither file has it yet).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -445,14 +446,21 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    with cpu_single_thread(args.device):
+        return compare(args)
+
+
+@contextlib.contextmanager
+def cpu_single_thread(device):
+    """On CPU, run the block with one PyTorch thread, then restore the setting.
+    subtle: a tiny model's matmuls are too small to split across threads, and on a busy machine a
+    thread pool that waits for a free core stalls every op (10-50x slower measured on 2 shared
+    cores), which would make wall-clock latencies meaningless."""
     threads = torch.get_num_threads()
-    if args.device == "cpu":
-        # subtle: a tiny model's matmuls are too small to split across threads, and on a busy
-        # machine a thread pool that waits for a free core stalls every op (10x slower measured
-        # on 2 shared cores). One thread; the previous setting is restored at the end.
+    if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
     try:
-        return compare(args)
+        yield
     finally:
         torch.set_num_threads(threads)
 

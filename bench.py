@@ -659,6 +659,7 @@ def topic_matmul(ctx: BenchContext) -> None:
 def topic_gemv(ctx: BenchContext) -> None:
     """triton_matmul.py's v5 decode kernels (GEMV with fused bias/GELU/residual, one-row norms)
     against what PyTorch launches for the same work, on GPT-2 1.5B's decode shapes."""
+    import model as M
     import triton_matmul as tm
 
     on_gpu = ctx.device.type == "cuda" and not tm.INTERPRET
@@ -666,7 +667,6 @@ def topic_gemv(ctx: BenchContext) -> None:
     dt = torch.float16 if on_gpu else torch.float32
     ceil = measure_ceilings(ctx)
     C, FF, V = (1600, 6400, 50257) if on_gpu else (64, 256, 1000)
-    gelu = lambda y: F.gelu(y, approximate="tanh")   # noqa: E731
 
     def rand(*shape, scale=1.0):
         return torch.randn(*shape, device=dev, dtype=dt) * scale
@@ -685,12 +685,7 @@ def topic_gemv(ctx: BenchContext) -> None:
             copies = max(1, min(32, -(-(128 << 20) // (N * K * 2)))) if on_gpu else 1
             ws = [(rand(N, K, scale=K ** -0.5), rand(N) if with_bias else None) for _ in range(copies)]
 
-            def torch_fn(w, b):
-                y = F.linear(x, w, b)
-                y = gelu(y) if act else y
-                return y + res if with_res else y
-
-            t_torch = _time_graphed_ms([lambda w=w, b=b: torch_fn(w, b) for w, b in ws], ctx)
+            t_torch = _time_graphed_ms([lambda w=w, b=b: M.TorchOps.linear(x, w, b, act, res) for w, b in ws], ctx)
             t_ours = _time_graphed_ms([lambda w=w, b=b: tm.gemv(x, w, b, act, res) for w, b in ws], ctx)
             weight_bytes = N * K * x.element_size()
             gbps = weight_bytes / t_ours / 1e6
@@ -733,8 +728,7 @@ def _sdpa(backend, q, k, v, is_causal):
 def _try_time(fn, ctx, **kw):
     """Milliseconds, or None when this peer cannot run the shape (backend missing on CPU, OOM)."""
     try:
-        fn()  # first call: compiles / autotunes / picks a backend, outside the timing
-        return time_ms(fn, ctx, **kw)
+        return time_ms(fn, ctx, **kw)      # its untimed warm-up calls compile / autotune first
     except Exception as err:   # noqa: BLE001  (one failing peer must not end the whole topic)
         ctx.note(f"(skipped a peer: {type(err).__name__}: {str(err).splitlines()[0][:120]})")
         return None
@@ -913,16 +907,9 @@ def topic_flash(ctx: BenchContext) -> None:
 
 @register("batching")
 def topic_batching(ctx: BenchContext) -> None:
-    # subtle: on CPU the tiny model's ops are too small to split across threads, and on a busy
-    # machine a thread pool waiting for a free core stalls every op (measured 10-50x on 2 shared
-    # cores), which would make the wall-clock latencies meaningless. One thread, then restore.
-    threads = torch.get_num_threads()
-    if ctx.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    import batching as BT
+    with BT.cpu_single_thread(ctx.device):      # wall-clock latencies on a busy CPU: see there
         _topic_batching(ctx)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _topic_batching(ctx: BenchContext) -> None:

@@ -53,6 +53,7 @@ sliding windows, and causal attention where queries are a suffix of a longer key
 """
 
 import argparse
+import functools
 import math
 import os
 
@@ -627,6 +628,7 @@ def _decode_launcher():
     return _tuned_decode[0]
 
 
+@functools.cache      # called once per layer per step with the same arguments
 def default_num_splits(batch, n_kv_heads, max_context, device):
     """One split when (sequence, KV head) pairs alone give the SMs ~1.5+ programs each: no
     partials, no merge (H200, batch 32 x 8 KV heads = 256 programs, 1.9 per SM: 1 split 0.966x
@@ -686,8 +688,7 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     if direct:
         return out
     _merge_splits_kernel[(batch, n_heads)](
-        o_part, lse_part, out, num_splits, o_part.stride(0) // head_dim, o_part.stride(1) // head_dim,
-        o_part.stride(2) // head_dim, out.stride(0), out.stride(1),
+        o_part, lse_part, out, num_splits, *part_strides, out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), **pdl_launch_args())
     return out
 

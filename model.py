@@ -265,8 +265,14 @@ class CacheStep:
 # 3. The model, bottom up
 # ----------------------------------------------------------------------------------------------
 
-class RMSNorm(nn.Module):
+def rms_norm(x, weight, eps: float):
     """Llama's norm: x / rms(x) * g. No mean subtraction, no bias: one reduction instead of two."""
+    x32 = x.float()   # the mean of squares in fp16 overflows past |x| ~ 256
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+class RMSNorm(nn.Module):
+    """rms_norm with a learned gain g."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -274,8 +280,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()   # the mean of squares in fp16 overflows past |x| ~ 256
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:

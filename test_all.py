@@ -644,7 +644,7 @@ def test_engine_fused_decode_ops_batch1_match_generate(preset):
     triton_matmul.gemv (bias, GELU / SwiGLU input, residual fused) and the norms through
     row_norm (LayerNorm, RMSNorm), under the interpreter on CPU. A 384-token vocabulary keeps the
     interpreted LM-head GEMV short."""
-    cfg = M.ModelConfig(**{**M.asdict(M.PRESETS[preset]), "vocab_size": 384})
+    cfg = M.replace(M.PRESETS[preset], vocab_size=384)
     model = perturb(M.init_random(M.Transformer(cfg)), std=0.1)
     model = model.to("cuda") if CUDA else model
     prompts = [list(range(5, 22)), [7]]
@@ -795,7 +795,7 @@ MM_VERSIONS = {
 }
 
 
-def _mm_run_and_check(version, a, b, bias, seed_shape):
+def _mm_run_and_check(version, a, b, bias):
     M, N = a.shape[0], b.shape[1]
     out = _mm_poisoned(M, N, a.dtype)
     c = MM_VERSIONS[version](a, b, bias, out)
@@ -817,7 +817,7 @@ MM_CPU_SHAPES = [(1, 64, 48), (17, 33, 65), (40, 100, 36), (70, 48, 66)]
 def test_matmul_versions_match_reference(version, dtype, shape):
     M, K, N = shape
     a, b, bias = _mm_inputs(M, K, N, dtype, seed=M * 1000 + K + MM_DTYPES.index(dtype))
-    _mm_run_and_check(version, a, b, bias, shape)
+    _mm_run_and_check(version, a, b, bias)
 
 
 @pytest.mark.parametrize("version", list(MM_VERSIONS))
@@ -830,7 +830,7 @@ def test_matmul_non_contiguous_inputs(version):
     a, b = big_a[:, ::2], w.t()
     assert not a.is_contiguous() and not b.is_contiguous()
     bias = torch.randn(29, generator=g).to(MM_DEVICE, dtype)
-    _mm_run_and_check(version, a, b, bias, None)
+    _mm_run_and_check(version, a, b, bias)
 
 
 def test_matmul_bias_only_and_batched_input():
@@ -911,7 +911,7 @@ MM_GPU_CASES = [(torch.float16, (1, 768, 2304)), (torch.float16, (16, 1600, 6400
 def test_matmul_versions_match_reference_cuda(version, dtype, shape):
     M, K, N = shape
     a, b, bias = _mm_inputs(M, K, N, dtype, seed=M * 31 + N)
-    _mm_run_and_check(version, a, b, bias, shape)
+    _mm_run_and_check(version, a, b, bias)
 
 
 @mm_gpu_only
@@ -1035,7 +1035,7 @@ def test_gemv_autotune_pruning_and_hooks():
     assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] >= 2048
                for c in tm._prune_gemv_configs(cfgs, dict(K=1600), BLOCK_M=1))
     assert all(c.kwargs["BLOCK_K"] <= 64 for c in tm._prune_gemv_configs(cfgs, dict(K=40), BLOCK_M=16))
-    # The autotuner path itself (multi-config, hooks, pruning), run under the interpreter with a
+    # The autotuner path itself (multi-config, restore_value, pruning), run under the interpreter with a
     # fake timer that runs each config 3 times: an in-place residual must still be added once.
     calls = []
 
@@ -1044,11 +1044,7 @@ def test_gemv_autotune_pruning_and_hooks():
             fn()
         calls.append(1)
         return [float(len(calls))] * 3
-    tuned = tm.triton.autotune(configs=[tm._gemv_config(4, 32, 4, 1), tm._gemv_config(16, 64, 4, 1)],
-                            key=["N", "K", "BLOCK_M", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL"],
-                            prune_configs_by={"early_config_prune": tm._prune_gemv_configs},
-                            pre_hook=tm._gemv_pre_hook, post_hook=tm._gemv_post_hook,
-                            do_bench=fake_bench)(tm.gemv_kernel)
+    tuned = tm._autotune_gemv([tm._gemv_config(4, 32, 4, 1), tm._gemv_config(16, 64, 4, 1)], fake_bench)
     x, w, b, h = _gemv_inputs(3, 37, 100, torch.float32, seed=9)
     h0 = h.clone()
     y = tm._gemv_launch(tuned, x, w, b, None, h, h)

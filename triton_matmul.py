@@ -52,7 +52,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol: PDL below)
 
-from model import pdl_launch_args  # noqa: E402
+from model import pdl_launch_args, rms_norm  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # subtle: Triton's CPU interpreter keeps bf16 as raw uint16 bits and its tl.dot multiplies those
@@ -634,8 +634,8 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # (do_bench synchronises the device): it must not happen inside a CUDA-graph capture, so warm
 # up every (shape, BLOCK_M, epilogue, dtype) that will be captured first (serve.py's engine
 # runs each graph bucket before capturing it). When out is residual, re-running the kernel
-# to time it would add the residual again and again, so while tuning, the autotuner's hooks
-# save and restore that tensor around each timed run (only when out is residual). Once tuned,
+# to time it would add the residual again and again, so while tuning, the autotuner saves and
+# restores the output around each timed run (restore_value). Once tuned,
 # gemv does no host synchronisation and allocates nothing but the output (nothing when `out`
 # is given): safe to capture.
 #
@@ -766,30 +766,19 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
             or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / c.num_warps)])
 
 
-# In-place residual (out is residual): save/restore it around each timed run of the autotuner.
-_gemv_saved = {}
-
-
-def _gemv_pre_hook(nargs, reset_only=False):
-    if (not reset_only and nargs.get("HAS_RESIDUAL")
-            and nargs["res_ptr"].data_ptr() == nargs["y_ptr"].data_ptr()):
-        _gemv_saved["residual"] = nargs["res_ptr"].clone()
-
-
-def _gemv_post_hook(nargs, exception=None):
-    saved = _gemv_saved.pop("residual", None)
-    if saved is not None:
-        nargs["res_ptr"].copy_(saved)
+def _autotune_gemv(configs, do_bench):
+    """gemv_kernel under triton.autotune. restore_value: the autotuner saves y before each timed
+    run and puts it back after, so an in-place residual (out is residual) is added once, not
+    once per timed repeat."""
+    return triton.autotune(
+        configs=configs, key=["N", "K", "BLOCK_M", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL"],
+        prune_configs_by={"early_config_prune": _prune_gemv_configs}, restore_value=["y_ptr"],
+        do_bench=do_bench)(gemv_kernel)
 
 
 # Timing: 10 ms warm-up + 40 ms of repeats per config. A decode GEMV takes a few us and
 # do_bench empties the L2 before each repeat (so W comes from HBM, as in real decode).
-gemv_kernel_autotuned = triton.autotune(
-    configs=GEMV_CONFIGS, key=["N", "K", "BLOCK_M", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL"],
-    prune_configs_by={"early_config_prune": _prune_gemv_configs},
-    pre_hook=_gemv_pre_hook, post_hook=_gemv_post_hook,
-    do_bench=functools.partial(triton.testing.do_bench, warmup=10, rep=40),
-)(gemv_kernel)
+gemv_kernel_autotuned = _autotune_gemv(GEMV_CONFIGS, functools.partial(triton.testing.do_bench, warmup=10, rep=40))
 
 
 def _as_rows(t, n_cols, name):
@@ -982,10 +971,9 @@ def row_norm(x, weight, bias=None, eps=1e-5, rms=False, out=None):
 
 
 def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
-    """torch.nn.functional.layer_norm (in fp32), or model.RMSNorm's formula."""
+    """torch.nn.functional.layer_norm (in fp32), or model.rms_norm."""
     if rms:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+        return rms_norm(x, weight, eps)
     return torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), weight.float(),
                                           None if bias is None else bias.float(), eps).to(x.dtype)
 
