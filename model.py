@@ -337,13 +337,17 @@ def pdl_launch_args() -> dict:
 
 class TorchOps:
     """The two operations a forward pass spends its time in besides attention: a linear layer
-    (with what follows it: bias, GELU, the residual add) and a norm. Here as plain PyTorch;
-    an engine may pass its own (serve.py: fused Triton kernels for decode, where each of these
-    is a separate ~2-8 us kernel on one row and the launches, not the math, set the speed)."""
+    (with what surrounds it: the norm before it, bias, GELU, the residual add) and a norm. Here
+    as plain PyTorch; an engine may pass its own (serve.py: fused Triton kernels for decode,
+    where each of these is a separate ~2-8 us kernel on one row and the launches, not the
+    math, set the speed)."""
 
     @staticmethod
-    def linear(x, weight, bias=None, activation=None, residual=None):
-        """residual + act(x @ weight^T + bias), weight (out, in) as nn.Linear stores it."""
+    def linear(x, weight, bias=None, activation=None, residual=None, norm=None):
+        """residual + act(norm(x) @ weight^T + bias), weight (out, in) as nn.Linear stores it;
+        norm: a LayerNorm / RMSNorm module or None."""
+        if norm is not None:
+            x = norm(x)
         y = F.linear(x, weight, bias)
         if activation == "gelu_tanh":
             y = F.gelu(y, approximate="tanh")
@@ -371,12 +375,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x, layer: int, positions, rope, kv: AttentionBackend | None,
-                ops=None, residual: torch.Tensor | None = None):
-        """(residual +) proj(attention(x)): the residual add rides along with the projection so
-        a fused kernel can do both in one pass (see TorchOps)."""
+                ops=None, residual: torch.Tensor | None = None, norm: nn.Module | None = None):
+        """(residual +) proj(attention(norm(x))): the norm rides along with the qkv projection
+        and the residual add with the output projection, so a fused kernel can do each pair in
+        one pass (see TorchOps)."""
         cfg, ops = self.cfg, ops or TorchOps
         B, T, _ = x.shape
-        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias, norm=norm)
         q, k, v = qkv.split([cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim,
                              cfg.kv_heads * cfg.head_dim], dim=-1)
         q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)     # (B, nh, T, hd)
@@ -404,14 +409,14 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, (2 if self.swiglu else 1) * cfg.ff_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.ff_dim, cfg.n_embd, bias=cfg.bias)
 
-    def forward(self, x, ops=None, residual: torch.Tensor | None = None):
-        """(residual +) mlp(x)."""
+    def forward(self, x, ops=None, residual: torch.Tensor | None = None, norm: nn.Module | None = None):
+        """(residual +) mlp(norm(x))."""
         ops = ops or TorchOps
         if self.swiglu:
-            gate, up = ops.linear(x, self.fc.weight, self.fc.bias).chunk(2, dim=-1)
+            gate, up = ops.linear(x, self.fc.weight, self.fc.bias, norm=norm).chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = ops.linear(x, self.fc.weight, self.fc.bias, activation="gelu_tanh")
+            h = ops.linear(x, self.fc.weight, self.fc.bias, activation="gelu_tanh", norm=norm)
         return ops.linear(h, self.proj.weight, self.proj.bias, residual=residual)
 
 
@@ -426,8 +431,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, layer, positions, rope, kv, ops):
-        x = self.attn(ops.norm(x, self.norm1), layer, positions, rope, kv, ops, residual=x)
-        return self.mlp(ops.norm(x, self.norm2), ops, residual=x)
+        x = self.attn(x, layer, positions, rope, kv, ops, residual=x, norm=self.norm1)
+        return self.mlp(x, ops, residual=x, norm=self.norm2)
 
 
 class Transformer(nn.Module):

@@ -1000,6 +1000,43 @@ def test_gemv_strided_inputs_in_place_residual_and_batch_dims():
     assert tm.gemv(x3[:0, 0], w).shape == (0, 40)             # no rows: nothing to launch
 
 
+GEMV_NORMS = {"layer": ("layer", True), "layer_nobias": ("layer", False), "rms": ("rms", False)}
+
+
+@pytest.mark.parametrize("norm", list(GEMV_NORMS))
+@pytest.mark.parametrize("shape", [(1, 37, 100), (1, 5, 1603), (3, 37, 200), (16, 9, 100)], ids=str)
+def test_gemv_fused_norm_and_single_shot(shape, norm):
+    """gemv(x, ..., norm=...) = gemv(row_norm(x), ...): the LayerNorm / RMSNorm in front of a
+    linear layer folded into the GEMV (serve.py's decode), in the K-loop path and, for one row,
+    in the single-shot path (the whole K in one tile, loaded before the PDL wait)."""
+    M, N, K = shape
+    kind, has_norm_bias = GEMV_NORMS[norm]
+    x, w, b, r = _gemv_inputs(M, N, K, GEMV_DTYPE, seed=M * 7 + N + K)
+    g = torch.Generator().manual_seed(K)
+    x = x * 3 + 1                                 # a mean and scale far from 0 and 1
+    nw = torch.randn(K, generator=g).to(MM_DEVICE, GEMV_DTYPE)
+    nb = torch.randn(K, generator=g).to(MM_DEVICE, GEMV_DTYPE) if has_norm_bias else None
+    kw = dict(norm=kind, norm_weight=nw, norm_bias=nb, norm_eps=1e-5)
+    d = lambda t: None if t is None else t.double()
+    ref = tm.gemv_reference(d(x), d(w), d(b), "gelu_tanh", d(r), acc_dtype=torch.float64,
+                            norm=kind, norm_weight=d(nw), norm_bias=d(nb))
+    runs = [tm.gemv(x, w, b, "gelu_tanh", r, **kw)]
+    if M == 1:
+        runs.append(tm._gemv_launch(tm.gemv_kernel, x, w, b, "gelu_tanh", r, None, **kw, BLOCK_N=4,
+                                    BLOCK_K=tm.triton.next_power_of_2(K), SINGLE_SHOT=True, num_warps=4))
+    for y in runs:
+        assert not torch.isnan(y).any()
+        torch.testing.assert_close(y.double(), ref, **_mm_tol(x.dtype))
+    with pytest.raises(ValueError, match="norm_weight"):
+        tm.gemv(x, w, norm="layer")
+    with pytest.raises(ValueError, match="without norm"):
+        tm.gemv(x, w, norm_weight=nw)
+    with pytest.raises(ValueError, match="RMSNorm has no bias"):
+        tm.gemv(x, w, norm="rms", norm_weight=nw, norm_bias=nw)
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        tm.gemv(x, w, norm="layer", norm_weight=nw[:-1])
+
+
 def test_gemv_bad_inputs_raise_clear_errors():
     x, w, b, r = _gemv_inputs(4, 24, 16, torch.float32, seed=5)
     with pytest.raises(ValueError, match="at most"):
@@ -1028,12 +1065,17 @@ def test_gemv_autotune_pruning_and_hooks():
     cfgs = tm.GEMV_GPU_CONFIGS
     for bm in (1, 2, 4, 8, 16):
         kept = tm._prune_gemv_configs(cfgs, dict(K=1600), BLOCK_M=bm)
-        assert kept and len(kept) <= 8, bm
+        single = [c for c in kept if c.kwargs["SINGLE_SHOT"]]
+        assert kept and len(kept) <= 9, bm
+        # one row: single shot only, all of K (1600 -> 2048) in one tile; more rows: never
+        assert len(single) == (len(kept) if bm == 1 else 0) and all(c.kwargs["BLOCK_K"] == 2048 for c in single)
         for c in kept:   # the product tile fits in <= 64 fp32 registers per thread
             assert bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps
             assert c.kwargs["BLOCK_N"] >= min(bm, 16) and c.kwargs["BLOCK_K"] <= 2048
+    assert all(c.kwargs["BLOCK_K"] == 8192 and c.kwargs["BLOCK_N"] * 4 <= c.num_warps
+               for c in tm._prune_gemv_configs(cfgs, dict(K=6400), BLOCK_M=1) if c.kwargs["SINGLE_SHOT"])
     assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] >= 2048
-               for c in tm._prune_gemv_configs(cfgs, dict(K=1600), BLOCK_M=1))
+               for bm in (1, 2) for c in tm._prune_gemv_configs(cfgs, dict(K=1600), BLOCK_M=bm))
     assert all(c.kwargs["BLOCK_K"] <= 64 for c in tm._prune_gemv_configs(cfgs, dict(K=40), BLOCK_M=16))
     # The autotuner path itself (multi-config, restore_value, pruning), run under the interpreter with a
     # fake timer that runs each config 3 times: an in-place residual must still be added once.

@@ -671,17 +671,57 @@ MAX_GEMV_ROWS = 16
 
 
 @triton.jit
+def _normed_x(x_ptrs, k_ok, mean, rstd, nw_ptrs, nb_ptrs, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
+    """One (BLOCK_M, BLOCK_K) chunk of x as fp32, normalised when NORM is "layer" or "rms" with
+    the row statistics mean, rstd (BLOCK_M,) and rounded to x's dtype exactly where the unfused
+    row_norm rounds its output (so fused and unfused agree to the last bit of the norm)."""
+    x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+    xf = x.to(tl.float32)
+    if NORM == "layer":
+        xf = (xf - mean[:, None]) * rstd[:, None] * tl.load(nw_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        if HAS_NORM_BIAS:
+            xf += tl.load(nb_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        xf = xf.to(x.dtype).to(tl.float32)
+    elif NORM == "rms":
+        xf = (xf * rstd[:, None]).to(x.dtype).to(tl.float32) * tl.load(nw_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        xf = xf.to(x.dtype).to(tl.float32)
+    return xf
+
+
+@triton.jit
+def _row_stats(x_ptrs, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+    """mean and 1/std (LayerNorm) or 0 and 1/rms (RMSNorm) of each of BLOCK_M rows of length K,
+    in fp32, walking x in BLOCK_K chunks: once for the mean, once more for the variance of
+    x - mean (two passes, as exact as row_norm's; the rows come from L1/L2, x is a few KB)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORM == "layer":
+        total = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            total += tl.load(x_ptrs + k0, mask=(offs_k < K - k0)[None, :], other=0.0).to(tl.float32)
+        mean = tl.sum(total, axis=1) / K
+    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (offs_k < K - k0)[None, :]
+        xc = tl.load(x_ptrs + k0, mask=k_ok, other=0.0).to(tl.float32) - mean[:, None]
+        xc = tl.where(k_ok, xc, 0.0)                                  # keep the padding out
+        squares += xc * xc
+    return mean, tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+
+
+@triton.jit
 def gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_ptr,
     M, N, K,                                   # x is M x K, W is N x K (nn.Linear layout), y is M x N
     stride_xm, stride_wn, stride_rm, stride_ym,  # row strides; every last dim is contiguous
+    norm_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    NORM: tl.constexpr = "", HAS_NORM_BIAS: tl.constexpr = False,
+    SINGLE_SHOT: tl.constexpr = False,         # BLOCK_K >= K: one chunk, loaded before the PDL wait
     USE_PDL: tl.constexpr = False,
 ):
-    if USE_PDL:                                # see the PDL section above
-        tl_cuda.gdc_wait()
-        tl_cuda.gdc_launch_dependents()
+    tl.static_assert(not SINGLE_SHOT or BLOCK_M == 1, "single shot is for one row")
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)   # this program's output columns = rows of W
@@ -689,27 +729,46 @@ def gemv_kernel(
     # Like v2, rows past the edge are wrapped (% M, % N): they read valid memory whose results
     # are never stored, so inside the loop only the K tail needs a mask.
     w_ptrs = w_ptr + (offs_n % N)[:, None] * stride_wn + offs_k[None, :]       # (BLOCK_N, BLOCK_K)
-    if BLOCK_M == 1:
-        x_ptrs = x_ptr + offs_k                                                  # (BLOCK_K,)
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :]       # (BLOCK_M, BLOCK_K)
+    if SINGLE_SHOT:
+        # The weights never depend on an earlier kernel, only x does: ask for the whole tile
+        # now, before waiting (see "Prefetch across the kernel boundary" above).
+        w_all = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0.0)
+    if USE_PDL:                                # see the PDL section above
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORM != "":
+        mean, rstd = _row_stats(x_ptrs, K, norm_eps, BLOCK_M, BLOCK_K, NORM)
+    nw_ptrs = norm_w_ptr + offs_k[None, :]
+    nb_ptrs = norm_b_ptr + offs_k[None, :]
+    if SINGLE_SHOT:
+        x = _normed_x(x_ptrs, (offs_k < K)[None, :], mean, rstd, nw_ptrs, nb_ptrs, NORM, HAS_NORM_BIAS)
+        acc = tl.sum(w_all.to(tl.float32) * x, axis=1)[None, :]     # (1, BLOCK_N); BLOCK_M == 1
+    elif BLOCK_M == 1:
         part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k0
-            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            part += w.to(tl.float32) * x.to(tl.float32)[None, :]   # elementwise FMAs, no reduction
+            k_ok = (offs_k < K - k0)[None, :]
+            w = tl.load(w_ptrs, mask=k_ok, other=0.0)
+            x = _normed_x(x_ptrs, k_ok, mean, rstd, nw_ptrs, nb_ptrs, NORM, HAS_NORM_BIAS)
+            part += w.to(tl.float32) * x                              # elementwise FMAs, no reduction
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            nw_ptrs += BLOCK_K
+            nb_ptrs += BLOCK_K
         acc = tl.sum(part, axis=1)[None, :]                          # (1, BLOCK_N): reduce once
     else:
-        x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :]     # (BLOCK_M, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k0
-            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
-            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
+            k_ok = (offs_k < K - k0)[None, :]
+            w = tl.load(w_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+            x = _normed_x(x_ptrs, k_ok, mean, rstd, nw_ptrs, nb_ptrs, NORM, HAS_NORM_BIAS)
             acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)     # (M, 1, K) * (1, N, K) -> (M, N)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            nw_ptrs += BLOCK_K
+            nb_ptrs += BLOCK_K
 
     # --- epilogue on the fp32 accumulator: bias, activation, residual, one rounding ---
     if HAS_BIAS:
@@ -724,8 +783,10 @@ def gemv_kernel(
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _gemv_config(bn, bk, warps, stages):
-    return triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages)
+def _gemv_config(bn, bk, warps, stages=1):
+    """bk=None: single shot, BLOCK_K = next power of two >= K, filled in per shape by the pruner."""
+    return triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk or 0, SINGLE_SHOT=bk is None),
+                         num_warps=warps, num_stages=stages)
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages). The first group is for 1-2 rows: long K chunks
@@ -733,12 +794,17 @@ def _gemv_config(bn, bk, warps, stages):
 # = 3-10 MB in flight for GPT-2's N (see Little's law above); BLOCK_N from 4 (more programs,
 # for N=1600) to 16 (fewer, longer-lived programs, for N=4800..50257). The second group is for
 # 4-16 rows: the M x BLOCK_N x BLOCK_K product tile must stay small in registers, and
-# BLOCK_N >= M keeps the re-reads of x below the weight traffic.
+# BLOCK_N >= M keeps the re-reads of x below the weight traffic. The third group is single
+# shot, one row only: all of K in one tile (K=1600 -> 2048 wide), BLOCK_N <= num_warps for
+# K <= 2048 so the tile is <= 64 values per thread.
 GEMV_GPU_CONFIGS = [
     _gemv_config(4, 512, 4, 3), _gemv_config(4, 1024, 4, 2), _gemv_config(8, 256, 4, 4),
     _gemv_config(8, 512, 4, 3), _gemv_config(16, 256, 4, 3), _gemv_config(16, 512, 8, 3),
     _gemv_config(16, 128, 4, 4), _gemv_config(8, 128, 4, 4), _gemv_config(16, 64, 4, 4),
     _gemv_config(16, 128, 8, 4), _gemv_config(16, 32, 4, 4), _gemv_config(16, 64, 8, 4),
+    _gemv_config(1, None, 4), _gemv_config(2, None, 4), _gemv_config(2, None, 8),
+    _gemv_config(4, None, 4), _gemv_config(4, None, 8), _gemv_config(8, None, 8),
+    _gemv_config(4, None, 16), _gemv_config(8, None, 16), _gemv_config(16, None, 16),
 ]
 # interpreter: one config, big enough that numpy does few steps, small enough that the test
 # shapes still cover several column blocks and K steps with ragged ends
@@ -746,13 +812,22 @@ GEMV_CONFIGS = GEMV_GPU_CONFIGS if (torch.cuda.is_available() and not INTERPRET)
 
 
 def _prune_gemv_configs(configs, named_args, **kwargs):
-    """Before compiling anything: drop configs whose BLOCK_M x BLOCK_N x BLOCK_K product tile
-    is more than 64 fp32 values per thread (register spills); for 1-2 rows keep the big tiles
+    """Before compiling anything: give single-shot configs their BLOCK_K (next power of two
+    >= K; one row only) and, for one row, keep only those where one fits; otherwise drop configs whose BLOCK_M x BLOCK_N x BLOCK_K product tile is
+    more than 64 fp32 values per thread (register spills); for 1-2 rows keep the big tiles
     (BLOCK_N * BLOCK_K >= 2048: enough bytes in flight), for more rows those with
     BLOCK_N >= min(M, 16) (x re-reads); drop BLOCK_K > next_pow2(K) (a mostly masked chunk).
     Relaxed step by step if that leaves nothing; the register rule goes last."""
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
     K = named_args.get("K", 1 << 30)
+    k_all = max(triton.next_power_of_2(K), 16)
+    sized = []
+    for c in configs:
+        if c.kwargs.get("SINGLE_SHOT"):
+            if bm != 1:
+                continue
+            c = triton.Config({**c.kwargs, "BLOCK_K": k_all}, num_warps=c.num_warps, num_stages=c.num_stages)
+        sized.append(c)
 
     def fits(c):
         return bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps
@@ -762,8 +837,11 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
         shape_ok = bn * bk >= 2048 if bm <= 2 else bn >= min(bm, 16)
         return shape_ok and bk <= max(triton.next_power_of_2(K), 32)
 
-    return ([c for c in configs if fits(c) and suits(c)] or [c for c in configs if fits(c)]
-            or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / c.num_warps)])
+    single = [c for c in sized if c.kwargs["SINGLE_SHOT"] and fits(c) and suits(c)]
+    if single:      # one row: single shot only (why: "Prefetch across the kernel boundary")
+        return single
+    return ([c for c in sized if fits(c) and suits(c)] or [c for c in sized if fits(c)]
+            or [min(sized, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / c.num_warps)])
 
 
 def _autotune_gemv(configs, do_bench):
@@ -771,7 +849,7 @@ def _autotune_gemv(configs, do_bench):
     run and puts it back after, so an in-place residual (out is residual) is added once, not
     once per timed repeat."""
     return triton.autotune(
-        configs=configs, key=["N", "K", "BLOCK_M", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL"],
+        configs=configs, key=["N", "K", "BLOCK_M", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "NORM"],
         prune_configs_by={"early_config_prune": _prune_gemv_configs}, restore_value=["y_ptr"],
         do_bench=do_bench)(gemv_kernel)
 
@@ -802,7 +880,7 @@ def _check_int32(*tensors):
             raise ValueError("tensor too large for int32 offsets in this teaching kernel")
 
 
-def _check_gemv_inputs(x, weight, bias, activation, residual, out):
+def _check_gemv_inputs(x, weight, bias, activation, residual, out, norm=None, norm_weight=None, norm_bias=None):
     """Clear errors, from tensor metadata only (no device sync). Returns 2-D views of
     x, residual, out and the output's full shape."""
     if x.dim() < 1 or weight.dim() != 2:
@@ -820,6 +898,18 @@ def _check_gemv_inputs(x, weight, bias, activation, residual, out):
                          f"beyond that the CUDA cores are the bottleneck; use matmul() for more rows")
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
+    if norm not in (None, "layer", "rms"):
+        raise ValueError(f"norm must be None, 'layer' or 'rms', got {norm!r}")
+    if norm is None and (norm_weight is not None or norm_bias is not None):
+        raise ValueError("norm_weight / norm_bias given without norm='layer' or 'rms'")
+    if norm is not None and norm_weight is None:
+        raise ValueError(f"norm={norm!r} needs norm_weight")
+    if norm == "rms" and norm_bias is not None:
+        raise ValueError("RMSNorm has no bias")
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if t is not None and (t.shape != (K,) or t.dtype != x.dtype or t.device != x.device
+                              or not _last_dim_contiguous(t)):
+            raise ValueError(f"{name} must be a contiguous ({K},) {x.dtype} on {x.device}, got {tuple(t.shape)} {t.dtype}")
     out_shape = (*x.shape[:-1], N)
     if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype or bias.device != x.device
                              or not _last_dim_contiguous(bias)):
@@ -839,9 +929,11 @@ def _check_gemv_inputs(x, weight, bias, activation, residual, out):
     return x2, res2, out2, out_shape
 
 
-def _gemv_launch(kernel, x, weight, bias, activation, residual, out, **meta):
+def _gemv_launch(kernel, x, weight, bias, activation, residual, out, norm=None, norm_weight=None,
+                 norm_bias=None, norm_eps=1e-5, **meta):
     """Launch `kernel` (gemv_kernel, autotuned or with a fixed config in **meta). Returns y."""
-    x2, res2, out2, out_shape = _check_gemv_inputs(x, weight, bias, activation, residual, out)
+    x2, res2, out2, out_shape = _check_gemv_inputs(x, weight, bias, activation, residual, out,
+                                                   norm, norm_weight, norm_bias)
     M, K = x2.shape
     N = weight.shape[0]
     y2 = torch.empty((M, N), device=x.device, dtype=x.dtype) if out2 is None else out2
@@ -849,15 +941,18 @@ def _gemv_launch(kernel, x, weight, bias, activation, residual, out, **meta):
         grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]),)
         kernel[grid](
             x2, weight, bias if bias is not None else y2, res2 if res2 is not None else y2, y2,
+            norm_weight if norm_weight is not None else y2, norm_bias if norm_bias is not None else y2,
             M, N, K, x2.stride(0), weight.stride(0),
-            res2.stride(0) if res2 is not None else 0, y2.stride(0),
+            res2.stride(0) if res2 is not None else 0, y2.stride(0), norm_eps,
             BLOCK_M=triton.next_power_of_2(M), HAS_BIAS=bias is not None, ACTIVATION=activation or "",
-            HAS_RESIDUAL=residual is not None, **meta, **pdl_launch_args())
+            HAS_RESIDUAL=residual is not None, NORM=norm or "", HAS_NORM_BIAS=norm_bias is not None,
+            **meta, **pdl_launch_args())
     return out if out is not None else y2.view(out_shape)
 
 
-def gemv(x, weight, bias=None, activation=None, residual=None, out=None):
-    """y = act(x @ weight.T + bias) + residual for a few rows of x, in one kernel (v5).
+def gemv(x, weight, bias=None, activation=None, residual=None, out=None, *,
+         norm=None, norm_weight=None, norm_bias=None, norm_eps=1e-5):
+    """y = act(norm(x) @ weight.T + bias) + residual for a few rows of x, in one kernel (v5).
 
     x: (M, K) or (..., K) with M = prod(leading dims) <= MAX_GEMV_ROWS (16); rows may be
     strided (a slice), the last dim must be contiguous. weight: (N, K) as nn.Linear stores it.
@@ -865,13 +960,21 @@ def gemv(x, weight, bias=None, activation=None, residual=None, out=None):
     output, (..., N), or None, added last. out: optional output (may be `residual` itself for
     an in-place residual add; must not overlap x, weight or bias otherwise). All tensors share
     x's dtype (fp16/bf16/fp32); accumulation is fp32. Returns (..., N) in x's dtype.
+    norm: None, "layer" (LayerNorm: norm_weight, optional norm_bias) or "rms" (RMSNorm:
+    norm_weight) over x's last dim with norm_eps, applied to x inside the kernel exactly as
+    row_norm would (rounded to x's dtype) before the product: one launch instead of two.
     On a GPU the first call per (N, K, BLOCK_M, epilogue, dtype) autotunes: do it before any
     CUDA-graph capture."""
-    return _gemv_launch(gemv_kernel_autotuned, x, weight, bias, activation, residual, out)
+    return _gemv_launch(gemv_kernel_autotuned, x, weight, bias, activation, residual, out,
+                        norm, norm_weight, norm_bias, norm_eps)
 
 
-def gemv_reference(x, weight, bias=None, activation=None, residual=None, out=None, *, acc_dtype=torch.float32):
-    """Plain PyTorch gemv: act(x @ W^T + b) + residual in acc_dtype, rounded once to x's dtype."""
+def gemv_reference(x, weight, bias=None, activation=None, residual=None, out=None, *, acc_dtype=torch.float32,
+                   norm=None, norm_weight=None, norm_bias=None, norm_eps=1e-5):
+    """Plain PyTorch gemv: act(norm(x) @ W^T + b) + residual in acc_dtype, rounded once to x's
+    dtype (the norm, if any, is row_norm_reference's, in x's dtype)."""
+    if norm is not None:
+        x = row_norm_reference(x, norm_weight, norm_bias, norm_eps, rms=norm == "rms")
     y = x.to(acc_dtype) @ weight.to(acc_dtype).t()
     if bias is not None:
         y = y + bias.to(acc_dtype)
