@@ -113,17 +113,23 @@ class Sequence:
         self.finish_time: float | None = None
         self.text = ""                       # detokenised output (only with stop strings)
         self.full_blocks: list[tuple[int, tuple]] = []   # (chain hash, tokens) of each full block
+        # tokens already computed on the device but not read back yet (0, 1 or 2; see
+        # LLMEngine.step): they count in len(seq), the positions and blocks they take, but are
+        # not in self.output until the host has them
+        self.num_pending = 0
 
     @property
     def tokens(self) -> list[int]:
-        return self.prompt + self.output      # a copy: for prefill and hashing, not per decode step
+        """A copy: for prefill and hashing, not per decode step (only ever used while no token of
+        this sequence is pending)."""
+        return self.prompt + self.output
 
     @property
     def last_token(self) -> int:
         return self.output[-1] if self.output else self.prompt[-1]
 
     def __len__(self):
-        return len(self.prompt) + len(self.output)
+        return len(self.prompt) + len(self.output) + self.num_pending
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,7 +314,7 @@ class Scheduler:
         batch, budget = [], self.max_num_batched_tokens
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             seq = self.waiting[0]
-            if len(seq) > budget or not self.blocks.can_allocate(seq):
+            if not self._admissible(seq, budget):
                 break
             self.blocks.allocate(seq)
             budget -= len(seq) - seq.num_cached
@@ -336,6 +342,27 @@ class Scheduler:
                 scheduled.append(seq)
         self.running = scheduled
         return ScheduledStep("decode", list(scheduled))   # a copy: finish() edits self.running
+
+    def _admissible(self, seq: Sequence, budget: int) -> bool:
+        return len(seq) <= budget and self.blocks.can_allocate(seq)
+
+    def schedule_ahead(self) -> ScheduledStep | None:
+        """The next decode step, picked while the current one still runs on the device, before
+        its tokens are known (LLMEngine.step), or None when that is not safe: a sequence waits
+        to be admitted and could be (a prefill step comes first), or a running sequence would need a block
+        that only preemption could free (preemption re-queues tokens, and these are not known).
+        A sequence whose pending token is its last (max_tokens) is left out; one that turns out
+        to have stopped on EOS or a stop string computes one row too many, dropped on arrival."""
+        if (self.waiting and len(self.running) < self.max_num_seqs
+                and self._admissible(self.waiting[0], self.max_num_batched_tokens)):
+            return None
+        seqs = [s for s in self.running if len(s.output) + s.num_pending < s.params.max_tokens]
+        bs = self.blocks.block_size
+        if not seqs or sum(len(s.block_table) * bs < len(s) for s in seqs) > self.blocks.num_available():
+            return None
+        for seq in seqs:
+            self.blocks.append(seq)
+        return ScheduledStep("decode", seqs)
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free_sequence(seq)
@@ -589,8 +616,11 @@ class EngineConfig:
                           "activations itself; the fused Triton decode ops are then not used)")
     kernels: str = _knob("auto", "auto = Triton (flash_attn.py) on cuda, PyTorch on cpu; or triton/torch")
     fused_ops: bool = _knob(True, "single-sequence decode steps run linear layers and norms as "
-                            "triton_matmul.py's GEMV/row-norm kernels (bias, GELU and residual "
+                            "triton_matmul.py's GEMV kernels (norm, bias, GELU and residual "
                             "fused) when the Triton kernels are on")
+    async_decode: bool = _knob(True, "queue decode step n+1 before reading step n's tokens back (greedy "
+                               "batches; the next token is fed on the device), so the host's work "
+                               "overlaps the GPU's")
 
     def __post_init__(self):
         if self.block_size < 1:
@@ -636,23 +666,26 @@ def _align4(n: int) -> int:
 
 def decode_buffer_size(bs: int, width: int) -> int:
     """int32 elements of a bs-row batch's inputs (decode_buffer_views), block tables width wide."""
-    return _align4(_align4(3 * bs) + bs) + bs * width
+    return _align4(_align4(4 * bs) + bs) + bs * width
 
 
 def decode_buffer_views(buf, bs: int, width: int) -> dict:
     """Views of a bs-row batch's decode inputs in the flat int32 buffer buf (numpy or torch)."""
-    lens_at = _align4(3 * bs)
+    lens_at = _align4(4 * bs)
     tables_at = _align4(lens_at + bs)
-    return {"ids": buf[:3 * bs].reshape(3, bs), "seq_lens": buf[lens_at:lens_at + bs],
+    return {"ids": buf[:4 * bs].reshape(4, bs), "seq_lens": buf[lens_at:lens_at + bs],
             "block_tables": buf[tables_at:tables_at + bs * width].reshape(bs, width)}
 
 
-def fill_decode_inputs(views: dict, seqs: list[Sequence], block_size: int) -> None:
+def fill_decode_inputs(views: dict, seqs: list[Sequence], block_size: int,
+                       prev_rows: list[int] | None = None) -> None:
     """Write a decode step's inputs into numpy views (decode_buffer_views) in place, with plain
     numpy: no PyTorch op, no device call. Row i is seqs[i]'s newest token: its id, its position
-    len - 1, the slot its K/V go to, the length len and the block table. Rows past len(seqs) are
-    the bucket's padding: token 0, position 0, slot -1 (writes nothing), length 1 and an all-zero
-    block table (reads one slot of block 0, harmlessly; the row's logits are dropped)."""
+    len - 1, the slot its K/V go to, where the id really comes from (prev_rows[i] >= 0: that row
+    of the previous step's argmax, still on the device; -1: the id given here), the length len
+    and the block table. Rows past len(seqs) are the bucket's padding: token 0, position 0,
+    slot -1 (writes nothing), length 1 and an all-zero block table (reads one slot of block 0,
+    harmlessly; the row's logits are dropped)."""
     B = len(seqs)
     ids, seq_lens, tables = views["ids"], views["seq_lens"], views["block_tables"]
     tables.fill(0)
@@ -663,7 +696,8 @@ def fill_decode_inputs(views: dict, seqs: list[Sequence], block_size: int) -> No
     ids[0, :B] = [s.last_token for s in seqs]
     ids[1, :B] = pos
     ids[2, :B] = tables[np.arange(B), pos // block_size] * block_size + pos % block_size
-    ids[:, B:] = np.array([[0], [0], [-1]])
+    ids[3, :B] = -1 if prev_rows is None else prev_rows
+    ids[:, B:] = np.array([[0], [0], [-1], [-1]])
     seq_lens[:B] = lens
     seq_lens[B:] = 1
 
@@ -709,6 +743,14 @@ class ModelRunner:
             # dynamic=None (the default): the first recompile (a new batch size) marks the batch
             # dimension dynamic, so the graph buckets do not each recompile (dynamo gives up after 8)
             self.decode_forward = torch.compile(self._decode_forward)
+        # every decode step leaves its argmax here, where the next step can take its input ids
+        # from without a trip through the host (fill_decode_inputs' prev_rows; LLMEngine.step)
+        self.last_greedy = torch.zeros(cfg.max_num_seqs, dtype=torch.long, device=self.device)
+        # two pinned host buffers for the tokens of the step being read back and the one after it
+        self.token_buffers = [torch.zeros(cfg.max_num_seqs, dtype=torch.long,
+                                          pin_memory=self.device.type == "cuda") for _ in range(2)]
+        self.token_events = [torch.cuda.Event() if self.device.type == "cuda" else None for _ in range(2)]
+        self.next_token_buffer = 0
         self.graphs: dict[int, DecodeGraph] = {}
         self.graph_sizes: list[int] = []               # sorted(self.graphs)
         if cfg.cuda_graphs and self.device.type == "cuda":
@@ -756,17 +798,17 @@ class ModelRunner:
         return self.model.logits(self.model.hidden(tokens, positions, step, ops)[:, -1], ops)
 
     @torch.no_grad()
-    def decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, seqs: list[Sequence], prev_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per sequence: (B,) -> logits (B, vocab) and their argmax (B,), both on the
-        device (see sample())."""
+        device (see sample()). prev_rows: see fill_decode_inputs."""
         B = len(seqs)
         graph_bs = next((b for b in self.graph_sizes if b >= B), None)
         if graph_bs is not None:
-            return self._replay(graph_bs, seqs)
+            return self._replay(graph_bs, seqs, prev_rows)
         # eager (no graph for this size): the same inputs as a graph step, in one fresh buffer
         width = max(len(s.block_table) for s in seqs)
         buf = np.empty(decode_buffer_size(B, width), dtype=np.int32)
-        fill_decode_inputs(decode_buffer_views(buf, B, width), seqs, self.block_size)
+        fill_decode_inputs(decode_buffer_views(buf, B, width), seqs, self.block_size, prev_rows)
         # an upper bound of the lengths, rounded up to a power of two: the kernel sizes its splits
         # from it, and a bound that changed every step would re-specialise (and re-compile) it
         bound = min(self.model.cfg.max_seq_len, triton.next_power_of_2(max(map(len, seqs))))
@@ -818,7 +860,12 @@ class ModelRunner:
             size = decode_buffer_size(bs, width)
             g = DecodeGraph(None, None, None, decode_buffer_views(host_np, bs, width),
                             host_buf[:size], device_buf[:size])
-            fill_decode_inputs(g.staging, [], self.block_size)      # all rows padding
+            fill_decode_inputs(g.staging, [], self.block_size)      # all rows padding ...
+            # ... but at the full context (an all-zero block table reads block 0 over and over,
+            # harmlessly; slot -1 writes nothing): the attention kernel's autotuner times its
+            # configs on these inputs, and on 1-token contexts every config looks the same, so it
+            # would keep an arbitrary one, possibly a slow one for real contexts
+            g.staging["seq_lens"][:] = self.model.cfg.max_seq_len
             g.device.copy_(g.host)
             inputs = decode_buffer_views(g.device, bs, width)
             for _ in range(2):                          # warm up: autotune, compile, allocate
@@ -836,24 +883,46 @@ class ModelRunner:
         """One decode step (the one a graph captures): int32 inputs (device views of
         decode_buffer_views) -> logits and their argmax. max_seqlen_k: an upper bound of the
         lengths (graphs: the model's context, since a graph outlives any one step)."""
-        ids = inputs["ids"].long()                      # (3, bs): tokens, positions, slots
+        ids = inputs["ids"].long()                      # (4, bs): tokens, positions, slots, prev rows
+        prev_rows = ids[3]
+        tokens = torch.where(prev_rows >= 0, self.last_greedy[prev_rows.clamp(min=0)], ids[0])
         step = self._step("decode", ids[2], inputs["block_tables"], inputs["seq_lens"],
                           max_seqlen_k=max_seqlen_k)
-        logits = self.decode_forward(ids[0][:, None], ids[1][:, None], step)
-        return logits, logits.argmax(dim=-1)
+        logits = self.decode_forward(tokens[:, None], ids[1][:, None], step)
+        greedy = logits.argmax(dim=-1)
+        self.last_greedy[:len(greedy)].copy_(greedy)    # what the next step may feed itself
+        return logits, greedy
 
-    def _replay(self, bs: int, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _replay(self, bs: int, seqs: list[Sequence], prev_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
         g, B = self.graphs[bs], len(seqs)
         # Never rewrite the pinned buffer while the last step's copy out of it may still be
         # queued. The engine reads every step's tokens back (a sync) before the next step, so
         # this wait returns at once there; a caller replaying back to back (bench.py) waits here
         # for at most the previous step's copy, i.e. stays at most one step ahead of the GPU.
         self.inputs_copied.synchronize()
-        fill_decode_inputs(g.staging, seqs, self.block_size)
+        fill_decode_inputs(g.staging, seqs, self.block_size, prev_rows)
         g.device.copy_(g.host, non_blocking=True)       # ONE H2D copy: (4 + width) * bs * 4 bytes
         self.inputs_copied.record()
         g.graph.replay()
         return g.logits[:B], g.greedy[:B]
+
+    def start_token_copy(self, greedy: torch.Tensor):
+        """Queue the copy of a step's tokens to the host; returns what finish_token_copy takes.
+        Two pinned buffers in turn: the step being read back and the one queued after it."""
+        i, self.next_token_buffer = self.next_token_buffer, 1 - self.next_token_buffer
+        host = self.token_buffers[i][:len(greedy)]
+        host.copy_(greedy, non_blocking=True)
+        if self.token_events[i] is not None:
+            self.token_events[i].record()
+        return host, self.token_events[i]
+
+    @staticmethod
+    def finish_token_copy(copy) -> list[int]:
+        """Wait for a start_token_copy (only for that step, not for later queued work)."""
+        host, event = copy
+        if event is not None:
+            event.synchronize()
+        return host.tolist()
 
     # -- sampling --------------------------------------------------------------------------------
     @staticmethod
@@ -913,6 +982,9 @@ class LLMEngine:
         self.seqs: dict[int, Sequence] = {}
         self.next_id = 0
         self.steps = {"prefill": 0, "decode": 0}
+        self.in_flight: tuple | None = None      # (seqs, token copy) of a queued decode step
+        self.steps_ahead = 0                     # decode steps queued before the previous one's tokens
+        self.num_generated = 0                   # tokens handed out
 
     # -- memory ----------------------------------------------------------------------------------
     def _size_kv_pool(self) -> int:
@@ -993,15 +1065,68 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.in_flight is not None
 
+    # Overlapping the host with the GPU. A synchronous decode step is: schedule, fill the inputs,
+    # replay the graph, wait for the tokens, check stops. The GPU idles while the host does the
+    # first two and the last, the host while the GPU runs: measured on an H100 at batch 1 (GPT-2
+    # 1.5B, results/perf_notes.md) ~0.35 ms of host per token on top of ~1.9 ms of GPU. But step
+    # n+1's inputs hardly depend on step n's result: positions, slots and block tables are known
+    # in advance, and the one unknown, each row's input token, is step n's argmax, which is
+    # already on the device (ModelRunner.last_greedy). So step() queues step n+1 (its rows read
+    # their token from the device: fill_decode_inputs' prev_rows) *before* waiting for step n's
+    # tokens; while the host then reads them back and checks stops, the GPU already runs n+1.
+    # The price: a sequence that stops on EOS or a stop string at step n has computed one row
+    # too many at n+1, and that token is dropped (its K/V went to a block the sequence held when
+    # n+1 was queued; a block freed afterwards is only rewritten by steps queued later, in
+    # stream order). Stops by max_tokens are known in advance and cost nothing. Only greedy
+    # batches run ahead: a sampled token is drawn by the host-side sampler here. Expected at
+    # batch 1: the step costs max(GPU, host) instead of their sum.
     def step(self) -> list[tuple[Sequence, int]]:
         """Run one scheduled step; return (sequence, new token) for every sequence that got one.
+        With async_decode, a greedy decode step returns the tokens of the step queued before it
+        (see above): tokens come out in order, one step later than the device computed them.
 
         If the model or the sampler raises, the step's sequences are retired (reason "error",
         blocks freed, prefix hashes of unwritten blocks forgotten) before the error propagates,
         so the engine stays usable for the other requests."""
-        work = self.scheduler.schedule()
+        if self.in_flight is None:
+            work = self.scheduler.schedule()
+            if not (work.kind == "decode" and self.cfg.async_decode
+                    and all(s.params.temperature == 0 for s in work.seqs)):
+                return self._step_synchronously(work)
+            self.in_flight = self._queue_decode(work.seqs)
+        seqs, copy = self.in_flight
+        ahead = self.scheduler.schedule_ahead()
+        self.in_flight = self._queue_decode(ahead.seqs, seqs) if ahead else None
+        self.steps_ahead += ahead is not None
+        tokens = ModelRunner.finish_token_copy(copy)
+        for seq in seqs:
+            seq.num_pending -= 1
+        return self._emit([(s, t) for s, t in zip(seqs, tokens) if s.status != "finished"])
+
+    def _queue_decode(self, seqs: list[Sequence], previous: list[Sequence] | None = None) -> tuple:
+        """Queue a greedy decode step (and the copy of its tokens to the host) without waiting.
+        previous: the step still in flight, whose argmax holds these rows' input tokens."""
+        self.steps["decode"] += 1
+        prev_rows = None
+        if previous is not None:
+            row = {id(s): i for i, s in enumerate(previous)}
+            prev_rows = [row[id(s)] for s in seqs]
+        try:
+            _, greedy = self.runner.decode(seqs, prev_rows)
+            copy = self.runner.start_token_copy(greedy)
+        except Exception:
+            for seq in seqs + (previous or []):
+                if seq.status != "finished":
+                    self.scheduler.finish(seq, "error")
+            self.in_flight = None
+            raise
+        for seq in seqs:
+            seq.num_pending += 1
+        return seqs, copy
+
+    def _step_synchronously(self, work: ScheduledStep) -> list[tuple[Sequence, int]]:
         self.steps[work.kind] += 1
         try:
             if work.kind == "prefill":
@@ -1013,17 +1138,20 @@ class LLMEngine:
             for seq in work.seqs:
                 self.scheduler.finish(seq, "error", written=work.kind == "decode")
             raise
+        return self._emit(list(zip(work.seqs, new_tokens)))
+
+    def _emit(self, new_tokens: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """Append each sequence's new token and retire the sequences that are done."""
         now = time.perf_counter()
-        emitted = []
-        for seq, token in zip(work.seqs, new_tokens):
+        self.num_generated += len(new_tokens)
+        for seq, token in new_tokens:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.output.append(token)
-            emitted.append((seq, token))
             reason = self._finish_reason(seq, token)
             if reason:
                 self.scheduler.finish(seq, reason)
-        return emitted
+        return new_tokens
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -1155,7 +1283,7 @@ def main(argv=None) -> int:
         return 2
     dt = time.perf_counter() - t0
     first = first or time.perf_counter()       # nothing streamed (e.g. EOS came first)
-    n = engine.steps["prefill"] + engine.steps["decode"]   # one request: one token per step
+    n = engine.num_generated
     mem = engine.memory_report()
     print(f"\n[TTFT {1e3 * (first - t0):.0f} ms | {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s | "
           f"weights {mem['weights_GiB']:.2f} GiB, KV pool {mem['kv_pool_GiB']:.2f} GiB"

@@ -553,6 +553,48 @@ def test_engine_stops_on_eos_and_stop_strings(tiny_model):
     _assert_drained(engine)
 
 
+def test_engine_async_decode_matches_synchronous(tiny_model):
+    """async_decode queues step n+1 before reading step n's tokens: the same tokens, finish
+    reasons and texts as the synchronous engine, with EOS and stop strings found one step late
+    (the extra rows dropped), mixed max_tokens, preemption off and on, and no leaked block."""
+    tok = M.gpt2_tokenizer()
+    prompts, lengths = _workload(n=20, seed=5)
+    probe = M.generate(tiny_model, prompts[3], 12)
+    eos = probe[6]                                         # a token the model really produces
+    stop = tok.decode(M.generate(tiny_model, prompts[7], 12))[5:8]
+    params = [S.SamplingParams(max_tokens=n + 3, stop=(stop,) if i % 3 == 0 else ())
+              for i, n in enumerate(lengths)]
+    for num_blocks in (400, 14):
+        runs = {}
+        for async_decode in (False, True):
+            engine = S.LLMEngine(_engine(tiny_model, num_blocks=num_blocks, async_decode=async_decode).cfg,
+                                 model=tiny_model, tokenizer=tok, eos_id=eos)
+            runs[async_decode] = [(o.tokens, o.finish_reason, o.text) for o in engine.generate(prompts, params)]
+            _assert_drained(engine)
+            assert (engine.steps_ahead > 0) == async_decode
+        assert runs[True] == runs[False]
+        reasons = {r for _, r, _ in runs[True]}
+        assert {"eos", "length"} <= reasons, reasons
+    assert runs[True][3][0] == probe[:7] and runs[True][3][1] == "eos"
+
+
+def test_engine_async_decode_abort_in_flight(tiny_model):
+    """Aborting a request while its next step is queued drops that step's row for it; the
+    others finish with the reference tokens and every block comes back."""
+    engine = _engine(tiny_model)
+    prompts = [list(range(40, 60)), list(range(70, 75)), [9, 8, 7]]
+    ids = [engine.add_request(p, S.SamplingParams(max_tokens=10, ignore_eos=True)) for p in prompts]
+    while engine.in_flight is None:
+        engine.step()
+    engine.abort(ids[1])
+    while engine.has_unfinished():
+        engine.step()
+    for i in (0, 2):
+        assert engine.seqs[ids[i]].output == M.generate(tiny_model, prompts[i], 10)
+    engine.seqs.clear()
+    _assert_drained(engine)
+
+
 @pytest.mark.parametrize("prompt,kwargs,match", [
     ([], {}, "empty"),
     ([1] * 200, dict(max_tokens=100), "context"),
@@ -656,8 +698,8 @@ def test_engine_fused_decode_ops_batch1_match_generate(preset):
 
 
 def test_fill_decode_inputs_layout_and_padding():
-    """The flat int32 buffer a decode graph reads: each row's token, position, slot, length and
-    block table, then padding rows (slot -1, length 1, zero table); stale contents overwritten."""
+    """The flat int32 buffer a decode graph reads: each row's token, position, slot, source of
+    the token, length and block table, then padding rows (slot -1, length 1, zero table); stale contents overwritten."""
     bs, width, block = 4, 5, 16
     buf = np.full(S.decode_buffer_size(bs, width), 77, dtype=np.int32)   # stale values everywhere
     views = S.decode_buffer_views(buf, bs, width)
@@ -671,6 +713,9 @@ def test_fill_decode_inputs_layout_and_padding():
     assert ids[0].tolist() == [119, 100, 132, 0]                   # last tokens, then padding
     assert ids[1].tolist() == [19, 0, 32, 0]                       # positions = len - 1
     assert ids[2].tolist() == [9 * 16 + 3, 4 * 16 + 0, 2 * 16 + 0, -1]   # slot of the newest token
+    assert ids[3].tolist() == [-1] * 4                              # ids given by the host
+    S.fill_decode_inputs(views, seqs, block, prev_rows=[2, 0, 1])
+    assert ids[3].tolist() == [2, 0, 1, -1]                         # ... or by last step's argmax
     assert lens.tolist() == [20, 1, 33, 1]
     assert tables.tolist() == [[3, 9, 0, 0, 0], [4, 0, 0, 0, 0], [0, 5, 2, 0, 0], [0] * 5]
     # every element of the buffer is a view element or alignment padding: nothing else changed
@@ -717,26 +762,33 @@ def _gpu_model(arch, seed=0):
 
 @needs_cuda
 @pytest.mark.parametrize("arch,graphs", [("gpt2", True), ("gpt2", False), ("llama", True)])
-def test_engine_fp16_cuda_logits_match_fp32_reference(arch, graphs):
+def test_engine_fp16_cuda_logits_match_fp32_reference(arch, graphs, monkeypatch):
     ref_model = _gpu_model(arch).cuda()
     model16 = _gpu_model(arch).cuda().half()
     engine = S.LLMEngine(S.EngineConfig(device="cuda", dtype="float16", num_blocks=64, block_size=16,
                                         max_num_seqs=32, cuda_graphs=graphs), model=model16)
     assert bool(engine.runner.graphs) == graphs
     seen = {}
-    real_sample = S.ModelRunner.sample
+    real_prefill, real_decode = engine.runner.prefill, engine.runner.decode
 
-    def record(logits, seqs, greedy=None):
+    def record(seqs, logits):     # copied now: a graph's logits are rewritten by the next replay
         for i, s in enumerate(seqs):
             seen.setdefault(s.id, []).append(logits[i].float().cpu())
-        return real_sample(logits, seqs, greedy)
+
+    def prefill(seqs):
+        logits = real_prefill(seqs)
+        record(seqs, logits)
+        return logits
+
+    def decode(seqs, prev_rows=None):
+        logits, greedy = real_decode(seqs, prev_rows)
+        record(seqs, logits)
+        return logits, greedy
+    monkeypatch.setattr(engine.runner, "prefill", prefill)
+    monkeypatch.setattr(engine.runner, "decode", decode)
     prompts, lengths = _workload(n=40, seed=1, vocab=model16.cfg.vocab_size)
-    S.ModelRunner.sample = staticmethod(record)
-    try:
-        outs = engine.generate(prompts, [S.SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
-    finally:
-        S.ModelRunner.sample = staticmethod(real_sample)
-    assert engine.scheduler.num_preemptions > 0 and engine.blocks.hits > 0
+    outs = engine.generate(prompts, [S.SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths])
+    assert engine.scheduler.num_preemptions > 0 and engine.blocks.hits > 0 and engine.steps_ahead > 0
     for out in outs:
         seq = torch.tensor([out.prompt + out.tokens], device="cuda")
         with torch.no_grad():
