@@ -474,13 +474,16 @@ class CompiledKernels:
 
 class FusedDecodeOps(M.TorchOps):
     """model.TorchOps for steps of a few rows (decode), as triton_matmul.py's kernels: one GEMV
-    kernel per linear layer with its bias, GELU and residual add fused in, one kernel per norm.
+    kernel per linear layer with the norm in front of it, its bias, GELU and residual add fused
+    in (the final norm, with no linear of its own here, is one row_norm kernel).
     Why: at batch 1 a GPT-2 1.5B decode step is ~650 kernels, and on the H200 the cuBLAS M=1
     GEMMs ran at ~2 TB/s of the ~4.2 the card can stream, torch's LayerNorm took 5 us for one row
     of 1600 (one thread block per row), plus separate bias-free GELU and residual-add kernels.
     Measured on the H200 (GPT-2 1.5B, batch 1, one decode step as a CUDA graph): 2.68 -> 1.84 ms,
     633 -> 441 kernels; in a second run, 1.84 -> 1.68 ms once these kernels (and the attention
     ones) also use programmatic dependent launch (model.pdl_launch_args).
+    On an H100 (one run), folding the norms into single-shot GEMVs took the 1.5B step from 2.06
+    to 1.86 ms (triton_matmul.py, "Prefetch across the kernel boundary").
     Only single-row linears take the GEMV: its several-row path (an M x N x K product tile per step) made a batch-8 step 7x slower than cuBLAS (20.6 vs 3.0 ms), so more
     rows go to PyTorch, where cuBLAS's tiled GEMMs win. Norms likewise take the kernel for one
     row (the case measured: 4.3 -> 2.2 us for LayerNorm, gemv.md)."""

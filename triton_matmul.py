@@ -641,18 +641,21 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 #
 # Under the interpreter (CPU) there is no tuning: one small fixed config keeps the tests fast.
 
-# Measured (H200, 2026-11-27, `python bench.py --topic gemv`, GPU time in CUDA graphs, torch =
-# cuBLAS F.linear + its separate GELU / add kernels):
+# Measured (H200, `python bench.py --topic gemv`, GPU time in CUDA graphs, each kernel alone,
+# torch = cuBLAS F.linear + its separate GELU / add kernels). 2026-11-27, K-loop configs:
 #     1 token   c_attn 1600->4800  7.4 -> 6.9 us    c_proj +res 1600->1600  8.4 -> 3.9 us
 #               c_fc +GELU ->6400 10.4 -> 8.2 us    c_proj +res 6400->1600 12.5 -> 8.2 us
 #               LM head ->50257   59 -> 46 us (3.5 TB/s, 83% of copy bandwidth)
 #     LayerNorm of one row: 4.3 -> 2.2 us;  RMSNorm (3 PyTorch kernels): 12.5 -> 1.8 us
+# 2026-11-28, single-shot configs for one row (see "Prefetch across the kernel boundary"):
+#     c_attn 7.5 -> 5.8 us, c_proj 8.5 -> 2.7, c_fc 10.6 -> 10.5, c_proj 12.6 -> 8.2,
+#     LM head 59 -> 39 us (4.1 TB/s, 97% of copy bandwidth); norms 4.2 -> 1.7, 12.3 -> 1.8 us.
 # Against the prediction above: the fused epilogues paid off as expected, but the 5-20 MB
-# GEMVs stream at only 1.3-2.5 TB/s: a ~3 us floor per kernel (launch, ramp-up, the last
-# programs draining) remains, and a "single shot" variant (BLOCK_K = all of K, one loop trip,
-# every load issued at once) measured the same, so the loop's pipelining is not what limits
-# it. At 4 tokens the M x N x K product tile makes the kernel 0.4-0.8x cuBLAS: serve.py calls
-# gemv for single rows only. In a whole GPT-2 1.5B decode step: 2.68 -> 1.84 ms (serve.py).
+# GEMVs stream at only 1.9-2.7 TB/s on their own: a ~3 us floor per kernel (launch, ramp-up,
+# the last programs draining) remains. Single shot issues every load at once and still ties
+# (c_fc loses 2 us alone); its gain shows only between kernels, under PDL. At 4 tokens the
+# M x N x K product tile makes the kernel 0.3-0.7x cuBLAS: serve.py calls gemv for single rows
+# only. In a whole GPT-2 1.5B decode step: 2.68 -> 1.84 ms (H200), later 2.06 -> 1.86 (H100).
 
 # Programmatic dependent launch (PDL, Hopper and later). Kernels in one stream (or one CUDA
 # graph) normally run strictly one after another: kernel i+1 is launched, its programs are
@@ -666,6 +669,29 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # this way waits on its predecessor, which waited on its own: the chain stays ordered.)
 # serve.py's decode kernels (gemv, row_norm, store_kv, paged decode, merge) all do it, launched
 # with model.pdl_launch_args() (one switch, model.PDL, for all of them).
+#
+# Prefetch across the kernel boundary (single shot). A GEMV's weights are never written by the
+# kernel before it; only x is. So a one-row program can issue the loads of its WHOLE weight
+# tile (BLOCK_N rows x all of K, e.g. 2 x 2048 fp16 = 8 KB) first, and only then wait for the
+# previous kernel (gdc_wait) and read x. Under PDL this program is already resident while the
+# previous kernel drains, so its weight stream overlaps that tail instead of starting after
+# it. SINGLE_SHOT configs do exactly this (BLOCK_K = next power of two >= K, no K loop; the
+# tile must fit in registers: BLOCK_N x BLOCK_K <= 64 values per thread). Timed alone, they tie
+# with the K-loop configs (there is no previous kernel to overlap), so the autotuner, which
+# times one kernel at a time, would not pick them for that reason: for one row the pruner keeps
+# only single-shot configs. Measured in a whole GPT-2 1.5B decode step (H100, one run, graph
+# replay): 2.06 ms with K-loop configs and separate norm kernels, 1.99 single shot, 1.86 single
+# shot with the norm folded in (below); with PDL off the same single-shot step took 2.44 ms.
+#
+# Folding the norm in (NORM = "layer" / "rms"). Every GEMV that follows a norm (GPT-2's c_attn
+# and c_fc, Llama's qkv and gate/up) can normalise x itself: each program reads the row (3.2 KB
+# for 1600 fp16, from L2) to get its mean and 1/std, twice for LayerNorm (mean, then the
+# variance of x - mean, as exact as row_norm), then normalises each chunk as it multiplies,
+# rounding to x's dtype exactly where row_norm would round its output. Hundreds of programs
+# re-read 3.2 KB each, ~1-5 MB of L2 traffic against 15-20 MB of weights from HBM, and a
+# kernel launch (~2 us of boundary per norm, 96 per 1.5B step) disappears. With the K loop the
+# extra statistics pass cost more than it saved (2.06 -> 2.20 ms, same run); with single shot
+# it saved 0.12 ms (1.99 -> 1.86 ms).
 
 MAX_GEMV_ROWS = 16
 
@@ -999,9 +1025,9 @@ def gemv_reference(x, weight, bias=None, activation=None, residual=None, out=Non
 # reductions in fp32 (mean, then the variance of x - mean from registers: as exact as the
 # two-pass formula, with no second trip to memory) and one store. Expect ~1.5-2 us, near the
 # ~1.3 us floor of any kernel; measured 2.2 us (1.8 for RMSNorm) on the H200. The real fix is to not launch it at all:
-# fold it into the GEMV that follows (every GEMV program would recompute the row's mean and
-# variance from L2: 3.2 KB x a few hundred programs, far less than the 15-20 MB of weights);
-# that is left as an exercise.
+# gemv(..., norm=...) folds it into the GEMV that follows (see "Folding the norm in" above);
+# serve.py does that for the norms in front of a linear layer, and keeps row_norm for the
+# final norm and for tests.
 #
 # Semantics, matched to the references (tests check both):
 #   LayerNorm: (x - mean) / sqrt(var + eps) * w + b, biased variance (divide by C), eps
