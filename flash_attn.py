@@ -363,16 +363,12 @@ def _prefill_configs(head_dim):
             for m, n, w, s, *ws in rows]
 
 
-_tuned_prefill = {}  # head_dim -> autotuned kernel (configs differ per head_dim)
-
-
+@functools.cache     # one autotuned kernel per head_dim (the configs differ per head_dim)
 def _prefill_launcher(head_dim):
-    if head_dim not in _tuned_prefill:
-        _tuned_prefill[head_dim] = triton.autotune(
-            configs=_prefill_configs(head_dim),
-            key=["HEAD_DIM", "CAUSAL", "VARLEN", "USE_TMA", "GROUP", "len_bucket"],
-        )(_flash_prefill_kernel)
-    return _tuned_prefill[head_dim]
+    return triton.autotune(
+        configs=_prefill_configs(head_dim),
+        key=["HEAD_DIM", "CAUSAL", "VARLEN", "USE_TMA", "GROUP", "len_bucket"],
+    )(_flash_prefill_kernel)
 
 
 def _tma_allocator(size, alignment, stream):
@@ -617,25 +613,25 @@ _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # decode kernels may be launched while the previous kernel still runs, and wait for it first
 # thing (griddepcontrol.wait). In a CUDA-graph decode step this hides part of the ~1-2 us gap
 # at each of the step's kernel boundaries. Launched with model.pdl_launch_args().
-_tuned_decode = []
-
-
+@functools.cache     # built on first use, then shared
 def _decode_launcher():
-    if not _tuned_decode:
-        configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _DECODE_GPU_CONFIGS]
-        _tuned_decode.append(triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "DIRECT"])(
-            _paged_decode_split_kernel))
-    return _tuned_decode[0]
+    configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _DECODE_GPU_CONFIGS]
+    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "DIRECT"])(
+        _paged_decode_split_kernel)
 
 
-@functools.cache      # called once per layer per step with the same arguments
+@functools.cache      # the one costly part of default_num_splits (a driver query)
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def default_num_splits(batch, n_kv_heads, max_context, device):
     """One split when (sequence, KV head) pairs alone give the SMs ~1.5+ programs each: no
     partials, no merge (H200, batch 32 x 8 KV heads = 256 programs, 1.9 per SM: 1 split 0.966x
     SDPA, 3 splits 0.95x; fewer programs per SM were not measured, so they keep the rule below).
     Otherwise enough splits for ~4 programs per SM, but none shorter than 256 tokens (below that
     the merge and the per-program setup cost more than the extra parallelism gains)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _num_sms(device)
     if 2 * batch * n_kv_heads >= 3 * sms:
         return 1
     wanted = triton.cdiv(4 * sms, batch * n_kv_heads)

@@ -489,23 +489,27 @@ class FusedDecodeOps(M.TorchOps):
     row (the case measured: 4.3 -> 2.2 us for LayerNorm, gemv.md)."""
 
     @staticmethod
+    def _norm_args(module) -> dict:
+        """A LayerNorm / RMSNorm module as the kernels' keyword arguments."""
+        rms = isinstance(module, M.RMSNorm)
+        return dict(norm="rms" if rms else "layer", norm_weight=module.weight,
+                    norm_bias=None if rms else module.bias, norm_eps=module.eps)
+
+    @staticmethod
     def linear(x, weight, bias=None, activation=None, residual=None, norm=None):
         rows = x.numel() // x.shape[-1]
         if rows != 1:
             return M.TorchOps.linear(x, weight, bias, activation, residual, norm)
-        if norm is None:
-            return tm.gemv(x, weight, bias, activation=activation, residual=residual)
-        rms = isinstance(norm, M.RMSNorm)          # the norm in front, folded into the GEMV
-        return tm.gemv(x, weight, bias, activation=activation, residual=residual, norm="rms" if rms else "layer",
-                       norm_weight=norm.weight, norm_bias=None if rms else norm.bias, norm_eps=norm.eps)
+        folded = {} if norm is None else FusedDecodeOps._norm_args(norm)   # the norm in front, in the GEMV
+        return tm.gemv(x, weight, bias, activation=activation, residual=residual, **folded)
 
     @staticmethod
     def norm(x, module):
         rows = x.numel() // x.shape[-1]
         if rows != 1:
             return module(x)
-        rms = isinstance(module, M.RMSNorm)
-        return tm.row_norm(x, module.weight, None if rms else module.bias, eps=module.eps, rms=rms)
+        a = FusedDecodeOps._norm_args(module)
+        return tm.row_norm(x, a["norm_weight"], a["norm_bias"], eps=a["norm_eps"], rms=a["norm"] == "rms")
 
 
 @dataclass
@@ -582,8 +586,9 @@ def paged_decode_torch(q, k_pool, v_pool, block_tables, seq_lens):
     sequence's blocks, mask slots past its length. q: (B, H, D) -> (B, H, D)."""
     B, max_blocks = block_tables.shape
     bs = k_pool.shape[1]
-    keys = k_pool[block_tables.long()].reshape(B, max_blocks * bs, *k_pool.shape[2:]).transpose(1, 2)
-    values = v_pool[block_tables.long()].reshape(B, max_blocks * bs, *v_pool.shape[2:]).transpose(1, 2)
+    blocks = block_tables.long()
+    keys = k_pool[blocks].reshape(B, max_blocks * bs, *k_pool.shape[2:]).transpose(1, 2)
+    values = v_pool[blocks].reshape(B, max_blocks * bs, *v_pool.shape[2:]).transpose(1, 2)
     visible = torch.arange(max_blocks * bs, device=q.device)[None, :] < seq_lens[:, None]
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible[:, None, None, :],
                                          enable_gqa=keys.shape[1] != q.shape[1])
@@ -792,7 +797,7 @@ class ModelRunner:
                           max_seqlen_k=max(len(s) for s in seqs),
                           has_prefix=any(s.num_cached for s in seqs))
         h = self.model.hidden(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev), step)
-        last = torch.tensor(cu[1:], device=dev) - 1
+        last = step.cu_seqlens_q[1:].long() - 1        # already on the device
         return self.model.logits(h[0, last])
 
     # -- decode ----------------------------------------------------------------------------------

@@ -1558,8 +1558,8 @@ def smollm2(smollm2_file):
 @pytest.fixture(scope="session")
 def hf_smollm2(smollm2_file):
     """transformers' GGUF-loaded LlamaForCausalLM (fp32) and tokenizer: the oracle."""
-    pytest.importorskip("gguf")
-    transformers = pytest.importorskip("transformers")
+    import gguf  # noqa: F401  (required: CI must never skip the oracle)
+    import transformers
     folder, name = str(smollm2_file.parent), smollm2_file.name
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

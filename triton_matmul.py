@@ -94,9 +94,7 @@ def _check_inputs(a, b, bias=None, activation=None, out=None):
                             or out.device != a.device):
         raise ValueError(f"out must be {(a.shape[0], b.shape[1])} {a.dtype} on {a.device}")
     # Offsets are computed in int32 inside the kernels: refuse what would overflow.
-    for t in (a, b):
-        if max(s * (d - 1) for s, d in zip(t.stride(), t.shape)) >= 2**31:
-            raise ValueError("tensor too large for int32 offsets in this teaching kernel")
+    _check_int32(a, b)
 
 
 # Precision of tl.dot. fp16/bf16 inputs always run on tensor cores with fp32 accumulation.
