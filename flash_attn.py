@@ -9,7 +9,7 @@ What you will learn:
     through shared memory, causal tiles above the diagonal skipped, GQA without copying K/V,
     packed variable-length batches (the layout a serving engine's batched prefill uses)
   - flash-decoding: one new token per sequence against a *paged* KV cache, with the sequence
-    split across programs (split-K) and a second small kernel that merges the pieces
+    split across programs (split-K) and the pieces merged by whichever program finishes last
   - the roofline: prefill is compute bound (intensity ~ T/4 FLOP/byte causal, T/2 not), decode is memory
     bound (intensity ~ n_heads/n_kv_heads FLOP/byte), and what that means for each kernel
 
@@ -43,9 +43,12 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs)
   decode  v2  paged_decode, split-K (flash-decoding) + merge kernel
               -> batch 4, context 32k: 0.133 ms (4.9x v1); batch 32, context 8k: 0.252 ms =
-                 4.3 TB/s, 0.97-0.99x SDPA on the same contiguous cache (one split and a direct
-                 write once batch x KV heads fills the SMs); with randomly scattered blocks
-                 94-103% of the measured copy bandwidth (4.25 TB/s, read+write)
+                 4.3 TB/s, 0.97-0.99x SDPA
+  decode  v3  (2026-11-28) whole-page tiles: one block id per tile, loads pipelined by
+              num_stages; the merge done by the last split inside the kernel; splits rounded
+              down to one wave -> on SDPA's own tensors 0.99-1.00x SDPA at batch 32 x 8k-16k
+              (0.245 ms = 4.4 TB/s at 8k), 0.994x at batch 4 x 32k; the engine's random 16-token
+              pages: 93-103% of the measured copy bandwidth (4.25 TB/s, read+write)
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -377,7 +380,7 @@ def _tma_allocator(size, alignment, stream):
 
 
 def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causal, scale,
-                    varlen, use_tma):
+                    varlen, use_tma, config=None):
     head_dim, n_heads, n_kv_heads = q.shape[-1], strides["n_heads"], strides["n_kv_heads"]
     _check_head_dim(head_dim)
     if n_heads % n_kv_heads:
@@ -393,8 +396,8 @@ def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causa
             *strides["q"], *strides["k"], *strides["v"], *strides["o"])
     meta = dict(GROUP=n_heads // n_kv_heads, HEAD_DIM=head_dim, CAUSAL=causal, VARLEN=varlen,
                 USE_TMA=use_tma)
-    if INTERPRET:
-        cfg = _INTERPRET_PREFILL_CONFIG
+    if INTERPRET or config is not None:
+        cfg = config or _INTERPRET_PREFILL_CONFIG
         grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, n_seqs)
         _flash_prefill_kernel[grid](*args, **meta, **cfg)
     else:
@@ -404,7 +407,8 @@ def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causa
     return out
 
 
-def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, use_tma=False, out=None):
+def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, use_tma=False, out=None,
+                      config=None):
     """Packed variable-length prefill: the serving engine's layout.
     q (total_tokens, n_heads, D), k/v (total_tokens, n_kv_heads, D), cu_seqlens int32 (n_seqs+1,)
     with cu_seqlens[0] = 0 and cu_seqlens[-1] = total_tokens, max_seqlen = longest sequence
@@ -413,7 +417,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, 
     Returns out (total_tokens, n_heads, D). Sequence s is rows cu_seqlens[s]:cu_seqlens[s+1];
     tokens of different sequences never attend to each other. `out` (like q) may be preallocated."""
     if upcast := _interpreter_bf16_workaround(q, k, v):
-        res = flash_attn_varlen(*upcast, cu_seqlens, max_seqlen, causal, scale, use_tma).bfloat16()
+        res = flash_attn_varlen(*upcast, cu_seqlens, max_seqlen, causal, scale, use_tma, config=config).bfloat16()
         return res if out is None else out.copy_(res)
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim must be contiguous"
     out = torch.empty_like(q) if out is None else out
@@ -421,14 +425,14 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, 
                    q=(0, q.stride(0), q.stride(1)), k=(0, k.stride(0), k.stride(1)),
                    v=(0, v.stride(0), v.stride(1)), o=(0, out.stride(0), out.stride(1)))
     return _launch_prefill(q, k, v, out, cu_seqlens.to(torch.int32), cu_seqlens.numel() - 1,
-                           int(max_seqlen), strides, causal, scale, True, use_tma)
+                           int(max_seqlen), strides, causal, scale, True, use_tma, config)
 
 
-def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
+def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None, config=None):
     """Batched convenience wrapper with SDPA's layout: q (B, H, T, D), k/v (B, Hkv, T, D) ->
     (B, H, T, D). Same kernel as flash_attn_varlen (stride_s = batch stride, no copies)."""
     if upcast := _interpreter_bf16_workaround(q, k, v):
-        res = flash_attn(*upcast, is_causal, scale, use_tma).bfloat16()
+        res = flash_attn(*upcast, is_causal, scale, use_tma, config=config).bfloat16()
         return res if out is None else out.copy_(res)
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim must be contiguous"
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
@@ -439,7 +443,7 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
     strides = dict(n_heads=n_heads, n_kv_heads=k.shape[1],
                    q=(q.stride(0), q.stride(2), q.stride(1)), k=(k.stride(0), k.stride(2), k.stride(1)),
                    v=(v.stride(0), v.stride(2), v.stride(1)), o=(out.stride(0), out.stride(2), out.stride(1)))
-    return _launch_prefill(q, k, v, out, q, batch, seq_len, strides, is_causal, scale, False, use_tma)
+    return _launch_prefill(q, k, v, out, q, batch, seq_len, strides, is_causal, scale, False, use_tma, config)
 
 
 # Why this is near the compute roof, and what cuDNN does beyond it. Causal prefill does
@@ -466,6 +470,11 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 # Rough budget per 128x128 tile at D=128: two GEMMs of 2*128^3 FLOPs at ~4096 dense bf16
 # FLOP/clock/SM = 2048 clocks, versus 128*128 exp2 at 16/clock/SM (the special-function unit)
 # = 1024 clocks: unless the two overlap, the exponentials alone add 50% to the GEMM time.
+# Two ways around that which can be written in plain Triton were measured on the H200
+# (2026-11-28, results/perf_notes.md) and were slower, so neither is here: issuing tile j+1's
+# QK^T before tile j's softmax (FA3's intra-warpgroup overlap at the source level: 0.74 vs
+# 0.63 ms at D=128 T=4k; it needs a second fp32 score tile in registers), and computing half
+# of the exponentials with a cubic on the FMA pipe (FA4's trick: 0.66 vs 0.63 ms).
 
 # -----------------------------------------------------------------------------
 # Part 4. Decode over a paged KV cache (flash-decoding).
@@ -488,9 +497,13 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 # 4*8 = 32 at batch 4: a quarter of the 132 SMs, so most of the HBM bandwidth is never asked
 # for (measured at batch 4, context 32k: 0.61 ms with one split, 0.13 ms with 16). Flash-
 # decoding also splits the *sequence*: program (s, kv_head, split) handles tokens
-# [split*L, (split+1)*L) and writes an unnormalised-but-rescalable partial (o_i, lse_i), then a
-# tiny merge kernel combines them with the online-softmax algebra of Part 2:
+# [split*L, (split+1)*L) and writes an unnormalised-but-rescalable partial (o_i, lse_i), and
+# the partials are combined with the online-softmax algebra of Part 2:
 #     M = max_i lse_i,  w_i = 2^(lse_i - M),  o = sum_i w_i o_i / sum_i w_i
+# That merge used to be a second kernel. Here the last program of each (sequence, KV head) to
+# finish does it (an atomic counter per pair says who is last), which saves a launch per
+# attention call: 48 per GPT-2 1.5B decode step. Measured on the H200 (same process, CUDA
+# graph, batch 1): 2.006 vs 2.024 ms per step, ~1%: a launch under PDL costs little.
 # GQA: a program loads each K/V tile of its KV head once and uses it for all GROUP query heads
 # of that head, as a (GROUP x D) @ (D x BLOCK_N) tl.dot (GROUP padded to 16 rows, the minimum
 # MMA height; the padding costs tensor-core time, which decode has to spare).
@@ -513,6 +526,19 @@ def paged_decode_reference(q, k_cache, v_cache, block_table, context_lens, scale
     return out
 
 
+@triton.jit
+def _decode_tile_update(acc, m_i, l_i, q, k, v, valid, qk_scale):
+    """The online softmax of Part 2 for one tile of keys, all GROUP query heads at once."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale                   # (BLOCK_G, BLOCK_N)
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))                   # finite: the tile's first token is valid
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
 @triton.jit(do_not_specialize=["tokens_per_split", "split_bucket"])
 def _paged_decode_split_kernel(
     Q, K_cache, V_cache, block_table, context_lens, O_part, LSE_part, qk_scale, tokens_per_split,
@@ -522,12 +548,15 @@ def _paged_decode_split_kernel(
     stride_vblk, stride_vpos, stride_vh,
     stride_bt,
     stride_pb, stride_ph, stride_ps,       # O_part (B, H, n_splits, D); LSE_part (B, H, n_splits)
-    Out, stride_ob, stride_oh,             # the final output, written here when DIRECT
+    Out, stride_ob, stride_oh,             # the final output
+    Counters,                              # int32 (>= B*Hkv,) zeros: splits finished per (seq, KV head)
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT: tl.constexpr = False,          # one split: normalise and write Out, no merge launch
+    DIRECT: tl.constexpr = False,          # one split: normalise and write Out, no partials
     USE_PDL: tl.constexpr = False,         # programmatic dependent launch (see below)
 ):
+    # splits start at multiples of 128 tokens (paged_decode), so a tile never straddles a split
+    tl.static_assert(128 % BLOCK_N == 0)
     if USE_PDL:
         tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
@@ -547,67 +576,84 @@ def _paged_decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     bt_row = block_table + seq.to(tl.int64) * stride_bt
-    # Page lookup per token: BLOCK_N may span several pages (BLOCK_N > PAGE) or part of one.
-    # PAGE is a constexpr power of two, so // and % are a shift and a mask.
-    for start in range(lo, hi, BLOCK_N):
-        tok = start + offs_n
-        valid = tok < hi
-        block = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-        k_rows = block * stride_kblk + (tok % PAGE) * stride_kpos + kv_head * stride_kh
-        v_rows = block * stride_vblk + (tok % PAGE) * stride_vpos + kv_head * stride_vh
-        k = tl.load(K_cache + k_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                   # (BLOCK_G, BLOCK_N)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))                   # finite: token `start` is valid
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_cache + v_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    if PAGE >= BLOCK_N:
+        # Whole tiles inside one page: one block id per tile, a scalar. The K/V addresses are
+        # then "block id + affine offsets", which Triton's pipeliner handles: with num_stages
+        # the loads of the next tiles are in flight (cp.async into shared memory) while this
+        # one is reduced. H200, batch 32 x 8k, 32/8 heads, page 256: 0.2452 ms vs 0.2499 with
+        # the per-token gather below (0.99x vs 0.97x SDPA), same run.
+        for start in tl.range(lo, hi, BLOCK_N):
+            block = tl.load(bt_row + start // PAGE).to(tl.int64)
+            pos = start % PAGE + offs_n
+            valid = start + offs_n < hi
+            k = tl.load(K_cache + (block * stride_kblk + pos * stride_kpos + kv_head * stride_kh)[:, None]
+                        + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(V_cache + (block * stride_vblk + pos * stride_vpos + kv_head * stride_vh)[:, None]
+                        + offs_d[None, :], mask=valid[:, None], other=0.0)
+            acc, m_i, l_i = _decode_tile_update(acc, m_i, l_i, q, k, v, valid, qk_scale)
+    else:
+        # A tile spans several pages (e.g. BLOCK_N = 64 over the engine's 16-token pages):
+        # look the page up per token. The K/V addresses now depend on a vector of loaded block
+        # ids, which Triton does not pipeline: each tile's loads wait for its block ids.
+        # PAGE is a constexpr power of two, so // and % are a shift and a mask.
+        for start in range(lo, hi, BLOCK_N):
+            tok = start + offs_n
+            valid = tok < hi
+            block = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+            k = tl.load(K_cache + (block * stride_kblk + (tok % PAGE) * stride_kpos + kv_head * stride_kh)[:, None]
+                        + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(V_cache + (block * stride_vblk + (tok % PAGE) * stride_vpos + kv_head * stride_vh)[:, None]
+                        + offs_d[None, :], mask=valid[:, None], other=0.0)
+            acc, m_i, l_i = _decode_tile_update(acc, m_i, l_i, q, k, v, valid, qk_scale)
     # An empty split (lo >= ctx) leaves l_i = 0, m_i = -inf: we store o = 0, lse = -inf, which
     # the merge weighs with 2^-inf = 0.
     empty = l_i == 0.0
     o = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, l_i)[:, None])
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     g_ok = offs_g < GROUP
+    out_ptrs = Out + (seq * stride_ob + heads * stride_oh)[:, None] + offs_d[None, :]
     if DIRECT:
-        out_rows = seq * stride_ob + heads * stride_oh
-        tl.store(Out + out_rows[:, None] + offs_d[None, :], o.to(Out.dtype.element_ty), mask=g_ok[:, None])
+        tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=g_ok[:, None])
     else:
-        part = seq * stride_pb + heads * stride_ph + split * stride_ps             # (BLOCK_G,)
-        tl.store(O_part + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_ok[:, None])
-        tl.store(LSE_part + part, lse, mask=g_ok)
-
-
-@triton.jit
-def _merge_splits_kernel(O_part, LSE_part, Out, n_splits, stride_pb, stride_ph, stride_ps,
-                         stride_ob, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-                         USE_PDL: tl.constexpr = False):
-    if USE_PDL:
-        tl_cuda.gdc_wait()
-        tl_cuda.gdc_launch_dependents()
-    seq, head = tl.program_id(0), tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    part = seq * stride_pb + head * stride_ph + offs_s * stride_ps
-    lse = tl.load(LSE_part + part, mask=offs_s < n_splits, other=float("-inf"))
-    w = tl.math.exp2(lse - tl.max(lse, 0))                                       # (BLOCK_S,)
-    o = tl.load(O_part + part[:, None] * HEAD_DIM + offs_d[None, :], mask=(offs_s < n_splits)[:, None], other=0.0)
-    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
-    tl.store(Out + seq * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+        first = seq * stride_pb + heads * stride_ph                                  # (BLOCK_G,)
+        tl.store(O_part + (first + split * stride_ps)[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=g_ok[:, None])
+        tl.store(LSE_part + first + split * stride_ps, lse, mask=g_ok)
+        # The merge, in the same launch: the last of this (sequence, KV head)'s programs to
+        # finish merges all its splits. acq_rel: our partials are visible before the count goes
+        # up (release), and the last program sees everyone's partials after it (acquire; its
+        # loads go to L2 with .cg, past a possibly stale L1).
+        n_splits = tl.num_programs(2)
+        counter = Counters + seq * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+            m_all = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+            w_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+            merged = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+            # Online merge (Part 2 once more). Split 0 always holds tokens (context >= 1), so
+            # m_all is finite after it and an empty split (lse = -inf) gets weight 0.
+            for s in range(0, n_splits):
+                lse_s = tl.load(LSE_part + first + s * stride_ps, mask=g_ok, other=0.0, cache_modifier=".cg")
+                o_s = tl.load(O_part + (first + s * stride_ps)[:, None] * HEAD_DIM + offs_d[None, :],
+                              mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_all, lse_s)
+                rescale, w = tl.math.exp2(m_all - m_new), tl.math.exp2(lse_s - m_new)
+                merged = merged * rescale[:, None] + w[:, None] * o_s
+                w_sum = w_sum * rescale + w
+                m_all = m_new
+            tl.store(out_ptrs, (merged / w_sum[:, None]).to(Out.dtype.element_ty), mask=g_ok[:, None])
+            tl.store(counter, 0)          # zero again for the next call (and graph replay)
 
 
 # Decode tiles: BLOCK_N tokens per step (64 K rows + 64 V rows at D=128 = 32 KB per stage).
-# Memory-bound, so the config matters less than having enough programs in flight; the H200
-# tuner picked BLOCK_N=128 (4 or 8 warps) for long splits. Measured there: reading scattered
-# blocks through the table costs 1-5% against the identity table, and the kernel runs at
-# 0.97-0.99x SDPA. With one split the kernel writes the final output itself (DIRECT: no
-# partials, no merge launch). Left on the table: the K/V loads depend on a block-table load,
-# which seems to keep Triton from software-pipelining them (the compiled kernel's shared
-# memory does not grow with num_stages). Loading tile j+1's block ids during tile j was tried
-# (H200, 2026-11-27) and did not measurably help, so the simpler loop stayed.
-_DECODE_GPU_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (32, 4, 3), (128, 8, 3), (64, 8, 4)]
+# Memory-bound, so what matters is bytes in flight: enough programs, and (when a tile sits in
+# one page) num_stages tiles of loads queued ahead. With the per-token gather num_stages does
+# nothing (the compiled kernel's shared memory does not grow with it). The H200 tuner picked
+# BLOCK_N=128 with 4 warps and 3 stages for batch 32 x 8k on 256-token pages. Measured there
+# (2026-11-28), same run, against SDPA on its own (B, Hkv, T, D) tensors: 0.99x with whole-page
+# tiles, 0.97x with the gather; loading K and V together, prefetching the next tile into
+# registers and evict-first loads made no difference.
+# Each row is (BLOCK_N, num_warps, num_stages); BLOCK_N <= 128 (splits start on 128 edges).
+_DECODE_GPU_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (128, 8, 4), (32, 4, 3)]
 _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # Programmatic dependent launch (Hopper+; explained in triton_matmul.py, next to its GEMV): the
 # decode kernels may be launched while the previous kernel still runs, and wait for it first
@@ -627,23 +673,44 @@ def _num_sms(device):
 
 def default_num_splits(batch, n_kv_heads, max_context, device):
     """One split when (sequence, KV head) pairs alone give the SMs ~1.5+ programs each: no
-    partials, no merge (H200, batch 32 x 8 KV heads = 256 programs, 1.9 per SM: 1 split 0.966x
-    SDPA, 3 splits 0.95x; fewer programs per SM were not measured, so they keep the rule below).
-    Otherwise enough splits for ~4 programs per SM, but none shorter than 256 tokens (below that
-    the merge and the per-program setup cost more than the extra parallelism gains)."""
+    partials, no merge (H200, batch 32 x 8 KV heads = 256 programs, 1.9 per SM).
+    Otherwise as many splits as keep all programs in one wave of ~2 per SM (the pipelined
+    whole-page loop holds 2-3 programs per SM in shared memory), but none shorter than 256
+    tokens. Rounding *down* matters: H200, batch 4 x 32k x 8 KV heads, 17 splits (544
+    programs, 2+ waves) ran at 0.82-0.98x SDPA depending on the tile config, 8 splits (256
+    programs) at 0.99x, same run."""
     sms = _num_sms(device)
     if 2 * batch * n_kv_heads >= 3 * sms:
         return 1
-    wanted = triton.cdiv(4 * sms, batch * n_kv_heads)
+    wanted = max(1, (2 * sms) // (batch * n_kv_heads))
     return max(1, min(wanted, triton.cdiv(max_context, 256)))
 
 
+_split_counters = {}      # device -> int32 zeros, left zeroed by every kernel that uses them
+
+
+def _counters(device, n):
+    """The (sequence, KV head) arrival counters of the in-kernel merge. Allocated once (a fresh
+    torch.zeros per call would be one more kernel per step) and grown only outside CUDA-graph
+    capture, where a new allocation would not outlive the graph's memory pool."""
+    buf = _split_counters.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("paged_decode: run one eager step at the largest batch before capturing "
+                               "a CUDA graph (the split counters must be allocated outside the capture)")
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _split_counters[device] = buf
+    return buf
+
+
 def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num_splits=None,
-                 max_context=None, out=None):
+                 max_context=None, out=None, config=None):
     """One decode step of attention over a paged KV cache (layout contract above).
-    max_context: an upper bound of context_lens (pass it to avoid a GPU->CPU sync)."""
+    max_context: an upper bound of context_lens (pass it to avoid a GPU->CPU sync).
+    config: a fixed kernel config (dict of BLOCK_N, num_warps, num_stages, ...) instead of the
+    autotuner's choice, for sweeps."""
     if upcast := _interpreter_bf16_workaround(q, k_cache, v_cache):
-        res = paged_decode(*upcast, block_table, context_lens, scale, num_splits, max_context).bfloat16()
+        res = paged_decode(*upcast, block_table, context_lens, scale, num_splits, max_context, config=config).bfloat16()
         return res if out is None else out.copy_(res)
     batch, n_heads, head_dim = q.shape
     _, block_size, n_kv_heads, _ = k_cache.shape
@@ -663,7 +730,7 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     num_splits = triton.cdiv(max_context, tokens_per_split)
     group = n_heads // n_kv_heads
     out = torch.empty_like(q) if out is None else out
-    direct = num_splits == 1    # the only split's result is final: no partials, no merge launch
+    direct = num_splits == 1    # the only split's result is final: no partials, no merge
     if direct:
         o_part = lse_part = out                 # unused by the kernel
     else:
@@ -673,20 +740,32 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     args = (q, k_cache, v_cache, block_table, context_lens, o_part, lse_part, scale * LOG2E,
             tokens_per_split, triton.next_power_of_2(tokens_per_split), q.stride(0), q.stride(1),
             *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0), *part_strides,
-            out, out.stride(0), out.stride(1))
+            out, out.stride(0), out.stride(1), _counters(q.device, batch * n_kv_heads))
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                 PAGE=block_size, DIRECT=direct, **pdl_launch_args())
     grid = (batch, n_kv_heads, num_splits)
-    if INTERPRET:
-        _paged_decode_split_kernel[grid](*args, **meta, **_INTERPRET_DECODE_CONFIG)
+    if INTERPRET or config is not None:
+        _paged_decode_split_kernel[grid](*args, **meta, **(config or _INTERPRET_DECODE_CONFIG))
     else:
         _decode_launcher()[grid](*args, **meta)
-    if direct:
-        return out
-    _merge_splits_kernel[(batch, n_heads)](
-        o_part, lse_part, out, num_splits, *part_strides, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), **pdl_launch_args())
     return out
+
+
+def heads_first_as_paged(k, block_size):
+    """SDPA's own cache layout, k (B, Hkv, T, D) contiguous, as a paged cache without copying:
+    block j of sequence b is tokens j*bs.. of every head, with the heads T*D elements apart, so
+    (block stride bs*D, token stride D, head stride T*D) and block id b*Hkv*(T/bs) + j reach
+    element ((b*Hkv + h)*T + t)*D. Returns (k_cache view, block_table (B, T/bs))."""
+    batch, n_kv_heads, seq_len, head_dim = k.shape
+    assert k.is_contiguous() and seq_len % block_size == 0, "contiguous, T a multiple of block_size"
+    blocks_per_seq = seq_len // block_size
+    # just enough block ids that the view stays inside k's storage (as_strided checks)
+    n_blocks = ((batch - 1) * n_kv_heads + 1) * blocks_per_seq
+    k_cache = k.as_strided((n_blocks, block_size, n_kv_heads, head_dim),
+                           (block_size * head_dim, head_dim, seq_len * head_dim, 1))
+    first = torch.arange(batch, dtype=torch.int32, device=k.device)[:, None] * (n_kv_heads * blocks_per_seq)
+    table = first + torch.arange(blocks_per_seq, dtype=torch.int32, device=k.device)[None, :]
+    return k_cache, table
 
 
 def contiguous_as_paged(k, block_size):

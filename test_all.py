@@ -1327,6 +1327,50 @@ def test_flash_paged_decode_contiguous_identity_table():
     _fa_assert_close(out, ref, torch.float16)
 
 
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_flash_paged_decode_on_sdpa_layout(block_size):
+    # SDPA's (B, Hkv, T, D) tensors read in place through heads_first_as_paged; contexts end
+    # mid-block, GQA ratio 3, two splits merged inside the kernel
+    b, t, hkv, h, d = 3, 96, 2, 6, 32
+    k = torch.randn(b, hkv, t, d, device=FA_DEVICE, dtype=torch.float16)
+    v = torch.randn(b, hkv, t, d, device=FA_DEVICE, dtype=torch.float16)
+    q = torch.randn(b, h, d, device=FA_DEVICE, dtype=torch.float16)
+    lens = torch.tensor([96, 50, 1], dtype=torch.int32, device=FA_DEVICE)
+    (kc, table), (vc, _) = fa.heads_first_as_paged(k, block_size), fa.heads_first_as_paged(v, block_size)
+    out = fa.paged_decode(q, kc, vc, table, lens, num_splits=2)
+    for i, n in enumerate(lens.tolist()):
+        ref = fa.attention_naive(q[i, None, :, None].float(), k[i, None, :, :n].float(), v[i, None, :, :n].float(),
+                                 is_causal=False)[0, :, 0]
+        _fa_assert_close(out[i], ref, torch.float16)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_flash_paged_decode_tile_spans_pages(num_splits):
+    # BLOCK_N 32 over 16-token pages: the per-token page lookup (the engine's layout on the GPU);
+    # the other tests run tiles inside one page (the interpreter's BLOCK_N is 16)
+    ctx = [300, 5, 129, 17]
+    kc, vc, table = fa.random_paged_cache(ctx, 2, 32, 16, torch.float16, FA_DEVICE)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=FA_DEVICE)
+    q = torch.randn(len(ctx), 4, 32, dtype=torch.float16, device=FA_DEVICE)
+    out = fa.paged_decode(q, kc, vc, table, lens, num_splits=num_splits, config=dict(BLOCK_N=32))
+    _fa_assert_close(out, fa.paged_decode_reference(q, kc, vc, table, lens), torch.float16)
+
+
+def test_flash_paged_decode_merge_counters_reset():
+    # the in-kernel merge counts finished splits per (sequence, KV head) and must leave every
+    # counter at zero, or the next call (a graph replay) would merge at the wrong moment
+    ctx = [300, 129, 1]
+    kc, vc, table = fa.random_paged_cache(ctx, 2, 32, 16, torch.float16, FA_DEVICE)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=FA_DEVICE)
+    q = torch.randn(len(ctx), 4, 32, dtype=torch.float16, device=FA_DEVICE)
+    ref = fa.paged_decode_reference(q, kc, vc, table, lens)
+    for _ in range(2):
+        out = torch.full_like(q, float("nan"))
+        fa.paged_decode(q, kc, vc, table, lens, num_splits=3, out=out)
+        _fa_assert_close(out, ref, torch.float16)
+        assert int(fa._split_counters[q.device].abs().sum()) == 0
+
+
 def test_flash_bad_input_gets_clear_errors():
     q, k, v, cu = _fa_packed([8], 2, 2, 48, torch.float16)
     with pytest.raises(ValueError, match="head_dim"):
@@ -1378,10 +1422,23 @@ def test_flash_cuda_prefill_batched_vs_sdpa(t, head_dim, causal, use_tma):
 
 
 @needs_cuda
-@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("block_size", [16, 32, 256])   # tiles spanning pages, and inside one page
 @pytest.mark.parametrize("heads", [(32, 8), (12, 4), (16, 16)])
 def test_flash_cuda_paged_decode(block_size, heads):
     _fa_check_paged([1, 17, 4097, 8191, 1000], heads[0], heads[1], 128, block_size, torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+def test_flash_cuda_paged_decode_on_sdpa_layout(num_splits):
+    b, t, hkv, h, d = 4, 4352, 8, 24, 128           # GQA ratio 3; contexts end mid-page
+    k, v = (torch.randn(b, hkv, t, d, device=FA_DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(b, h, d, device=FA_DEVICE, dtype=torch.bfloat16)
+    lens = torch.tensor([4352, 4097, 17, 1], dtype=torch.int32, device=FA_DEVICE)
+    (kc, table), (vc, _) = fa.heads_first_as_paged(k, 256), fa.heads_first_as_paged(v, 256)
+    out = torch.full_like(q, float("nan"))
+    fa.paged_decode(q, kc, vc, table, lens, num_splits=num_splits, out=out)
+    _fa_assert_close(out, fa.paged_decode_reference(q, kc, vc, table, lens), torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------
