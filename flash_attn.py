@@ -620,11 +620,15 @@ def _paged_decode_split_kernel(
                  mask=g_ok[:, None])
         tl.store(LSE_part + first + split * stride_ps, lse, mask=g_ok)
         # The merge, in the same launch: the last of this (sequence, KV head)'s programs to
-        # finish merges all its splits. acq_rel: our partials are visible before the count goes
-        # up (release), and the last program sees everyone's partials after it (acquire; its
-        # loads go to L2 with .cg, past a possibly stale L1).
+        # finish merges all its splits. Triton issues a scalar atomic from one thread, so first
+        # a barrier: every warp's partial stores happen before that thread's release (acq_rel),
+        # and the count goes up only once the whole program's partials are visible. The last
+        # program's acquire (then Triton's barrier sharing the result) lets all its threads
+        # read everyone's partials; the loads go to L2 with .cg, past a possibly stale L1.
+        # (CUTLASS's semaphore is the same pattern: __syncthreads, then one thread releases.)
         n_splits = tl.num_programs(2)
         counter = Counters + seq * tl.num_programs(1) + kv_head
+        tl.debug_barrier()
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
             m_all = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
             w_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -687,17 +691,22 @@ def default_num_splits(batch, n_kv_heads, max_context, device):
 
 
 _split_counters = {}      # device -> int32 zeros, left zeroed by every kernel that uses them
+_retired_counters = []    # outgrown buffers: CUDA graphs captured earlier still point at them
 
 
 def _counters(device, n):
-    """The (sequence, KV head) arrival counters of the in-kernel merge. Allocated once (a fresh
-    torch.zeros per call would be one more kernel per step) and grown only outside CUDA-graph
-    capture, where a new allocation would not outlive the graph's memory pool."""
+    """The (sequence, KV head) arrival counters of the in-kernel merge, shared by every call on
+    the device (so: one stream at a time). Allocated once (a fresh torch.zeros per call would
+    be one more kernel per step), at least 64K pairs. Growing it during CUDA-graph capture is
+    refused (run one eager step at the largest batch first); an outgrown buffer is kept alive,
+    since graphs captured with it still write to it on every replay."""
     buf = _split_counters.get(device)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("paged_decode: run one eager step at the largest batch before capturing "
                                "a CUDA graph (the split counters must be allocated outside the capture)")
+        if buf is not None:
+            _retired_counters.append(buf)
         buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
         _split_counters[device] = buf
     return buf

@@ -1093,7 +1093,9 @@ def _chars_with_missing_bytes(missing: set[int]) -> str:
             # subtle: E0 and F0 also begin over-long (invalid) encodings of smaller code points;
             # the valid characters they start begin at U+0800 and U+10000
             lo = max(lo, 0x800 if b == 0xE0 else 0x10000 if b == 0xF0 else 0)
-            parts.append(f"\\U{lo:08x}-\\U{((b & bits) << shift) + (1 << shift) - 1:08x}")
+            # and F4's block would run past U+10FFFF, the last code point (re rejects it)
+            hi = min(((b & bits) << shift) + (1 << shift) - 1, 0x10FFFF)
+            parts.append(f"\\U{lo:08x}-\\U{hi:08x}")
         elif 0x80 <= b <= 0xBF:
             raise NotImplementedError(f"continuation byte {b:#x} has no token")
         # 0xC0, 0xC1, 0xF5..0xFF never occur in valid UTF-8: nothing to remove

@@ -200,15 +200,15 @@ class BlockManager:
         and kept on the sequence: its tokens only ever grow, so earlier hashes stay valid (a
         waiting sequence is looked up at every step; it must not be rehashed each time)."""
         bs, done = self.block_size, seq.full_blocks
-        n_full = len(seq) // bs
+        tokens = seq.tokens                   # known tokens only: pending ones are not hashable yet
+        n_full = len(tokens) // bs
         if len(done) < n_full:
-            tokens = seq.tokens
             prev = done[-1][0] if done else None
             for i in range(len(done), n_full):
                 chunk = tuple(tokens[i * bs:(i + 1) * bs])
                 prev = self.chain_hash(prev, chunk)
                 done.append((prev, chunk))
-        return done[:n_full]
+        return done                           # tokens only grow: exactly the n_full blocks
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks already holding a prefix of seq's tokens (full blocks only). At least one token
@@ -253,20 +253,26 @@ class BlockManager:
                     self.hash_to_block[h] = block
                     self.block_hash[block], self.block_tokens[block] = h, chunk
 
+    def needs_block(self, seq: Sequence) -> bool:
+        """Decode writes the newest token at position len(seq) - 1: is that past seq's blocks?"""
+        return len(seq.block_table) * self.block_size < len(seq)
+
     def can_append(self, seq: Sequence) -> bool:
-        """Decode writes the newest token at position len(seq) - 1: does it need a new block?"""
-        return len(seq.block_table) * self.block_size >= len(seq) or self.num_available() > 0
+        return not self.needs_block(seq) or self.num_available() > 0
 
     def append(self, seq: Sequence) -> None:
-        if len(seq.block_table) * self.block_size < len(seq):
+        if self.needs_block(seq):
             seq.block_table.append(self._take())
 
     def free_sequence(self, seq: Sequence, written: bool = True) -> None:
         """Release a sequence's blocks. written=False (its step failed before the model wrote
-        the K/V): blocks nobody else holds also forget their prefix hash, so no later prompt can
+        the K/V): the blocks this step was to fill (past the cached prefix, which was written
+        before) also forget their prefix hash when nobody else holds them, so no later prompt can
         hit a block that was registered but never filled."""
-        for block in reversed(seq.block_table):   # reversed: the LRU evicts a prefix's tail first
-            if not written and self.ref_count[block] == 1 and self.block_hash[block] is not None:
+        first_unwritten = len(seq.block_table) if written else seq.num_cached // self.block_size
+        # reversed: the LRU evicts a prefix's tail first
+        for i, block in reversed(list(enumerate(seq.block_table))):
+            if i >= first_unwritten and self.ref_count[block] == 1 and self.block_hash[block] is not None:
                 del self.hash_to_block[self.block_hash[block]]
                 self.block_hash[block] = self.block_tokens[block] = None
             self._release(block)
@@ -357,8 +363,7 @@ class Scheduler:
                 and self._admissible(self.waiting[0], self.max_num_batched_tokens)):
             return None
         seqs = [s for s in self.running if len(s.output) + s.num_pending < s.params.max_tokens]
-        bs = self.blocks.block_size
-        if not seqs or sum(len(s.block_table) * bs < len(s) for s in seqs) > self.blocks.num_available():
+        if not seqs or sum(map(self.blocks.needs_block, seqs)) > self.blocks.num_available():
             return None
         for seq in seqs:
             self.blocks.append(seq)
@@ -971,6 +976,9 @@ class LLMEngine:
         dev = torch.device(cfg.device)
         if model is None:
             model, tokenizer = M.load_model(cfg.model, cfg.torch_dtype, dev), M.tokenizer_for(cfg.model)
+        if model.device.type != dev.type:
+            # the config picks the kernels (Triton or PyTorch); the model's tensors must match it
+            raise ValueError(f"the model is on {model.device} but EngineConfig.device is {cfg.device!r}")
         if cfg.max_num_batched_tokens < model.cfg.max_seq_len:
             # a preempted sequence is re-prefilled whole (prompt + output, up to the context) in one
             # step; without chunked prefill a smaller budget could leave it unschedulable forever
@@ -1236,12 +1244,11 @@ def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
     """The part of `text` that no later token can change: without a trailing incomplete UTF-8
     character (tiktoken decodes it as U+FFFD) or a tail that begins some stop string."""
     text = text.rstrip("\ufffd")
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                text = text[:-n]
-                break
-    return text
+    # the longest tail that begins any stop string, measured on the text as it is (stripping
+    # one stop's tail and then testing the next on the shortened text would hold back more)
+    held = max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                if text.endswith(stop[:n])), default=0)
+    return text[:len(text) - held]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ if not torch.cuda.is_available():
 import json
 import math
 import random
+import re
 import socket
 
 import pytest
@@ -740,6 +741,31 @@ def test_block_manager_prefix_chain_and_lru():
     assert c.num_cached == 0 and len(bm.evictable) <= 2
     bm.free_sequence(c)
     assert bm.blocks_in_use() == 0 and sum(bm.ref_count) == 0
+
+
+def test_block_manager_failed_step_forgets_only_unwritten_blocks():
+    bm = S.BlockManager(num_blocks=8, block_size=4)
+    a = S.Sequence(0, list(range(9)), S.SamplingParams(), "cpu")
+    bm.allocate(a)
+    bm.free_sequence(a)                                  # written: its 2 full blocks stay cached
+    b = S.Sequence(1, list(range(8)) + [5, 6, 7, 8, 9], S.SamplingParams(), "cpu")
+    bm.allocate(b)                                       # revives a's 2 blocks, registers a third
+    assert b.num_cached == 8
+    hits, fresh = b.block_table[:2], b.block_table[2]
+    bm.free_sequence(b, written=False)                   # b's prefill step failed
+    assert all(bm.block_hash[blk] is not None for blk in hits)   # written earlier: still hits
+    assert bm.block_hash[fresh] is None                  # never filled: forgotten
+    c = S.Sequence(2, list(range(8)) + [5, 6, 7, 8, 1], S.SamplingParams(), "cpu")
+    bm.allocate(c)
+    assert c.num_cached == 8 and sum(bm.ref_count) == len(c.block_table)
+
+
+def test_stream_holds_back_only_possible_stop_prefixes():
+    assert S._stable_prefix("ayc", ("cd", "yz")) == "ay"        # "c" may start "cd"; "yc" starts nothing
+    assert S._stable_prefix("abcy", ("cd", "yz")) == "abc"
+    assert S._stable_prefix("hello wor", ("world!",)) == "hello "
+    assert S._stable_prefix("caf\ufffd", ()) == "caf"            # an unfinished UTF-8 character
+    assert S._stable_prefix("done", ("xyz",)) == "done"
 
 
 def test_serve_cli_runs(capsys):
@@ -1781,6 +1807,15 @@ def test_tokenizer_special_tokens_and_missing_bytes(smollm2):
     assert tok.encode_ordinary("<|im_end|>") != [2]
     # byte 0x04 has no token in this vocabulary: the character is dropped instead of crashing
     assert tok.encode("a\x04b") == tok.encode("ab")
+
+
+def test_missing_lead_bytes_give_valid_character_classes():
+    # each missing UTF-8 lead byte removes exactly the code points it starts, up to U+10FFFF
+    for lead, inside, outside in [(0xC3, "\u00e9", "\u0100"), (0xE0, "\u0800", "\u07ff"),
+                                  (0xF0, "\U00010000", "\U00040000"), (0xF4, "\U0010ffff", "\U000fffff")]:
+        cls = re.compile(M._chars_with_missing_bytes({lead}))
+        assert cls.fullmatch(inside) and not cls.fullmatch(outside), hex(lead)
+        assert inside.encode()[0] == lead and outside.encode()[0] != lead
 
 
 @pytest.mark.parametrize("messages", [
