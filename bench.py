@@ -825,13 +825,14 @@ def topic_flash(ctx: BenchContext) -> None:
         q = torch.randn(b, h, d, device=ctx.device, dtype=dtype)
         lens = torch.full((b,), t, dtype=torch.int32, device=ctx.device)
         # SDPA's favourite layout, (B, Hkv, T, D) contiguous. Our kernel reads the very same
-        # tensors through a block table (heads_first_as_paged: no copy).
+        # tensors through a block table (contiguous_as_paged of the transposed view: no copy).
         qs = q[:, :, None]
         ks = torch.randn(b, hkv, t, d, device=ctx.device, dtype=dtype)
         vs = torch.randn(b, hkv, t, d, device=ctx.device, dtype=dtype)
         sdpa_def = _try_time(_sdpa(None, qs, ks, vs, False), ctx)
         sdpa_fa2 = _try_time(_sdpa(SDPBackend.FLASH_ATTENTION, qs, ks, vs, False), ctx)
-        (kc, table), (vc, _) = fa.heads_first_as_paged(ks, page), fa.heads_first_as_paged(vs, page)
+        kc, table = fa.contiguous_as_paged(ks.transpose(1, 2), page)
+        vc, _ = fa.contiguous_as_paged(vs.transpose(1, 2), page)
         same = _try_time(lambda: fa.paged_decode(q, kc, vc, table, lens, max_context=t), ctx)
         del kc, vc
         # the engine's layout (tokens, then heads) as one contiguous cache: identity block table
@@ -858,7 +859,7 @@ def topic_flash(ctx: BenchContext) -> None:
                f"ours (B, T, Hkv, D) (page {page})", "SDPA default", "SDPA FA2", "ours vs best SDPA (x)",
                f"ours paged, random {engine_page}-token blocks", "GB/s", "% of copy BW"], rows,
               note="GB/s = K+V (+q, out) bytes / time. 'ours on SDPA's tensors' = the paged kernel reading "
-                   "SDPA's own (B, Hkv, T, D) K/V through a block table (heads_first_as_paged, no copy); "
+                   "SDPA's own (B, Hkv, T, D) K/V through a block table (contiguous_as_paged of k.transpose(1, 2), no copy); "
                    "'(B, T, Hkv, D)' = the engine's token-major layout as one tensor with the identity "
                    "table. With pages >= BLOCK_N the kernel loads one block id per tile and pipelines its "
                    "loads; the engine's 16-token pages take the per-token gather. "

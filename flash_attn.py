@@ -19,36 +19,36 @@ Run:
   python bench.py --topic flash   # timings vs PyTorch SDPA (cuDNN and FlashAttention-2), roofline
 Without a GPU everything runs in the Triton interpreter (TRITON_INTERPRET=1, set below), slowly.
 
-Version ladder (measured by bench.py on one NVIDIA H200, torch 2.11, triton 3.6, 2026-11-27;
+Version ladder (measured by bench.py on one NVIDIA H200, torch 2.11, triton 3.6, 2026-11-28;
 prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 query heads):
   prefill v0  attention_naive: scores (B, H, T, T) materialised, softmax, second matmul
               -> 25 TFLOP/s at T=8192 D=128; at T=10k with 32 heads, 12 GiB for the
               scores and probabilities
   prefill v1  PyTorch SDPA, two peers: default (cuDNN on Hopper) and FLASH_ATTENTION backend
-              -> cuDNN 341-608 TFLOP/s, FlashAttention-2 215-321 TFLOP/s
+              -> cuDNN 344-605 TFLOP/s, FlashAttention-2 218-319 TFLOP/s
   prefill v2  flash_attn / flash_attn_varlen, pointer loads + cp.async pipelining, causal tile
               skipping, unmasked off-diagonal loop, autotuned tiles
-              -> 314-497 TFLOP/s; with the better of v2/v3 per shape (what bench reports):
-                 1.27-1.56x the FA2 backend everywhere, vs cuDNN 0.83-0.94x at D=64 and
-                 0.72-0.86x at D=128 (0.79x at T=4096, 0.77x at T=8192; the gap is discussed at
+              -> 315-500 TFLOP/s; with the better of v2/v3 per shape (what bench reports):
+                 1.27-1.57x the FA2 backend everywhere, vs cuDNN 0.87-0.96x at D=64 and
+                 0.72-0.88x at D=128 (0.79x at T=4096, 0.77x at T=8192; the gap is discussed at
                  the end of Part 3). Warp-specialised configs (WARP_SPEC) are among the tuned ones
   prefill v3  same kernel with use_tma=True (tiles moved by Hopper's TMA engine through
-              device-side tensor descriptors) -> within -27%..+3% of v2; it wins only at D=128,
+              device-side tensor descriptors) -> within -26%..+3% of v2; it wins only at D=128,
               T=2k-4k, so v2 (pointer loads) stays the default
-  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.75 ms, 100k tokens 161 ms
-              (509 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
-              path would need 1,192 GiB. cuDNN: 1.43 ms and 139 ms.
+  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.76 ms, 100k tokens 159 ms
+              (515 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
+              path would need 1,192 GiB. cuDNN: 1.40 ms and 140 ms.
   decode  v0  paged_decode_reference (Python loop over sequences; correctness only, not timed)
   decode  v1  paged_decode with num_splits=1: one program per (sequence, KV head)
-              -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs)
-  decode  v2  paged_decode, split-K (flash-decoding) + merge kernel
+              -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs; 2026-11-27)
+  decode  v2  paged_decode, split-K (flash-decoding) + merge kernel (2026-11-27)
               -> batch 4, context 32k: 0.133 ms (4.9x v1); batch 32, context 8k: 0.252 ms =
                  4.3 TB/s, 0.97-0.99x SDPA
   decode  v3  (2026-11-28) whole-page tiles: one block id per tile, loads pipelined by
               num_stages; the merge done by the last split inside the kernel; splits rounded
               down to one wave -> on SDPA's own tensors 0.99-1.00x SDPA at batch 32 x 8k-16k
               (0.245 ms = 4.4 TB/s at 8k), 0.994x at batch 4 x 32k; the engine's random 16-token
-              pages: 93-103% of the measured copy bandwidth (4.25 TB/s, read+write)
+              pages: 92.5-103% of the measured copy bandwidth (4.25 TB/s, read+write)
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -350,7 +350,8 @@ def _flash_prefill_kernel(
 # (BLOCK 128x64, 8 warps), +5% at D=128 T=4096 (128x128), neutral at T=8192; a second sweep
 # with the launch overlapped saw +0-1%. With 4 warps Triton 3.6 fails to compile it, and TMA
 # loads were 5-10% slower than cp.async here. The autotuner times all of these per length
-# bucket and does not always pick the fastest (flash.md: D=64 T=4096 fell to 0.83x cuDNN).
+# bucket and does not always pick the fastest (flash.md of 2026-11-27: D=64 T=4096 fell to
+# 0.83x cuDNN; 0.87x in the 2026-11-28 run).
 _PREFILL_GPU_CONFIGS = {
     64: [(128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 64, 4, 3), (128, 64, 4, 4),
          (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3)],
@@ -362,7 +363,7 @@ _INTERPRET_PREFILL_CONFIG = dict(BLOCK_M=32, BLOCK_N=16)
 
 def _prefill_configs(head_dim):
     rows = _PREFILL_GPU_CONFIGS.get(head_dim, [(64, 32, 4, 2), (64, 64, 4, 3)])
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WARP_SPEC": bool(ws)}, num_warps=w, num_stages=s)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WARP_SPEC": any(ws)}, num_warps=w, num_stages=s)
             for m, n, w, s, *ws in rows]
 
 
@@ -380,7 +381,7 @@ def _tma_allocator(size, alignment, stream):
 
 
 def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causal, scale,
-                    varlen, use_tma, config=None):
+                    varlen, use_tma):
     head_dim, n_heads, n_kv_heads = q.shape[-1], strides["n_heads"], strides["n_kv_heads"]
     _check_head_dim(head_dim)
     if n_heads % n_kv_heads:
@@ -396,8 +397,8 @@ def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causa
             *strides["q"], *strides["k"], *strides["v"], *strides["o"])
     meta = dict(GROUP=n_heads // n_kv_heads, HEAD_DIM=head_dim, CAUSAL=causal, VARLEN=varlen,
                 USE_TMA=use_tma)
-    if INTERPRET or config is not None:
-        cfg = config or _INTERPRET_PREFILL_CONFIG
+    if INTERPRET:
+        cfg = _INTERPRET_PREFILL_CONFIG
         grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_heads, n_seqs)
         _flash_prefill_kernel[grid](*args, **meta, **cfg)
     else:
@@ -407,8 +408,7 @@ def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causa
     return out
 
 
-def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, use_tma=False, out=None,
-                      config=None):
+def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, use_tma=False, out=None):
     """Packed variable-length prefill: the serving engine's layout.
     q (total_tokens, n_heads, D), k/v (total_tokens, n_kv_heads, D), cu_seqlens int32 (n_seqs+1,)
     with cu_seqlens[0] = 0 and cu_seqlens[-1] = total_tokens, max_seqlen = longest sequence
@@ -417,7 +417,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, 
     Returns out (total_tokens, n_heads, D). Sequence s is rows cu_seqlens[s]:cu_seqlens[s+1];
     tokens of different sequences never attend to each other. `out` (like q) may be preallocated."""
     if upcast := _interpreter_bf16_workaround(q, k, v):
-        res = flash_attn_varlen(*upcast, cu_seqlens, max_seqlen, causal, scale, use_tma, config=config).bfloat16()
+        res = flash_attn_varlen(*upcast, cu_seqlens, max_seqlen, causal, scale, use_tma).bfloat16()
         return res if out is None else out.copy_(res)
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim must be contiguous"
     out = torch.empty_like(q) if out is None else out
@@ -425,14 +425,14 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, 
                    q=(0, q.stride(0), q.stride(1)), k=(0, k.stride(0), k.stride(1)),
                    v=(0, v.stride(0), v.stride(1)), o=(0, out.stride(0), out.stride(1)))
     return _launch_prefill(q, k, v, out, cu_seqlens.to(torch.int32), cu_seqlens.numel() - 1,
-                           int(max_seqlen), strides, causal, scale, True, use_tma, config)
+                           int(max_seqlen), strides, causal, scale, True, use_tma)
 
 
-def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None, config=None):
+def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
     """Batched convenience wrapper with SDPA's layout: q (B, H, T, D), k/v (B, Hkv, T, D) ->
     (B, H, T, D). Same kernel as flash_attn_varlen (stride_s = batch stride, no copies)."""
     if upcast := _interpreter_bf16_workaround(q, k, v):
-        res = flash_attn(*upcast, is_causal, scale, use_tma, config=config).bfloat16()
+        res = flash_attn(*upcast, is_causal, scale, use_tma).bfloat16()
         return res if out is None else out.copy_(res)
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim must be contiguous"
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
@@ -443,15 +443,15 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None, con
     strides = dict(n_heads=n_heads, n_kv_heads=k.shape[1],
                    q=(q.stride(0), q.stride(2), q.stride(1)), k=(k.stride(0), k.stride(2), k.stride(1)),
                    v=(v.stride(0), v.stride(2), v.stride(1)), o=(out.stride(0), out.stride(2), out.stride(1)))
-    return _launch_prefill(q, k, v, out, q, batch, seq_len, strides, is_causal, scale, False, use_tma, config)
+    return _launch_prefill(q, k, v, out, q, batch, seq_len, strides, is_causal, scale, False, use_tma)
 
 
 # Why this is near the compute roof, and what cuDNN does beyond it. Causal prefill does
 # 2*T^2*H*D FLOPs over 4*T*H*D*2 bytes of Q/K/V/O: at T=4096 that is ~1000 FLOP/byte, several
 # times the ridge point (H200 measured: 746 TFLOP/s cuBLAS / 4.25 TB/s copy = 175 FLOP/byte).
-# So the kernel is limited by how busy it keeps the tensor cores: measured 362-497 TFLOP/s at
-# T >= 4096, 51-70% of cuBLAS (an attention tile also does softmax work a GEMM does not).
-# cuDNN reaches 567-608 at D=128. Two things keep us below cuDNN / FlashAttention-3:
+# So the kernel is limited by how busy it keeps the tensor cores: measured 381-500 TFLOP/s at
+# T >= 4096, 51-67% of cuBLAS (an attention tile also does softmax work a GEMM does not).
+# cuDNN reaches 565-605 at D=128. Two things keep us below cuDNN / FlashAttention-3:
 #   1. Producer/consumer warp specialisation. Here the same warps issue loads, run wgmma and
 #      do the softmax, so the tensor cores idle during exp2/max/sum. FA3 dedicates one warp
 #      group to TMA loads and ping-pongs two consumer warp groups so one group's softmax
@@ -489,13 +489,14 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None, con
 #   context_lens     : int32 (B,), >= 1: tokens of sequence s in the cache, including the token
 #                      being decoded (its K/V are written before attention is called).
 #   q                : (B, n_heads, head_dim), the new token's query  ->  out (B, n_heads, head_dim)
-# A contiguous cache (B, T, Hkv, D) is the special case block_table[s, j] = s*(T/bs) + j
-# (see contiguous_as_paged), which is how bench.py compares with SDPA.
+# A contiguous cache is a special case: (B, T, Hkv, D) with block_table[s, j] = s*(T/bs) + j,
+# and SDPA's (B, Hkv, T, D) too, through strides (contiguous_as_paged), which is how bench.py
+# compares with SDPA on SDPA's own tensors.
 #
 # Why split-K. Decode reads every cached K/V byte once and does only ~H/Hkv FLOPs per
 # byte: pure bandwidth. One program per (sequence, KV head) gives B*Hkv programs, e.g.
 # 4*8 = 32 at batch 4: a quarter of the 132 SMs, so most of the HBM bandwidth is never asked
-# for (measured at batch 4, context 32k: 0.61 ms with one split, 0.13 ms with 16). Flash-
+# for (measured at batch 4, context 32k: 0.61 ms with one split, 0.13 ms with 8-16). Flash-
 # decoding also splits the *sequence*: program (s, kv_head, split) handles tokens
 # [split*L, (split+1)*L) and writes an unnormalised-but-rescalable partial (o_i, lse_i), and
 # the partials are combined with the online-softmax algebra of Part 2:
@@ -524,19 +525,6 @@ def paged_decode_reference(q, k_cache, v_cache, block_table, context_lens, scale
         scores = (k @ q[s].float()[:, :, None]).squeeze(-1) * scale             # (H, ctx)
         out[s] = (scores.softmax(-1)[:, None, :] @ v).squeeze(1).to(q.dtype)
     return out
-
-
-@triton.jit
-def _decode_tile_update(acc, m_i, l_i, q, k, v, valid, qk_scale):
-    """The online softmax of Part 2 for one tile of keys, all GROUP query heads at once."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale                   # (BLOCK_G, BLOCK_N)
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))                   # finite: the tile's first token is valid
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, m_new, l_i
 
 
 @triton.jit(do_not_specialize=["tokens_per_split", "split_bucket"])
@@ -576,35 +564,37 @@ def _paged_decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     bt_row = block_table + seq.to(tl.int64) * stride_bt
-    if PAGE >= BLOCK_N:
-        # Whole tiles inside one page: one block id per tile, a scalar. The K/V addresses are
-        # then "block id + affine offsets", which Triton's pipeliner handles: with num_stages
-        # the loads of the next tiles are in flight (cp.async into shared memory) while this
-        # one is reduced. H200, batch 32 x 8k, 32/8 heads, page 256: 0.2452 ms vs 0.2499 with
-        # the per-token gather below (0.99x vs 0.97x SDPA), same run.
-        for start in tl.range(lo, hi, BLOCK_N):
+    for start in tl.range(lo, hi, BLOCK_N):
+        valid = start + offs_n < hi
+        if PAGE >= BLOCK_N:
+            # Whole tiles inside one page: one block id per tile, a scalar. The K/V addresses
+            # are then "block id + affine offsets", which Triton's pipeliner handles: with
+            # num_stages the loads of the next tiles are in flight (cp.async into shared memory)
+            # while this one is reduced. H200, batch 32 x 8k, 32/8 heads, page 256: 0.2452 ms
+            # vs 0.2499 with the per-token gather below (0.99x vs 0.97x SDPA), same run.
             block = tl.load(bt_row + start // PAGE).to(tl.int64)
             pos = start % PAGE + offs_n
-            valid = start + offs_n < hi
-            k = tl.load(K_cache + (block * stride_kblk + pos * stride_kpos + kv_head * stride_kh)[:, None]
-                        + offs_d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(V_cache + (block * stride_vblk + pos * stride_vpos + kv_head * stride_vh)[:, None]
-                        + offs_d[None, :], mask=valid[:, None], other=0.0)
-            acc, m_i, l_i = _decode_tile_update(acc, m_i, l_i, q, k, v, valid, qk_scale)
-    else:
-        # A tile spans several pages (e.g. BLOCK_N = 64 over the engine's 16-token pages):
-        # look the page up per token. The K/V addresses now depend on a vector of loaded block
-        # ids, which Triton does not pipeline: each tile's loads wait for its block ids.
-        # PAGE is a constexpr power of two, so // and % are a shift and a mask.
-        for start in range(lo, hi, BLOCK_N):
+        else:
+            # A tile spans several pages (e.g. BLOCK_N = 64 over the engine's 16-token pages):
+            # look the page up per token. The K/V addresses then depend on a vector of loaded
+            # block ids, which Triton does not pipeline: each tile's loads wait for its ids.
+            # PAGE is a constexpr power of two, so // and % are a shift and a mask.
             tok = start + offs_n
-            valid = tok < hi
             block = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-            k = tl.load(K_cache + (block * stride_kblk + (tok % PAGE) * stride_kpos + kv_head * stride_kh)[:, None]
-                        + offs_d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(V_cache + (block * stride_vblk + (tok % PAGE) * stride_vpos + kv_head * stride_vh)[:, None]
-                        + offs_d[None, :], mask=valid[:, None], other=0.0)
-            acc, m_i, l_i = _decode_tile_update(acc, m_i, l_i, q, k, v, valid, qk_scale)
+            pos = tok % PAGE
+        k = tl.load(K_cache + (block * stride_kblk + pos * stride_kpos + kv_head * stride_kh)[:, None]
+                    + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(V_cache + (block * stride_vblk + pos * stride_vpos + kv_head * stride_vh)[:, None]
+                    + offs_d[None, :], mask=valid[:, None], other=0.0)
+        # the online softmax of Part 2 for this tile, all GROUP query heads at once
+        s = tl.dot(q, tl.trans(k)) * qk_scale                   # (BLOCK_G, BLOCK_N)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))                   # finite: the tile's first token is valid
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
     # An empty split (lo >= ctx) leaves l_i = 0, m_i = -inf: we store o = 0, lse = -inf, which
     # the merge weighs with 2^-inf = 0.
     empty = l_i == 0.0
@@ -760,32 +750,25 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     return out
 
 
-def heads_first_as_paged(k, block_size):
-    """SDPA's own cache layout, k (B, Hkv, T, D) contiguous, as a paged cache without copying:
-    block j of sequence b is tokens j*bs.. of every head, with the heads T*D elements apart, so
-    (block stride bs*D, token stride D, head stride T*D) and block id b*Hkv*(T/bs) + j reach
-    element ((b*Hkv + h)*T + t)*D. Returns (k_cache view, block_table (B, T/bs))."""
-    batch, n_kv_heads, seq_len, head_dim = k.shape
-    assert k.is_contiguous() and seq_len % block_size == 0, "contiguous, T a multiple of block_size"
-    blocks_per_seq = seq_len // block_size
-    # just enough block ids that the view stays inside k's storage (as_strided checks)
-    n_blocks = ((batch - 1) * n_kv_heads + 1) * blocks_per_seq
-    k_cache = k.as_strided((n_blocks, block_size, n_kv_heads, head_dim),
-                           (block_size * head_dim, head_dim, seq_len * head_dim, 1))
-    first = torch.arange(batch, dtype=torch.int32, device=k.device)[:, None] * (n_kv_heads * blocks_per_seq)
-    table = first + torch.arange(blocks_per_seq, dtype=torch.int32, device=k.device)[None, :]
-    return k_cache, table
-
-
 def contiguous_as_paged(k, block_size):
-    """View a contiguous cache k (B, T, Hkv, D) as a paged one without copying: returns
-    (k_cache (B*T/bs, bs, Hkv, D), block_table (B, T/bs) = the identity mapping)."""
+    """View one (B, T, Hkv, D)-indexed cache tensor as a paged one without copying: returns
+    (k_cache (n_blocks, bs, Hkv, D), block_table (B, T/bs)). Works for any strides with a
+    contiguous last dim whose sequence stride is a whole number of blocks: the engine's
+    token-major layout (B, T, Hkv, D) (the table is then the identity), or SDPA's own
+    (B, Hkv, T, D) passed as k.transpose(1, 2) (heads T*D elements apart; block id
+    b*Hkv*(T/bs) + j reaches element ((b*Hkv + h)*T + t)*D)."""
     batch, seq_len, n_kv_heads, head_dim = k.shape
-    assert seq_len % block_size == 0, "pad T to a multiple of block_size"
-    blocks_per_seq = seq_len // block_size
-    k_cache = k.view(batch * blocks_per_seq, block_size, n_kv_heads, head_dim)
-    table = torch.arange(batch * blocks_per_seq, dtype=torch.int32, device=k.device)
-    return k_cache, table.view(batch, blocks_per_seq)
+    stride_b, stride_t, stride_h, stride_d = k.stride()
+    block_stride = block_size * stride_t
+    assert stride_d == 1 and seq_len % block_size == 0 and stride_b % block_stride == 0, \
+        "last dim contiguous, T a multiple of block_size, sequences a whole number of blocks apart"
+    blocks_per_seq, ids_per_seq = seq_len // block_size, stride_b // block_stride
+    # just enough block ids that the view stays inside k's storage (as_strided checks)
+    n_blocks = (batch - 1) * ids_per_seq + blocks_per_seq
+    k_cache = k.as_strided((n_blocks, block_size, n_kv_heads, head_dim),
+                           (block_stride, stride_t, stride_h, 1), k.storage_offset())
+    first = torch.arange(batch, dtype=torch.int32, device=k.device)[:, None] * ids_per_seq
+    return k_cache, first + torch.arange(blocks_per_seq, dtype=torch.int32, device=k.device)[None, :]
 
 
 def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, device, spare_blocks=3):

@@ -47,7 +47,8 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, asdict, field, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -219,29 +220,24 @@ class KVCache:
 
 @dataclass
 class CacheStep:
-    """The attention backend for one forward pass over a KVCache.
+    """The attention backend for one forward pass over a KVCache (built by append_to_cache; the
+    same in every layer).
 
     rows: which cache rows the batch's rows append to (None = rows 0..B-1, the common case, where
-      reads are free slices instead of gathers). kv_len: how many slots to read, i.e. the longest
-      row after this step.
+      reads are free slices instead of gathers); row_index: those rows as a tensor either way.
+    kv_len: how many slots to read: at least the longest row after this step (KVCache.read_len
+      rounds it up on a GPU; the extra slots are masked). visible: (B, 1, T, kv_len) mask.
     """
     cache: KVCache
     rows: torch.Tensor | None
+    row_index: torch.Tensor
     kv_len: int
-    # the row index and the mask are the same in every layer: built by the first layer, reused
-    _row_index: torch.Tensor | None = field(default=None, init=False, repr=False)
-    _visible: torch.Tensor | None = field(default=None, init=False, repr=False)
+    visible: torch.Tensor
 
     def attend(self, layer, q, k, v, positions):
-        B, n_kv, T, hd = k.shape
+        B = k.shape[0]
         k_store, v_store = self.cache.k[layer], self.cache.v[layer]      # (rows, n_kv, max_len, hd)
-        if self._visible is None:
-            self._row_index = self.rows if self.rows is not None else torch.arange(B, device=k.device)
-            # a query at position p sees slots 0..p: (B, 1, T, S) boolean mask. It also hides the
-            # stale slots of shorter rows and whatever a previous sequence left in a reused row.
-            slots = torch.arange(self.kv_len, device=q.device)
-            self._visible = slots[None, None, None, :] <= positions[:, None, :, None]
-        rows, visible = self._row_index, self._visible
+        rows = self.row_index
         # write: slot [rows[b], :, positions[b, t], :] <- k[b, :, t, :]
         k_store[rows[:, None], :, positions] = k.transpose(1, 2)
         v_store[rows[:, None], :, positions] = v.transpose(1, 2)
@@ -249,16 +245,8 @@ class CacheStep:
             keys, values = k_store[:B, :, :self.kv_len], v_store[:B, :, :self.kv_len]   # views
         else:
             keys, values = k_store[rows, :, :self.kv_len], v_store[rows, :, :self.kv_len]
-        gqa = n_kv != q.shape[1]
-        if q.device.type != "cuda" or gqa:
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=gqa)
-        # On a GPU, keep masked MHA off cuDNN: cuDNN builds an execution plan per new shape, and a
-        # cache step's shapes change all the time (prompt lengths, batch sizes that come and go in
-        # continuous batching). The memory-efficient kernel takes the mask with no plan to build
-        # (H200, batching.md: continuous batching 0.6x -> 1.3x static). It does not take GQA, which
-        # stays on SDPA's default choice (cuDNN; read_len keeps its shapes few).
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.visible,
+                                              enable_gqa=keys.shape[1] != q.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,22 +305,23 @@ def pdl_supported() -> bool:
             and torch.cuda.get_device_capability()[0] >= 9)
 
 
-_pdl_on = None   # the one switch for every PDL kernel; None = decide on first use
+_pdl_args = None   # the one switch for every PDL kernel (its launch arguments); None = decide on first use
 
 
 def set_pdl(enabled: bool) -> None:
     """Turn programmatic dependent launch on (where the GPU has it) or off, for every kernel
     launched with pdl_launch_args (bench.py flips it to compare)."""
-    global _pdl_on
-    _pdl_on = enabled and pdl_supported()
+    global _pdl_args
+    _pdl_args = dict(USE_PDL=True, launch_pdl=True) if enabled and pdl_supported() else {}
 
 
 def pdl_launch_args() -> dict:
     """What a kernel that supports PDL is launched with: its USE_PDL constexpr and Triton's
-    launch_pdl option, both on where the GPU has PDL (unless set_pdl turned it off)."""
-    if _pdl_on is None:
+    launch_pdl option, both on where the GPU has PDL (unless set_pdl turned it off). Called at
+    every launch, so the dict is built once (callers unpack it, never change it)."""
+    if _pdl_args is None:
         set_pdl(True)
-    return dict(USE_PDL=True, launch_pdl=True) if _pdl_on else {}
+    return _pdl_args
 
 
 class TorchOps:
@@ -514,9 +503,23 @@ def append_to_cache(model: Transformer, tokens: torch.Tensor, cache: KVCache,
     if max(starts) + T > cache.max_len:
         raise ValueError(f"appending {T} token(s) to a row of {max(starts)} overflows the cache "
                          f"of {cache.max_len}: the cache is full")
-    positions = (torch.tensor(starts)[:, None] + torch.arange(T)).to(tokens.device)   # (B, T), one copy
-    rows_t = None if rows is None else torch.tensor(row_ids, device=tokens.device)
-    h = model.hidden(tokens, positions, CacheStep(cache, rows_t, cache.read_len(max(starts) + T)))
+    dev = tokens.device
+    positions = (torch.tensor(starts)[:, None] + torch.arange(T)).to(dev)   # (B, T), one copy
+    rows_t = None if rows is None else torch.tensor(row_ids, device=dev)
+    kv_len = cache.read_len(max(starts) + T)
+    # a query at position p sees slots 0..p: (B, 1, T, kv_len) boolean mask. It also hides the
+    # stale slots of shorter rows and whatever a previous sequence left in a reused row.
+    visible = torch.arange(kv_len, device=dev)[None, None, None, :] <= positions[:, None, :, None]
+    step = CacheStep(cache, rows_t, torch.arange(B, device=dev) if rows_t is None else rows_t, kv_len, visible)
+    # On a GPU, keep masked MHA off cuDNN: cuDNN builds an execution plan per new shape, and a
+    # cache step's shapes change all the time (prompt lengths, batch sizes that come and go in
+    # continuous batching). The memory-efficient kernel takes the mask with no plan to build
+    # (H200, batching.md: continuous batching 0.6x -> 1.3x static). It does not take GQA, which
+    # stays on SDPA's default choice (cuDNN; read_len keeps its shapes few). Chosen once for
+    # the whole forward pass (only attention calls SDPA inside it).
+    keep_off_cudnn = dev.type == "cuda" and model.cfg.kv_heads == model.cfg.n_head
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if keep_off_cudnn else nullcontext():
+        h = model.hidden(tokens, positions, step)
     for r in row_ids:
         cache.lengths[r] += T
     return h
@@ -720,23 +723,49 @@ def gpt2_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) ->
     return out
 
 
-def llama_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face LlamaForCausalLM tensors -> ours: q|k|v rows fused into one qkv weight and
-    gate|up into one fc weight (one GEMM each instead of three and two). HF checkpoints already
-    use the rotate-half RoPE layout, so no row permutation (unlike GGUF, section 8)."""
-    out = {"tok_emb.weight": hf_sd["model.embed_tokens.weight"], "norm_f.weight": hf_sd["model.norm.weight"]}
+# Where each of our Llama tensors comes from, per file format ({i} = the layer).
+_LLAMA_NAMES = {
+    "hf": dict(emb="model.embed_tokens.weight", norm_f="model.norm.weight", head="lm_head.weight",
+               norm1="model.layers.{i}.input_layernorm.weight",
+               norm2="model.layers.{i}.post_attention_layernorm.weight",
+               q="model.layers.{i}.self_attn.q_proj.weight", k="model.layers.{i}.self_attn.k_proj.weight",
+               v="model.layers.{i}.self_attn.v_proj.weight", o="model.layers.{i}.self_attn.o_proj.weight",
+               gate="model.layers.{i}.mlp.gate_proj.weight", up="model.layers.{i}.mlp.up_proj.weight",
+               down="model.layers.{i}.mlp.down_proj.weight"),
+    "gguf": dict(emb="token_embd.weight", norm_f="output_norm.weight", head="output.weight",
+                 norm1="blk.{i}.attn_norm.weight", norm2="blk.{i}.ffn_norm.weight",
+                 q="blk.{i}.attn_q.weight", k="blk.{i}.attn_k.weight", v="blk.{i}.attn_v.weight",
+                 o="blk.{i}.attn_output.weight", gate="blk.{i}.ffn_gate.weight", up="blk.{i}.ffn_up.weight",
+                 down="blk.{i}.ffn_down.weight"),
+}
+
+
+def _llama_state_dict(get, fmt: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A Llama checkpoint's tensors (get(name) -> tensor) -> ours: q|k|v rows fused into one qkv
+    weight and gate|up into one fc weight (one GEMM each instead of three and two)."""
+    names = _LLAMA_NAMES[fmt]
+    out = {"tok_emb.weight": get(names["emb"]), "norm_f.weight": get(names["norm_f"])}
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = hf_sd["lm_head.weight"]
+        out["lm_head.weight"] = get(names["head"])
     for i in range(cfg.n_layer):
-        p = f"model.layers.{i}."
-        out[f"blocks.{i}.norm1.weight"] = hf_sd[p + "input_layernorm.weight"]
-        out[f"blocks.{i}.norm2.weight"] = hf_sd[p + "post_attention_layernorm.weight"]
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([hf_sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        out[f"blocks.{i}.attn.proj.weight"] = hf_sd[p + "self_attn.o_proj.weight"]
-        out[f"blocks.{i}.mlp.fc.weight"] = torch.cat([hf_sd[p + "mlp.gate_proj.weight"],
-                                                      hf_sd[p + "mlp.up_proj.weight"]])
-        out[f"blocks.{i}.mlp.proj.weight"] = hf_sd[p + "mlp.down_proj.weight"]
+        def w(role):
+            return get(names[role].format(i=i))
+        q, k = w("q"), w("k")
+        if fmt == "gguf":    # llama.cpp stores Q/K rows permuted for interleaved RoPE pairs
+            q, k = unpermute_rope_rows(q, cfg.n_head), unpermute_rope_rows(k, cfg.kv_heads)
+        out[f"blocks.{i}.norm1.weight"] = w("norm1")
+        out[f"blocks.{i}.norm2.weight"] = w("norm2")
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k, w("v")])
+        out[f"blocks.{i}.attn.proj.weight"] = w("o")
+        out[f"blocks.{i}.mlp.fc.weight"] = torch.cat([w("gate"), w("up")])
+        out[f"blocks.{i}.mlp.proj.weight"] = w("down")
     return out
+
+
+def llama_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face LlamaForCausalLM tensors -> ours. HF checkpoints already use the rotate-half
+    RoPE layout, so no row permutation (unlike GGUF, section 8)."""
+    return _llama_state_dict(hf_sd.__getitem__, "hf", cfg)
 
 
 def hf_llama_config(cfg: ModelConfig):
@@ -999,24 +1028,10 @@ def llama_state_dict_from_gguf(reader, cfg: ModelConfig, dtype: torch.dtype,
     """llama.cpp tensor names -> ours, Q/K rows unpermuted, q|k|v and gate|up fused like ours."""
     gguf_tensors = {t.name: t for t in reader.tensors}
 
-    def get(name):   # dequantise on the CPU in fp32, then move: one tensor in fp32 at a time
-        return gguf_tensor(gguf_tensors[name])
+    def get(name):   # dequantise on the CPU in fp32, then convert: one tensor in fp32 at a time
+        return gguf_tensor(gguf_tensors[name]).to(device=device, dtype=dtype)
 
-    out = {"tok_emb.weight": get("token_embd.weight"), "norm_f.weight": get("output_norm.weight")}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = get("output.weight")
-    for i in range(cfg.n_layer):
-        b = f"blk.{i}."
-        q = unpermute_rope_rows(get(b + "attn_q.weight"), cfg.n_head)
-        k = unpermute_rope_rows(get(b + "attn_k.weight"), cfg.kv_heads)
-        out[f"blocks.{i}.norm1.weight"] = get(b + "attn_norm.weight")
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, k, get(b + "attn_v.weight")])
-        out[f"blocks.{i}.attn.proj.weight"] = get(b + "attn_output.weight")
-        out[f"blocks.{i}.norm2.weight"] = get(b + "ffn_norm.weight")
-        out[f"blocks.{i}.mlp.fc.weight"] = torch.cat([get(b + "ffn_gate.weight"),
-                                                      get(b + "ffn_up.weight")])
-        out[f"blocks.{i}.mlp.proj.weight"] = get(b + "ffn_down.weight")
-    return {k: v.to(device=device, dtype=dtype) for k, v in out.items()}
+    return _llama_state_dict(get, "gguf", cfg)   # (fusing and unpermuting rows is exact in any dtype)
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32,

@@ -136,8 +136,9 @@ class Sequence:
 # 2. The paged KV cache
 # ----------------------------------------------------------------------------------------------
 #
-# Storage: k_pool, v_pool of shape (n_layer, num_blocks, block_size, n_kv_head, head_dim), the
-# layout flash_attn.py's paged decode kernel reads. Token at position p of a sequence lives in
+# Storage: k_pool, v_pool of shape (n_layer, num_blocks + 1, block_size, n_kv_head, head_dim),
+# the layout flash_attn.py's paged decode kernel reads (the extra block is where padded rows of
+# a CUDA-graph batch write; no sequence ever gets it). Token at position p of a sequence lives in
 # block block_table[p // block_size], row p % block_size; its flat "slot" is
 # block * block_size + row. Waste is at most block_size - 1 tokens per sequence (the last block)
 # instead of max_len - len for a contiguous cache (kvcache.py's picture).
@@ -448,7 +449,7 @@ def store_kv_triton(k_pool, v_pool, k, v, slot_mapping):
 
 
 # torch.compile and our Triton kernels. Inductor re-compiles a user Triton kernel it traces
-# into its own graph, and with this kernel's fp32 accumulator that fails (Triton 3.6 + torch
+# into its own graph, and with the paged-decode kernel's fp32 accumulator that fails (Triton 3.6 + torch
 # 2.11: "acc.type.element_ty == out_dtype" in tl.dot). Registering the two calls as custom ops
 # makes them opaque: Inductor fuses everything around them and calls them as they are.
 @torch.library.custom_op("waveboost::store_kv", mutates_args=("k_pool", "v_pool"))
@@ -525,10 +526,10 @@ class PagedStep:
       cu_seqlens_q (n+1,) delimits each sequence's new tokens, seq_lens (n,) its full length
       (cached prefix included), block_tables (n, max_blocks).
     decode: q/k/v are (B, H, 1, D); seq_lens (B,) includes the new token.
-    slot_mapping (N,): where each new token's K/V go (-1 = nowhere).
+    slot_mapping (N,): where each new token's K/V go (-1 = a padded row: nowhere any sequence reads).
     """
     kind: str
-    k_pool: torch.Tensor                 # (n_layer, num_blocks, block_size, Hkv, D)
+    k_pool: torch.Tensor                 # (n_layer, num_blocks + 1, block_size, Hkv, D): + a trash block
     v_pool: torch.Tensor
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor           # int32 (n, max_blocks)
@@ -690,6 +691,9 @@ def decode_buffer_views(buf, bs: int, width: int) -> dict:
             "block_tables": buf[tables_at:tables_at + bs * width].reshape(bs, width)}
 
 
+_PADDING_ROW = np.array([[0], [0], [-1], [-1]])   # token 0, position 0, slot -1, prev_rows -1
+
+
 def fill_decode_inputs(views: dict, seqs: list[Sequence], block_size: int,
                        prev_rows: list[int] | None = None) -> None:
     """Write a decode step's inputs into numpy views (decode_buffer_views) in place, with plain
@@ -697,7 +701,7 @@ def fill_decode_inputs(views: dict, seqs: list[Sequence], block_size: int,
     len - 1, the slot its K/V go to, where the id really comes from (prev_rows[i] >= 0: that row
     of the previous step's argmax, still on the device; -1: the id given here), the length len
     and the block table. Rows past len(seqs) are the bucket's padding: token 0, position 0,
-    slot -1 (writes nothing), length 1 and an all-zero block table (reads one slot of block 0,
+    slot -1 (writes no sequence's K/V), length 1 and an all-zero block table (reads one slot of block 0,
     harmlessly; the row's logits are dropped)."""
     B = len(seqs)
     ids, seq_lens, tables = views["ids"], views["seq_lens"], views["block_tables"]
@@ -710,7 +714,7 @@ def fill_decode_inputs(views: dict, seqs: list[Sequence], block_size: int,
     ids[1, :B] = pos
     ids[2, :B] = tables[np.arange(B), pos // block_size] * block_size + pos % block_size
     ids[3, :B] = -1 if prev_rows is None else prev_rows
-    ids[:, B:] = np.array([[0], [0], [-1], [-1]])
+    ids[:, B:] = _PADDING_ROW
     seq_lens[:B] = lens
     seq_lens[B:] = 1
 
@@ -875,7 +879,7 @@ class ModelRunner:
                             host_buf[:size], device_buf[:size])
             fill_decode_inputs(g.staging, [], self.block_size)      # all rows padding ...
             # ... but at the full context (an all-zero block table reads block 0 over and over,
-            # harmlessly; slot -1 writes nothing): the attention kernel's autotuner times its
+            # harmlessly; slot -1 writes no sequence's K/V): the attention kernel's autotuner times its
             # configs on these inputs, and on 1-token contexts every config looks the same, so it
             # would keep an arbitrary one, possibly a slow one for real contexts
             g.staging["seq_lens"][:] = self.model.cfg.max_seq_len
@@ -909,9 +913,10 @@ class ModelRunner:
     def _replay(self, bs: int, seqs: list[Sequence], prev_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
         g, B = self.graphs[bs], len(seqs)
         # Never rewrite the pinned buffer while the last step's copy out of it may still be
-        # queued. The engine reads every step's tokens back (a sync) before the next step, so
-        # this wait returns at once there; a caller replaying back to back (bench.py) waits here
-        # for at most the previous step's copy, i.e. stays at most one step ahead of the GPU.
+        # queued. In the engine the wait is short: the pending copy holds the inputs of the step
+        # in flight, queued right behind the step whose tokens the engine has already read back
+        # (async decode runs at most one step ahead). A caller replaying back to back (bench.py)
+        # waits here for at most the previous step's copy: at most one step ahead of the GPU.
         self.inputs_copied.synchronize()
         fill_decode_inputs(g.staging, seqs, self.block_size, prev_rows)
         g.device.copy_(g.host, non_blocking=True)       # ONE H2D copy: (4 + width) * bs * 4 bytes
@@ -942,7 +947,7 @@ class ModelRunner:
     def sample(logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None) -> list[int]:
         """Greedy rows in one argmax; sampled rows one by one with their own seeded generator
         (so a request's draws do not depend on what else is in the batch). greedy: logits'
-        argmax if already computed (a decode graph's), which saves a launch: an all-greedy
+        argmax if already computed (decode's), which saves a launch: an all-greedy
         batch then costs one small device-to-host copy."""
         out = (logits.argmax(dim=-1) if greedy is None else greedy).tolist()
         for i, s in enumerate(seqs):
@@ -1085,8 +1090,8 @@ class LLMEngine:
 
     # Overlapping the host with the GPU. A synchronous decode step is: schedule, fill the inputs,
     # replay the graph, wait for the tokens, check stops. The GPU idles while the host does the
-    # first two and the last, the host while the GPU runs: measured on an H100 at batch 1 (GPT-2
-    # 1.5B, results/perf_notes.md) ~0.35 ms of host per token on top of ~1.9 ms of GPU. But step
+    # first two and the last, the host while the GPU runs: measured on an H200 at batch 1 (GPT-2
+    # 1.5B, results/perf_notes.md) ~0.35 ms of host per token on top of ~1.7 ms of GPU. But step
     # n+1's inputs hardly depend on step n's result: positions, slots and block tables are known
     # in advance, and the one unknown, each row's input token, is step n's argmax, which is
     # already on the device (ModelRunner.last_greedy). So step() queues step n+1 (its rows read
@@ -1096,8 +1101,9 @@ class LLMEngine:
     # too many at n+1, and that token is dropped (its K/V went to a block the sequence held when
     # n+1 was queued; a block freed afterwards is only rewritten by steps queued later, in
     # stream order). Stops by max_tokens are known in advance and cost nothing. Only greedy
-    # batches run ahead: a sampled token is drawn by the host-side sampler here. Expected at
-    # batch 1: the step costs max(GPU, host) instead of their sum.
+    # batches run ahead: a sampled token is drawn by the host-side sampler here. Measured on an
+    # H100 at batch 1 (perf_notes.md), off -> on: GPT-2 1.5B 2.21 -> 2.12 ms per token, 124M
+    # 0.49 -> 0.37 ms (the step now costs about max(GPU, host) instead of their sum).
     def step(self) -> list[tuple[Sequence, int]]:
         """Run one scheduled step; return (sequence, new token) for every sequence that got one.
         With async_decode, a greedy decode step returns the tokens of the step queued before it
@@ -1127,6 +1133,8 @@ class LLMEngine:
         self.steps["decode"] += 1
         prev_rows = None
         if previous is not None:
+            # every ahead sequence ran in the previous step: schedule_ahead only drops sequences,
+            # and a new one can join only through schedule(), i.e. with nothing in flight
             row = {id(s): i for i, s in enumerate(previous)}
             prev_rows = [row[id(s)] for s in seqs]
         try:
@@ -1148,7 +1156,7 @@ class LLMEngine:
             if work.kind == "prefill":
                 logits, greedy = self.runner.prefill(work.seqs), None
             else:
-                logits, greedy = self.runner.decode(work.seqs)     # greedy: a graph's argmax or None
+                logits, greedy = self.runner.decode(work.seqs)     # greedy: the rows' argmax
             new_tokens = ModelRunner.sample(logits, work.seqs, greedy)
         except Exception:
             for seq in work.seqs:
@@ -1177,7 +1185,7 @@ class LLMEngine:
             return "eos"
         if p.stop:
             seq.text = self.tokenizer.decode(seq.output)
-            found = [seq.text.find(s) for s in p.stop if s in seq.text]
+            found = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
             if found:
                 seq.text = seq.text[:min(found)]       # cut at the earliest stop string
                 return "stop"
@@ -1224,14 +1232,19 @@ class LLMEngine:
         params = params or SamplingParams()
         seq_id = self.add_request(prompt, params)
         seq = self.seqs[seq_id]
-        printed = 0
+        printed, seen = 0, 0
         try:
             while seq.status != "finished":
                 self.step()
                 if seq.status == "finished":
                     stable = self._output(seq).text
+                elif len(seq.output) == seen:
+                    continue                  # no new token this step (another request's prefill)
                 else:
-                    stable = _stable_prefix(self.tokenizer.decode(seq.output), params.stop)
+                    seen = len(seq.output)
+                    # with stop strings, _finish_reason has just decoded the output into seq.text
+                    text = seq.text if params.stop else self.tokenizer.decode(seq.output)
+                    stable = _stable_prefix(text, params.stop)
                 if len(stable) > printed:
                     yield stable[printed:]
                     printed = len(stable)

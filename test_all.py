@@ -1280,12 +1280,12 @@ def _fa_check_varlen(lens, n_heads, n_kv_heads, head_dim, dtype, causal, use_tma
     _fa_assert_close(out, fa.attention_reference(q, k, v, cu, causal=causal), dtype)
 
 
-def _fa_check_paged(ctx, n_heads, n_kv_heads, head_dim, block_size, dtype, num_splits=None):
+def _fa_check_paged(ctx, n_heads, n_kv_heads, head_dim, block_size, dtype, num_splits=None, config=None):
     kc, vc, table = fa.random_paged_cache(ctx, n_kv_heads, head_dim, block_size, dtype, FA_DEVICE)
     lens = torch.tensor(ctx, dtype=torch.int32, device=FA_DEVICE)
     q = torch.randn(len(ctx), n_heads, head_dim, dtype=dtype, device=FA_DEVICE)
     out = torch.full_like(q, float("nan"))
-    fa.paged_decode(q, kc, vc, table, lens, num_splits=num_splits, out=out)
+    fa.paged_decode(q, kc, vc, table, lens, num_splits=num_splits, out=out, config=config)
     _fa_assert_close(out, fa.paged_decode_reference(q, kc, vc, table, lens), dtype)
 
 
@@ -1355,14 +1355,15 @@ def test_flash_paged_decode_contiguous_identity_table():
 
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_flash_paged_decode_on_sdpa_layout(block_size):
-    # SDPA's (B, Hkv, T, D) tensors read in place through heads_first_as_paged; contexts end
+    # SDPA's (B, Hkv, T, D) tensors read in place through contiguous_as_paged; contexts end
     # mid-block, GQA ratio 3, two splits merged inside the kernel
     b, t, hkv, h, d = 3, 96, 2, 6, 32
     k = torch.randn(b, hkv, t, d, device=FA_DEVICE, dtype=torch.float16)
     v = torch.randn(b, hkv, t, d, device=FA_DEVICE, dtype=torch.float16)
     q = torch.randn(b, h, d, device=FA_DEVICE, dtype=torch.float16)
     lens = torch.tensor([96, 50, 1], dtype=torch.int32, device=FA_DEVICE)
-    (kc, table), (vc, _) = fa.heads_first_as_paged(k, block_size), fa.heads_first_as_paged(v, block_size)
+    kc, table = fa.contiguous_as_paged(k.transpose(1, 2), block_size)
+    vc, _ = fa.contiguous_as_paged(v.transpose(1, 2), block_size)
     out = fa.paged_decode(q, kc, vc, table, lens, num_splits=2)
     for i, n in enumerate(lens.tolist()):
         ref = fa.attention_naive(q[i, None, :, None].float(), k[i, None, :, :n].float(), v[i, None, :, :n].float(),
@@ -1374,27 +1375,15 @@ def test_flash_paged_decode_on_sdpa_layout(block_size):
 def test_flash_paged_decode_tile_spans_pages(num_splits):
     # BLOCK_N 32 over 16-token pages: the per-token page lookup (the engine's layout on the GPU);
     # the other tests run tiles inside one page (the interpreter's BLOCK_N is 16)
-    ctx = [300, 5, 129, 17]
-    kc, vc, table = fa.random_paged_cache(ctx, 2, 32, 16, torch.float16, FA_DEVICE)
-    lens = torch.tensor(ctx, dtype=torch.int32, device=FA_DEVICE)
-    q = torch.randn(len(ctx), 4, 32, dtype=torch.float16, device=FA_DEVICE)
-    out = fa.paged_decode(q, kc, vc, table, lens, num_splits=num_splits, config=dict(BLOCK_N=32))
-    _fa_assert_close(out, fa.paged_decode_reference(q, kc, vc, table, lens), torch.float16)
+    _fa_check_paged([300, 5, 129, 17], 4, 2, 32, 16, torch.float16, num_splits, config=dict(BLOCK_N=32))
 
 
 def test_flash_paged_decode_merge_counters_reset():
     # the in-kernel merge counts finished splits per (sequence, KV head) and must leave every
     # counter at zero, or the next call (a graph replay) would merge at the wrong moment
-    ctx = [300, 129, 1]
-    kc, vc, table = fa.random_paged_cache(ctx, 2, 32, 16, torch.float16, FA_DEVICE)
-    lens = torch.tensor(ctx, dtype=torch.int32, device=FA_DEVICE)
-    q = torch.randn(len(ctx), 4, 32, dtype=torch.float16, device=FA_DEVICE)
-    ref = fa.paged_decode_reference(q, kc, vc, table, lens)
     for _ in range(2):
-        out = torch.full_like(q, float("nan"))
-        fa.paged_decode(q, kc, vc, table, lens, num_splits=3, out=out)
-        _fa_assert_close(out, ref, torch.float16)
-        assert int(fa._split_counters[q.device].abs().sum()) == 0
+        _fa_check_paged([300, 129, 1], 4, 2, 32, 16, torch.float16, num_splits=3)
+        assert int(fa._split_counters[FA_DEVICE].abs().sum()) == 0
 
 
 def test_flash_bad_input_gets_clear_errors():
@@ -1461,7 +1450,8 @@ def test_flash_cuda_paged_decode_on_sdpa_layout(num_splits):
     k, v = (torch.randn(b, hkv, t, d, device=FA_DEVICE, dtype=torch.bfloat16) for _ in range(2))
     q = torch.randn(b, h, d, device=FA_DEVICE, dtype=torch.bfloat16)
     lens = torch.tensor([4352, 4097, 17, 1], dtype=torch.int32, device=FA_DEVICE)
-    (kc, table), (vc, _) = fa.heads_first_as_paged(k, 256), fa.heads_first_as_paged(v, 256)
+    kc, table = fa.contiguous_as_paged(k.transpose(1, 2), 256)
+    vc, _ = fa.contiguous_as_paged(v.transpose(1, 2), 256)
     out = torch.full_like(q, float("nan"))
     fa.paged_decode(q, kc, vc, table, lens, num_splits=num_splits, out=out)
     _fa_assert_close(out, fa.paged_decode_reference(q, kc, vc, table, lens), torch.bfloat16)

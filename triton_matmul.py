@@ -25,9 +25,10 @@ The version ladder (8192^3 fp16 on an H200, GPU time per GEMM from CUDA graphs, 
       5.2 us for torch addmm + gelu (1.3x); 4096 tokens: 46.0 vs 47.2 us (1.03x)
   cuBLAS (torch.matmul), same run                                     643 TFLOP/s
   v5  decode (1 token): GEMV on CUDA cores with bias/GELU/residual fused, one-row norms.
-      GPT-2 1.5B shapes, in CUDA graphs: 1.07-2.14x torch (cuBLAS + epilogue kernels), 31-59%
-      of copy bandwidth for the 5-20 MB layers, 83% for the 161 MB LM head; LayerNorm 2.2 vs
-      4.3 us. At 4 tokens it is 0.37-0.84x cuBLAS, so serve.py uses it for single rows only.
+      GPT-2 1.5B shapes, in CUDA graphs, single-shot configs: 1.0-3.1x torch (cuBLAS +
+      epilogue kernels), 1.9-2.7 TB/s for the 5-20 MB layers, 97% of copy bandwidth for the
+      161 MB LM head; LayerNorm 1.7 vs 4.2 us; the norm can be folded into the GEMV. At 4
+      tokens it is 0.37-0.84x cuBLAS, so serve.py uses it for single rows only.
 
 Run:
   python triton_matmul.py                     # checks every version against torch, prints a table
@@ -65,13 +66,15 @@ CPU_INTERPRETER = tl.constexpr(INTERPRET)
 # -----------------------------------------------------------------------------
 # The reference. Every kernel below is checked against this (tests use float64 on CPU).
 
-def matmul_reference(a, b, bias=None, activation=None, acc_dtype=torch.float32):
-    """C = act(A @ B + bias), computed in acc_dtype, returned in A's dtype."""
+def matmul_reference(a, b, bias=None, activation=None, acc_dtype=torch.float32, residual=None):
+    """C = act(A @ B + bias) + residual, computed in acc_dtype, rounded once to A's dtype."""
     c = a.to(acc_dtype) @ b.to(acc_dtype)
     if bias is not None:
         c = c + bias.to(acc_dtype)
     if activation == "gelu_tanh":
         c = torch.nn.functional.gelu(c, approximate="tanh")
+    if residual is not None:
+        c = c + residual.to(acc_dtype)
     return c.to(a.dtype)
 
 
@@ -626,7 +629,7 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # (h += proj(...) in place): each output element is read and then written by the same program.
 #
 # Autotuning and CUDA graphs. On a GPU the kernel is autotuned over a handful of configs,
-# keyed on (N, K, BLOCK_M, HAS_BIAS, ACTIVATION, HAS_RESIDUAL) plus the dtypes (the autotuner
+# keyed on (N, K, BLOCK_M, HAS_BIAS, ACTIVATION, HAS_RESIDUAL, NORM) plus the dtypes (the autotuner
 # adds those itself). M enters only through BLOCK_M = next power of two of M, so M = 3 and 4
 # share a tuning result. The first call with a new key compiles and times every config
 # (do_bench synchronises the device): it must not happen inside a CUDA-graph capture, so warm
@@ -652,7 +655,7 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # GEMVs stream at only 1.9-2.7 TB/s on their own: a ~3 us floor per kernel (launch, ramp-up,
 # the last programs draining) remains. Single shot issues every load at once and still ties
 # (c_fc loses 2 us alone); its gain shows only between kernels, under PDL. At 4 tokens the
-# M x N x K product tile makes the kernel 0.3-0.7x cuBLAS: serve.py calls gemv for single rows
+# M x N x K product tile makes the kernel 0.37-0.84x cuBLAS: serve.py calls gemv for single rows
 # only. In a whole GPT-2 1.5B decode step: 2.68 -> 1.84 ms (H200), later 2.06 -> 1.86 (H100).
 
 # Programmatic dependent launch (PDL, Hopper and later). Kernels in one stream (or one CUDA
@@ -665,8 +668,8 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # turn. We wait first thing, so correctness never depends on what a kernel reads; what
 # overlaps is the launch, the scheduling of programs and the prologue. (Every kernel launched
 # this way waits on its predecessor, which waited on its own: the chain stays ordered.)
-# serve.py's decode kernels (gemv, row_norm, store_kv, paged decode, merge) all do it, launched
-# with model.pdl_launch_args() (one switch, model.PDL, for all of them).
+# serve.py's decode kernels (gemv, row_norm, store_kv, paged decode) all do it, launched
+# with model.pdl_launch_args() (one switch, model.set_pdl, for all of them).
 #
 # Prefetch across the kernel boundary (single shot). A GEMV's weights are never written by the
 # kernel before it; only x is. So a one-row program can issue the loads of its WHOLE weight
@@ -813,7 +816,8 @@ def _gemv_config(bn, bk, warps, stages=1):
                          num_warps=warps, num_stages=stages)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages). The first group is for 1-2 rows: long K chunks
+# (BLOCK_N, BLOCK_K, num_warps, num_stages). The first group is for 2 rows (one row keeps only
+# the single-shot group whenever one fits, see _prune_gemv_configs): long K chunks
 # (512-1024 fp16 = 1-2 KB per row of W per step) and 2-4 stages put N * BLOCK_K * 2 B * (S-1)
 # = 3-10 MB in flight for GPT-2's N (see Little's law above); BLOCK_N from 4 (more programs,
 # for N=1600) to 16 (fewer, longer-lived programs, for N=4800..50257). The second group is for
@@ -840,7 +844,7 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
     >= K; one row only) and, for one row, keep only those where one fits; otherwise drop configs whose BLOCK_M x BLOCK_N x BLOCK_K product tile is
     more than 64 fp32 values per thread (register spills); for 1-2 rows keep the big tiles
     (BLOCK_N * BLOCK_K >= 2048: enough bytes in flight), for more rows those with
-    BLOCK_N >= min(M, 16) (x re-reads); drop BLOCK_K > next_pow2(K) (a mostly masked chunk).
+    BLOCK_N >= min(M, 16) (x re-reads); drop BLOCK_K > max(next_pow2(K), 32) (mostly masked).
     Relaxed step by step if that leaves nothing; the register rule goes last."""
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
     K = named_args.get("K", 1 << 30)
@@ -898,6 +902,15 @@ def _last_dim_contiguous(t):
     return t.shape[-1] <= 1 or t.stride(-1) == 1
 
 
+def _check_like(name, t, shape, x):
+    """Refuse an optional tensor argument unless it is `shape`, x's dtype and device, and has a
+    contiguous last dim (the kernels read it with unit stride). None passes."""
+    if t is not None and (tuple(t.shape) != tuple(shape) or t.dtype != x.dtype or t.device != x.device
+                          or not _last_dim_contiguous(t)):
+        raise ValueError(f"{name} must be {tuple(shape)} {x.dtype} on {x.device} with a contiguous last dim, "
+                         f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
 def _check_int32(*tensors):
     for t in tensors:
         if t is not None and t.numel() and max(s * (d - 1) for s, d in zip(t.stride(), t.shape)) >= 2**31:
@@ -930,19 +943,10 @@ def _check_gemv_inputs(x, weight, bias, activation, residual, out, norm=None, no
         raise ValueError(f"norm={norm!r} needs norm_weight")
     if norm == "rms" and norm_bias is not None:
         raise ValueError("RMSNorm has no bias")
-    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        if t is not None and (t.shape != (K,) or t.dtype != x.dtype or t.device != x.device
-                              or not _last_dim_contiguous(t)):
-            raise ValueError(f"{name} must be a contiguous ({K},) {x.dtype} on {x.device}, got {tuple(t.shape)} {t.dtype}")
     out_shape = (*x.shape[:-1], N)
-    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype or bias.device != x.device
-                             or not _last_dim_contiguous(bias)):
-        raise ValueError(f"bias must be a contiguous ({N},) {x.dtype} on {x.device}, got {tuple(bias.shape)} {bias.dtype}")
-    for name, t in (("residual", residual), ("out", out)):
-        if t is not None and (tuple(t.shape) != out_shape or t.dtype != x.dtype or t.device != x.device
-                              or not _last_dim_contiguous(t)):
-            raise ValueError(f"{name} must be {out_shape} {x.dtype} on {x.device} with a contiguous last dim, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+    for name, t, shape in (("norm_weight", norm_weight, (K,)), ("norm_bias", norm_bias, (K,)),
+                           ("bias", bias, (N,)), ("residual", residual, out_shape), ("out", out, out_shape)):
+        _check_like(name, t, shape, x)
     if not (_last_dim_contiguous(x) and _last_dim_contiguous(weight)):
         raise ValueError("x and weight need a contiguous last dim (rows may be strided): "
                          "store weights as nn.Linear does, (N, K) row-major")
@@ -999,14 +1003,7 @@ def gemv_reference(x, weight, bias=None, activation=None, residual=None, out=Non
     dtype (the norm, if any, is row_norm_reference's, in x's dtype)."""
     if norm is not None:
         x = row_norm_reference(x, norm_weight, norm_bias, norm_eps, rms=norm == "rms")
-    y = x.to(acc_dtype) @ weight.to(acc_dtype).t()
-    if bias is not None:
-        y = y + bias.to(acc_dtype)
-    if activation == "gelu_tanh":
-        y = torch.nn.functional.gelu(y, approximate="tanh")
-    if residual is not None:
-        y = y + residual.to(acc_dtype)
-    y = y.to(x.dtype)
+    y = matmul_reference(x, weight.t(), bias, activation, acc_dtype, residual)
     return y if out is None else out.copy_(y)
 
 # -----------------------------------------------------------------------------
@@ -1075,14 +1072,8 @@ def row_norm(x, weight, bias=None, eps=1e-5, rms=False, out=None):
         raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
     if rms and bias is not None:
         raise ValueError("RMSNorm has no bias")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.shape != (C,) or t.dtype != x.dtype or t.device != x.device
-                              or not _last_dim_contiguous(t)):
-            raise ValueError(f"{name} must be a contiguous ({C},) {x.dtype} on {x.device}, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
-    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device
-                            or not _last_dim_contiguous(out)):
-        raise ValueError(f"out must be {tuple(x.shape)} {x.dtype} on {x.device} with a contiguous last dim")
+    for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (C,)), ("out", out, x.shape)):
+        _check_like(name, t, shape, x)
     if not _last_dim_contiguous(x):
         raise ValueError("x needs a contiguous last dim (rows may be strided)")
     x2 = _as_rows(x, C, "x")
