@@ -46,7 +46,7 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
                  4.3 TB/s, 0.97-0.99x SDPA
   decode  v3  (2026-11-28) whole-page tiles: one block id per tile, loads pipelined by
               num_stages; the merge done by the last split inside the kernel; splits rounded
-              down to one wave -> on SDPA's own tensors 0.99-1.00x SDPA at batch 32 x 8k-16k
+              down to one wave -> on SDPA's own tensors 0.990-0.998x SDPA at batch 32 x 8k-16k
               (0.245 ms = 4.4 TB/s at 8k), 0.994x at batch 4 x 32k; the engine's random 16-token
               pages: 92.5-103% of the measured copy bandwidth (4.25 TB/s, read+write)
 
