@@ -120,17 +120,18 @@ def gqa_by_repeat(q, k, v, causal=True):
     return causal_attention(q, k, v) if causal else naive_attention(q, k, v)
 
 
-def grouped_query_attention(q, k, v, causal=True):
+def grouped_query_attention(q, k, v, causal=True, scale=None):
     """GQA without copying K/V: q (B, H, T, D), k/v (B, Hkv, S, D) -> (B, H, T, D).
 
-    Query head h uses KV head h // G (the Hugging Face / Llama convention).
+    Query head h uses KV head h // G (the Hugging Face / Llama convention). scale: default
+    1/sqrt(D).
     """
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     qg = q.reshape(B, Hkv, G * T, D)                       # group g's T rows, stacked
     mask = causal_mask(T, S, q.device).repeat(G, 1) if causal else None   # (G*T, S)
-    return naive_attention(qg, k, v, mask).reshape(B, H, T, D)
+    return naive_attention(qg, k, v, mask, scale).reshape(B, H, T, D)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model import (KVCache, Transformer, append_to_cache, check_request, decode, generate, load_gpt2,
-                   prefill, sample)
+from model import (KVCache, Transformer, append_to_cache, check_request, decode, default_dtype, generate,
+                   load_gpt2, prefill, sample)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,7 +466,7 @@ def cpu_single_thread(device):
 
 
 def compare(args) -> int:
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    dtype = default_dtype(args.device)
     model = load_gpt2(args.model, dtype, args.device)
     trace = make_trace(args.requests, args.rate, (4, args.max_prompt), (4, args.max_output),
                        model.cfg.vocab_size, args.seed)

@@ -1094,9 +1094,9 @@ def _sync_wall(ctx):
 def topic_serve(ctx: BenchContext) -> None:
     """End to end against transformers' generate: batch-1 decode speed and batch throughput."""
     import serve as S
-    from model import load_gpt2
+    from model import default_dtype, load_gpt2
     dev, gpu = ctx.device, ctx.device.type == "cuda"
-    dt = torch.float16 if gpu else torch.float32
+    dt = default_dtype(dev)
     ceil = measure_ceilings(ctx)
     # (a) batch-1 decode
     sizes = ["124M", "1.5B"] if gpu else ["tiny"]
@@ -1206,9 +1206,9 @@ def topic_smollm2(ctx: BenchContext) -> None:
     shape, not the values, sets the speed. On CPU: 2 layers, batch 1 and 4.)"""
     import transformers
     import serve as S
-    from model import PRESETS, Transformer, hf_llama_config, llama_state_dict_from_hf
+    from model import PRESETS, Transformer, default_dtype, hf_llama_config, llama_state_dict_from_hf
     dev, gpu = ctx.device, ctx.device.type == "cuda"
-    dt = torch.float16 if gpu else torch.float32
+    dt = default_dtype(dev)
     cfg = PRESETS["smollm2-135M"]
     if ctx.quick:
         cfg = replace(cfg, n_layer=2, max_seq_len=512)
@@ -1270,7 +1270,7 @@ def topic_graphs(ctx: BenchContext) -> None:
     import model as M
     import serve as S
     dev, gpu = ctx.device, ctx.device.type == "cuda"
-    dt = torch.float16 if gpu else torch.float32
+    dt = M.default_dtype(dev)
     model = M.load_gpt2("random:124M" if gpu else "random:tiny", dt, dev)
     context = 512 if gpu else 64
     batches = [1, 32] if gpu else [1, 4]

@@ -71,6 +71,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol, for PDL)
 
+from attention import grouped_query_attention  # noqa: E402
 from model import pdl_launch_args  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -101,22 +102,15 @@ def _check_head_dim(head_dim):
 
 
 def attention_reference(q, k, v, cu_seqlens, causal=True, scale=None):
-    """Packed variable-length attention in float32, one sequence at a time.
+    """Packed variable-length attention in float32, one sequence at a time, through
+    attention.py's GQA (K/V shared by each group, never copied).
     q (total, H, D), k/v (total, Hkv, D), cu_seqlens int (n_seqs+1,) -> out (total, H, D)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        qs = q[start:end].float().transpose(0, 1)                                  # (H, T, D)
-        ks = k[start:end].float().transpose(0, 1).repeat_interleave(group, dim=0)  # (H, T, D)
-        vs = v[start:end].float().transpose(0, 1).repeat_interleave(group, dim=0)
-        scores = (qs @ ks.transpose(1, 2)) * scale                                 # (H, T, T)
-        if causal:
-            t = end - start
-            above = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-            scores = scores.masked_fill(above, float("-inf"))
-        out[start:end] = (scores.softmax(dim=-1) @ vs).transpose(0, 1).to(q.dtype)
+        qs, ks, vs = (t[start:end].float().transpose(0, 1)[None] for t in (q, k, v))   # (1, H, T, D)
+        o = grouped_query_attention(qs, ks, vs, causal=causal, scale=scale)
+        out[start:end] = o[0].transpose(0, 1).to(q.dtype)
     return out
 
 
@@ -645,7 +639,16 @@ def _paged_decode_split_kernel(
 # BLOCK_N=128 with 4 warps and 3 stages for batch 32 x 8k on 256-token pages. Measured there
 # (2026-11-28), same run, against SDPA on its own (B, Hkv, T, D) tensors: 0.99x with whole-page
 # tiles, 0.97x with the gather; loading K and V together, prefetching the next tile into
-# registers and evict-first loads made no difference.
+# registers and evict-first loads made no difference. On an H100 (2026-11-28, 26 configs of
+# BLOCK_N 32/64/128 x 2/4/8 warps x 2-5 stages, timed like bench.py) the best reached 0.994x
+# SDPA at 32 x 8k with 32/8 heads and 1.012x with 32/32 (BLOCK_N=32, 4 warps); TMA loads of the
+# page tiles (a 4-D descriptor, box [1, BLOCK_N, 1, D]) and twice the splits gave nothing. The
+# configs fall off cliffs rather than slopes (BLOCK_N=32 with 2 warps: 0.99x with 5 stages,
+# 0.86x with 4), which is why the autotuner times them all per shape. One trap: replayed back
+# to back in a CUDA graph with PDL on, some configs (this list's (128, 4, 2/3) among them) ran
+# 11% slower than when launched eagerly or without PDL (394 vs 354 us); the cause was not found.
+# The tuner times eagerly, so it cannot see this; the engine's decode (16-token pages, a GEMV
+# between two attention calls) showed no such loss, PDL saved time there.
 # Each row is (BLOCK_N, num_warps, num_stages); BLOCK_N <= 128 (splits start on 128 edges).
 _DECODE_GPU_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (128, 8, 4), (32, 4, 3)]
 _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)

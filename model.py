@@ -298,6 +298,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
+def default_dtype(device) -> torch.dtype:
+    """The dtype used when none is given: float16 on a GPU (half the bytes of every weight and
+    KV entry, tensor cores), float32 on CPU (its matmuls have no fast half-precision path)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def pdl_supported() -> bool:
     """Can kernels use programmatic dependent launch here (a CUDA GPU of compute capability 9.0,
     Hopper, or later, and not the Triton interpreter)? See triton_matmul.py's PDL section."""
@@ -1315,7 +1321,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on cuda, float32 on cpu")
     args = p.parse_args(argv)
-    dtype = getattr(torch, args.dtype or ("float16" if args.device.startswith("cuda") else "float32"))
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
     try:
         model = load_model(args.model, dtype, args.device)
         tok = tokenizer_for(args.model)

@@ -660,7 +660,7 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.float16 if self.device.startswith("cuda") else torch.float32
+            return M.default_dtype(self.device)
         return getattr(torch, self.dtype)
 
 
