@@ -435,17 +435,24 @@ def format_row(run: Run) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Static vs dynamic vs continuous batching on GPT-2, "
-                                "on a seeded Poisson request trace, with real wall-clock time.")
+                                "on a seeded Poisson request trace, with real wall-clock time.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="random:tiny", help="random:<preset> or a GPT-2 checkpoint")
-    p.add_argument("--requests", type=int, default=24)
+    p.add_argument("--requests", type=int, default=24, help="requests in the trace")
     p.add_argument("--rate", type=float, default=100.0, help="arrivals per second (Poisson)")
     p.add_argument("--batch", type=int, default=8, help="batch size / number of slots")
     p.add_argument("--window-ms", type=float, default=100.0, help="dynamic batching window")
-    p.add_argument("--max-prompt", type=int, default=48)
-    p.add_argument("--max-output", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompt", type=int, default=48, help="prompt lengths are drawn from 4..this")
+    p.add_argument("--max-output", type=int, default=32, help="output lengths are drawn from 4..this")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trace")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    for name, value, low in (("--requests", args.requests, 1), ("--batch", args.batch, 1),
+                             ("--max-prompt", args.max_prompt, 4), ("--max-output", args.max_output, 4)):
+        if value < low:
+            p.error(f"{name} must be >= {low}, got {value}")
+    if not args.rate > 0 or args.window_ms < 0:
+        p.error("--rate must be > 0 and --window-ms >= 0")
     with cpu_single_thread(args.device):
         return compare(args)
 

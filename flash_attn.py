@@ -42,7 +42,7 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
   decode  v1  paged_decode with num_splits=1: one program per (sequence, KV head)
               -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs; 2026-11-27)
   decode  v2  paged_decode, split-K (flash-decoding) + merge kernel (2026-11-27)
-              -> batch 4, context 32k: 0.133 ms (4.9x v1); batch 32, context 8k: 0.252 ms =
+              -> batch 4, context 32k: 0.133 ms (4.6x v1); batch 32, context 8k: 0.252 ms =
                  4.3 TB/s, 0.97-0.99x SDPA
   decode  v3  (2026-11-28) whole-page tiles: one block id per tile, loads pipelined by
               num_stages; the merge done by the last split inside the kernel; splits rounded
@@ -99,6 +99,24 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16; 256 would not fit
 def _check_head_dim(head_dim):
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim {head_dim} not supported; use one of {SUPPORTED_HEAD_DIMS}")
+
+
+def _check_tensors(q, **tensors):
+    """Every tensor on q's device and dtype, with a contiguous last dim (the kernels read rows
+    of head_dim with unit stride). Clear errors instead of a Triton type error or a wrong read."""
+    for name, t in dict(q=q, **tensors).items():
+        if t.device != q.device or t.dtype != q.dtype:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}; expected q's {q.dtype} on {q.device}")
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous last dim (stride {t.stride(-1)})")
+
+
+def _check_int32_span(name, rows, stride_row, heads, stride_head, head_dim):
+    """The kernels keep a sequence's (or a cache block's) base address in int64 but add the row
+    and head offsets inside it in int32: refuse a layout where those reach 2^31 elements."""
+    if (rows - 1) * stride_row + (heads - 1) * stride_head + head_dim - 1 >= 2**31:
+        raise ValueError(f"{name}: {rows} rows x {heads} heads with strides {stride_row}, {stride_head} "
+                         f"exceed the int32 offsets of this teaching kernel")
 
 
 def attention_reference(q, k, v, cu_seqlens, causal=True, scale=None):
@@ -228,8 +246,10 @@ def _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
         # The scale is applied to the row max (BLOCK_M multiplies) and inside the exponent,
         # where s*qk_scale - m compiles to one FMA per score instead of a multiply and a
         # subtract (valid because qk_scale > 0, so max(s)*qk_scale = max(s*qk_scale)).
-        # Every row has at least one visible key in every masked tile we visit (the diagonal
-        # key for causal, key start_n for the ragged tail), so m_new is finite: no inf - inf.
+        # m_new is finite for every row, so there is never an inf - inf: the first masked tile a
+        # row meets holds a key it sees (key m0, the tile's first, for the causal diagonal; key
+        # start_n for the ragged tail), and later tiles that hide all its keys (the second
+        # diagonal tile for the top rows when BLOCK_M > BLOCK_N) only keep the finite m_i.
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)                        # rescales the old terms
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
@@ -385,6 +405,9 @@ def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causa
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if scale <= 0:
         raise ValueError("scale must be positive (the kernel folds it into the row max)")
+    for name, heads in (("q", n_heads), ("k", n_kv_heads), ("v", n_kv_heads), ("o", n_heads)):
+        _, stride_t, stride_h = strides[name]
+        _check_int32_span(name, max_seqlen, stride_t, heads, stride_h, head_dim)
     if use_tma and not INTERPRET:
         triton.set_allocator(_tma_allocator)
     args = (q, k, v, out, cu_seqlens, scale * LOG2E, max_seqlen, triton.next_power_of_2(max_seqlen),
@@ -413,12 +436,21 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, 
     if upcast := _interpreter_bf16_workaround(q, k, v):
         res = flash_attn_varlen(*upcast, cu_seqlens, max_seqlen, causal, scale, use_tma).bfloat16()
         return res if out is None else out.copy_(res)
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim must be contiguous"
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
+                         f"(total, H, D) and (total, Hkv, D) with the same total and D")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be 1-D with n_seqs + 1 >= 2 entries on {q.device}, "
+                         f"got {tuple(cu_seqlens.shape)} on {cu_seqlens.device}")
     out = torch.empty_like(q) if out is None else out
+    if out.shape != q.shape:
+        raise ValueError(f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
+    _check_tensors(q, k=k, v=v, out=out)
+    cu_seqlens = cu_seqlens.to(torch.int32).contiguous()    # the kernel reads it with unit stride
     strides = dict(n_heads=q.shape[1], n_kv_heads=k.shape[1],
                    q=(0, q.stride(0), q.stride(1)), k=(0, k.stride(0), k.stride(1)),
                    v=(0, v.stride(0), v.stride(1)), o=(0, out.stride(0), out.stride(1)))
-    return _launch_prefill(q, k, v, out, cu_seqlens.to(torch.int32), cu_seqlens.numel() - 1,
+    return _launch_prefill(q, k, v, out, cu_seqlens, cu_seqlens.numel() - 1,
                            int(max_seqlen), strides, causal, scale, True, use_tma)
 
 
@@ -428,12 +460,14 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
     if upcast := _interpreter_bf16_workaround(q, k, v):
         res = flash_attn(*upcast, is_causal, scale, use_tma).bfloat16()
         return res if out is None else out.copy_(res)
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim must be contiguous"
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+    if q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
                          f"(B, H, T, D) and (B, Hkv, T, D) with the same B, T and D (q_len == k_len)")
     batch, n_heads, seq_len, _ = q.shape
     out = torch.empty_like(q) if out is None else out
+    if out.shape != q.shape:
+        raise ValueError(f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
+    _check_tensors(q, k=k, v=v, out=out)
     strides = dict(n_heads=n_heads, n_kv_heads=k.shape[1],
                    q=(q.stride(0), q.stride(2), q.stride(1)), k=(k.stride(0), k.stride(2), k.stride(1)),
                    v=(v.stride(0), v.stride(2), v.stride(1)), o=(out.stride(0), out.stride(2), out.stride(1)))
@@ -708,12 +742,16 @@ def _counters(device, n):
 def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num_splits=None,
                  max_context=None, out=None, config=None):
     """One decode step of attention over a paged KV cache (layout contract above).
-    max_context: an upper bound of context_lens (pass it to avoid a GPU->CPU sync).
+    max_context: an upper bound of context_lens (pass it to avoid a GPU->CPU sync; not checked,
+    for the same reason: tokens past a too small max_context are left out of the attention).
     config: a fixed kernel config (dict of BLOCK_N, num_warps, num_stages, ...) instead of the
     autotuner's choice, for sweeps."""
     if upcast := _interpreter_bf16_workaround(q, k_cache, v_cache):
         res = paged_decode(*upcast, block_table, context_lens, scale, num_splits, max_context, config=config).bfloat16()
         return res if out is None else out.copy_(res)
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}: "
+                         f"expected (B, H, D) and two (num_blocks, block_size, Hkv, D) with the same D")
     batch, n_heads, head_dim = q.shape
     _, block_size, n_kv_heads, _ = k_cache.shape
     _check_head_dim(head_dim)
@@ -721,17 +759,33 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         raise ValueError(f"block_size {block_size} must be a power of two >= 16")
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.stride(-1) == 1
+    out = torch.empty_like(q) if out is None else out
+    if out.shape != q.shape:
+        raise ValueError(f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
+    _check_tensors(q, k_cache=k_cache, v_cache=v_cache, out=out)
+    # the kernel reads one row of the table and one length per sequence, with unit stride
+    for name, t, dims in (("block_table", block_table, 2), ("context_lens", context_lens, 1)):
+        if (t.dim() != dims or t.shape[0] != batch or t.dtype not in (torch.int32, torch.int64)
+                or t.device != q.device or (t.shape[-1] > 1 and t.stride(-1) != 1)):
+            raise ValueError(f"{name} must be a {dims}-D int32 tensor with {batch} rows on {q.device} and a "
+                             f"contiguous last dim, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
+    for name, t, heads in (("q", q, n_heads), ("out", out, n_heads)):
+        _check_int32_span(name, batch, t.stride(0), heads, t.stride(1), head_dim)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_int32_span(name, block_size, t.stride(1), n_kv_heads, t.stride(2), head_dim)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if max_context is None:
         max_context = int(context_lens.max())
+    if max_context < 1:
+        raise ValueError(f"max_context must be >= 1 (every context holds at least the new token), got {max_context}")
     if num_splits is None:
         num_splits = default_num_splits(batch, n_kv_heads, max_context, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     # tokens per split rounded up to 128 (the largest BLOCK_N) so splits start on tile edges
     tokens_per_split = triton.cdiv(triton.cdiv(max_context, num_splits), 128) * 128
     num_splits = triton.cdiv(max_context, tokens_per_split)
     group = n_heads // n_kv_heads
-    out = torch.empty_like(q) if out is None else out
     direct = num_splits == 1    # the only split's result is final: no partials, no merge
     if direct:
         o_part = lse_part = out                 # unused by the kernel

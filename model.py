@@ -1283,24 +1283,48 @@ DEMO_SAMPLING = dict(max_tokens=64, temperature=0.2, top_k=50, top_p=0.9, seed=0
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """--max-tokens, --temperature, --top-k, --top-p, --seed with DEMO_SAMPLING's defaults."""
     d = DEMO_SAMPLING
-    parser.add_argument("--max-tokens", type=int, default=d["max_tokens"])
+    parser.add_argument("--max-tokens", type=int, default=d["max_tokens"], help="tokens to generate")
     parser.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=d["top_k"], help="0 = off")
-    parser.add_argument("--top-p", type=float, default=d["top_p"])
-    parser.add_argument("--seed", type=int, default=d["seed"])
+    parser.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling; 1 = off")
+    parser.add_argument("--seed", type=int, default=d["seed"], help="sampling seed (reproducible output)")
 DEFAULT_COMPLETION_PROMPT = "The fastest way to serve a language model is"
 
 
+class IncrementalText:
+    """A sequence's output text, grown by one token at a time.
+
+    Decoding the whole output again after every token (what a stop-string check or a stream
+    needs) is O(n^2) in the output length: ~8M token decodes for one 4k-token answer. Here each
+    token's bytes go through an incremental UTF-8 decoder instead, O(1) per token. A character
+    whose bytes span two tokens (byte-level BPE splits emoji and CJK this way) appears once its
+    last byte arrives, so `text` never ends in half a character. `final()` is exactly what
+    tokenizer.decode(tokens) returns (an unfinished character at the very end becomes U+FFFD).
+    Needs a tiktoken-style tokenizer (decode_single_token_bytes), as every one in this repo is."""
+
+    def __init__(self, tokenizer):
+        self._token_bytes = tokenizer.decode_single_token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+
+    def add(self, token: int) -> None:
+        self.text += self._utf8.decode(self._token_bytes(token))
+
+    def final(self) -> str:
+        pending = self._utf8.getstate()[0]               # bytes of an unfinished character
+        return self.text + pending.decode("utf-8", errors="replace")
+
+
 def stream_text(tok, tokens: Iterator[int]) -> Iterator[str]:
-    """Token ids -> printable text, as they come. One character can span several tokens (an
-    emoji is 4 bytes, often 2-4 byte tokens), so bytes wait until they complete a character."""
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    """Token ids -> printable text, as they come (an emoji's 4 bytes often arrive in 2-4 tokens:
+    nothing is printed until the character is complete)."""
+    text = IncrementalText(tok)
     for token in tokens:
-        text = utf8.decode(tok.decode_single_token_bytes(token))
-        if text:
-            yield text
-    tail = utf8.decode(b"", final=True)
-    if tail:
+        printed = len(text.text)
+        text.add(token)
+        if len(text.text) > printed:
+            yield text.text[printed:]
+    if tail := text.final()[len(text.text):]:
         yield tail
 
 

@@ -84,7 +84,7 @@ class SamplingParams:
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         M.check_sampling_args(self.temperature, self.top_k, self.top_p)
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        self.stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
@@ -111,7 +111,8 @@ class Sequence:
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
-        self.text = ""                       # detokenised output (only with stop strings)
+        self.text = ""                       # final text when cut by a stop string or EOS
+        self.detok: M.IncrementalText | None = None   # live text, for stop strings and streaming
         self.full_blocks: list[tuple[int, tuple]] = []   # (chain hash, tokens) of each full block
         # tokens already computed on the device but not read back yet (0, 1 or 2; see
         # LLMEngine.step): they count in len(seq), the positions and blocks they take, but are
@@ -132,13 +133,15 @@ class Sequence:
         return len(self.prompt) + len(self.output) + self.num_pending
 
 
+
 # ----------------------------------------------------------------------------------------------
 # 2. The paged KV cache
 # ----------------------------------------------------------------------------------------------
 #
 # Storage: k_pool, v_pool of shape (n_layer, num_blocks + 1, block_size, n_kv_head, head_dim),
-# the layout flash_attn.py's paged decode kernel reads (the extra block is where padded rows of
-# a CUDA-graph batch write; no sequence ever gets it). Token at position p of a sequence lives in
+# the layout flash_attn.py's paged decode kernel reads (the extra block is a trash block that no
+# sequence ever gets: padded rows of a CUDA-graph batch have slot -1, which the PyTorch store
+# redirects into it and the Triton store skips). Token at position p lives in
 # block block_table[p // block_size], row p % block_size; its flat "slot" is
 # block * block_size + row. Waste is at most block_size - 1 tokens per sequence (the last block)
 # instead of max_len - len for a contiguous cache (kvcache.py's picture).
@@ -161,7 +164,7 @@ class BlockManager:
         self.block_tokens: list[tuple | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
         self.evictable: OrderedDict[int, None] = OrderedDict()   # cached, unreferenced, LRU first
-        self.hits = self.lookups = 0                             # prefix-cache statistics (blocks)
+        self.hits = 0                                            # prefix-cache hits (blocks)
 
     # -- accounting ----------------------------------------------------------------------------
     def num_available(self) -> int:
@@ -238,7 +241,6 @@ class BlockManager:
         assert not seq.block_table
         bs = self.block_size
         hits = self._cached_prefix(seq)
-        self.lookups += (len(seq) - 1) // bs if self.prefix_caching else 0
         self.hits += len(hits)
         for block in hits:
             if self.ref_count[block] == 0:
@@ -623,7 +625,8 @@ class EngineConfig:
                                        "peak activations and the KV pool (when num_blocks is 0)")
     cpu_kv_gib: float = _knob(0.25, "KV pool size on CPU when num_blocks is 0")
     max_num_seqs: int = _knob(256, "most sequences running at once (= the largest decode batch)")
-    max_num_batched_tokens: int = _knob(8192, "token budget of one prefill step")
+    max_num_batched_tokens: int = _knob(8192, "token budget of one prefill step (at least the model's "
+                                        "context: a sequence is prefilled in one step, no chunking)")
     prefix_caching: bool = _knob(True, "reuse KV blocks of identical prompt prefixes")
     cuda_graphs: bool = _knob(True, "replay decode steps from CUDA graphs (GPU only)")
     compile: bool = _knob(False, "torch.compile the decode forward (Inductor fuses the norms, adds and "
@@ -639,6 +642,12 @@ class EngineConfig:
     def __post_init__(self):
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.num_blocks < 0:
+            raise ValueError("num_blocks must be >= 0 (0 = size the pool from memory)")
+        if self.cpu_kv_gib <= 0:
+            raise ValueError("cpu_kv_gib must be > 0")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError("gpu_memory_fraction must be in (0, 1]")
         if self.kernels not in ("auto", "triton", "torch"):
@@ -670,7 +679,7 @@ GRAPH_BATCH_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256
 # The inputs of one graph-replayed decode step live in ONE flat int32 buffer, cut into segments for
 # a batch of bs rows (each segment 16-byte aligned, as a separate allocation would be: Triton and
 # Inductor specialise kernels on pointer alignment):
-#     ids (3, bs): token, position, slot of each row | seq_lens (bs,) | block_tables (bs, width)
+#     ids (4, bs): token, position, slot, prev_rows of each row | seq_lens (bs,) | block_tables (bs, width)
 # The same cut gives views of the pinned host staging buffer (numpy, filled in place) and of the
 # device buffer the graph reads (torch): one copy moves a whole step's inputs across.
 
@@ -1060,7 +1069,8 @@ class LLMEngine:
         if min(prompt) < 0 or max(prompt) >= self.model.cfg.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.model.cfg.vocab_size})")
         if len(prompt) + params.max_tokens > self.blocks.num_blocks * self.cfg.block_size:
-            raise ValueError("this request alone does not fit the KV pool")
+            raise ValueError(f"this request alone does not fit the KV pool: prompt {len(prompt)} + max_tokens "
+                             f"{params.max_tokens} tokens > {self.blocks.num_blocks} blocks x {self.cfg.block_size}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         return [int(t) for t in prompt]
@@ -1071,9 +1081,12 @@ class LLMEngine:
         params = params or SamplingParams()
         return self._enqueue(self.check_request(prompt, params), params)
 
-    def _enqueue(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Queue an already checked request."""
+    def _enqueue(self, prompt_ids: list[int], params: SamplingParams, live_text: bool = False) -> int:
+        """Queue an already checked request. Its text is kept up to date token by token where
+        something reads it before the end (stop strings, or live_text: a stream)."""
         seq = Sequence(self.next_id, prompt_ids, params, self.model.device)
+        if params.stop or live_text:
+            seq.detok = M.IncrementalText(self.tokenizer)
         self.next_id += 1
         self.seqs[seq.id] = seq
         self.scheduler.add(seq)
@@ -1081,6 +1094,8 @@ class LLMEngine:
 
     def abort(self, request_id: int) -> None:
         """Drop a request wherever it is (waiting, running or finished): its blocks are freed."""
+        if request_id not in self.seqs:
+            raise KeyError(f"no request {request_id} (already returned by generate, or never added)")
         seq = self.seqs.pop(request_id)
         if seq.status != "finished":
             self.scheduler.finish(seq, "abort")
@@ -1159,7 +1174,11 @@ class LLMEngine:
                 logits, greedy = self.runner.decode(work.seqs)     # greedy: the rows' argmax
             new_tokens = ModelRunner.sample(logits, work.seqs, greedy)
         except Exception:
-            for seq in work.seqs:
+            # Reversed: a sequence can hit blocks that an earlier one of this very step registered
+            # (same prompt prefix) and was to fill. Freed first, the later one leaves the
+            # registering one holding them alone, and free_sequence forgets the hashes of blocks
+            # only their (failed) writer holds. In admission order they would stay cached, empty.
+            for seq in reversed(work.seqs):
                 self.scheduler.finish(seq, "error", written=work.kind == "decode")
             raise
         return self._emit(list(zip(work.seqs, new_tokens)))
@@ -1180,15 +1199,22 @@ class LLMEngine:
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         if not p.ignore_eos and token == self.eos_id:
-            if self.tokenizer is not None:
-                seq.text = self.tokenizer.decode(seq.output[:-1])   # the EOS token is not text
+            if seq.detok is not None:                  # the EOS token is not text
+                seq.text = seq.detok.final()
+            elif self.tokenizer is not None:
+                seq.text = self.tokenizer.decode(seq.output[:-1])
             return "eos"
-        if p.stop:
-            seq.text = self.tokenizer.decode(seq.output)
-            found = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
-            if found:
-                seq.text = seq.text[:min(found)]       # cut at the earliest stop string
-                return "stop"
+        if seq.detok is not None:
+            seen = len(seq.detok.text)
+            seq.detok.add(token)
+            if p.stop:
+                # only a stop string that ends in the new text can be new: search from just
+                # before it (earlier matches would have stopped an earlier step)
+                text, start = seq.detok.text, max(0, seen - max(map(len, p.stop)) + 1)
+                found = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
+                if found:
+                    seq.text = text[:min(found)]       # cut at the earliest stop string
+                    return "stop"
         if len(seq.output) >= p.max_tokens:
             return "length"
         return None
@@ -1196,7 +1222,10 @@ class LLMEngine:
     def _output(self, seq: Sequence) -> RequestOutput:
         text = None
         if self.tokenizer is not None:
-            text = seq.text if seq.finish_reason in ("stop", "eos") else self.tokenizer.decode(seq.output)
+            if seq.finish_reason in ("stop", "eos"):
+                text = seq.text
+            else:
+                text = seq.detok.final() if seq.detok is not None else self.tokenizer.decode(seq.output)
         return RequestOutput(seq.id, seq.prompt, list(seq.output), text, seq.finish_reason,
                              seq.first_token_time - seq.arrival, seq.finish_time - seq.arrival)
 
@@ -1211,12 +1240,20 @@ class LLMEngine:
         prompts = [self.check_request(prompt, p) for prompt, p in zip(prompts, params_list)]
         ids = [self._enqueue(prompt, p) for prompt, p in zip(prompts, params_list)]
         done = 0
-        while self.has_unfinished():
-            for seq, _ in self.step():
-                if seq.status == "finished":
-                    done += 1
-            if progress:
-                print(f"\r{done}/{len(ids)} requests done", end="", file=sys.stderr, flush=True)
+        try:
+            while self.has_unfinished():
+                for seq, _ in self.step():
+                    if seq.status == "finished":
+                        done += 1
+                if progress:
+                    print(f"\r{done}/{len(ids)} requests done", end="", file=sys.stderr, flush=True)
+        except BaseException:
+            # a failed step retired its own sequences; drop the rest of this call's requests too,
+            # or they would run in a later call that never returns them
+            for i in ids:
+                if i in self.seqs:
+                    self.abort(i)
+            raise
         if progress:
             print(file=sys.stderr)
         return [self._output(self.seqs.pop(i)) for i in ids]
@@ -1230,33 +1267,40 @@ class LLMEngine:
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer")
         params = params or SamplingParams()
-        seq_id = self.add_request(prompt, params)
+        seq_id = self._enqueue(self.check_request(prompt, params), params, live_text=True)
         seq = self.seqs[seq_id]
         printed, seen = 0, 0
         try:
-            while seq.status != "finished":
-                self.step()
-                if seq.status == "finished":
+            while True:
+                # The request may have finished during a step another caller ran (a second
+                # stream consumed in between, or generate()): check before stepping, so its
+                # last text is still sent and an error still reported.
+                if seq.status != "finished":
+                    self.step()
+                done = seq.status == "finished"
+                if done:
+                    if seq.finish_reason in ("error", "abort"):
+                        raise RuntimeError(f"request {seq_id} ended with {seq.finish_reason!r} "
+                                           f"after {len(seq.output)} tokens")
                     stable = self._output(seq).text
                 elif len(seq.output) == seen:
                     continue                  # no new token this step (another request's prefill)
                 else:
                     seen = len(seq.output)
-                    # with stop strings, _finish_reason has just decoded the output into seq.text
-                    text = seq.text if params.stop else self.tokenizer.decode(seq.output)
-                    stable = _stable_prefix(text, params.stop)
+                    stable = _stable_prefix(seq.detok.text, params.stop)
                 if len(stable) > printed:
                     yield stable[printed:]
                     printed = len(stable)
+                if done:
+                    return
         finally:
             if seq_id in self.seqs:
                 self.abort(seq_id)
 
 
 def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
-    """The part of `text` that no later token can change: without a trailing incomplete UTF-8
-    character (tiktoken decodes it as U+FFFD) or a tail that begins some stop string."""
-    text = text.rstrip("\ufffd")
+    """The part of `text` that no later token can change: without a tail that begins some stop
+    string (IncrementalText already holds back an unfinished UTF-8 character)."""
     # the longest tail that begins any stop string, measured on the text as it is (stripping
     # one stop's tail and then testing the next on the shortened text would hold back more)
     held = max((n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
@@ -1288,8 +1332,8 @@ def main(argv=None) -> int:
                    "start otherwise; chat models get the prompt wrapped in their chat template")
     M.add_sampling_args(p)
     args = p.parse_args(argv)
-    cfg = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
     try:
+        cfg = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         t0 = time.perf_counter()

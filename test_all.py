@@ -621,9 +621,12 @@ def test_engine_rejects_bad_requests(tiny_model, prompt, kwargs, match):
     _assert_drained(engine)
 
 
-def test_engine_survives_a_failing_step(tiny_model, monkeypatch):
+@pytest.mark.parametrize("copies", [1, 2])
+def test_engine_survives_a_failing_step(tiny_model, monkeypatch, copies):
     """An exception inside a step retires that step's requests (freeing their blocks and the prefix
-    hashes of blocks never written) and propagates; the engine then serves the next request."""
+    hashes of blocks never written) and propagates; the engine then serves the next request.
+    copies=2: the second copy of the prompt hits the blocks the first registered in the same
+    step, which must be forgotten too (they were never written)."""
     engine = _engine(tiny_model)
     prompt = list(range(300, 340))                          # 2 full blocks get registered
     real_prefill = engine.runner.prefill
@@ -632,12 +635,13 @@ def test_engine_survives_a_failing_step(tiny_model, monkeypatch):
         raise RuntimeError("simulated kernel failure")
     monkeypatch.setattr(engine.runner, "prefill", broken)
     with pytest.raises(RuntimeError, match="simulated"):
-        engine.generate([prompt], S.SamplingParams(max_tokens=3, ignore_eos=True))
+        engine.generate([prompt] * copies, S.SamplingParams(max_tokens=3, ignore_eos=True))
     assert not engine.has_unfinished() and not engine.blocks.hash_to_block   # nothing half-cached
+    assert not engine.seqs                                  # the failed call left no request behind
     monkeypatch.setattr(engine.runner, "prefill", real_prefill)
-    engine.seqs.clear()
+    hits = engine.blocks.hits                               # (copies=2: the failed step's own hits)
     out = engine.generate([prompt], S.SamplingParams(max_tokens=3, ignore_eos=True))[0]
-    assert out.tokens == M.generate(tiny_model, prompt, 3) and engine.blocks.hits == 0
+    assert out.tokens == M.generate(tiny_model, prompt, 3) and engine.blocks.hits == hits
     _assert_drained(engine)
 
 
@@ -659,6 +663,32 @@ def test_engine_stream_holds_back_stop_strings_and_aborts_on_close(tiny_model):
         engine.generate([prompt, prompt], [S.SamplingParams()])
     with pytest.raises(ValueError, match="context"):
         _engine(tiny_model, max_num_batched_tokens=100)     # budget below the 256-token context
+
+
+def test_engine_stream_finished_by_another_callers_step(tiny_model, monkeypatch):
+    """A stream whose request finishes while another stream is being consumed still yields the
+    rest of its text, and one whose request failed in another caller's step raises."""
+    tok = M.gpt2_tokenizer()
+    engine = _engine(tiny_model)
+    p_a, p_b = list(range(600, 640)), list(range(700, 712))
+    params = lambda n: S.SamplingParams(max_tokens=n, ignore_eos=True)   # noqa: E731
+    b = engine.stream(p_b, params(5))
+    first = next(b)
+    a_text = "".join(engine.stream(p_a, params(20)))      # runs b's request to its end too
+    assert first + "".join(b) == tok.decode(M.generate(tiny_model, p_b, 5))
+    assert a_text == tok.decode(M.generate(tiny_model, p_a, 20))
+    c = engine.stream(p_b, params(8))
+    next(c)
+
+    def broken(seqs, prev_rows=None):
+        raise RuntimeError("simulated kernel failure")
+    monkeypatch.setattr(engine.runner, "decode", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.generate([p_a], params(3))                  # its decode step also retires c's request
+    with pytest.raises(RuntimeError, match="'error'"):
+        next(c)
+    engine.seqs.clear()
+    _assert_drained(engine)
 
 
 def test_store_kv_padded_rows_never_touch_real_slots():
@@ -760,11 +790,27 @@ def test_block_manager_failed_step_forgets_only_unwritten_blocks():
     assert c.num_cached == 8 and sum(bm.ref_count) == len(c.block_table)
 
 
+def test_incremental_text_matches_full_decode_at_every_token():
+    """Characters whose bytes span tokens (emoji, CJK, accents under byte-level BPE) appear once
+    complete; final() equals tokenizer.decode at every prefix, ragged ends included."""
+    tok = M.gpt2_tokenizer()
+    text = "caf\u00e9 \u65e5\u672c\u8a9e \U0001F600\U0001F680 na\u00efve \u00e9t\u00e9 \u2014 ok"
+    tokens = tok.encode(text)
+    assert any(len(tok.decode_single_token_bytes(t).decode("utf-8", errors="ignore")) == 0 for t in tokens), \
+        "the test needs a token that is only part of a character"
+    live = M.IncrementalText(tok)
+    for n, token in enumerate(tokens, 1):
+        live.add(token)
+        full = tok.decode(tokens[:n])
+        assert live.final() == full
+        assert "\ufffd" not in live.text and full.startswith(live.text)
+    assert live.text == text
+
+
 def test_stream_holds_back_only_possible_stop_prefixes():
     assert S._stable_prefix("ayc", ("cd", "yz")) == "ay"        # "c" may start "cd"; "yc" starts nothing
     assert S._stable_prefix("abcy", ("cd", "yz")) == "abc"
     assert S._stable_prefix("hello wor", ("world!",)) == "hello "
-    assert S._stable_prefix("caf\ufffd", ()) == "caf"            # an unfinished UTF-8 character
     assert S._stable_prefix("done", ("xyz",)) == "done"
 
 
@@ -774,6 +820,9 @@ def test_serve_cli_runs(capsys):
     out = capsys.readouterr().out
     assert out.startswith("Hi") and "tok/s" in out and "TTFT" in out
     assert S.main(["--model", "random:tiny", "--device", "cpu", "--max-tokens", "0"]) == 2
+    for bad in (["--dtype", "int8"], ["--num-blocks", "-1"], ["--kernels", "foo"], ["--max-num-seqs", "0"]):
+        assert S.main(["--model", "random:tiny", "--device", "cpu", *bad]) == 2   # "error: ...", no traceback
+        assert "error:" in capsys.readouterr().err
 
 
 def _gpu_model(arch, seed=0):
@@ -930,10 +979,19 @@ def test_matmul_bad_inputs_raise_clear_errors():
         tm.matmul(a, b, bias, activation="relu")
     with pytest.raises(ValueError, match="bias"):
         tm.matmul(a, b, bias[:3])
+    with pytest.raises(ValueError, match="bias"):
+        tm.matmul(a, b, torch.randn(48, device=MM_DEVICE)[::2])          # read with unit stride
     out = torch.zeros(8, 23, dtype=torch.float32, device=MM_DEVICE)
     with pytest.raises(ValueError, match="out"):
         tm.matmul_v1(a, b, out=out)
     assert (out == 0).all()   # bad input changes nothing
+    # int32 offsets: an output whose rows lie 2^30 elements apart (meta tensors: no memory needed)
+    meta = lambda *shape, strides=None: (torch.empty(*shape, device="meta") if strides is None   # noqa: E731
+                                         else torch.empty_strided(shape, strides, device="meta"))
+    with pytest.raises(ValueError, match="int32"):
+        tm.matmul_v1(meta(3, 16), meta(16, 16), out=meta(3, 16, strides=(2**30, 1)))
+    with pytest.raises(ValueError, match="int32"):
+        tm.matmul(meta(65536, 16), meta(16, 50257))                         # 3.3e9 logits
 
 
 def test_matmul_occupancy_arithmetic():
@@ -1211,6 +1269,8 @@ def test_row_norm_strided_rows_batch_dims_and_bad_inputs():
         tm.row_norm(x, w, b, rms=True)
     with pytest.raises(ValueError, match="weight"):
         tm.row_norm(x, w[:10])
+    with pytest.raises(ValueError, match="needs a weight"):
+        tm.row_norm(x, None)
     with pytest.raises(ValueError, match="out"):
         tm.row_norm(x, w, out=torch.empty(4, 149, device=MM_DEVICE, dtype=dt))
 
@@ -1356,12 +1416,13 @@ def test_flash_paged_decode_contiguous_identity_table():
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_flash_paged_decode_on_sdpa_layout(block_size):
     # SDPA's (B, Hkv, T, D) tensors read in place through contiguous_as_paged; contexts end
-    # mid-block, GQA ratio 3, two splits merged inside the kernel
-    b, t, hkv, h, d = 3, 96, 2, 6, 32
+    # mid-block, GQA ratio 3, two splits of 256 tokens merged inside the kernel (the second one
+    # empty for the two shorter sequences)
+    b, t, hkv, h, d = 3, 288, 2, 6, 32
     k = torch.randn(b, hkv, t, d, device=FA_DEVICE, dtype=torch.float16)
     v = torch.randn(b, hkv, t, d, device=FA_DEVICE, dtype=torch.float16)
     q = torch.randn(b, h, d, device=FA_DEVICE, dtype=torch.float16)
-    lens = torch.tensor([96, 50, 1], dtype=torch.int32, device=FA_DEVICE)
+    lens = torch.tensor([288, 200, 1], dtype=torch.int32, device=FA_DEVICE)
     kc, table = fa.contiguous_as_paged(k.transpose(1, 2), block_size)
     vc, _ = fa.contiguous_as_paged(v.transpose(1, 2), block_size)
     out = fa.paged_decode(q, kc, vc, table, lens, num_splits=2)
@@ -1393,10 +1454,36 @@ def test_flash_bad_input_gets_clear_errors():
     q, k, v, cu = _fa_packed([8], 3, 2, 32, torch.float16)
     with pytest.raises(ValueError, match="multiple"):
         fa.flash_attn_varlen(q, k, v, cu, 8)
-    kc, vc, table = fa.random_paged_cache([20], 2, 32, 16, torch.float16, FA_DEVICE)
+    q, k, v, cu = _fa_packed([8, 6], 2, 2, 32, torch.float16)
+    for args, match in (((q, k, v[:, :1], cu), "expected"),                 # v with fewer heads than k
+                        ((q, k[:, :, :16], v[:, :, :16], cu), "expected"),   # another head_dim
+                        ((q, k[:6], v[:6], cu), "expected"),                 # fewer K/V tokens than q
+                        ((q, k.float(), v.float(), cu), "float32"),          # another dtype
+                        ((q, k, v, cu[None]), "cu_seqlens")):
+        with pytest.raises(ValueError, match=match):
+            fa.flash_attn_varlen(*args, 8)
+    # a strided cu_seqlens is fine (copied to a contiguous one, not read with the wrong stride)
+    cu_strided = torch.stack([cu, cu], 1)[:, 0]
+    _fa_assert_close(fa.flash_attn_varlen(q, k, v, cu_strided, 8), fa.attention_reference(q, k, v, cu), torch.float16)
+    kc, vc, table = fa.random_paged_cache([20, 13], 2, 32, 16, torch.float16, FA_DEVICE)
+    q2 = torch.randn(2, 2, 32, device=FA_DEVICE, dtype=torch.float16)
+    lens = torch.tensor([20, 13], dtype=torch.int32, device=FA_DEVICE)
     with pytest.raises(ValueError, match="block_size"):
-        fa.paged_decode(torch.randn(1, 2, 32, device=FA_DEVICE, dtype=torch.float16), kc[:, :8], vc[:, :8],
-                        table, torch.tensor([5], dtype=torch.int32, device=FA_DEVICE))
+        fa.paged_decode(q2, kc[:, :8], vc[:, :8], table, lens.clamp(max=5))
+    strided_lens = torch.tensor([20, 0, 13, 0], dtype=torch.int32, device=FA_DEVICE)[::2]
+    for args, kw, match in (((q2[..., :16], kc, vc, table, lens), {}, "same D"),
+                            ((q2, kc, vc[:, :, :1], table, lens), {}, "same D"),
+                            ((q2, kc, vc, table, strided_lens), {}, "context_lens"),
+                            ((q2, kc, vc, table, lens[:1]), {}, "context_lens"),       # batch of 1, not 2
+                            ((q2, kc, vc, table.t().contiguous().t(), lens), {}, "block_table"),
+                            ((q2, kc, vc, table, lens), dict(num_splits=0), "num_splits"),
+                            ((q2, kc.float(), vc.float(), table, lens), {}, "float32")):
+        with pytest.raises(ValueError, match=match):
+            fa.paged_decode(*args, **kw)
+    # int32 offsets inside one sequence: heads 2^30 elements apart (meta tensors, nothing allocated)
+    big = torch.empty_strided((1, 3, 16, 16), (3 * 2**30, 2**30, 16, 1), device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match="int32"):
+        fa.flash_attn(big, big, big)
 
 
 def test_flash_roofline_counts():

@@ -79,8 +79,9 @@ def matmul_reference(a, b, bias=None, activation=None, acc_dtype=torch.float32, 
 
 
 def _check_inputs(a, b, bias=None, activation=None, out=None):
-    """Clear errors for bad input. Any strides are fine: the kernels take strides as arguments,
-    so a transposed weight (`w.t()`) or a sliced view works without a copy."""
+    """Clear errors for bad input. Any strides are fine for a, b and out: the kernels take their
+    strides as arguments, so a transposed weight (`w.t()`) or a sliced view works without a copy.
+    The bias is read with unit stride, so it must be contiguous."""
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"expected 2-D a and b, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[1] != b.shape[0]:
@@ -89,15 +90,17 @@ def _check_inputs(a, b, bias=None, activation=None, out=None):
         raise TypeError(f"a and b must share one of fp16/bf16/fp32, got {a.dtype} and {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"a is on {a.device}, b is on {b.device}")
-    if bias is not None and (bias.shape != (b.shape[1],) or bias.dtype != a.dtype):
-        raise ValueError(f"bias must be ({b.shape[1]},) of {a.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    _check_like("bias", bias, (b.shape[1],), a)
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
     if out is not None and (out.shape != (a.shape[0], b.shape[1]) or out.dtype != a.dtype
                             or out.device != a.device):
         raise ValueError(f"out must be {(a.shape[0], b.shape[1])} {a.dtype} on {a.device}")
-    # Offsets are computed in int32 inside the kernels: refuse what would overflow.
-    _check_int32(a, b)
+    # Offsets are computed in int32 inside the kernels: refuse what would overflow, the output
+    # included (65,536 tokens x 50,257 logits is 3.3e9 elements).
+    _check_int32(a, b, out)
+    if out is None and a.shape[0] * b.shape[1] >= 2**31:
+        raise ValueError(f"the {a.shape[0]} x {b.shape[1]} output is too large for int32 offsets in this teaching kernel")
 
 
 # Precision of tl.dot. fp16/bf16 inputs always run on tensor cores with fp32 accumulation.
@@ -927,9 +930,12 @@ def _check_like(name, t, shape, x):
 
 
 def _check_int32(*tensors):
+    """Refuse tensors whose last element lies 2^31 or more elements from the first: the kernels
+    add up row and column offsets in int32."""
     for t in tensors:
-        if t is not None and t.numel() and max(s * (d - 1) for s, d in zip(t.stride(), t.shape)) >= 2**31:
-            raise ValueError("tensor too large for int32 offsets in this teaching kernel")
+        if t is not None and t.numel() and sum(s * (d - 1) for s, d in zip(t.stride(), t.shape)) >= 2**31:
+            raise ValueError(f"a tensor of shape {tuple(t.shape)} and strides {t.stride()} is too large "
+                             f"for the int32 offsets of this teaching kernel")
 
 
 def _check_gemv_inputs(x, weight, bias, activation, residual, out, norm=None, norm_weight=None, norm_bias=None):
@@ -1034,15 +1040,17 @@ def gemv_reference(x, weight, bias=None, activation=None, residual=None, out=Non
 # and bias loaded at once (16-byte loads, independent, so their latencies overlap), two
 # reductions in fp32 (mean, then the variance of x - mean from registers: as exact as the
 # two-pass formula, with no second trip to memory) and one store. Expect ~1.5-2 us, near the
-# ~1.3 us floor of any kernel; measured 2.2 us (1.8 for RMSNorm) on the H200. The real fix is to not launch it at all:
+# ~1.3 us floor of any kernel; measured on the H200 2.2 us (1.8 for RMSNorm) on 2026-11-27 and
+# 1.72 us (1.77) in bench.py's gemv run of 2026-11-28. The real fix is to not launch it at all:
 # gemv(..., norm=...) folds it into the GEMV that follows (see "Folding the norm in" above);
 # serve.py does that for the norms in front of a linear layer, and keeps row_norm for the
 # final norm and for tests.
 # Why its arithmetic is written out here a second time instead of calling the GEMV's helpers
-# (_row_stats, _normed_x): built from them it was bitwise identical and slower, 1.65 vs 1.23 us
-# for LayerNorm of 1600 fp16 (0.87 -> 1.19 us for RMSNorm; H200, CUDA graph, same run). They
-# read the row once per pass (mean, variance, normalise): inside a GEMV that hides under the
-# weight stream, here it is the whole dependency chain.
+# (_row_stats, _normed_x): built from them it was bitwise identical and slower, 1.23 -> 1.65 us
+# for LayerNorm of 1600 fp16 and 0.87 -> 1.19 us for RMSNorm (H200, 2026-11-28, one CUDA graph of
+# 200 back-to-back calls with PDL: another harness than bench.py's, so not comparable with its
+# 1.72 us). The helpers read the row once per pass (mean, variance, normalise): inside a GEMV
+# that hides under the weight stream, here it is the whole dependency chain.
 #
 # Semantics, matched to the references (tests check both):
 #   LayerNorm: (x - mean) / sqrt(var + eps) * w + b, biased variance (divide by C), eps
@@ -1092,6 +1100,8 @@ def row_norm(x, weight, bias=None, eps=1e-5, rms=False, out=None):
         raise TypeError(f"x must be fp16/bf16/fp32, got {x.dtype}")
     if rms and bias is not None:
         raise ValueError("RMSNorm has no bias")
+    if weight is None:
+        raise ValueError("row_norm needs a weight (C,)")
     for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (C,)), ("out", out, x.shape)):
         _check_like(name, t, shape, x)
     if not _last_dim_contiguous(x):
