@@ -92,7 +92,8 @@ def multi_head_attention(x, w_qkv, b_qkv, w_out, b_out, n_head, n_kv_head=None, 
     """Self-attention of x (B, T, C) as in model.py's Attention, written as a plain function.
 
     w_qkv: ((n_head + 2 * n_kv_head) * D, C), one GEMM for all three projections;
-    w_out: (C, n_head * D). With n_kv_head < n_head this is GQA (section 4).
+    w_out: (C, n_head * D). With n_kv_head < n_head this is GQA (section 4), computed by
+    grouped_query_attention (causal); `attend` is used for MHA only.
     """
     n_kv_head = n_kv_head or n_head
     D = w_out.shape[1] // n_head
@@ -172,13 +173,6 @@ def random_qkv(B, H, Hkv, T, S, D, dtype=torch.float32, device="cpu", generator=
     return r(B, H, T, D), r(B, Hkv, S, D), r(B, Hkv, S, D)
 
 
-# The variants bench.py times (all take q, k, v with Hkv == H unless named gqa)
-PREFILL_VARIANTS = {
-    "naive causal (materialised T x S)": causal_attention,
-    "SDPA (fused)": sdpa,
-}
-
-
 # ----------------------------------------------------------------------------------------------
 # Demo
 # ----------------------------------------------------------------------------------------------
@@ -189,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=37, help="sequence length (odd on purpose)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.seq < 1:
+        p.error(f"--seq must be >= 1, got {args.seq}")
     torch.manual_seed(0)
     B, H, D, T = 2, 8, 64, args.seq
     rows = []

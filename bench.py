@@ -178,16 +178,18 @@ def time_ms(fn, ctx: BenchContext, warmup: int | None = None, reps: int | None =
 _CEILINGS: dict = {}
 
 
-def measure_ceilings(ctx: BenchContext) -> dict:
+def measure_ceilings(ctx: BenchContext, dtype: torch.dtype | None = None) -> dict:
     """The two physical limits every roofline here is drawn against, measured once per run.
 
     copy_gbps: a large device-to-device copy, counting bytes read + bytes written. On an H100 this
       lands near 3 TB/s, on an H200 near 4.3 TB/s (datasheet HBM: 3.35 and 4.8 TB/s).
-    matmul_tflops: cuBLAS on an 8192^3 product in ctx.dtype (2*M*N*K FLOPs). Dense bf16 on Hopper
+    matmul_tflops: cuBLAS on an 8192^3 product in `dtype` (default ctx.dtype; 2*M*N*K FLOPs): a
+      topic that runs in its own dtype passes it, so its roofline's roof is in that dtype. Dense bf16 on Hopper
       measures ~780-800 TFLOP/s against a datasheet ~990.
     On CPU the same two numbers are measured on small sizes, for the shape of the plots only.
     """
-    key = (str(ctx.device), ctx.dtype)
+    dtype = dtype or ctx.dtype
+    key = (str(ctx.device), dtype)
     if key in _CEILINGS:
         return _CEILINGS[key]
     n_bytes = (1 << 30) if not ctx.quick else (64 << 20)          # 1 GiB: far past the 50 MB L2
@@ -196,7 +198,7 @@ def measure_ceilings(ctx: BenchContext) -> dict:
     copy_ms = time_ms(lambda: dst.copy_(src), ctx)
     copy_gbps = 2 * n_bytes / (copy_ms * 1e-3) / 1e9
     n = 8192 if not ctx.quick else 512
-    mm_dtype = ctx.dtype if ctx.device.type == "cuda" else torch.float32
+    mm_dtype = dtype if ctx.device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=ctx.device, dtype=mm_dtype)
     b = torch.randn(n, n, device=ctx.device, dtype=mm_dtype)
     mm_ms = time_ms(lambda: a @ b, ctx)
@@ -341,7 +343,10 @@ def attention_e2e_section(ctx: BenchContext) -> None:
     for name, model in models.items():
         cfg = model.cfg
         kv_tok = M.kv_bytes_per_token(cfg, dt)
-        weight_bytes = sum(p.numel() for p in model.parameters()) * elt
+        # a step reads every weight once, except GPT-2's position table: one row of it
+        pos = getattr(model, "pos_emb", None)
+        skipped = 0 if pos is None else pos.weight.numel() - pos.weight.shape[1]
+        weight_bytes = (sum(p.numel() for p in model.parameters()) - skipped) * elt
         xs, ys = [], []
         for L in contexts:
             cache = M.KVCache(cfg, batch, L + 1, dt, dev)
@@ -538,7 +543,7 @@ def topic_matmul(ctx: BenchContext) -> None:
                   note=f"Version columns: {'GPU time per GEMM (CUDA graph of 10 calls)' if on_gpu else 'eager (CPU)'}. "
                        f"Eager columns: one Python call per GEMM, launch overhead included. Geometric mean of v3/cuBLAS over "
                        f"{geo_sizes}: {geomean(ratios):.3f} (target >= 0.9); eager: {geomean(eager_ratios):.3f}. "
-                       f"cuBLAS 8192^3 {dname[ctx.dtype]} from measure_ceilings: {ceil['matmul_tflops']:.3g} TFLOP/s.")
+                       f"cuBLAS 8192^3 {dname[ctx.dtype]} from measure_ceilings: {ceil['matmul_tflops']:.3g} TFLOP/s.", dtype=dtype)
 
     # --- 2. GPT-2's own GEMMs: prefill is compute-bound, decode is memory-bound --------------
     for dtype in dtypes:
@@ -565,7 +570,7 @@ def topic_matmul(ctx: BenchContext) -> None:
                   note=f"GPU time per GEMM from CUDA graphs; decode rows (tokens <= 16) rotate over weight copies "
                        f"so every call reads the weight from HBM. They read the whole weight for a few tokens: "
                        f"memory-bound. GB/s counts A + B + C once; measured copy bandwidth "
-                       f"{ceil['copy_gbps']:.0f} GB/s. Eager columns include Python launch overhead.")
+                       f"{ceil['copy_gbps']:.0f} GB/s. Eager columns include Python launch overhead.", dtype=dtype)
 
     # --- 3. v4 fused bias + GELU vs torch (addmm + gelu), GPT-2 MLP c_fc shapes --------------
     for dtype in dtypes:
@@ -584,7 +589,7 @@ def topic_matmul(ctx: BenchContext) -> None:
                   ["tokens", "K x N", "v4 fused us", "v3 (+bias) then gelu us", "torch addmm + gelu us",
                    "torch / v4", "v4 eager us", "torch eager us"], rows,
                   note="GPU time per call from CUDA graphs (weights stay in L2 here); eager columns include "
-                       "launch overhead (1 Triton launch for v4, 2 kernels for torch).")
+                       "launch overhead (1 Triton launch for v4, 2 kernels for torch).", dtype=dtype)
 
     # --- 4. autotune configs: speed next to occupancy from the compiled kernel ---------------
     dtype = dtypes[0]
@@ -613,7 +618,7 @@ def topic_matmul(ctx: BenchContext) -> None:
                    "limited by", "waves"], rows,
                   note="Occupancy = resident warps / 64, from the compiled kernel's registers and shared memory "
                        "(occupancy_of in triton_matmul.py); waves = tiles / (SMs x programs per SM). "
-                       "The autotuner timed eagerly and may pick differently from these graph timings.")
+                       "The autotuner timed eagerly and may pick differently from these graph timings.", dtype=dtype)
 
     # --- 5. launch overhead: a tiny GEMM is all host time when called from Python ------------
     n = 64
@@ -623,7 +628,7 @@ def topic_matmul(ctx: BenchContext) -> None:
     ctx.table(f"matmul {dname[dtypes[0]]}: time per call of a {n}^3 GEMM (launch overhead)",
               ["call", "eager us", "in a CUDA graph us"],
               [[name, time_ms(f, ctx) * 1e3, _time_graphed_ms([f] * 10, ctx) * 1e3] for name, f in calls],
-              note="Eager: Python + Triton launch path per call. In a graph: the GPU work only.")
+              note="Eager: Python + Triton launch path per call. In a graph: the GPU work only.", dtype=dtypes[0])
 
     # --- 6. fp32 inputs: Triton uses tf32 tensor cores, torch.matmul exact fp32 by default ---
     if on_gpu:
@@ -639,7 +644,8 @@ def topic_matmul(ctx: BenchContext) -> None:
             rows.append([name, tflops(s, s, s, _time_graphed_ms([lambda: torch.matmul(a, b)] * 3, ctx)),
                          f"{err(torch.matmul(a, b)):.1e}"])
         torch.backends.cuda.matmul.allow_tf32 = old
-        ctx.table(f"matmul fp32 inputs at {s}^3", ["kernel", "TFLOP/s", "relative error (Frobenius)"], rows)
+        ctx.table(f"matmul fp32 inputs at {s}^3", ["kernel", "TFLOP/s", "relative error (Frobenius)"], rows,
+                  dtype=torch.float32)
 
     # --- 7. profiler view ------------------------------------------------------------------
     n = 4096 if on_gpu else 32
@@ -799,7 +805,7 @@ def _bench_prefill(ctx, dtype, causal, points):
                "SDPA FA2", "naive", "ours vs FA2 (x)", "ours vs cuDNN (x)"], rows,
               note="ours ms / ratios use the faster of our two load paths (pointer+cp.async, TMA). "
                    "Targets: >= 1.0x FA2 everywhere, >= 0.85x cuDNN at T >= 4096. naive: '-' where "
-                   "its T x T scores would exceed 8 GiB.")
+                   "its T x T scores would exceed 8 GiB.", dtype=dtype)
 
 
 @register("flash")
@@ -809,7 +815,7 @@ def topic_flash(ctx: BenchContext) -> None:
 
     gpu = ctx.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float16   # fp16 on CPU: bf16 goes through an fp32 upcast there
-    ceil = measure_ceilings(ctx)
+    ceil = measure_ceilings(ctx, dtype)
     ctx.note(f"Ceilings measured in this run: copy {ceil['copy_gbps']:.0f} GB/s, "
              f"matmul {ceil['matmul_tflops']:.0f} TFLOP/s. Kernels: flash_attn.py; dtype {dtype}.")
     points = []   # (label, intensity FLOP/byte, achieved TFLOP/s) for the roofline plot
@@ -863,7 +869,7 @@ def topic_flash(ctx: BenchContext) -> None:
                    "'(B, T, Hkv, D)' = the engine's token-major layout as one tensor with the identity "
                    "table. With pages >= BLOCK_N the kernel loads one block id per tile and pipelines its "
                    "loads; the engine's 16-token pages take the per-token gather. "
-                   "Targets: >= 1.0x SDPA, paged >= 70% of copy BW.")
+                   "Targets: >= 1.0x SDPA, paged >= 70% of copy BW.", dtype=dtype)
 
     # ---- long context: one sequence, 10k and 100k tokens
     rows = []
@@ -889,7 +895,8 @@ def topic_flash(ctx: BenchContext) -> None:
               ["tokens", "ours ms", "ours TFLOP/s", "ours peak extra MiB", "SDPA default ms",
                "SDPA peak extra MiB", "naive would need GiB"], rows,
               note="peak extra = torch.cuda.max_memory_allocated during the call minus before it (the "
-                   "output is most of it: O(N) memory). The naive path needs 2 x H x T^2 x 2 bytes.")
+                   "output is most of it: O(N) memory). The naive path needs 2 x H x T^2 x 2 bytes.",
+              dtype=dtype)
 
     _bench_prefill(ctx, dtype, False, points)
 
@@ -1167,6 +1174,8 @@ def topic_serve(ctx: BenchContext) -> None:
     _free_memory(gpu)
     # transformers: left-padded batches of 32, each batch runs to its longest requested output
     hf = _hf_gpt2(model.cfg, dt, dev)
+    warm = torch.tensor([work[0][0][:8]], device=dev)     # untimed: first-call allocations and kernels
+    hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False, pad_token_id=0)
     hf_batches = 2                          # a sample of the same workload; the rate is per token
     bsz = 32 if gpu else 8
     hf_tokens, hf_computed, hf_s = 0, 0, 0.0

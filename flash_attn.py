@@ -278,6 +278,8 @@ def _flash_prefill_kernel(
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
     WARP_SPEC: tl.constexpr = False,
 ):
+    # the causal split below needs whole key tiles left of each query tile's diagonal
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "BLOCK_N must divide BLOCK_M")
     tile, head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if CAUSAL:
         # Tiles near the end of the sequence do the most work (they see the most keys).

@@ -13,7 +13,7 @@ What you will learn
    each sequence's own length (rows of a batch have different lengths).
 3. How much memory it costs: 2 (K and V) * n_layer * n_kv_head * head_dim * bytes per token, per
    sequence. GPT-2 124M in fp16: 36 KiB/token; 1.5B: 300 KiB/token, so 32 sequences of 1024
-   tokens need 9.4 GiB, more than the 3.1 GiB of weights. The cache, not the weights, limits the
+   tokens need 9.4 GiB, more than the 2.9 GiB of weights. The cache, not the weights, limits the
    batch size, which limits throughput. That is the story of serve.py's paged cache.
 4. What the cache looks like in memory (the layout picture), so that "paged", "contiguous" and
    "head-major" mean something concrete.
@@ -29,7 +29,8 @@ import sys
 
 import torch
 
-from model import KVCache, ModelConfig, PRESETS, Transformer, generate, kv_bytes_per_token, load_gpt2
+from model import (KVCache, ModelConfig, PRESETS, Transformer, check_request, generate, kv_bytes_per_token,
+                   load_gpt2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,8 +180,13 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="new tokens to generate")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    model = load_gpt2(args.model, torch.float32, args.device)
-    prompt = list(range(100, 132))
+    try:
+        model = load_gpt2(args.model, torch.float32, args.device)
+        prompt = list(range(100, 132))
+        check_request(model.cfg, prompt, args.tokens)    # 32 + tokens must fit the context
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     slow = generate_without_cache(model, prompt, args.tokens)
     t1 = time.perf_counter()

