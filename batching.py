@@ -37,7 +37,7 @@ Expected before measuring: outputs uniform in 16..256 average 136 tokens, and th
 is ~249 on average, so a static batch of 32 decodes ~249 steps where its rows need 136 on
 average: ~45% of the decode token-slots are waste (measured: 47%); prompts drawn the same way
 waste ~45% of the prefill. Continuous batching computes no pad slot at all. (Its first GPU run
-came out at 0.6x static: see model.KVCache.read_len and CacheStep.attend for why.)
+came out at 0.6x static: see model.KVCache.read_len and model.append_to_cache for why.)
 
 The model really runs (the KV cache and prefill/decode of model.py) and time is the real wall
 clock, while requests arrive on a seeded trace: a request is admissible once the clock passes its

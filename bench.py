@@ -1,5 +1,6 @@
 """
-bench.py: every number in this repository comes from here.
+bench.py: every benchmark table in this repository comes from here (results/perf_notes.md
+also logs one-off experiment scripts, marked as such).
 
     python bench.py --topic kv                  # markdown tables on stdout
     python bench.py --topic attention --plot    # ... and PNGs under results/
@@ -17,8 +18,8 @@ What you will learn
 
 One timing helper (`time_ms`), one context object (`BenchContext`) that carries device, dtype and
 the output sinks, and one function per topic (`topic_<name>`). Topic files (attention.py,
-kvcache.py, ...) hold the code being measured and no timing code; this file holds the timing
-and no model code.
+kvcache.py, ...) hold the code being measured (their demos print a rough wall-clock time at
+most); every table's timing is here, and this file holds no model code.
 
 Every table starts with a line naming the device, dtype and versions, so a pasted table can
 never lose where it was measured.

@@ -43,7 +43,7 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs; 2026-11-27)
   decode  v2  paged_decode, split-K (flash-decoding) + merge kernel (2026-11-27)
               -> batch 4, context 32k: 0.133 ms (4.6x v1); batch 32, context 8k: 0.252 ms =
-                 4.3 TB/s, 0.97-0.99x SDPA
+                 4.3 TB/s, 0.97x SDPA
   decode  v3  (2026-11-28) whole-page tiles: one block id per tile, loads pipelined by
               num_stages; the merge done by the last split inside the kernel; splits rounded
               down to one wave -> on SDPA's own tensors 0.990-0.998x SDPA at batch 32 x 8k-16k

@@ -207,7 +207,7 @@ class KVCache:
         every step, and an attention kernel that plans per shape (cuDNN) pays for each. Measured
         on the H200 (batching.py's trace, cuDNN still on this path): static batching 1,152 ->
         2,305 tok/s from this rounding alone (that run is not kept in results/; batching.md is
-        the run after the change below in CacheStep.attend).
+        the run after the change in append_to_cache).
         On CPU the exact length is kept: summing over extra zero-weight slots can change the last
         bits of the result, and the CPU tests compare greedy tokens exactly."""
         if self.k.device.type != "cuda":

@@ -25,10 +25,10 @@ The version ladder (8192^3 fp16 on an H200, GPU time per GEMM from CUDA graphs, 
       5.2 us for torch addmm + gelu (1.3x); 4096 tokens: 46.0 vs 47.2 us (1.03x)
   cuBLAS (torch.matmul), same run                                     643 TFLOP/s
   v5  decode (1 token): GEMV on CUDA cores with bias/GELU/residual fused, one-row norms.
-      GPT-2 1.5B shapes, in CUDA graphs, single-shot configs: 1.0-3.1x torch (cuBLAS +
+      GPT-2 1.5B shapes, in CUDA graphs, single-shot configs: 1.0-3.2x torch (cuBLAS +
       epilogue kernels), 1.9-2.7 TB/s for the 5-20 MB layers, 97% of copy bandwidth for the
       161 MB LM head; LayerNorm 1.7 vs 4.2 us; the norm can be folded into the GEMV. At 4
-      tokens it is 0.37-0.84x cuBLAS, so serve.py uses it for single rows only.
+      tokens it is 0.27-0.67x cuBLAS (gemv.md), so serve.py uses it for single rows only.
 
 Run:
   python triton_matmul.py                     # checks every version against torch, prints a table
@@ -613,7 +613,7 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # practice: conversions, reductions and address math share the same issue slots). Hence
 # MAX_GEMV_ROWS = 16: beyond that the CUDA cores, not HBM, are the limit, and tensor cores
 # (matmul() and its BLOCK_M=16 configs, or cuBLAS) are the right tool. That was the paper
-# bound; measured, the several-row path below loses to cuBLAS already at 4 rows (0.37-0.84x,
+# bound; measured, the several-row path below loses to cuBLAS already at 4 rows (0.27-0.67x,
 # see "Measured" below), so in practice this kernel is for one row.
 #  - M = 1 (BLOCK_M = 1): the program keeps a BLOCK_N x BLOCK_K tile of fp32 partial products
 #    and adds each chunk into it elementwise; the reduction over K (across threads) happens
@@ -658,7 +658,7 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # GEMVs stream at only 1.9-2.7 TB/s on their own: a ~3 us floor per kernel (launch, ramp-up,
 # the last programs draining) remains. Single shot issues every load at once and still ties
 # (c_fc loses 2 us alone); its gain shows only between kernels, under PDL. At 4 tokens the
-# M x N x K product tile makes the kernel 0.37-0.84x cuBLAS: serve.py calls gemv for single rows
+# M x N x K product tile makes the kernel 0.27-0.67x cuBLAS: serve.py calls gemv for single rows
 # only. In a whole GPT-2 1.5B decode step: 2.68 -> 1.84 ms (H200), later 2.06 -> 1.86 (H100).
 
 # Programmatic dependent launch (PDL, Hopper and later). Kernels in one stream (or one CUDA
