@@ -505,6 +505,8 @@ def append_to_cache(model: Transformer, tokens: torch.Tensor, cache: KVCache,
     row_ids = list(range(B)) if rows is None else list(rows)
     if len(row_ids) != B:
         raise ValueError(f"{B} token rows but {len(row_ids)} cache rows")
+    if len(set(row_ids)) != B:
+        raise ValueError(f"cache rows {row_ids} repeat a row: each row holds one sequence")
     starts = [cache.lengths[r] for r in row_ids]
     if max(starts) + T > cache.max_len:
         raise ValueError(f"appending {T} token(s) to a row of {max(starts)} overflows the cache "
@@ -584,8 +586,9 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     """Pick the next token for each row of logits (B, V) -> (B,).
 
     temperature 0 is greedy (argmax). Otherwise: divide by the temperature, keep the top_k
-    largest (0 = all), then keep the smallest set whose probability reaches top_p (nucleus), and
-    draw from what is left with the given generator (seeded = reproducible).
+    largest (0 = all; tokens tied with the k-th are kept too, as Hugging Face's warper does),
+    then keep the smallest set whose probability reaches top_p (nucleus), and draw from what is
+    left with the given generator (seeded = reproducible).
     """
     check_sampling_args(temperature, top_k, top_p)
     if temperature == 0:

@@ -1263,7 +1263,8 @@ class LLMEngine:
 
         Text is held back while it could still turn out to be part of a stop string or of an
         unfinished UTF-8 character, so the client never sees text that the final output cuts.
-        Closing the iterator early aborts the request."""
+        Closing the iterator early aborts the request. If the request fails (in a step this
+        stream or any other caller ran) or is aborted elsewhere, the iterator raises RuntimeError."""
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer")
         params = params or SamplingParams()

@@ -375,6 +375,9 @@ def test_kv_cache_rows_of_different_lengths():
             ref = model(torch.tensor([p + [int(nxt[b])]]))[0, -1]
         assert rel_err(logits[b], ref) < 1e-4
     assert cache.lengths == [12, 0, 6, 3]
+    with pytest.raises(ValueError, match="repeat a row"):
+        M.decode(model, torch.tensor([1, 2]), cache, rows=[2, 2])
+    assert cache.lengths == [12, 0, 6, 3]                    # refused before anything was written
 
 
 def test_kv_memory_formula_matches_allocation():
