@@ -636,8 +636,8 @@ class EngineConfig:
                             "triton_matmul.py's GEMV kernels (norm, bias, GELU and residual "
                             "fused) when the Triton kernels are on")
     async_decode: bool = _knob(True, "queue decode step n+1 before reading step n's tokens back (greedy "
-                               "batches; the next token is fed on the device), so the host's work "
-                               "overlaps the GPU's")
+                               "batches only: on the CLI pass --temperature 0; the next token is fed "
+                               "on the device), so the host's work overlaps the GPU's")
 
     def __post_init__(self):
         if self.block_size < 1:
