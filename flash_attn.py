@@ -769,7 +769,7 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     for name, t, dims in (("block_table", block_table, 2), ("context_lens", context_lens, 1)):
         if (t.dim() != dims or t.shape[0] != batch or t.dtype not in (torch.int32, torch.int64)
                 or t.device != q.device or (t.shape[-1] > 1 and t.stride(-1) != 1)):
-            raise ValueError(f"{name} must be a {dims}-D int32 tensor with {batch} rows on {q.device} and a "
+            raise ValueError(f"{name} must be a {dims}-D int32/int64 tensor with {batch} rows on {q.device} and a "
                              f"contiguous last dim, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
     for name, t, heads in (("q", q, n_heads), ("out", out, n_heads)):
         _check_int32_span(name, batch, t.stride(0), heads, t.stride(1), head_dim)

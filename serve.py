@@ -1061,7 +1061,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; pass token ids instead")
-            prompt = self.tokenizer.encode(prompt)
+            prompt = self.tokenizer.encode_ordinary(prompt)   # "<|endoftext|>" in a prompt is text
         prompt = list(prompt)
         M.check_request(self.model.cfg, prompt, params.max_tokens)   # empty, past the context
         if not all(_is_int(t) for t in prompt):
@@ -1263,8 +1263,9 @@ class LLMEngine:
 
         Text is held back while it could still turn out to be part of a stop string or of an
         unfinished UTF-8 character, so the client never sees text that the final output cuts.
-        Closing the iterator early aborts the request. If the request fails (in a step this
-        stream or any other caller ran) or is aborted elsewhere, the iterator raises RuntimeError."""
+        Closing the iterator early aborts the request. A failure in a step this stream runs
+        propagates as raised; if another caller's step failed it, or it was aborted elsewhere,
+        the iterator raises RuntimeError."""
         if self.tokenizer is None:
             raise ValueError("streaming text needs a tokenizer")
         params = params or SamplingParams()

@@ -1012,8 +1012,8 @@ def test_matmul_bad_inputs_raise_clear_errors():
     # int32 offsets: an output whose rows lie 2^30 elements apart (meta tensors: no memory needed)
     meta = lambda *shape, strides=None: (torch.empty(*shape, device="meta") if strides is None   # noqa: E731
                                          else torch.empty_strided(shape, strides, device="meta"))
-    with pytest.raises(ValueError, match="int32"):
-        tm.matmul_v1(meta(3, 16), meta(16, 16), out=meta(3, 16, strides=(2**30, 1)))
+    with pytest.raises(ValueError, match="int32"):      # rows + columns reach 2^31, neither alone does
+        tm.matmul_v1(meta(2, 16), meta(16, 17), out=meta(2, 17, strides=(2**30, 2**26)))
     with pytest.raises(ValueError, match="int32"):
         tm.matmul(meta(65536, 16), meta(16, 50257))                         # 3.3e9 logits
 
@@ -1513,7 +1513,8 @@ def test_flash_bad_input_gets_clear_errors():
         with pytest.raises(ValueError, match=match):
             fa.paged_decode(*args, **kw)
     # int32 offsets inside one sequence: heads 2^30 elements apart (meta tensors, nothing allocated)
-    big = torch.empty_strided((1, 3, 16, 16), (3 * 2**30, 2**30, 16, 1), device="meta", dtype=torch.float16)
+    # (rows and heads together reach 2^31 elements, neither term alone does)
+    big = torch.empty_strided((1, 3, 17, 16), (2**31, 2**29, 2**26, 1), device="meta", dtype=torch.float16)
     with pytest.raises(ValueError, match="int32"):
         fa.flash_attn(big, big, big)
 

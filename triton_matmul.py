@@ -99,7 +99,7 @@ def _check_inputs(a, b, bias=None, activation=None, out=None):
     # Offsets are computed in int32 inside the kernels: refuse what would overflow, the output
     # included (65,536 tokens x 50,257 logits is 3.3e9 elements).
     _check_int32(a, b, out)
-    if out is None and a.shape[0] * b.shape[1] >= 2**31:
+    if out is None and a.shape[0] * b.shape[1] > 2**31:          # last offset M*N - 1 must fit
         raise ValueError(f"the {a.shape[0]} x {b.shape[1]} output is too large for int32 offsets in this teaching kernel")
 
 
