@@ -101,14 +101,20 @@ def _check_head_dim(head_dim):
         raise ValueError(f"head_dim {head_dim} not supported; use one of {SUPPORTED_HEAD_DIMS}")
 
 
-def _check_tensors(q, **tensors):
-    """Every tensor on q's device and dtype, with a contiguous last dim (the kernels read rows
-    of head_dim with unit stride). Clear errors instead of a Triton type error or a wrong read."""
-    for name, t in dict(q=q, **tensors).items():
+def _checked_out(q, out, **tensors):
+    """The output (a new tensor like q when out is None), after checking that it has q's shape
+    and that it and every input are on q's device and dtype, with a contiguous last dim (the
+    kernels read rows of head_dim with unit stride): clear errors instead of a Triton type
+    error or a wrong read."""
+    out = torch.empty_like(q) if out is None else out
+    if out.shape != q.shape:
+        raise ValueError(f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
+    for name, t in dict(q=q, out=out, **tensors).items():
         if t.device != q.device or t.dtype != q.dtype:
             raise ValueError(f"{name} is {t.dtype} on {t.device}; expected q's {q.dtype} on {q.device}")
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous last dim (stride {t.stride(-1)})")
+    return out
 
 
 def _check_int32_span(name, rows, stride_row, heads, stride_head, head_dim):
@@ -444,10 +450,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, 
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens must be 1-D with n_seqs + 1 >= 2 entries on {q.device}, "
                          f"got {tuple(cu_seqlens.shape)} on {cu_seqlens.device}")
-    out = torch.empty_like(q) if out is None else out
-    if out.shape != q.shape:
-        raise ValueError(f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
-    _check_tensors(q, k=k, v=v, out=out)
+    out = _checked_out(q, out, k=k, v=v)
     cu_seqlens = cu_seqlens.to(torch.int32).contiguous()    # the kernel reads it with unit stride
     strides = dict(n_heads=q.shape[1], n_kv_heads=k.shape[1],
                    q=(0, q.stride(0), q.stride(1)), k=(0, k.stride(0), k.stride(1)),
@@ -466,10 +469,7 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
                          f"(B, H, T, D) and (B, Hkv, T, D) with the same B, T and D (q_len == k_len)")
     batch, n_heads, seq_len, _ = q.shape
-    out = torch.empty_like(q) if out is None else out
-    if out.shape != q.shape:
-        raise ValueError(f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
-    _check_tensors(q, k=k, v=v, out=out)
+    out = _checked_out(q, out, k=k, v=v)
     strides = dict(n_heads=n_heads, n_kv_heads=k.shape[1],
                    q=(q.stride(0), q.stride(2), q.stride(1)), k=(k.stride(0), k.stride(2), k.stride(1)),
                    v=(v.stride(0), v.stride(2), v.stride(1)), o=(out.stride(0), out.stride(2), out.stride(1)))
@@ -761,10 +761,7 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         raise ValueError(f"block_size {block_size} must be a power of two >= 16")
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
-    out = torch.empty_like(q) if out is None else out
-    if out.shape != q.shape:
-        raise ValueError(f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
-    _check_tensors(q, k_cache=k_cache, v_cache=v_cache, out=out)
+    out = _checked_out(q, out, k_cache=k_cache, v_cache=v_cache)
     # the kernel reads one row of the table and one length per sequence, with unit stride
     for name, t, dims in (("block_table", block_table, 2), ("context_lens", context_lens, 1)):
         if (t.dim() != dims or t.shape[0] != batch or t.dtype not in (torch.int32, torch.int64)

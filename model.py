@@ -1320,8 +1320,11 @@ class IncrementalText:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""
 
-    def add(self, token: int) -> None:
-        self.text += self._utf8.decode(self._token_bytes(token))
+    def add(self, token: int) -> str:
+        """Append one token; returns the text it completed ("" while a character is unfinished)."""
+        piece = self._utf8.decode(self._token_bytes(token))
+        self.text += piece
+        return piece
 
     def final(self) -> str:
         pending = self._utf8.getstate()[0]               # bytes of an unfinished character
@@ -1333,10 +1336,8 @@ def stream_text(tok, tokens: Iterator[int]) -> Iterator[str]:
     nothing is printed until the character is complete)."""
     text = IncrementalText(tok)
     for token in tokens:
-        printed = len(text.text)
-        text.add(token)
-        if len(text.text) > printed:
-            yield text.text[printed:]
+        if piece := text.add(token):
+            yield piece
     if tail := text.final()[len(text.text):]:
         yield tail
 

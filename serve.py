@@ -111,7 +111,7 @@ class Sequence:
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
-        self.text = ""                       # final text when cut by a stop string or EOS
+        self.text = ""                       # the text cut at a stop string (finish reason "stop")
         self.detok: M.IncrementalText | None = None   # live text, for stop strings and streaming
         self.full_blocks: list[tuple[int, tuple]] = []   # (chain hash, tokens) of each full block
         # tokens already computed on the device but not read back yet (0, 1 or 2; see
@@ -131,7 +131,6 @@ class Sequence:
 
     def __len__(self):
         return len(self.prompt) + len(self.output) + self.num_pending
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1199,11 +1198,7 @@ class LLMEngine:
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         if not p.ignore_eos and token == self.eos_id:
-            if seq.detok is not None:                  # the EOS token is not text
-                seq.text = seq.detok.final()
-            elif self.tokenizer is not None:
-                seq.text = self.tokenizer.decode(seq.output[:-1])
-            return "eos"
+            return "eos"                               # (not added to seq.detok: EOS is not text)
         if seq.detok is not None:
             seen = len(seq.detok.text)
             seq.detok.add(token)
@@ -1222,10 +1217,12 @@ class LLMEngine:
     def _output(self, seq: Sequence) -> RequestOutput:
         text = None
         if self.tokenizer is not None:
-            if seq.finish_reason in ("stop", "eos"):
+            if seq.finish_reason == "stop":
                 text = seq.text
+            elif seq.detok is not None:                # holds every token but an EOS
+                text = seq.detok.final()
             else:
-                text = seq.detok.final() if seq.detok is not None else self.tokenizer.decode(seq.output)
+                text = self.tokenizer.decode(seq.output[:-1] if seq.finish_reason == "eos" else seq.output)
         return RequestOutput(seq.id, seq.prompt, list(seq.output), text, seq.finish_reason,
                              seq.first_token_time - seq.arrival, seq.finish_time - seq.arrival)
 
