@@ -1345,6 +1345,113 @@ def topic_graphs(ctx: BenchContext) -> None:
                  "\n\n```\n" + cpu_top + "\n```")
 
 
+# ---- foundations.py --------------------------------------------------------------------------
+
+@register("foundations")
+def topic_foundations(ctx: BenchContext) -> None:
+    """Arithmetic intensity and the ridge point, host <-> GPU copies, NUMA, the GIL, asyncio."""
+    import foundations as FD
+    import model as M
+    dev, gpu = ctx.device, ctx.device.type == "cuda"
+    dt = torch.float16 if gpu else torch.float32
+    ceil = measure_ceilings(ctx, dt)
+    ridge = ceil["matmul_tflops"] * 1e12 / (ceil["copy_gbps"] * 1e9)
+    n = 8192 if gpu else 1024
+    sweep = FD.intensity_sweep(dev, n, tokens=(1, 4, 16, 64, 256, 1024, 4096, 8192) if gpu else (1, 4, 16, 64, 256),
+                               dtype=dt, reps=20 if gpu else 5)
+    ctx.table(f"Arithmetic intensity: X (M, {n}) @ W ({n}, {n})^T, {str(dt).removeprefix('torch.')}",
+              ["tokens M", "FLOP/byte", "ms", "TFLOP/s", "GB/s", "% of matmul peak", "% of copy bandwidth"],
+              [[r["tokens"], r["intensity"], r["ms"], r["tflops"], r["gbps"],
+                f"{r['tflops'] / ceil['matmul_tflops']:.0%}", f"{r['gbps'] / ceil['copy_gbps']:.0%}"] for r in sweep],
+              note=f"Ridge point = matmul peak {ceil['matmul_tflops']:.0f} TFLOP/s / copy bandwidth "
+                   f"{ceil['copy_gbps']:.0f} GB/s = {ridge:.0f} FLOP/byte: below it (decode, M = batch) the GEMM "
+                   "waits for memory, above it (prefill, M = prompt tokens) for the tensor cores. Intensity ~ M "
+                   "for M << n. Timed eagerly (median of CUDA events); bench.py's GEMM tables use CUDA graphs.",
+              dtype=dt)
+    if ctx.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["intensity"] for r in sweep]
+        grid = [min(xs) / 2, ridge, max(xs) * 2]
+        ax.plot(grid, [min(x * ceil["copy_gbps"] * 1e9, ceil["matmul_tflops"] * 1e12) / 1e12 for x in grid],
+                "k--", label="roofline (measured ceilings)")
+        ax.plot(xs, [r["tflops"] for r in sweep], "o-", label="X @ W^T")
+        for r in sweep:
+            ax.annotate(f"M={r['tokens']}", (r["intensity"], r["tflops"]), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("FLOP / byte")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"Decode vs prefill on the roofline\n{ctx.header.split('|')[0]}", fontsize=9)
+        ax.legend(fontsize=8)
+        ctx.savefig(fig, "foundations")
+        plt.close(fig)
+
+    copies = FD.copy_bandwidth(dev, sizes=(4, 64 << 10, 1 << 20, 16 << 20, 256 << 20) if gpu else (4, 1 << 20, 64 << 20),
+                               reps=10 if gpu else 5)
+    ctx.table("Host <-> device copies" if gpu else "Host memcpy (no GPU)",
+              ["bytes", "host memory", "direction", "us", "GB/s"],
+              [[f"{c['bytes']:,}", c["kind"], c["direction"], c["us"], c["gbps"]] for c in copies],
+              note="Median of CUDA events around copy_(non_blocking=True). Pageable memory is staged by the driver "
+                   "through a pinned buffer; pinned memory is DMA'd directly. A copy of a few bytes measures the "
+                   "fixed cost of one copy." if gpu else "", dtype=torch.float32)
+    if gpu:
+        issue = FD.nonblocking_blocks_host(dev)
+        ctx.table("Host time to issue a 64 MiB non_blocking host -> GPU copy", ["host memory", "issue us", "done us"],
+                  [[k, v["issue_us"], v["total_us"]] for k, v in issue.items()],
+                  note="From pageable memory the call returns only once the data is staged: it blocks the host "
+                       "whatever non_blocking says.", dtype=torch.float32)
+
+    topo = FD.numa_topology()
+    ctx.table("NUMA topology (sysfs)", ["NUMA nodes", "CPUs per node", "CPUs this process may use", "GPU -> node"],
+              [[len(topo.nodes), ", ".join(f"{k}: {len(v)}" for k, v in topo.nodes.items()), len(topo.allowed_cpus),
+                ", ".join(f"GPU {g}: node {n}" for g, n in topo.gpu_nodes.items()) or "no GPU"]],
+              note="node -1: the firmware does not say (single-node machines, most VMs).", dtype=torch.float32)
+
+    ctx.table("The GIL: the same jobs serially, on threads, on processes (seconds)",
+              ["work", "jobs", "serial", "threads", "processes", "process pool start", "threads speed-up",
+               "processes speed-up (start excluded)"],
+              [list(r.values()) for r in FD.gil_scaling(min(4, os.cpu_count() or 1))], dtype=torch.float32,
+              note="Each job is the same size. Pure Python holds the GIL: threads take turns. The torch job "
+                   "(one torch thread each) releases it inside the op. Processes run anything in parallel but "
+                   "start a fresh interpreter each (spawn).")
+
+    # the engine loop's view: one eager decode step of model.py, alone and with a busy Python thread
+    model = M.load_gpt2("random:124M" if gpu else "random:tiny", M.default_dtype(dev), dev)
+    cache = M.KVCache(model.cfg, 1, 128, model.dtype, dev)
+    M.prefill(model, torch.randint(0, 1000, (1, 64), device=dev), cache)
+    token = torch.tensor([7], device=dev)
+
+    def step():
+        cache.lengths[0] = 64                       # same position every time
+        M.decode(model, token, cache)
+        ctx.sync()
+    rows = []
+    for busy, interval in ((1, None), (2, None), (2, 0.0005)):
+        r = FD.gil_contention(step, n_steps=20, busy_threads=busy, switch_interval_s=interval)
+        rows.append([busy, "5 ms (default)" if interval is None else f"{interval * 1e3:g} ms", r["alone_ms"],
+                     r["contended_ms"], r["slowdown"]])
+    ctx.table(f"GIL contention: one eager decode step of GPT-2 {'124M' if gpu else 'tiny'} (model.decode)",
+              ["busy Python threads", "switch interval", "ms alone", "ms with them running", "slowdown (x)"], rows,
+              dtype=model.dtype,
+              note="The step is a Python loop of ~100-200 PyTorch ops (GPU kernel launches), each of which "
+                   "releases the GIL and must get it back from the busy threads, which hand it over only when "
+                   "the switch interval forces them. Median of up to 20 steps (each phase capped at 5 s). "
+                   f"This machine has {os.cpu_count()} CPUs.")
+
+    a, b = FD.asyncio_streams(), FD.asyncio_streams(blocking_every=10)
+    ctx.table("asyncio: 100 token streams served by one thread", ["handlers", "tokens", "wall s", "gap p50 ms",
+                                                                 "gap p99 ms", "gap max ms"],
+              [["await only", a["tokens"], a["wall_s"], a["gap_p50_ms"], a["gap_p99_ms"], a["gap_max_ms"]],
+               ["a 10 ms blocking call every 10th token", b["tokens"], b["wall_s"], b["gap_p50_ms"], b["gap_p99_ms"],
+                b["gap_max_ms"]]], dtype=torch.float32,
+              note="Each stream awaits 2 ms per token. One blocking call inside any handler stops the event loop, "
+                   "so every stream's next token waits for it: the p99 gap grows from ~2 ms to the sum of many "
+                   "such calls.")
+
+
 # ---- quant.py --------------------------------------------------------------------------------
 
 @register("quant")

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 import attention as A
 import batching as BT
 import flash_attn as fa
+import foundations as FD
 import kvcache as KV
 import model as M
 import quant as Q
@@ -2153,3 +2154,80 @@ def test_int8_linear_cuda_gpt2_xl_shapes_and_graphs(dtype, rows):
         graph.replay()
         torch.cuda.synchronize()
         _int8_check(y_graph, x, qw, b, act, r)
+
+
+# ----------------------------------------------------------------------------------------------
+# foundations.py: intensity, copies, NUMA topology, threads / processes / asyncio
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("M,N,K", [(1, 4096, 4096), (512, 768, 3072), (7, 5, 3)])
+def test_linear_intensity(M, N, K):
+    got = FD.linear_intensity(M, N, K, bytes_per_element=2)
+    assert got == pytest.approx(2 * M * N * K / (2 * (N * K + M * K + M * N)), rel=1e-12)
+    if M == 1:
+        assert 0.99 < got < 1.0              # decode: ~1 FLOP per byte, whatever the layer
+
+
+def test_intensity_sweep_and_copies_run():
+    rows = FD.intensity_sweep(torch.device("cpu"), 64, tokens=(1, 8), reps=2)
+    assert [r["tokens"] for r in rows] == [1, 8]
+    assert rows[1]["intensity"] > rows[0]["intensity"] > 0
+    assert all(r["tflops"] > 0 and r["gbps"] > 0 for r in rows)
+    copies = FD.copy_bandwidth(torch.device("cpu"), sizes=(4, 4096), reps=2)
+    assert [c["bytes"] for c in copies] == [4, 4096] and all(c["gbps"] > 0 for c in copies)
+
+
+@pytest.mark.parametrize("text,cpus", [("0-3", [0, 1, 2, 3]), ("0-1,8,10-11\n", [0, 1, 8, 10, 11]), ("5", [5]), ("", [])])
+def test_parse_cpulist(text, cpus):
+    assert FD.parse_cpulist(text) == cpus
+
+
+def test_numa_topology_from_a_fake_sysfs(tmp_path):
+    for node, cpus in ((0, "0-3,8-11"), (1, "4-7,12-15")):
+        d = tmp_path / "devices/system/node" / f"node{node}"
+        d.mkdir(parents=True)
+        (d / "cpulist").write_text(cpus + "\n")
+    (tmp_path / "devices/system/node/online").write_text("0-1\n")     # not a node directory
+    topo = FD.numa_topology(tmp_path)
+    assert topo.nodes == {0: [0, 1, 2, 3, 8, 9, 10, 11], 1: [4, 5, 6, 7, 12, 13, 14, 15]}
+    assert topo.allowed_cpus and set(topo.allowed_cpus) <= set(range(os.cpu_count() or 1024))
+    real = FD.numa_topology()
+    assert sum(map(len, real.nodes.values())) >= 1 or not os.path.exists("/sys/devices/system/node")
+
+
+def test_run_parallel_gives_the_same_results_in_every_mode():
+    args = [1000, 2000, 3000]
+    want = [FD.python_work(n) for n in args]
+    for mode in ("serial", "threads", "processes"):
+        assert FD.run_parallel(FD.python_work, args, mode)[0] == want, mode
+    with pytest.raises(ValueError, match="mode"):
+        FD.run_parallel(FD.python_work, args, "fibers")
+
+
+def test_gil_contention_and_asyncio_streams():
+    calls = []
+    interval = __import__("sys").getswitchinterval()
+    r = FD.gil_contention(lambda: calls.append(sum(range(1000))), n_steps=5, busy_threads=1, switch_interval_s=0.001)
+    assert len(calls) == 10 and r["alone_ms"] > 0 and r["contended_ms"] > 0
+    assert __import__("sys").getswitchinterval() == interval          # restored
+    free = FD.asyncio_streams(n_requests=10, n_tokens=5, token_s=0.001)
+    blocked = FD.asyncio_streams(n_requests=10, n_tokens=5, token_s=0.001, blocking_every=2, block_s=0.01)
+    assert free["tokens"] == blocked["tokens"] == 50
+    # a handler's 10 ms time.sleep blocks the loop: some stream's gap includes it
+    assert blocked["gap_max_ms"] >= 10 and blocked["wall_s"] >= 10 * 2 * 0.01
+
+
+def test_foundations_cli():
+    assert FD.main(["--workers", "1"]) == 0
+    with pytest.raises(SystemExit):
+        FD.main(["--workers", "0"])
+
+
+@needs_cuda
+def test_cuda_copies_pinned_and_pageable():
+    dev = torch.device("cuda")
+    rows = FD.copy_bandwidth(dev, sizes=(1 << 20,), reps=2)
+    assert {(r["kind"], r["direction"]) for r in rows} == {(k, d) for k in ("pageable", "pinned")
+                                                           for d in ("host -> GPU", "GPU -> host")}
+    issue = FD.nonblocking_blocks_host(dev, 1 << 20)
+    assert set(issue) == {"pageable", "pinned"} and all(v["total_us"] >= v["issue_us"] > 0 for v in issue.values())
