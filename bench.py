@@ -1345,6 +1345,126 @@ def topic_graphs(ctx: BenchContext) -> None:
                  "\n\n```\n" + cpu_top + "\n```")
 
 
+# ---- load: the engine under traffic ------------------------------------------------------------
+
+def _open_loop(engine, work, arrivals):
+    """Run requests (prompt, max_tokens) that arrive at `arrivals` (seconds after the start) through
+    the engine, stepping it in between (an open loop: arrivals do not wait for answers). Returns
+    per request (TTFT, time per output token, end-to-end), all measured from the SCHEDULED arrival,
+    so time spent waiting for the engine to notice a request (a step was running) counts too; and
+    the wall time."""
+    import serve as S
+    order = sorted(range(len(work)), key=lambda i: arrivals[i])
+    ids, stats, nxt = {}, {}, 0
+    t0 = time.perf_counter()
+    while True:
+        now = time.perf_counter() - t0
+        while nxt < len(order) and arrivals[order[nxt]] <= now:
+            i = order[nxt]
+            ids[engine.add_request(work[i][0], S.SamplingParams(max_tokens=work[i][1], ignore_eos=True))] = i
+            nxt += 1
+        if engine.has_unfinished():
+            engine.step()
+        elif nxt < len(order):
+            time.sleep(max(0.0, arrivals[order[nxt]] - (time.perf_counter() - t0)))
+        else:
+            break
+        for seq_id in [k for k, seq in engine.seqs.items() if seq.status == "finished"]:
+            seq, i = engine.seqs.pop(seq_id), ids[seq_id]
+            start = t0 + arrivals[i]
+            n = len(seq.output)
+            stats[i] = (seq.first_token_time - start, (seq.finish_time - seq.first_token_time) / max(1, n - 1),
+                        seq.finish_time - start)
+    return [stats[i] for i in range(len(work))], time.perf_counter() - t0
+
+
+@register("load")
+def topic_load(ctx: BenchContext) -> None:
+    """serve.py's engine under traffic: one request alone, Poisson arrivals at a sweep of offered
+    loads (TTFT, time per output token and end-to-end latency, P50/P90/P99), and one long prompt."""
+    import random
+    import model as M
+    import serve as S
+    dev, gpu = ctx.device, ctx.device.type == "cuda"
+    dt = M.default_dtype(dev)
+    model = M.load_gpt2("random:124M" if gpu else "random:tiny", dt, dev)
+    name = "GPT-2 124M" if gpu else "GPT-2 tiny"
+    rng = random.Random(0)
+    V = model.cfg.vocab_size
+    n_req = 256 if gpu else 24
+    p_lo, p_hi, o_lo, o_hi = (32, 512, 32, 256) if gpu else (8, 64, 8, 32)
+    work = [([rng.randrange(V) for _ in range(rng.randint(p_lo, p_hi))], rng.randint(o_lo, o_hi)) for _ in range(n_req)]
+    engine = _serve_engine(model, ctx, max_num_seqs=128 if gpu else 16, gpu_memory_fraction=0.5,
+                           num_blocks=0 if gpu else 512, prefix_caching=False)
+    engine.generate([work[0][0]], S.SamplingParams(max_tokens=4, ignore_eos=True))         # warm-up
+
+    # (1) one request on an idle engine: the floor every latency below is compared with
+    single = []
+    for prompt, n in work[:5]:
+        single.append(_open_loop(engine, [(prompt, n)], [0.0])[0][0])
+    # (2) capacity: everything at once; then Poisson arrivals at fractions of it
+    stats, wall = _open_loop(engine, work, [0.0] * n_req)
+    capacity = n_req / wall
+    rows = [["1 at a time (idle engine)", "-", "-"] + [x * 1e3 for x in (
+        statistics.median(s[0] for s in single), statistics.median(s[1] for s in single),
+        statistics.median(s[2] for s in single))] + ["", "", ""]]
+
+    def pcts(xs):
+        xs = sorted(xs)
+        return "/".join(f"{_pct(xs, p) * 1e3:,.0f}" if _pct(xs, p) >= 0.01 else f"{_pct(xs, p) * 1e3:.2g}"
+                        for p in (50, 90, 99))
+    for frac in (0.25, 0.5, 0.75, 1.0, 1.5, None):
+        if frac is None:
+            arrivals, label, rate = [0.0] * n_req, "all at once (t = 0)", float("inf")
+        else:
+            rate = frac * capacity
+            t, arrivals = 0.0, []
+            for _ in range(n_req):
+                t += rng.expovariate(rate)
+                arrivals.append(t)
+            label = f"Poisson, {frac:g} x capacity"
+        stats, wall = _open_loop(engine, work, arrivals)
+        out_tokens = sum(n for _, n in work)
+        rows.append([label, f"{rate:.3g}" if rate != float("inf") else "-", f"{n_req / wall:.3g}",
+                     statistics.median(s[0] for s in stats) * 1e3, statistics.median(s[1] for s in stats) * 1e3,
+                     statistics.median(s[2] for s in stats) * 1e3,
+                     pcts(s[0] for s in stats), pcts(s[1] for s in stats), f"{out_tokens / wall:,.0f}"])
+    ctx.table(f"serve.py under load: {name} {str(dt).removeprefix('torch.')}, {n_req} requests, prompts "
+              f"{p_lo}-{p_hi}, outputs {o_lo}-{o_hi} tokens (EOS ignored)",
+              ["arrivals", "offered req/s", "served req/s", "TTFT p50 ms", "TPOT p50 ms", "end-to-end p50 ms",
+               "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms", "output tok/s"], rows, dtype=dt,
+              note=f"Capacity = {capacity:.3g} req/s, from the all-at-once run before the sweep. Open loop: each "
+                   "request arrives at its time whatever the engine is doing; latencies count from that time. "
+                   "TTFT = time to the first output token; TPOT = (last token - first token) / (tokens - 1). "
+                   "What to look for: below capacity TTFT should stay near the idle row's; past it requests "
+                   "queue, TTFT grows with the backlog, and TPOT grows with the batch that shares each step.")
+    del engine
+    _free_memory(gpu)
+
+    # (3) one long prompt through the engine (the kernel-level runs are in flash.md)
+    rows = []
+    cfg = M.replace(M.PRESETS["smollm2-135M" if gpu else "tiny-llama"], max_seq_len=131072 if gpu else 4096)
+    long_model = M.init_random(M.Transformer(cfg).to(dev)).to(dt).eval()
+    for n_prompt in ((10_000, 100_000) if gpu else (2_000,)):
+        engine = _serve_engine(long_model, ctx, max_num_seqs=1, max_num_batched_tokens=cfg.max_seq_len,
+                               num_blocks=(n_prompt + 64) // 16 + 2, block_size=16, prefix_caching=False)
+        prompt = [rng.randrange(cfg.vocab_size) for _ in range(n_prompt)]
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        stats, wall = _open_loop(engine, [(prompt, 32)], [0.0])
+        ttft, tpot, e2e = stats[0]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else NAN
+        rows.append([f"{n_prompt:,}", ttft * 1e3, tpot * 1e3, 1 / tpot, engine.memory_report()["kv_pool_GiB"], peak])
+        del engine
+        _free_memory(gpu)
+    ctx.table(f"One long prompt through the engine: {'SmolLM2-135M shape' if gpu else 'tiny Llama'} (random "
+              f"weights, context raised to {cfg.max_seq_len:,}), then 32 tokens",
+              ["prompt tokens", "TTFT ms (prefill)", "TPOT ms", "decode tok/s at that context", "KV pool GiB",
+               "CUDA peak GiB"], rows, dtype=dt,
+              note="The whole prompt is one prefill step (no chunked prefill): TTFT is its time. Decode then reads "
+                   "the whole cache every step.")
+
+
 # ---- foundations.py --------------------------------------------------------------------------
 
 @register("foundations")

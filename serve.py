@@ -4,6 +4,7 @@ caching, CUDA graphs, all in one file you can read top to bottom.
 
     python serve.py --prompt "The GPU" --max-tokens 64       # stream one answer + a summary line
     python serve.py --model random:1.5B --dtype float16 ...  # any model model.py can load
+    python serve.py --http 8000                              # an OpenAI-compatible API on :8000
     python serve.py --help                                   # every knob of EngineConfig
 
 What you will learn, in the order the engine is built
@@ -21,6 +22,8 @@ What you will learn, in the order the engine is built
    the step in one (1, N) batch, no padding), batched decode (one token per running sequence),
    and CUDA graphs for decode, captured once per batch-size bucket.
 5. The engine (`LLMEngine`): add requests, step, stream; memory accounting.
+6. An OpenAI-compatible HTTP server (`HTTPServer`): asyncio for the connections, one thread
+   that owns the engine, streaming by server-sent events.
 
 The attention of the model plugs in through model.py's `attend(layer, q, k, v, positions)`
 interface: `PagedStep` is that backend for one engine step, and it carries the step's batch
@@ -33,12 +36,17 @@ runs a plain PyTorch gather + SDPA, which is the reference in tests.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
+import json
 import math
 import numbers
 import os
+import queue
 import sys
+import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Iterator
@@ -1268,7 +1276,7 @@ class LLMEngine:
         params = params or SamplingParams()
         seq_id = self._enqueue(self.check_request(prompt, params), params, live_text=True)
         seq = self.seqs[seq_id]
-        printed, seen = 0, 0
+        printed, seen = 0, -1
         try:
             while True:
                 # The request may have finished during a step another caller ran (a second
@@ -1276,25 +1284,34 @@ class LLMEngine:
                 # last text is still sent and an error still reported.
                 if seq.status != "finished":
                     self.step()
-                done = seq.status == "finished"
-                if done:
-                    if seq.finish_reason in ("error", "abort"):
-                        raise RuntimeError(f"request {seq_id} ended with {seq.finish_reason!r} "
-                                           f"after {len(seq.output)} tokens")
-                    stable = self._output(seq).text
-                elif len(seq.output) == seen:
+                if seq.status != "finished" and len(seq.output) == seen:
                     continue                  # no new token this step (another request's prefill)
-                else:
-                    seen = len(seq.output)
-                    stable = _stable_prefix(seq.detok.text, params.stop)
-                if len(stable) > printed:
-                    yield stable[printed:]
-                    printed = len(stable)
+                seen = len(seq.output)
+                piece, done = self.new_text(seq, printed)
+                if piece:
+                    yield piece
+                    printed += len(piece)
                 if done:
                     return
         finally:
             if seq_id in self.seqs:
                 self.abort(seq_id)
+
+    def new_text(self, seq: Sequence, printed: int) -> tuple[str, bool]:
+        """(the text of a streamed request past its first `printed` characters that no later
+        token can change, whether it is finished). Text is held back while it could still turn
+        out to be part of a stop string or of an unfinished UTF-8 character; once finished, the
+        rest of the final text. A request that ended in an error or an abort raises RuntimeError.
+        Used by stream() and by the HTTP server's engine thread."""
+        done = seq.status == "finished"
+        if done:
+            if seq.finish_reason in ("error", "abort"):
+                raise RuntimeError(f"request {seq.id} ended with {seq.finish_reason!r} "
+                                   f"after {len(seq.output)} tokens")
+            stable = self._output(seq).text
+        else:
+            stable = _stable_prefix(seq.detok.text, seq.params.stop)
+        return stable[printed:], done
 
 
 def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
@@ -1308,7 +1325,322 @@ def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. CLI
+# 7. An OpenAI-compatible HTTP server
+# ----------------------------------------------------------------------------------------------
+#
+# Many clients, one engine. The engine is not thread-safe and its loop is Python: it gets ONE
+# thread of its own (EngineThread), the only code that touches it. Connections are handled by
+# asyncio on another thread: one event loop serves any number of slow or streaming clients
+# without a thread each (foundations.py, Part 4). The two meet through two queues: handlers put
+# requests into the engine thread's inbox (thread-safe), and the engine thread hands each
+# request's text pieces back to that request's asyncio.Queue with loop.call_soon_threadsafe (an
+# asyncio.Queue may only be touched from its own loop's thread). The engine thread steps
+# whenever any request is unfinished and sleeps on its inbox otherwise, so a burst of requests
+# joins the running batch at the next step: continuous batching across HTTP clients.
+# The GIL is shared by the two threads: the handlers' work per token (a JSON dump, a socket
+# write) is kept small, because every microsecond of it is taken from the engine loop.
+#
+# Endpoints (the subset of the OpenAI API that a completion client needs):
+#   GET  /v1/models             the one model served
+#   POST /v1/completions        {"prompt": str | [token ids], "max_tokens": 16, "temperature": 1,
+#                                "top_p": 1, "stop": str | [str], "seed", "stream": false, and
+#                                the extensions "top_k", "ignore_eos"}
+#   POST /v1/chat/completions   {"messages": [{"role", "content"}], ...}: models with a chat
+#                                template (SmolLM2), the template applied by model.chat_tokens
+# With "stream": true the answer is server-sent events, one `data: {json}` per text piece and
+# `data: [DONE]` at the end. A bad request gets HTTP 400 and the engine's own error message,
+# before anything is queued; a client that disconnects mid-stream aborts its request.
+# Deliberately left out: n > 1, logprobs, echo, best_of, suffix, tools, keep-alive (every
+# response closes its connection) and TLS.
+
+MAX_BODY_BYTES = 1 << 20          # a request body larger than this gets 413
+_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}    # ours -> OpenAI's
+
+
+class EngineThread:
+    """The thread that owns the engine. submit() and cancel() may be called from any thread;
+    each request's events go to its asyncio queue: ("text", piece), then ("done",
+    RequestOutput) or ("error", message)."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.streams: dict[int, list] = {}       # request id -> [event loop, asyncio.Queue, chars sent]
+        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, loop, events: asyncio.Queue) -> None:
+        self.inbox.put(("add", prompt_ids, params, loop, events))
+
+    def cancel(self, events: asyncio.Queue) -> None:
+        self.inbox.put(("cancel", events))
+
+    def stop(self) -> None:
+        self.inbox.put(("stop",))
+        self.thread.join()
+
+    @staticmethod
+    def _send(stream, event) -> None:
+        loop, events = stream[0], stream[1]
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            # sleep on the inbox when idle; otherwise take what has arrived and step
+            msgs = [self.inbox.get()] if not engine.has_unfinished() else []
+            while True:
+                try:
+                    msgs.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for msg in msgs:
+                if msg[0] == "stop":
+                    for seq_id in list(self.streams):
+                        engine.abort(seq_id)
+                    return
+                if msg[0] == "add":
+                    _, prompt_ids, params, loop, events = msg
+                    seq_id = engine._enqueue(prompt_ids, params, live_text=True)
+                    self.streams[seq_id] = [loop, events, 0]
+                else:                                        # cancel: the client went away
+                    for seq_id, stream in list(self.streams.items()):
+                        if stream[1] is msg[1]:
+                            del self.streams[seq_id]
+                            engine.abort(seq_id)
+            if not engine.has_unfinished():
+                continue
+            try:
+                engine.step()
+            except Exception:       # noqa: BLE001 (the step retired its requests as "error")
+                pass                # reported below, request by request, by new_text
+            self._publish()
+
+    def _publish(self) -> None:
+        for seq_id, stream in list(self.streams.items()):
+            seq = self.engine.seqs[seq_id]
+            try:
+                piece, done = self.engine.new_text(seq, stream[2])
+            except RuntimeError as err:
+                del self.streams[seq_id]
+                self.engine.abort(seq_id)
+                self._send(stream, ("error", str(err)))
+                continue
+            if piece:
+                stream[2] += len(piece)
+                self._send(stream, ("text", piece))
+            if done:
+                del self.streams[seq_id]
+                self._send(stream, ("done", self.engine._output(self.engine.seqs.pop(seq_id))))
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _params_from_body(body: dict) -> SamplingParams:
+    """OpenAI's field names and defaults (temperature 1, 16 tokens) -> SamplingParams."""
+    if body.get("n", 1) != 1:
+        raise HTTPError(400, "n must be 1 (one choice per request)")
+    try:
+        return SamplingParams(max_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 1.0),
+                              top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0), seed=body.get("seed"),
+                              ignore_eos=bool(body.get("ignore_eos", False)), stop=body.get("stop") or ())
+    except (TypeError, ValueError) as err:
+        raise HTTPError(400, str(err)) from None
+
+
+def _prompt_from_body(engine: LLMEngine, body: dict, chat: bool) -> list[int]:
+    if chat:
+        if not M.is_chat_model(engine.cfg.model):
+            raise HTTPError(400, f"{engine.cfg.model} has no chat template: use /v1/completions")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise HTTPError(400, "messages must be a non-empty list of {\"role\": str, \"content\": str}")
+        return M.chat_tokens(engine.tokenizer, messages)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, (str, list)):
+        raise HTTPError(400, "prompt must be a string or a list of token ids (one prompt per request)")
+    return prompt
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
+    """(method, path, body) of one HTTP/1.1 request."""
+    request_line = (await reader.readline()).decode("latin-1").split()
+    if len(request_line) != 3:
+        raise HTTPError(400, "malformed request line")
+    method, path, _ = request_line
+    headers = {}
+    while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    try:
+        length = int(headers.get("content-length", "0"))
+    except ValueError:
+        raise HTTPError(400, "bad Content-Length") from None
+    if length > MAX_BODY_BYTES:
+        raise HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    return method, path.split("?")[0], await reader.readexactly(length) if length > 0 else b""
+
+
+def _head(status: int, content_type: str, length: int | None = None) -> bytes:
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+              413: "Payload Too Large", 500: "Internal Server Error"}[status]
+    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}", "Connection: close",
+             "Cache-Control: no-cache"] + ([f"Content-Length: {length}"] if length is not None else [])
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _json_response(status: int, payload: dict) -> bytes:
+    body = json.dumps(payload).encode()
+    return _head(status, "application/json", len(body)) + body
+
+
+class HTTPServer:
+    """The OpenAI-compatible server: an asyncio loop on a background thread plus the engine
+    thread. start() returns once it listens (port=0 picks a free port: see .port); close()
+    stops both. `python serve.py --http 8000` runs one until Ctrl-C."""
+
+    def __init__(self, engine: LLMEngine, host: str = "127.0.0.1", port: int = 8000):
+        self.engine, self.host, self.port = engine, host, port
+        self.engine_thread: EngineThread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "HTTPServer":
+        self.engine_thread = EngineThread(self.engine)
+        self.loop = asyncio.new_event_loop()
+        started, failure = threading.Event(), []
+
+        async def listen():
+            try:
+                self._server = await asyncio.start_server(self._handle, self.host, self.port)
+                self.port = self._server.sockets[0].getsockname()[1]
+            except OSError as err:
+                failure.append(err)
+            started.set()
+
+        self._thread = threading.Thread(target=self.loop.run_forever, name="http", daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(listen(), self.loop)
+        started.wait()
+        if failure:
+            self.close()
+            raise failure[0]
+        return self
+
+    def close(self) -> None:
+        if self.loop is not None:
+            async def shutdown():      # stop listening, end open connections, let handlers finish
+                if getattr(self, "_server", None) is not None:
+                    self._server.close()
+                handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for task in handlers:
+                    task.cancel()
+                await asyncio.gather(*handlers, return_exceptions=True)
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+            self.loop.close()
+            self.loop = None
+        if self.engine_thread is not None:
+            self.engine_thread.stop()
+            self.engine_thread = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            method, path, raw = await _read_request(reader)
+            routes = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+            if path not in routes:
+                raise HTTPError(404, f"no endpoint {path}; this server has {', '.join(routes)}")
+            if method != routes[path]:
+                raise HTTPError(405, f"{path} takes {routes[path]}")
+            if path == "/v1/models":
+                writer.write(_json_response(200, {"object": "list", "data": [
+                    {"id": self.engine.cfg.model, "object": "model", "owned_by": "waveboost"}]}))
+            else:
+                try:
+                    body = json.loads(raw or b"{}")
+                except json.JSONDecodeError as err:
+                    raise HTTPError(400, f"the body is not JSON: {err}") from None
+                if not isinstance(body, dict):
+                    raise HTTPError(400, "the body must be a JSON object")
+                await self._complete(body, path == "/v1/chat/completions", writer)
+        except HTTPError as err:
+            writer.write(_json_response(err.status, {"error": {"message": str(err), "type": "invalid_request_error"}}))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass                                     # the client went away
+        except Exception as err:                     # noqa: BLE001 (a bug here must not kill the server)
+            writer.write(_json_response(500, {"error": {"message": f"{type(err).__name__}: {err}",
+                                                        "type": "server_error"}}))
+        finally:
+            try:
+                await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()     # also when cancelled by close(): no transport outlives the loop
+
+    async def _complete(self, body: dict, chat: bool, writer: asyncio.StreamWriter) -> None:
+        params = _params_from_body(body)
+        try:        # validated here, before anything reaches the engine thread (a clear 400)
+            prompt_ids = self.engine.check_request(_prompt_from_body(self.engine, body, chat), params)
+        except ValueError as err:
+            raise HTTPError(400, str(err)) from None
+        events: asyncio.Queue = asyncio.Queue()
+        self.engine_thread.submit(prompt_ids, params, asyncio.get_running_loop(), events)
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+
+        def choice(text, finish):
+            if chat:
+                return {"index": 0, "delta" if body.get("stream") else "message":
+                        {"role": "assistant", "content": text}, "finish_reason": finish}
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+        def envelope(choices, **extra):
+            return {"id": rid, "object": kind + (".chunk" if chat and body.get("stream") else ""),
+                    "created": created, "model": self.engine.cfg.model, "choices": choices, **extra}
+
+        try:
+            if body.get("stream"):
+                writer.write(_head(200, "text/event-stream"))
+                while True:
+                    kind_, value = await events.get()
+                    if kind_ == "text":
+                        data = envelope([choice(value, None)])
+                    elif kind_ == "done":
+                        data = envelope([choice("", _FINISH_REASONS.get(value.finish_reason, value.finish_reason))])
+                    else:
+                        data = {"error": {"message": value, "type": "server_error"}}
+                    writer.write(f"data: {json.dumps(data)}\n\n".encode())
+                    await writer.drain()              # raises if the client has gone
+                    if kind_ != "text":
+                        writer.write(b"data: [DONE]\n\n")
+                        return
+            while True:
+                kind_, value = await events.get()
+                if kind_ == "done":
+                    usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(value.tokens),
+                             "total_tokens": len(prompt_ids) + len(value.tokens)}
+                    writer.write(_json_response(200, envelope(
+                        [choice(value.text, _FINISH_REASONS.get(value.finish_reason, value.finish_reason))],
+                        usage=usage)))
+                    return
+                if kind_ == "error":
+                    writer.write(_json_response(500, {"error": {"message": value, "type": "server_error"}}))
+                    return
+        except (ConnectionError, asyncio.CancelledError):
+            self.engine_thread.cancel(events)
+            raise
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. CLI
 # ----------------------------------------------------------------------------------------------
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -1330,7 +1662,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default=None, help="default: a question for chat models, a sentence "
                    "start otherwise; chat models get the prompt wrapped in their chat template")
     M.add_sampling_args(p)
+    p.add_argument("--http", type=int, default=None, metavar="PORT",
+                   help="instead of answering --prompt, serve an OpenAI-compatible HTTP API on this port "
+                        "(/v1/completions, /v1/chat/completions, /v1/models; 0 = any free port) until Ctrl-C")
+    p.add_argument("--host", default="127.0.0.1", help="with --http: the address to listen on")
     args = p.parse_args(argv)
+    if args.http is not None and not 0 <= args.http < 65536:
+        p.error(f"--http must be a port number in 0..65535, got {args.http}")
     try:
         cfg = EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
@@ -1340,6 +1678,17 @@ def main(argv=None) -> int:
         t_load = time.perf_counter() - t0
         print(f"[{cfg.model} on {cfg.device}: loaded in {t_load:.1f} s, "
               f"KV pool {engine.blocks.num_blocks} blocks x {cfg.block_size} tokens]", file=sys.stderr)
+        if args.http is not None:
+            server = HTTPServer(engine, args.host, args.http).start()
+            print(f"[serving http://{args.host}:{server.port}/v1 (completions, chat/completions, models); "
+                  f"Ctrl-C stops]", file=sys.stderr)
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                server.close()
+            return 0
         chat = M.is_chat_model(cfg.model)
         text = args.prompt or (M.DEFAULT_CHAT_PROMPT if chat else M.DEFAULT_COMPLETION_PROMPT)
         prompt = M.chat_tokens(engine.tokenizer, [{"role": "user", "content": text}]) if chat else text

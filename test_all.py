@@ -24,9 +24,12 @@ if not torch.cuda.is_available():
 
 import json
 import math
+import http.client
 import random
 import re
 import socket
+import threading
+import time
 
 import pytest
 import torch.nn.functional as F
@@ -2235,3 +2238,184 @@ def test_cuda_copies_pinned_and_pageable():
                                                            for d in ("host -> GPU", "GPU -> host")}
     issue = FD.nonblocking_blocks_host(dev, 1 << 20)
     assert set(issue) == {"pageable", "pinned"} and all(v["total_us"] >= v["issue_us"] > 0 for v in issue.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# serve.py's OpenAI-compatible HTTP server
+# ----------------------------------------------------------------------------------------------
+
+def _http(server, method, path, body=None, raw=None):
+    """(status, decoded body) of one request to the server."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    payload = raw if raw is not None else (None if body is None else json.dumps(body))
+    conn.request(method, path, payload, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    out = resp.status, resp.read().decode()
+    conn.close()
+    return out
+
+
+def _sse_events(text):
+    events = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+@pytest.fixture
+def http_server(tiny_model):
+    engine = _engine(tiny_model, num_blocks=60)
+    server = S.HTTPServer(engine, port=0).start()
+    yield server
+    server.close()
+
+
+def _wait_drained(engine, timeout=30):
+    deadline = time.time() + timeout
+    while (engine.has_unfinished() or engine.seqs) and time.time() < deadline:
+        time.sleep(0.01)
+    _assert_drained(engine)
+
+
+def test_http_completions_match_generate_and_stream(http_server, tiny_model):
+    tok = M.gpt2_tokenizer()
+    prompt = "The cache was the first thing to fill"
+    want = M.generate(tiny_model, tok.encode_ordinary(prompt), 12)
+    status, body = _http(http_server, "POST", "/v1/completions",
+                         {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+    assert status == 200, body
+    out = json.loads(body)
+    assert out["object"] == "text_completion" and out["choices"][0]["finish_reason"] == "length"
+    assert out["choices"][0]["text"] == tok.decode(want)
+    assert out["usage"] == {"prompt_tokens": len(tok.encode_ordinary(prompt)), "completion_tokens": 12,
+                            "total_tokens": len(tok.encode_ordinary(prompt)) + 12}
+    # the same request streamed: the pieces add up to the same text, the last one says why it ended
+    status, body = _http(http_server, "POST", "/v1/completions",
+                         {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "stream": True})
+    events = _sse_events(body)
+    assert status == 200 and len(events) >= 2
+    assert "".join(e["choices"][0]["text"] for e in events) == tok.decode(want)
+    assert [e["choices"][0]["finish_reason"] for e in events][-1] == "length"
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+    # token ids as the prompt, and a stop string cut
+    status, body = _http(http_server, "POST", "/v1/completions",
+                         {"prompt": want[:3], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+    assert status == 200 and json.loads(body)["usage"]["prompt_tokens"] == 3
+    _wait_drained(http_server.engine)
+
+
+def test_http_concurrent_clients_each_get_their_own_answer(http_server, tiny_model):
+    """Requests from 6 client threads at once are batched by the engine thread; each answer
+    equals model.generate run on that prompt alone."""
+    prompts, lengths = _workload(n=6, seed=3)
+    results = [None] * len(prompts)
+
+    def client(i):
+        results[i] = _http(http_server, "POST", "/v1/completions",
+                           {"prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0, "ignore_eos": True,
+                            "stream": i % 2 == 0})
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tok = M.gpt2_tokenizer()
+    for i, (status, body) in enumerate(results):
+        assert status == 200, body
+        text = ("".join(e["choices"][0]["text"] for e in _sse_events(body)) if i % 2 == 0
+                else json.loads(body)["choices"][0]["text"])
+        assert text == tok.decode(M.generate(tiny_model, prompts[i], lengths[i])), i
+    assert http_server.engine.steps["decode"] < sum(lengths)          # really batched
+    _wait_drained(http_server.engine)
+
+
+@pytest.mark.parametrize("body,match", [
+    ({"prompt": "", "max_tokens": 4}, "empty"),
+    ({"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "Hi", "max_tokens": 2000}, "context"),
+    ({"prompt": "Hi", "temperature": -1}, "temperature"),
+    ({"prompt": "Hi", "top_p": 1.5}, "top_p"),
+    ({"prompt": "Hi", "top_k": -1}, "top_k"),
+    ({"prompt": "Hi", "n": 2}, "n must be 1"),
+    ({"prompt": ["Hi", "there"]}, "integers"),
+    ({"prompt": {"text": "Hi"}}, "prompt must be"),
+    ({"messages": [{"role": "user", "content": "Hi"}]}, "prompt must be"),
+])
+def test_http_bad_requests_get_400_and_leave_the_server_usable(http_server, body, match):
+    status, text = _http(http_server, "POST", "/v1/completions", body)
+    assert status == 400 and match in json.loads(text)["error"]["message"], text
+    status, _ = _http(http_server, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "temperature": 0})
+    assert status == 200
+    _wait_drained(http_server.engine)
+
+
+def test_http_protocol_errors(http_server):
+    assert _http(http_server, "POST", "/v1/completions", raw="{not json")[0] == 400
+    assert _http(http_server, "POST", "/v1/completions", raw="[1, 2]")[0] == 400
+    assert _http(http_server, "GET", "/v1/completions")[0] == 405
+    assert _http(http_server, "GET", "/v2/anything")[0] == 404
+    status, body = _http(http_server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 400 and "chat template" in body
+    status, body = _http(http_server, "GET", "/v1/models")
+    assert status == 200 and json.loads(body)["data"][0]["id"] == "random:tiny"
+
+
+def test_http_client_that_disconnects_mid_stream_aborts_its_request(http_server):
+    sock = socket.create_connection(("127.0.0.1", http_server.port), timeout=30)
+    body = json.dumps({"prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True})
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    sock.close()                                     # gone long before 200 tokens
+    _wait_drained(http_server.engine)
+    assert http_server.engine.num_generated < 200
+
+
+def test_http_chat_with_smollm2(smollm2):
+    model, tok = smollm2
+    engine = S.LLMEngine(S.EngineConfig(model="smollm2", device="cpu", dtype="float32", num_blocks=64),
+                         model=model, tokenizer=tok)
+    server = S.HTTPServer(engine, port=0).start()
+    try:
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        status, body = _http(server, "POST", "/v1/chat/completions",
+                             {"messages": messages, "max_tokens": 10, "temperature": 0})
+        assert status == 200, body
+        out = json.loads(body)
+        want = M.generate(model, M.chat_tokens(tok, messages), 10, eos_id=tok.eot_token)
+        want = want[:-1] if want[-1] == tok.eot_token else want
+        assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+        assert out["choices"][0]["message"]["content"] == tok.decode(want)
+        status, body = _http(server, "POST", "/v1/chat/completions",
+                             {"messages": messages, "max_tokens": 10, "temperature": 0, "stream": True})
+        events = _sse_events(body)
+        assert "".join(e["choices"][0]["delta"]["content"] for e in events) == tok.decode(want)
+        assert events[0]["object"] == "chat.completion.chunk"
+    finally:
+        server.close()
+
+
+def test_serve_cli_http_port_checked():
+    with pytest.raises(SystemExit):
+        S.main(["--http", "70000"])
+
+
+def test_bench_new_topics_run_on_cpu(tmp_path):
+    """quant, foundations and load: each writes tables with rows (timings are not checked)."""
+    import bench
+    # tables with rows on a CPU: quant = formats + KV sizes (+ accuracy where SmolLM2 is installed)
+    for topic, n_tables in (("quant", 2), ("foundations", 6), ("load", 2)):
+        assert bench.main(["--topic", topic, "--device", "cpu", "--md", "--json", "--outdir", str(tmp_path)]) == 0
+        tables = [t for t in json.loads((tmp_path / f"{topic}.json").read_text())["tables"] if t.get("rows")]
+        assert len(tables) >= n_tables, (topic, [t["title"] for t in tables])
+    load = json.loads((tmp_path / "load.json").read_text())["tables"]
+    assert any("Poisson" in str(r[0]) for t in load for r in t.get("rows", []))
+
+
+def test_open_loop_accounts_for_every_request(tiny_model):
+    import bench
+    engine = _engine(tiny_model)
+    work = [([1, 2, 3, 4][:k + 1], k + 2) for k in range(4)] * 2
+    stats, wall = bench._open_loop(engine, work, [0.0, 0.01, 0.02, 0.0, 0.05, 0.05, 0.2, 0.01])
+    assert len(stats) == len(work) and wall >= 0.2
+    for ttft, tpot, e2e in stats:
+        assert 0 < ttft <= e2e and tpot >= 0
+    _assert_drained(engine)
