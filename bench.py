@@ -1556,9 +1556,9 @@ def topic_foundations(ctx: BenchContext) -> None:
     ctx.table(f"GIL contention: one eager decode step of GPT-2 {'124M' if gpu else 'tiny'} (model.decode)",
               ["busy Python threads", "switch interval", "ms alone", "ms with them running", "slowdown (x)"], rows,
               dtype=model.dtype,
-              note="The step is a Python loop of ~100-200 PyTorch ops (GPU kernel launches), each of which "
+              note="The step is a Python loop of hundreds of PyTorch ops (GPU kernel launches), each of which "
                    "releases the GIL and must get it back from the busy threads, which hand it over only when "
-                   "the switch interval forces them. Median of up to 20 steps (each phase capped at 5 s). "
+                   "the switch interval forces them. Median of up to 20 steps (a phase stops after 5 s, but runs at least 3). "
                    f"This machine has {os.cpu_count()} CPUs.")
 
     a, b = FD.asyncio_streams(), FD.asyncio_streams(blocking_every=10)

@@ -60,7 +60,8 @@ import model as M
 #     max(FLOPs / peak FLOP/s, bytes / bandwidth)
 # and which term wins depends on the ratio  intensity = FLOPs / bytes. The machine's own ratio,
 # ridge = peak FLOP/s / bandwidth, is where the two meet: H100 ~ 790 TFLOP/s (dense bf16,
-# measured) / ~3.0 TB/s = ~260 FLOP/byte; H200 ~ 790 / 4.2 = ~190; a laptop CPU ~ 0.1-1 TFLOP/s /
+# measured elsewhere) / ~3.0 TB/s = ~260 FLOP/byte; the H200 machine of results/foundations.md
+# 672 TFLOP/s (cuBLAS fp16, 8192^3) / 4.25 TB/s = 158; a laptop CPU ~ 0.1-1 TFLOP/s /
 # 20-50 GB/s = ~5-20. Below the ridge a kernel waits for memory, above it for arithmetic.
 #
 # The linear layer Y = X W^T with W (N, K) and X (M, K) tokens, 2-byte numbers:
@@ -236,7 +237,7 @@ def numa_topology(sysfs: str | Path = "/sys") -> NumaTopology:
 #  - A thread doing pure-Python work (detokenising, JSON, a slow logits processor) competes with
 #    the engine loop for the GIL. The loop releases it inside every PyTorch op (a launch, on a
 #    GPU); a busy thread grabs it and keeps it until it blocks or the switch interval (5 ms by
-#    default, sys.setswitchinterval) forces a hand-over. A step of ~100-200 ops can then wait up
+#    default, sys.setswitchinterval) forces a hand-over. A step of hundreds of ops can then wait up
 #    to 5 ms per op: the "convoy effect", and the GPU idles meanwhile. gil_contention() measures
 #    the loop's slowdown, with the default interval and a shorter one.
 #  - Work that releases the GIL does run in parallel on threads: tokenising a batch with

@@ -89,8 +89,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not _is_int(self.top_k):
             raise ValueError(f"top_k must be an integer (0 = off), got {self.top_k!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and -2**63 <= self.seed < 2**64):
+            raise ValueError(f"seed must be None or an integer in [-2^63, 2^64), got {self.seed!r}")
         M.check_sampling_args(self.temperature, self.top_k, self.top_p)
         self.stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -1366,6 +1366,7 @@ class EngineThread:
         self.engine = engine
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.streams: dict[int, list] = {}       # request id -> [event loop, asyncio.Queue, chars sent]
+        self.peak_streams = 0                    # most requests in flight at once (a diagnostic)
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.thread.start()
 
@@ -1376,47 +1377,75 @@ class EngineThread:
         self.inbox.put(("cancel", events))
 
     def stop(self) -> None:
+        """Abort every request in flight (their clients get an error event) and end the thread."""
         self.inbox.put(("stop",))
         self.thread.join()
 
     @staticmethod
     def _send(stream, event) -> None:
-        loop, events = stream[0], stream[1]
-        loop.call_soon_threadsafe(events.put_nowait, event)
+        try:
+            stream[0].call_soon_threadsafe(stream[1].put_nowait, event)
+        except RuntimeError:      # that client's event loop is already closed: nobody left to tell
+            pass
 
     def _run(self) -> None:
-        engine = self.engine
         while True:
             # sleep on the inbox when idle; otherwise take what has arrived and step
-            msgs = [self.inbox.get()] if not engine.has_unfinished() else []
+            msgs = [self.inbox.get()] if not self.engine.has_unfinished() else []
             while True:
                 try:
                     msgs.append(self.inbox.get_nowait())
                 except queue.Empty:
                     break
-            for msg in msgs:
-                if msg[0] == "stop":
-                    for seq_id in list(self.streams):
-                        engine.abort(seq_id)
-                    return
-                if msg[0] == "add":
-                    _, prompt_ids, params, loop, events = msg
-                    seq_id = engine._enqueue(prompt_ids, params, live_text=True)
-                    self.streams[seq_id] = [loop, events, 0]
-                else:                                        # cancel: the client went away
-                    for seq_id, stream in list(self.streams.items()):
-                        if stream[1] is msg[1]:
-                            del self.streams[seq_id]
-                            engine.abort(seq_id)
-            if not engine.has_unfinished():
-                continue
             try:
-                engine.step()
-            except Exception:       # noqa: BLE001 (the step retired its requests as "error")
-                pass                # reported below, request by request, by new_text
-            self._publish()
+                for msg in msgs:
+                    if msg[0] == "stop":
+                        self._abort_all("the server is shutting down")
+                        return
+                    if msg[0] == "add":
+                        self._add(*msg[1:])
+                    else:                                     # cancel: the client went away
+                        for seq_id, stream in list(self.streams.items()):
+                            if stream[1] is msg[1]:
+                                del self.streams[seq_id]
+                                self.engine.abort(seq_id)
+                if self.engine.has_unfinished():
+                    self._step()
+            except Exception as err:      # noqa: BLE001 (a bug here must not leave clients waiting forever)
+                self._abort_all(f"engine thread: {type(err).__name__}: {err}")
 
-    def _publish(self) -> None:
+    def _add(self, prompt_ids, params, loop, events) -> None:
+        stream = [loop, events, 0]
+        try:
+            seq_id = self.engine._enqueue(prompt_ids, params, live_text=True)
+        except Exception as err:          # noqa: BLE001 (this request fails, the others go on)
+            self._send(stream, ("error", f"{type(err).__name__}: {err}"))
+            return
+        self.streams[seq_id] = stream
+        self.peak_streams = max(self.peak_streams, len(self.streams))
+
+    def _step(self) -> None:
+        try:
+            self.engine.step()
+            failure = None
+        except Exception as err:          # noqa: BLE001 (the step retired its requests as "error")
+            failure = err
+        errors = self._publish()          # those requests get their error here, one by one
+        if failure is not None and errors == 0:
+            # a step that raised without retiring any request would fail again forever
+            self._abort_all(f"engine step failed: {type(failure).__name__}: {failure}")
+
+    def _abort_all(self, message: str) -> None:
+        for seq_id, stream in list(self.streams.items()):
+            del self.streams[seq_id]
+            if seq_id in self.engine.seqs:
+                self.engine.abort(seq_id)
+            self._send(stream, ("error", message))
+
+    def _publish(self) -> int:
+        """Send every stream its new text; finished requests get ("done", output). Returns how
+        many requests ended in an error."""
+        errors = 0
         for seq_id, stream in list(self.streams.items()):
             seq = self.engine.seqs[seq_id]
             try:
@@ -1425,6 +1454,7 @@ class EngineThread:
                 del self.streams[seq_id]
                 self.engine.abort(seq_id)
                 self._send(stream, ("error", str(err)))
+                errors += 1
                 continue
             if piece:
                 stream[2] += len(piece)
@@ -1432,6 +1462,7 @@ class EngineThread:
             if done:
                 del self.streams[seq_id]
                 self._send(stream, ("done", self.engine._output(self.engine.seqs.pop(seq_id))))
+        return errors
 
 
 class HTTPError(Exception):
@@ -1506,6 +1537,8 @@ class HTTPServer:
     stops both. `python serve.py --http 8000` runs one until Ctrl-C."""
 
     def __init__(self, engine: LLMEngine, host: str = "127.0.0.1", port: int = 8000):
+        if engine.tokenizer is None:
+            raise ValueError("the HTTP server streams text: build the engine with a tokenizer")
         self.engine, self.host, self.port = engine, host, port
         self.engine_thread: EngineThread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -1534,6 +1567,11 @@ class HTTPServer:
         return self
 
     def close(self) -> None:
+        # the engine thread first: it aborts what is in flight and tells the handlers, whose loop
+        # must still be running to hear it (and to be told at all: a closed loop takes no calls)
+        if self.engine_thread is not None:
+            self.engine_thread.stop()
+            self.engine_thread = None
         if self.loop is not None:
             async def shutdown():      # stop listening, end open connections, let handlers finish
                 if getattr(self, "_server", None) is not None:
@@ -1547,9 +1585,6 @@ class HTTPServer:
             self._thread.join()
             self.loop.close()
             self.loop = None
-        if self.engine_thread is not None:
-            self.engine_thread.stop()
-            self.engine_thread = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -1569,7 +1604,7 @@ class HTTPServer:
                     raise HTTPError(400, f"the body is not JSON: {err}") from None
                 if not isinstance(body, dict):
                     raise HTTPError(400, "the body must be a JSON object")
-                await self._complete(body, path == "/v1/chat/completions", writer)
+                await self._complete(body, path == "/v1/chat/completions", reader, writer)
         except HTTPError as err:
             writer.write(_json_response(err.status, {"error": {"message": str(err), "type": "invalid_request_error"}}))
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -1585,7 +1620,8 @@ class HTTPServer:
             finally:
                 writer.close()     # also when cancelled by close(): no transport outlives the loop
 
-    async def _complete(self, body: dict, chat: bool, writer: asyncio.StreamWriter) -> None:
+    async def _complete(self, body: dict, chat: bool, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
         params = _params_from_body(body)
         try:        # validated here, before anything reaches the engine thread (a clear 400)
             prompt_ids = self.engine.check_request(_prompt_from_body(self.engine, body, chat), params)
@@ -1622,18 +1658,33 @@ class HTTPServer:
                     if kind_ != "text":
                         writer.write(b"data: [DONE]\n\n")
                         return
-            while True:
-                kind_, value = await events.get()
-                if kind_ == "done":
-                    usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(value.tokens),
-                             "total_tokens": len(prompt_ids) + len(value.tokens)}
-                    writer.write(_json_response(200, envelope(
-                        [choice(value.text, _FINISH_REASONS.get(value.finish_reason, value.finish_reason))],
-                        usage=usage)))
-                    return
-                if kind_ == "error":
-                    writer.write(_json_response(500, {"error": {"message": value, "type": "server_error"}}))
-                    return
+            # Not streaming: nothing is written until the end, so a client that leaves would go
+            # unnoticed; watch its side of the connection (read() returns b"" once it closes).
+            gone = asyncio.ensure_future(reader.read(1))
+            try:
+                while True:
+                    event = asyncio.ensure_future(events.get())
+                    await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not event.done():
+                        event.cancel()
+                        if gone.result() == b"":
+                            raise ConnectionResetError("the client closed the connection")
+                        gone = asyncio.ensure_future(reader.read(1))     # (stray bytes: keep watching)
+                        continue
+                    kind_, value = event.result()
+                    if kind_ == "done":
+                        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(value.tokens),
+                                 "total_tokens": len(prompt_ids) + len(value.tokens)}
+                        writer.write(_json_response(200, envelope(
+                            [choice(value.text, _FINISH_REASONS.get(value.finish_reason, value.finish_reason))],
+                            usage=usage)))
+                        return
+                    if kind_ == "error":
+                        writer.write(_json_response(500, {"error": {"message": value, "type": "server_error"}}))
+                        return
+                    # ("text", piece) events are for streams; the final text comes with "done"
+            finally:
+                gone.cancel()
         except (ConnectionError, asyncio.CancelledError):
             self.engine_thread.cancel(events)
             raise

@@ -2269,9 +2269,12 @@ def http_server(tiny_model):
     server.close()
 
 
-def _wait_drained(engine, timeout=30):
+def _wait_drained(server, timeout=30):
+    """Wait until the engine thread has nothing queued or in flight, then check the pool."""
+    engine, worker = server.engine, server.engine_thread
     deadline = time.time() + timeout
-    while (engine.has_unfinished() or engine.seqs) and time.time() < deadline:
+    while (engine.has_unfinished() or engine.seqs or worker.streams or not worker.inbox.empty()) \
+            and time.time() < deadline:
         time.sleep(0.01)
     _assert_drained(engine)
 
@@ -2300,7 +2303,7 @@ def test_http_completions_match_generate_and_stream(http_server, tiny_model):
     status, body = _http(http_server, "POST", "/v1/completions",
                          {"prompt": want[:3], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
     assert status == 200 and json.loads(body)["usage"]["prompt_tokens"] == 3
-    _wait_drained(http_server.engine)
+    _wait_drained(http_server)
 
 
 def test_http_concurrent_clients_each_get_their_own_answer(http_server, tiny_model):
@@ -2309,7 +2312,10 @@ def test_http_concurrent_clients_each_get_their_own_answer(http_server, tiny_mod
     prompts, lengths = _workload(n=6, seed=3)
     results = [None] * len(prompts)
 
+    start = threading.Barrier(len(prompts))
+
     def client(i):
+        start.wait()
         results[i] = _http(http_server, "POST", "/v1/completions",
                            {"prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0, "ignore_eos": True,
                             "stream": i % 2 == 0})
@@ -2324,8 +2330,8 @@ def test_http_concurrent_clients_each_get_their_own_answer(http_server, tiny_mod
         text = ("".join(e["choices"][0]["text"] for e in _sse_events(body)) if i % 2 == 0
                 else json.loads(body)["choices"][0]["text"])
         assert text == tok.decode(M.generate(tiny_model, prompts[i], lengths[i])), i
-    assert http_server.engine.steps["decode"] < sum(lengths)          # really batched
-    _wait_drained(http_server.engine)
+    assert http_server.engine_thread.peak_streams >= 2                 # they shared engine steps
+    _wait_drained(http_server)
 
 
 @pytest.mark.parametrize("body,match", [
@@ -2336,6 +2342,7 @@ def test_http_concurrent_clients_each_get_their_own_answer(http_server, tiny_mod
     ({"prompt": "Hi", "top_p": 1.5}, "top_p"),
     ({"prompt": "Hi", "top_k": -1}, "top_k"),
     ({"prompt": "Hi", "n": 2}, "n must be 1"),
+    ({"prompt": "Hi", "seed": 2 ** 70}, "seed"),
     ({"prompt": ["Hi", "there"]}, "integers"),
     ({"prompt": {"text": "Hi"}}, "prompt must be"),
     ({"messages": [{"role": "user", "content": "Hi"}]}, "prompt must be"),
@@ -2345,7 +2352,7 @@ def test_http_bad_requests_get_400_and_leave_the_server_usable(http_server, body
     assert status == 400 and match in json.loads(text)["error"]["message"], text
     status, _ = _http(http_server, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "temperature": 0})
     assert status == 200
-    _wait_drained(http_server.engine)
+    _wait_drained(http_server)
 
 
 def test_http_protocol_errors(http_server):
@@ -2359,14 +2366,47 @@ def test_http_protocol_errors(http_server):
     assert status == 200 and json.loads(body)["data"][0]["id"] == "random:tiny"
 
 
-def test_http_client_that_disconnects_mid_stream_aborts_its_request(http_server):
-    sock = socket.create_connection(("127.0.0.1", http_server.port), timeout=30)
-    body = json.dumps({"prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True})
-    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
-    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+def _raw_post(server, body):
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    data = json.dumps(body)
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n{data}".encode())
+    return sock
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_http_client_that_disconnects_aborts_its_request(http_server, stream):
+    sock = _raw_post(http_server, {"prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+                                   "stream": stream})
+    if stream:
+        got = b""
+        while b"data: " not in got:                  # the request is running: its first text came back
+            chunk = sock.recv(4096)
+            assert chunk, got
+            got += chunk
+    else:
+        deadline = time.time() + 30                  # running (nothing comes back until the end)
+        while not http_server.engine_thread.peak_streams and time.time() < deadline:
+            time.sleep(0.005)
     sock.close()                                     # gone long before 200 tokens
-    _wait_drained(http_server.engine)
+    _wait_drained(http_server)
     assert http_server.engine.num_generated < 200
+
+
+def test_http_close_with_requests_in_flight_frees_everything(tiny_model):
+    engine = _engine(tiny_model, num_blocks=60)
+    server = S.HTTPServer(engine, port=0).start()
+    socks = [_raw_post(server, {"prompt": "Hi", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+                                "stream": True}) for _ in range(3)]
+    for sock in socks:
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    worker = server.engine_thread
+    server.close()
+    assert not worker.thread.is_alive() and not worker.streams
+    _assert_drained(engine)
+    for sock in socks:
+        sock.close()
+    with pytest.raises(ValueError, match="tokenizer"):
+        S.HTTPServer(S.LLMEngine(engine.cfg, model=tiny_model))
 
 
 def test_http_chat_with_smollm2(smollm2):
