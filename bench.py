@@ -1364,13 +1364,15 @@ def _open_loop(engine, work, arrivals):
             ids[engine.add_request(work[i][0], S.SamplingParams(max_tokens=work[i][1], ignore_eos=True))] = i
             nxt += 1
         if engine.has_unfinished():
-            engine.step()
+            new_tokens = engine.step()
         elif nxt < len(order):
             time.sleep(max(0.0, arrivals[order[nxt]] - (time.perf_counter() - t0)))
+            continue
         else:
             break
-        for seq_id in [k for k, seq in engine.seqs.items() if seq.status == "finished"]:
-            seq, i = engine.seqs.pop(seq_id), ids[seq_id]
+        for seq in [seq for seq, _ in new_tokens if seq.status == "finished"]:   # (only this step's)
+            i = ids[seq.id]
+            engine.seqs.pop(seq.id)
             start = t0 + arrivals[i]
             n = len(seq.output)
             stats[i] = (seq.first_token_time - start, (seq.finish_time - seq.first_token_time) / max(1, n - 1),
@@ -1477,8 +1479,9 @@ def topic_foundations(ctx: BenchContext) -> None:
     ceil = measure_ceilings(ctx, dt)
     ridge = ceil["matmul_tflops"] * 1e12 / (ceil["copy_gbps"] * 1e9)
     n = 8192 if gpu else 1024
+    seconds = lambda fn: time_ms(fn, ctx) / 1e3        # noqa: E731 (the one timer, for foundations' sweeps)
     sweep = FD.intensity_sweep(dev, n, tokens=(1, 4, 16, 64, 256, 1024, 4096, 8192) if gpu else (1, 4, 16, 64, 256),
-                               dtype=dt, reps=20 if gpu else 5)
+                               dtype=dt, time_s=seconds)
     ctx.table(f"Arithmetic intensity: X (M, {n}) @ W ({n}, {n})^T, {str(dt).removeprefix('torch.')}",
               ["tokens M", "FLOP/byte", "ms", "TFLOP/s", "GB/s", "% of matmul peak", "% of copy bandwidth"],
               [[r["tokens"], r["intensity"], r["ms"], r["tflops"], r["gbps"],
@@ -1486,7 +1489,7 @@ def topic_foundations(ctx: BenchContext) -> None:
               note=f"Ridge point = matmul peak {ceil['matmul_tflops']:.0f} TFLOP/s / copy bandwidth "
                    f"{ceil['copy_gbps']:.0f} GB/s = {ridge:.0f} FLOP/byte: below it (decode, M = batch) the GEMM "
                    "waits for memory, above it (prefill, M = prompt tokens) for the tensor cores. Intensity ~ M "
-                   "for M << n. Timed eagerly (median of CUDA events); bench.py's GEMM tables use CUDA graphs.",
+                   "for M << n. Timed eagerly with time_ms (median of CUDA events); bench.py's GEMM tables use CUDA graphs.",
               dtype=dt)
     if ctx.plot:
         import matplotlib
@@ -1510,7 +1513,7 @@ def topic_foundations(ctx: BenchContext) -> None:
         plt.close(fig)
 
     copies = FD.copy_bandwidth(dev, sizes=(4, 64 << 10, 1 << 20, 16 << 20, 256 << 20) if gpu else (4, 1 << 20, 64 << 20),
-                               reps=10 if gpu else 5)
+                               time_s=seconds)
     ctx.table("Host <-> device copies" if gpu else "Host memcpy (no GPU)",
               ["bytes", "host memory", "direction", "us", "GB/s"],
               [[f"{c['bytes']:,}", c["kind"], c["direction"], c["us"], c["gbps"]] for c in copies],

@@ -78,36 +78,33 @@ def linear_intensity(M: int, N: int, K: int, bytes_per_element: int = 2) -> floa
     return 2 * M * N * K / (bytes_per_element * (N * K + M * K + M * N))
 
 
-def _time_s(fn, device: torch.device, reps: int) -> float:
-    """Median seconds per call (CUDA events on a GPU). A rough in-file timer for the demo and
-    the sweeps below; bench.py's time_ms is the one behind every published table."""
+def _rough_time_s(fn, device: torch.device, reps: int) -> float:
+    """The demo's rough timer: median wall-clock seconds of a synchronised call (on a GPU that
+    includes the launch). bench.py passes its own timer (time_ms: CUDA events, warm-up) instead,
+    and that one is behind every published table."""
     fn()
     times = []
     for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
         if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
 
 def intensity_sweep(device: torch.device, n: int, tokens=(1, 4, 16, 64, 256, 1024, 4096),
-                    dtype: torch.dtype | None = None, reps: int = 10) -> list[dict]:
-    """Time X (M, n) @ W (n, n)^T for M in `tokens`: intensity, TFLOP/s and GB/s per M."""
+                    dtype: torch.dtype | None = None, reps: int = 10, time_s=None) -> list[dict]:
+    """Time X (M, n) @ W (n, n)^T for M in `tokens`: intensity, TFLOP/s and GB/s per M.
+    time_s(fn) -> seconds per call (default: the rough timer above, with `reps`)."""
+    time_s = time_s or (lambda fn: _rough_time_s(fn, device, reps))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     size = torch.finfo(dtype).bits // 8
     w = torch.randn(n, n, device=device, dtype=dtype)
     out = []
     for m in tokens:
         x = torch.randn(m, n, device=device, dtype=dtype)
-        s = _time_s(lambda: x @ w.t(), device, reps)
+        s = time_s(lambda: x @ w.t())
         out.append(dict(tokens=m, intensity=linear_intensity(m, n, n, size),
                         tflops=2 * m * n * n / s / 1e12, gbps=size * (n * n + 2 * m * n) / s / 1e9, ms=s * 1e3))
     return out
@@ -128,15 +125,17 @@ def intensity_sweep(device: torch.device, n: int, tokens=(1, 4, 16, 64, 256, 102
 # (PCIe is ~60x slower than HBM: a model's weights go to the GPU once, never per step.)
 
 def copy_bandwidth(device: torch.device, sizes=(4, 64 << 10, 1 << 20, 16 << 20, 256 << 20),
-                   reps: int = 5) -> list[dict]:
+                   reps: int = 5, time_s=None) -> list[dict]:
     """Host -> device and device -> host copy time and GB/s, pageable vs pinned, per size in
-    bytes. Without a GPU: host memcpy (one tensor copy) for the same sizes, for comparison."""
+    bytes. Without a GPU: host memcpy (one tensor copy) for the same sizes, for comparison.
+    time_s: as in intensity_sweep."""
+    time_s = time_s or (lambda fn: _rough_time_s(fn, device, reps))
     out = []
     for nbytes in sizes:
         n = max(1, nbytes // 4)
         if device.type != "cuda":
             src, dst = torch.randn(n), torch.empty(n)
-            s = _time_s(lambda: dst.copy_(src), device, reps)
+            s = time_s(lambda: dst.copy_(src))
             out.append(dict(bytes=4 * n, kind="host memcpy", direction="host -> host", us=s * 1e6,
                             gbps=4 * n / s / 1e9))
             continue
@@ -145,7 +144,7 @@ def copy_bandwidth(device: torch.device, sizes=(4, 64 << 10, 1 << 20, 16 << 20, 
             host = torch.randn(n).pin_memory() if pinned else torch.randn(n)
             for direction, fn in (("host -> GPU", lambda: gpu.copy_(host, non_blocking=True)),
                                   ("GPU -> host", lambda: host.copy_(gpu, non_blocking=True))):
-                s = _time_s(fn, device, reps)
+                s = time_s(fn)
                 out.append(dict(bytes=4 * n, kind="pinned" if pinned else "pageable", direction=direction,
                                 us=s * 1e6, gbps=4 * n / s / 1e9))
     return out
@@ -390,10 +389,7 @@ def _print_rows(title, rows):
     print(f"\n## {title}\n")
     if not rows:
         return
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    print(M.markdown_table(list(rows[0]), [list(r.values()) for r in rows], digits=3))
 
 
 def main(argv=None) -> int:

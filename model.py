@@ -1365,6 +1365,15 @@ def stream_text(tok, tokens: Iterator[int]) -> Iterator[str]:
         yield tail
 
 
+def markdown_table(headers: list[str], rows: list, digits: int = 4) -> str:
+    """A markdown table for the demos' printouts (floats to `digits` significant digits); the
+    benchmark tables have their own, with device headers, in bench.py."""
+    def cell(x):
+        return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Chat with SmolLM2-135M-Instruct offline (or run GPT-2) "
                                 "through the reference prefill/decode loop, streaming tokens.",

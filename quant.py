@@ -150,6 +150,12 @@ class Int8Weight:
         return self.q.nbytes + self.scale.nbytes
 
 
+def _round_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """round(x / scale) clamped to -127..127, as int8 (scale broadcasts against x). A zero scale
+    (an all-zero row or head) divides by the smallest normal float instead: codes 0, exact."""
+    return torch.round(x / scale.clamp(min=torch.finfo(torch.float32).tiny)).clamp_(-127, 127).to(torch.int8)
+
+
 def quantize_int8(weight: torch.Tensor, per_channel: bool = True) -> Int8Weight:
     """Symmetric round-to-nearest int8 of a 2-D weight (N, K), one scale per row (per_channel)
     or one for the whole tensor (per_channel=False, broadcast to every row)."""
@@ -162,9 +168,7 @@ def quantize_int8(weight: torch.Tensor, per_channel: bool = True) -> Int8Weight:
     if not torch.isfinite(absmax).all():
         raise ValueError("the weight holds inf or NaN: nothing to scale it by")
     scale = (absmax / 127).contiguous()
-    # an all-zero row has scale 0: divide by the smallest normal float instead (codes 0, exact)
-    q = torch.round(w / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp_(-127, 127)
-    return Int8Weight(q.to(torch.int8).contiguous(), scale)
+    return Int8Weight(_round_int8(w, scale[:, None]).contiguous(), scale)
 
 
 def dequantize_int8(qw: Int8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -498,38 +502,29 @@ class Int8KVCache(M.KVCache):
 
     def __init__(self, cfg: M.ModelConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"max_len={max_len} exceeds the model's context of {cfg.max_seq_len}")
-        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=torch.int8, device=device)
-        self.v = torch.zeros(shape, dtype=torch.int8, device=device)
-        self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
-        self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+        super().__init__(cfg, batch_size, max_len, torch.int8, device)     # k, v: the int8 codes
+        self.k_scale = torch.zeros(self.k.shape[:-1], dtype=torch.float32, device=device)
+        self.v_scale = torch.zeros_like(self.k_scale)
         self.dtype = dtype              # what read() returns
-        self.max_len = max_len
-        self.lengths = [0] * batch_size
 
     @staticmethod
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(..., head_dim) float -> int8 codes (..., head_dim) and scales (...,): absmax / 127."""
         x = x.float()
         scale = x.abs().amax(dim=-1) / 127
-        q = torch.round(x / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
-        return q.to(torch.int8), scale
+        return _round_int8(x, scale[..., None]), scale
 
     def write(self, layer, rows, positions, k, v):
-        for codes, scales, new in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            q, s = self.quantize(new.transpose(1, 2))                 # (B, T, n_kv, hd), (B, T, n_kv)
-            codes[layer][rows[:, None], :, positions] = q
-            scales[layer][rows[:, None], :, positions] = s
+        (k_q, k_s), (v_q, v_s) = self.quantize(k), self.quantize(v)    # (B, n_kv, T, hd), (B, n_kv, T)
+        super().write(layer, rows, positions, k_q, v_q)
+        self.k_scale[layer][rows[:, None], :, positions] = k_s.transpose(1, 2)
+        self.v_scale[layer][rows[:, None], :, positions] = v_s.transpose(1, 2)
 
     def read(self, layer, rows, n_rows, kv_len):
-        out = []
-        for codes, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
-            sel = slice(0, n_rows) if rows is None else rows
-            q, s = codes[layer][sel, :, :kv_len], scales[layer][sel, :, :kv_len]
-            out.append((q.float() * s[..., None]).to(self.dtype))
-        return tuple(out)
+        codes = super().read(layer, rows, n_rows, kv_len)
+        sel = slice(0, n_rows) if rows is None else rows
+        return tuple((q.float() * scales[layer][sel, :, :kv_len, None]).to(self.dtype)
+                     for q, scales in zip(codes, (self.k_scale, self.v_scale)))
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.k_scale.nbytes + self.v_scale.nbytes
@@ -625,13 +620,7 @@ def accuracy_table(model_fp32: M.Transformer, tokens: list[int], variants: list[
 # Demo
 
 def _print_table(headers, rows):
-    def cell(x):
-        return f"{x:.4g}" if isinstance(x, float) else str(x)
-    print("| " + " | ".join(headers) + " |")
-    print("|" + "---|" * len(headers))
-    for r in rows:
-        print("| " + " | ".join(cell(x) for x in r) + " |")
-    print()
+    print(M.markdown_table(headers, rows) + "\n")
 
 
 ACCURACY_HEADERS = ["variant", "weight MiB", "KV bytes / token", "perplexity", "top-1 agree with fp32 %",
