@@ -688,6 +688,14 @@ def _paged_decode_split_kernel(
 # Each row is (BLOCK_N, num_warps, num_stages); BLOCK_N <= 128 (splits start on 128 edges).
 _DECODE_GPU_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (128, 8, 4), (32, 4, 3)]
 _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
+# Fewer programs than SMs (a batch-1 engine step: 1 x 25 KV heads x 4 splits = 100 programs for
+# GPT-2 1.5B) is a latency-bound launch of ~5 us, and timed alone the configs differ by less
+# than the timer can resolve: the autotuner's pick changed from process to process (128/4/3,
+# 128/8/3, 128/8/4 in four fresh processes). Timed inside the whole captured decode step
+# (H200, 2026-11-28), 128 tokens x 8 warps x 3-4 stages was the fastest in all three engines
+# measured (GPT-2 1.5B fp16 and bf16, 124M fp16): 1.680 vs 1.719 ms for 128/4/3 and 1.843 for
+# 32/4/3 at 1.5B fp16. So such launches take it by rule; bigger grids are autotuned.
+_SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 # Programmatic dependent launch (Hopper+; explained in triton_matmul.py, next to its GEMV): the
 # decode kernels may be launched while the previous kernel still runs, and wait for it first
 # thing (griddepcontrol.wait). In a CUDA-graph decode step this hides part of the ~1-2 us gap
@@ -799,6 +807,8 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                 PAGE=block_size, DIRECT=direct, **pdl_launch_args())
     grid = (batch, n_kv_heads, num_splits)
+    if config is None and not INTERPRET and batch * n_kv_heads * num_splits <= _num_sms(q.device):
+        config = _SMALL_GRID_DECODE_CONFIG     # fewer programs than SMs: by rule (see above)
     if INTERPRET or config is not None:
         _paged_decode_split_kernel[grid](*args, **meta, **(config or _INTERPRET_DECODE_CONFIG))
     else:

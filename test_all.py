@@ -1237,11 +1237,18 @@ def test_gemv_autotune_pruning_and_hooks():
         assert kept and len(kept) <= 9, bm
         # one row: single shot only, all of K (1600 -> 2048) in one tile; more rows: never
         assert len(single) == (len(kept) if bm == 1 else 0) and all(c.kwargs["BLOCK_K"] == 2048 for c in single)
+        assert len(kept) == 1 if bm == 1 else len(kept) > 1      # one row: chosen by rule, not timed
         for c in kept:   # the product tile fits in <= 64 fp32 registers per thread
             assert bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps
             assert c.kwargs["BLOCK_N"] >= min(bm, 16) and c.kwargs["BLOCK_K"] <= 2048
-    assert all(c.kwargs["BLOCK_K"] == 8192 and c.kwargs["BLOCK_N"] * 4 <= c.num_warps
-               for c in tm._prune_gemv_configs(cfgs, dict(K=6400), BLOCK_M=1) if c.kwargs["SINGLE_SHOT"])
+    # the one-row rule (triton_matmul.py, "Choosing by rule"): 4 warps x 4 rows of W up to a
+    # 2048-wide tile, else 8 warps x 64 values per thread; beyond 16384 the timed list again
+    for K, want in ((768, (4, 1024, 4)), (1600, (4, 2048, 4)), (3072, (4, 4096, 8)),
+                    (6400, (2, 8192, 8)), (16000, (1, 16384, 8))):
+        (c,) = tm._prune_gemv_configs(cfgs, dict(K=K), BLOCK_M=1)
+        assert (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) == want and c.kwargs["SINGLE_SHOT"], K
+        assert c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps
+    assert not any(c.kwargs["SINGLE_SHOT"] for c in tm._prune_gemv_configs(cfgs, dict(K=40000), BLOCK_M=1))
     assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] >= 2048
                for bm in (1, 2) for c in tm._prune_gemv_configs(cfgs, dict(K=1600), BLOCK_M=bm))
     assert all(c.kwargs["BLOCK_K"] <= 64 for c in tm._prune_gemv_configs(cfgs, dict(K=40), BLOCK_M=16))

@@ -712,6 +712,20 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # checked). The two GEMVs themselves (41 MB at 1.9 TB/s, 64% of the H100's copy bandwidth) are
 # the larger loss.
 
+# Choosing by rule, not by timing (one row). The autotuner times each config alone, and for
+# a one-row GEMV alone the single-shot configs come within a few percent of each other: which
+# one "wins" changed from process to process (four fresh processes on one H200, four different
+# sets of picks for GPT-2 1.5B's five GEMV shapes). In a whole decode step the picks are not
+# equal: the same step took 1.84, 2.01, 2.06 and 2.11 ms with those four sets. Timing every
+# candidate inside the captured step instead (coordinate descent over the five shapes, graph
+# replay, H200, 2026-11-28) gave 1.67-1.68 ms (fp16), 1.78 (bf16, from 2.10) and, for GPT-2
+# 124M, 0.266 ms (from 0.288). The winners follow one pattern: 4 warps and BLOCK_N = 4 when a
+# row of W fits a 2048-wide tile (c_attn, c_fc and the LM head; on c_fc 4 warps beat 8 and 16
+# by 5-15% of the step), and for the long-K down projection (K = 4 x n_embd) 8 warps with
+# 64 values per thread (BLOCK_N = 16384 / BLOCK_K); the small N x N projection was flat within
+# the noise (~1%). So for one row the pruner returns that single config and nothing is timed
+# (which also saves ~0.3 s of tuning per shape at start-up). Measured on an H200 only.
+
 MAX_GEMV_ROWS = 16
 
 
@@ -859,8 +873,10 @@ GEMV_CONFIGS = GEMV_GPU_CONFIGS if (torch.cuda.is_available() and not INTERPRET)
 
 
 def _prune_gemv_configs(configs, named_args, **kwargs):
-    """Before compiling anything: give single-shot configs their BLOCK_K (next power of two
-    >= K; one row only) and, for one row, keep only those where one fits; otherwise drop configs whose BLOCK_M x BLOCK_N x BLOCK_K product tile is
+    """Before compiling anything: for one row with 512 <= BLOCK_K <= 16384, return the one
+    single-shot config the rule picks ("Choosing by rule"). Otherwise give single-shot configs
+    their BLOCK_K (next power of two >= K; one row only) and, for one row, keep only those where
+    one fits; otherwise drop configs whose BLOCK_M x BLOCK_N x BLOCK_K product tile is
     more than 64 fp32 values per thread (register spills); for 1-2 rows keep the big tiles
     (BLOCK_N * BLOCK_K >= 2048: enough bytes in flight), for more rows those with
     BLOCK_N >= min(M, 16) (x re-reads); drop BLOCK_K > max(next_pow2(K), 32) (mostly masked).
@@ -884,6 +900,9 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
         shape_ok = bn * bk >= 2048 if bm <= 2 else bn >= min(bm, 16)
         return shape_ok and bk <= max(triton.next_power_of_2(K), 32)
 
+    if bm == 1 and 512 <= k_all <= 16384:   # one row: one config by rule (see "Choosing by rule")
+        bn, warps = (4, 4) if k_all <= 2048 else (16384 // k_all, 8)
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": k_all, "SINGLE_SHOT": True}, num_warps=warps)]
     single = [c for c in sized if c.kwargs["SINGLE_SHOT"] and fits(c) and suits(c)]
     if single:      # one row: single shot only (why: "Prefetch across the kernel boundary")
         return single
