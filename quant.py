@@ -23,12 +23,13 @@ torch 2.11 / triton 3.6, 2026-11-28, results/quant.md and perf_notes.md):
   memory             weights 257 -> 156 MiB (SmolLM2; the tied embedding stays fp16), GPT-2 1.5B
                      2,971 -> 1,567 MiB; KV cache 53% of fp16 (1.9x the tokens in the same memory)
   decode speed       about the same as fp16, not the 2x the bytes promise. GPT-2 1.5B, one step's
-                     weights as a CUDA graph: 1.64 ms int8 vs 1.77 ms fp16 in one run (1.72 ms fp16
-                     in another), while the int8 kernels alone sum to more time per block than the
-                     fp16 ones: see "Measured" after the kernels
+                     weights as a CUDA graph: 1.73 ms int8 vs 1.69 ms fp16 (bench.py, one run;
+                     1.64 vs 1.77 in an earlier A/B run): see "Measured" after the kernels
   prefill (512 rows) the int8 tensor-core kernel is 0.36-0.62x cuBLAS fp16: not a win (same section)
-  fp16 vs bf16       cuBLAS: the same speed (1.5B step 2.86 ms each); serve.py's fused decode
-                     kernels: 1.72 ms fp16, 2.21 ms bf16 at 1.5B (equal at 124M; not investigated)
+  fp16 vs bf16       cuBLAS: the same speed (1.5B step 2.85 vs 2.83 ms); serve.py's fused decode
+                     kernels: 1.69 ms fp16, 1.80 ms bf16 at 1.5B (equal at 124M). Before the
+                     one-row GEMV configs became a rule (triton_matmul.py, "Choosing by rule") it
+                     was 1.72 vs 2.21 ms: mostly the autotuner's per-process picks
 
 Run:
   python quant.py                    # formats, quantisation error, kernel check, accuracy table
@@ -410,7 +411,8 @@ def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None):
 #    part of it: the int8 step went from 1.94 ms (1.13x slower than fp16's 1.72) to 1.64 ms
 #    against fp16's 1.77 in the A/B run. Per block the isolated int8 kernels still sum to more
 #    than the fp16 ones (24.2 vs 22.4 us), so that last gap is within what we can explain or
-#    reproduce: call it parity.
+#    reproduce: call it parity. (The next bench.py run, fp16 now with its one-row configs by rule:
+#    1.73 ms int8 vs 1.69 ms fp16.)
 #  - both GEMVs move ~1.3-1.5e12 weights per second whatever their size in bytes, so per-weight
 #    work (load, convert, FMA), not bandwidth, bounds them at these sizes. int8 -> fp32 goes
 #    through I2F, a conversion that issues at a fraction of the FMA rate; converting with integer ops instead

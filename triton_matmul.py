@@ -721,10 +721,25 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # replay, H200, 2026-11-28) gave 1.67-1.68 ms (fp16), 1.78 (bf16, from 2.10) and, for GPT-2
 # 124M, 0.266 ms (from 0.288). The winners follow one pattern: 4 warps and BLOCK_N = 4 when a
 # row of W fits a 2048-wide tile (c_attn, c_fc and the LM head; on c_fc 4 warps beat 8 and 16
-# by 5-15% of the step), and for the long-K down projection (K = 4 x n_embd) 8 warps with
-# 64 values per thread (BLOCK_N = 16384 / BLOCK_K); the small N x N projection was flat within
+# by 5-20% of the step), and for the long-K down projection (K = 4 x n_embd) 8 warps with
+# 64 values per thread (BLOCK_N = 16384 / BLOCK_K; a close call: 3% of the step better than
+# 4 warps x 1 row in fp16, 0.7% worse in bf16); the small N x N projection was flat within
 # the noise (~1%). So for one row the pruner returns that single config and nothing is timed
-# (which also saves ~0.3 s of tuning per shape at start-up). Measured on an H200 only.
+# (which also saves ~0.3 s of tuning per shape at start-up). With the rule, three fresh
+# processes measured 1.6863, 1.6865 and 1.6867 ms for that step. Measured on an H200 only.
+#
+# Prefetching the next GEMV's weights into L2 (measured, not kept). Between two GEMVs of a decode
+# step HBM idles: the kernel boundary, the attention kernels, the norms. A GEMV's weights never
+# depend on the step, so GEMV i could ask for GEMV i+1's weights while it runs
+# (`cp.async.bulk.prefetch.L2`: one instruction per program, fire and forget, the program may
+# exit before the lines arrive; they were compiled and checked in PTX), and GEMV i+1 would read
+# them from the 50 MB L2. Measured on an H200 (48 layers of GPT-2 1.5B's four GEMVs in one CUDA
+# graph with PDL, one run): 1.278 ms without, 1.357 ms prefetching the next weight in bulk, 1.374
+# with one prefetch.global.L2 per 128-byte line, 1.525 prefetching two weights ahead, 1.323 with
+# the prefetch capped at 8 MB. Slower in every form. Our reading, not checked with a profiler:
+# inside the chain HBM is not idle enough for early reads to fill gaps, so they compete with the
+# running GEMV's own reads (and two ahead, with a layer's 61 MB larger than L2, lines may be
+# evicted before use).
 
 MAX_GEMV_ROWS = 16
 
