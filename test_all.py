@@ -1249,6 +1249,11 @@ def test_gemv_autotune_pruning_and_hooks():
         assert (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) == want and c.kwargs["SINGLE_SHOT"], K
         assert c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps
     assert not any(c.kwargs["SINGLE_SHOT"] for c in tm._prune_gemv_configs(cfgs, dict(K=40000), BLOCK_M=1))
+    # up to a 2048-wide tile: ~800 programs of 2-8 rows of W, 4 rows for an LM head
+    for N, K, bn in ((4800, 1600, 8), (6400, 1600, 8), (1600, 1600, 2), (50257, 1600, 4), (768, 768, 2),
+                     (2304, 768, 4), (100, 1600, 2)):
+        (c,) = tm._prune_gemv_configs(cfgs, dict(N=N, K=K), BLOCK_M=1)
+        assert (c.kwargs["BLOCK_N"], c.num_warps) == (bn, 4), (N, K)
     assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] >= 2048
                for bm in (1, 2) for c in tm._prune_gemv_configs(cfgs, dict(K=1600), BLOCK_M=bm))
     assert all(c.kwargs["BLOCK_K"] <= 64 for c in tm._prune_gemv_configs(cfgs, dict(K=40), BLOCK_M=16))
