@@ -1632,10 +1632,11 @@ class HTTPServer:
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
 
-        def choice(text, finish):
-            if chat:
+        def choice(text, finish, role=True):
+            if chat:       # a stream names the role in its first chunk only, as OpenAI's does
                 return {"index": 0, "delta" if body.get("stream") else "message":
-                        {"role": "assistant", "content": text}, "finish_reason": finish}
+                        {"role": "assistant", "content": text} if role else {"content": text},
+                        "finish_reason": finish}
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
         def envelope(choices, **extra):
@@ -1645,14 +1646,17 @@ class HTTPServer:
         try:
             if body.get("stream"):
                 writer.write(_head(200, "text/event-stream"))
+                first = True
                 while True:
                     kind_, value = await events.get()
                     if kind_ == "text":
-                        data = envelope([choice(value, None)])
+                        data = envelope([choice(value, None, role=first)])
                     elif kind_ == "done":
-                        data = envelope([choice("", _FINISH_REASONS.get(value.finish_reason, value.finish_reason))])
+                        data = envelope([choice("", _FINISH_REASONS.get(value.finish_reason, value.finish_reason),
+                                                role=first)])
                     else:
                         data = {"error": {"message": value, "type": "server_error"}}
+                    first = False
                     writer.write(f"data: {json.dumps(data)}\n\n".encode())
                     await writer.drain()              # raises if the client has gone
                     if kind_ != "text":

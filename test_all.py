@@ -2441,6 +2441,7 @@ def test_http_chat_with_smollm2(smollm2):
         events = _sse_events(body)
         assert "".join(e["choices"][0]["delta"]["content"] for e in events) == tok.decode(want)
         assert events[0]["object"] == "chat.completion.chunk"
+        assert [("role" in e["choices"][0]["delta"]) for e in events] == [True] + [False] * (len(events) - 1)
     finally:
         server.close()
 
