@@ -694,7 +694,8 @@ _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # 128/8/3, 128/8/4 in four fresh processes). Timed inside the whole captured decode step
 # (H200, 2026-11-28), 128 tokens x 8 warps x 3-4 stages was the fastest in all three engines
 # measured (GPT-2 1.5B fp16 and bf16, 124M fp16): 1.680 vs 1.719 ms for 128/4/3 and 1.843 for
-# 32/4/3 at 1.5B fp16. So such launches take it by rule; bigger grids are autotuned.
+# 32/4/3 at 1.5B fp16. So such launches take it by rule on Hopper and later (where it was
+# measured, and where its shared memory fits); bigger grids and older GPUs are autotuned.
 _SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 # Programmatic dependent launch (Hopper+; explained in triton_matmul.py, next to its GEMV): the
 # decode kernels may be launched while the previous kernel still runs, and wait for it first
@@ -705,6 +706,13 @@ def _decode_launcher():
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _DECODE_GPU_CONFIGS]
     return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "DIRECT"])(
         _paged_decode_split_kernel)
+
+
+@functools.cache
+def _is_hopper_or_later(device):
+    """Where _SMALL_GRID_DECODE_CONFIG was measured (H200) and fits: its 3 stages of 128-token
+    K/V tiles want Hopper's shared memory; elsewhere the autotuner keeps the configs that fit."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.cache      # the one costly part of default_num_splits (a driver query)
@@ -720,16 +728,17 @@ def default_num_splits(batch, n_kv_heads, max_context, device):
     tokens. Rounding *down* matters: H200, batch 4 x 32k x 8 KV heads, 17 splits (544
     programs, 2+ waves) ran at 0.82-0.98x SDPA depending on the tile config, 8 splits (256
     programs) at 0.99x, same run.
-    Exception, small launches: when one 128-token tile per program still fits the SMs with one
-    program each, use exactly that (every program does one tile, all at once: the least serial
-    latency). GPT-2 124M batch 1 (12 KV heads, context 1024): 8 splits instead of 4, its whole
+    Exception, small launches of short contexts (up to 8 tiles, 1024 tokens, as measured: more
+    would make the last program merge many partials): when one 128-token tile per program
+    still fits the SMs with one program each, use exactly that (every program does one tile,
+    all at once: the least serial latency). GPT-2 124M batch 1 (12 KV heads, context 1024): 8 splits instead of 4, its whole
     decode step 0.262 -> 0.253 ms inside the CUDA graph (H200); GPT-2 1.5B (25 heads x 8 = 200
     programs) does not qualify, and forcing 8 splits there was slower (1.639 -> 1.651 ms)."""
     sms = _num_sms(device)
     if 2 * batch * n_kv_heads >= 3 * sms:
         return 1
     one_tile_each = triton.cdiv(max_context, 128)
-    if batch * n_kv_heads * one_tile_each <= sms:
+    if one_tile_each <= 8 and batch * n_kv_heads * one_tile_each <= sms:   # (measured up to 1024)
         return one_tile_each
     wanted = max(1, (2 * sms) // (batch * n_kv_heads))
     return max(1, min(wanted, triton.cdiv(max_context, 256)))
@@ -815,7 +824,8 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                 PAGE=block_size, DIRECT=direct, **pdl_launch_args())
     grid = (batch, n_kv_heads, num_splits)
-    if config is None and not INTERPRET and batch * n_kv_heads * num_splits <= _num_sms(q.device):
+    if (config is None and not INTERPRET and batch * n_kv_heads * num_splits <= _num_sms(q.device)
+            and _is_hopper_or_later(q.device)):
         config = _SMALL_GRID_DECODE_CONFIG     # fewer programs than SMs: by rule (see above)
     if INTERPRET or config is not None:
         _paged_decode_split_kernel[grid](*args, **meta, **(config or _INTERPRET_DECODE_CONFIG))

@@ -1237,7 +1237,7 @@ def test_gemv_autotune_pruning_and_hooks():
         assert kept and len(kept) <= 9, bm
         # one row: single shot only, all of K (1600 -> 2048) in one tile; more rows: never
         assert len(single) == (len(kept) if bm == 1 else 0) and all(c.kwargs["BLOCK_K"] == 2048 for c in single)
-        assert len(kept) == 1 if bm == 1 else len(kept) > 1      # one row: chosen by rule, not timed
+        assert len(kept) == 1 if bm == 1 else len(kept) > 1      # one row: one config, by rule
         for c in kept:   # the product tile fits in <= 64 fp32 registers per thread
             assert bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps
             assert c.kwargs["BLOCK_N"] >= min(bm, 16) and c.kwargs["BLOCK_K"] <= 2048
@@ -1254,6 +1254,10 @@ def test_gemv_autotune_pruning_and_hooks():
                      (2304, 768, 4), (100, 1600, 2)):
         (c,) = tm._prune_gemv_configs(cfgs, dict(N=N, K=K), BLOCK_M=1)
         assert (c.kwargs["BLOCK_N"], c.num_warps) == (bn, 4), (N, K)
+    # fp32 x: at most 4 rows (the same 256 bytes of W per thread as 8 rows of fp16)
+    x32, x16 = torch.empty(1, 1600), torch.empty(1, 1600, dtype=torch.float16)
+    assert [c.kwargs["BLOCK_N"] for x in (x32, x16)
+            for c in tm._prune_gemv_configs(cfgs, dict(N=6400, K=1600, x_ptr=x), BLOCK_M=1)] == [4, 8]
     assert all(c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] >= 2048
                for bm in (1, 2) for c in tm._prune_gemv_configs(cfgs, dict(K=1600), BLOCK_M=bm))
     assert all(c.kwargs["BLOCK_K"] <= 64 for c in tm._prune_gemv_configs(cfgs, dict(K=40), BLOCK_M=16))

@@ -712,26 +712,29 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # checked). The two GEMVs themselves (41 MB at 1.9 TB/s, 64% of the H100's copy bandwidth) are
 # the larger loss.
 
-# Choosing by rule, not by timing (one row). The autotuner times each config alone, and for
-# a one-row GEMV alone the single-shot configs come within a few percent of each other: which
-# one "wins" changed from process to process (four fresh processes on one H200, four different
+# Choosing by rule, not by timing (one row). The autotuner times each config alone (do_bench:
+# a few microseconds of kernel between L2 flushes), and for a one-row GEMV it could not tell the
+# single-shot configs apart reliably: which one "won" changed from process to process (four fresh processes on one H200, four different
 # sets of picks for GPT-2 1.5B's five GEMV shapes). In a whole decode step the picks are not
 # equal: the same step took 1.84, 2.01, 2.06 and 2.11 ms with those four sets. Timing the
 # candidates inside the captured step instead (coordinate descent over the five shapes, graph
 # replay, H200, 2026-11-28) gave 1.67-1.68 ms (fp16), 1.78 (bf16, from 2.10) and, for GPT-2
 # 124M, 0.266 ms (from 0.288). What won, as a rule:
 #   - a row of W fits a 2048-wide tile: 4 warps (on c_fc, 8 and 16 warps cost 5-20% of the
-#     step) and BLOCK_N = N / 800 rounded up to a power of two, between 2 and 8, i.e. ~800
-#     programs: c_attn and c_fc take 8 rows (128 values per thread), the N x N projection 2.
-#     The LM head (N > 16384: thousands of programs anyway) keeps 4, flat within ~0.2%.
+#     step) and BLOCK_N = N / 800 rounded up to a power of two, between 2 and 8: 1.5B's c_attn,
+#     c_fc and N x N projection get 8, 8 and 2 rows (600-800 programs; 124M's get 384-768).
+#     8 rows of fp16 are 128 values (256 bytes) per thread; fp32 x is capped at 4 rows, the
+#     same bytes (not measured). The LM head (N > 16384: thousands of programs anyway) keeps 4,
+#     flat within ~0.2%.
 #   - long K (the down projection, K = 4 x n_embd): 8 warps, 64 values per thread (BLOCK_N =
 #     16384 / BLOCK_K; a close call: 3% of the step better than 4 warps x 1 row in fp16, 0.7%
 #     worse in bf16).
 # A first version used 4 rows everywhere: 1.686 ms in three fresh processes (1.6863-1.6867).
-# The ~800-programs version, same process: 1.5B 1.692 -> 1.631 ms per step, 589 -> 612 tok/s end
-# to end; 124M 0.259 -> 0.250 ms (with flash_attn's one-tile-per-program splits). So for one row
-# the pruner returns that single config and nothing is timed (which also saves ~0.3 s of
-# tuning per shape at start-up). Measured on an H200 only.
+# The N / 800 version, same process: 1.5B 1.692 -> 1.631 ms per step, 589 -> 612 tok/s end to
+# end (124M: 0.259 -> 0.250 ms, but that gain is flash_attn's one-tile-per-program splits; the
+# GEMV change alone was flat there). So for one row the pruner returns that single config:
+# only it is compiled (Triton's autotuner still times it once, ~50 ms, instead of ~9
+# candidates). Measured on an H200 only.
 #
 # Prefetching the next GEMV's weights into L2 (measured, not kept). Between two GEMVs of a decode
 # step HBM idles: the kernel boundary, the attention kernels, the norms. A GEMV's weights never
@@ -894,7 +897,8 @@ GEMV_CONFIGS = GEMV_GPU_CONFIGS if (torch.cuda.is_available() and not INTERPRET)
 
 def _prune_gemv_configs(configs, named_args, **kwargs):
     """Before compiling anything: for one row with 512 <= BLOCK_K <= 16384, return the one
-    single-shot config the rule picks ("Choosing by rule"). Otherwise give single-shot configs
+    single-shot config the rule picks ("Choosing by rule"; its 8-row tiles for 16-bit x are
+    128 values per thread, above the 64 the timed configs below keep to: measured faster). Otherwise give single-shot configs
     their BLOCK_K (next power of two >= K; one row only) and, for one row, keep only those where
     one fits; otherwise drop configs whose BLOCK_M x BLOCK_N x BLOCK_K product tile is
     more than 64 fp32 values per thread (register spills); for 1-2 rows keep the big tiles
@@ -922,11 +926,15 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
 
     if bm == 1 and 512 <= k_all <= 16384:   # one row: one config by rule (see "Choosing by rule")
         N = named_args.get("N", 800 * 4)
-        if k_all <= 2048:   # ~800 programs of 2-8 rows of W (4 for the LM head), 4 warps
-            bn, warps = (4 if N > 16384 else min(8, max(2, triton.next_power_of_2(triton.cdiv(N, 800))))), 4
+        x = named_args.get("x_ptr")
+        max_rows = 8 if x is None or x.element_size() <= 2 else 4   # <= 256 B of W per thread
+        if k_all <= 2048:   # N / 800 rows of W (2 to max_rows; 4 for an LM head), 4 warps
+            bn = 4 if N > 16384 else min(max_rows, max(2, triton.next_power_of_2(triton.cdiv(N, 800))))
+            warps = 4
         else:               # long K: 8 warps, 64 values per thread
             bn, warps = 16384 // k_all, 8
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": k_all, "SINGLE_SHOT": True}, num_warps=warps)]
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": k_all, "SINGLE_SHOT": True},
+                              num_warps=warps, num_stages=1)]
     single = [c for c in sized if c.kwargs["SINGLE_SHOT"] and fits(c) and suits(c)]
     if single:      # one row: single shot only (why: "Prefetch across the kernel boundary")
         return single
