@@ -110,7 +110,7 @@ class BenchContext:
             lines += ["", note]
         text = "\n".join(lines) + "\n"
         print(text, flush=True)
-        self.tables.append({"title": title, "headers": headers, "note": note,
+        self.tables.append({"title": title, "device": header, "headers": headers, "note": note,
                             "rows": [[x if isinstance(x, (int, float, str)) else str(x) for x in r]
                                      for r in rows],
                             "markdown": text})
@@ -1726,6 +1726,8 @@ def write_outputs(ctx: BenchContext, topic: str, want_json: bool) -> None:
         print(f"wrote {ctx.md_path}")
     if want_json:
         path = ctx.outdir / f"{topic}.json"
+        # "header": the run's defaults (CLI dtype); each table's "device" line names the dtype it
+        # was measured in (a topic may fix its own, e.g. fp16 for the engine)
         path.write_text(json.dumps({"header": ctx.header, "tables": ctx.tables}, indent=1))
         print(f"wrote {path}")
 

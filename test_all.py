@@ -2463,6 +2463,7 @@ def test_bench_new_topics_run_on_cpu(tmp_path):
         assert bench.main(["--topic", topic, "--device", "cpu", "--md", "--json", "--outdir", str(tmp_path)]) == 0
         tables = [t for t in json.loads((tmp_path / f"{topic}.json").read_text())["tables"] if t.get("rows")]
         assert len(tables) >= n_tables, (topic, [t["title"] for t in tables])
+        assert all(t["device"] in t["markdown"] and "dtype: " in t["device"] for t in tables)   # its own line
     load = json.loads((tmp_path / "load.json").read_text())["tables"]
     assert any("Poisson" in str(r[0]) for t in load for r in t.get("rows", []))
 
