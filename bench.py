@@ -1345,6 +1345,129 @@ def topic_graphs(ctx: BenchContext) -> None:
                  "\n\n```\n" + cpu_top + "\n```")
 
 
+# ---- tune: kernel configs chosen inside the whole decode step --------------------------------
+#
+# The one-row GEMV and the small-grid decode-attention configs are rules (triton_matmul.py,
+# "Choosing by rule"; flash_attn.py, _SMALL_GRID_DECODE_CONFIG), found by timing every candidate
+# inside the captured decode step, because timing each kernel alone picked at random. This topic
+# repeats that search, so a rule can be checked on another GPU: one knob at a time (coordinate
+# descent), every trial a fresh graph capture of the whole step.
+
+def coordinate_descent(keys, candidates, start, apply, measure, tol=0.003):
+    """Tune several knobs of one system by timing the whole system. For each key in turn, try
+    every candidate with the other keys fixed, and move only if a candidate beats the best time
+    so far by more than `tol` (relative: below that it is noise). start: {key: candidate};
+    apply(key, candidate) sets one knob; measure() -> ms. Returns (chosen {key: candidate},
+    the best time, [(key, candidate, ms)] for every trial)."""
+    chosen = dict(start)
+    for key in keys:
+        apply(key, chosen[key])
+    best_ms, trials = measure(), []
+    for key in keys:
+        for cand in candidates(key):
+            apply(key, cand)
+            ms = measure()
+            trials.append((key, cand, ms))
+            if ms < best_ms * (1 - tol):
+                chosen[key], best_ms = cand, ms
+        apply(key, chosen[key])
+    return chosen, best_ms, trials
+
+
+@register("tune")
+def topic_tune(ctx: BenchContext) -> None:
+    """The decode kernels' config rules against a search timed inside the whole decode step."""
+    import triton
+    import flash_attn as FA
+    import model as M
+    import serve as S
+    import triton_matmul as tm
+    if ctx.device.type != "cuda":
+        ctx.note("(tune times CUDA-graph replays of the decode step with the Triton kernels: it needs a GPU; "
+                 "nothing is measured on a CPU. The search itself, coordinate_descent, is tested on CPU.)")
+        return
+    dt = torch.float16
+    rows, log = [], []
+    for size in ("124M", "1.5B"):
+        model = M.load_gpt2(f"random:{size}", dt, ctx.device)
+        engine = _serve_engine(model, ctx, num_blocks=128, max_num_seqs=1, prefix_caching=False)
+        engine.generate([list(range(1000, 1032))], S.SamplingParams(max_tokens=4, ignore_eos=True))
+        runner = engine.runner
+
+        def measure():
+            # a fresh capture, so the kernels launched are the ones just configured; the graph's
+            # inputs are the capture's: a padding row at the model's full context
+            runner.graphs = {}
+            runner.capture_graphs()
+            return time_ms(runner.graphs[1].graph.replay, ctx, warmup=20, reps=100)
+
+        cache = tm.gemv_kernel_autotuned.cache
+        gemv_keys = [k for k in cache if k[2] == 1]                 # (N, K, BLOCK_M, ...): one row
+        x16 = torch.empty(1, 1, dtype=dt)
+
+        def gemv_config(bn, warps, K):
+            return triton.Config({"BLOCK_N": bn, "BLOCK_K": triton.next_power_of_2(K), "SINGLE_SHOT": True},
+                                 num_warps=warps, num_stages=1)
+
+        def rule(key):
+            if key == "attention":
+                return dict(FA._SMALL_GRID_DECODE_CONFIG)
+            c = tm._prune_gemv_configs(tm.GEMV_GPU_CONFIGS, dict(N=key[0], K=key[1], x_ptr=x16), BLOCK_M=1)[0]
+            return (c.kwargs["BLOCK_N"], c.num_warps)
+
+        def candidates(key):
+            if key == "attention":
+                return [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in FA._DECODE_GPU_CONFIGS]
+            bk = triton.next_power_of_2(key[1])
+            return [(bn, w) for w in (4, 8) for bn in (1, 2, 4, 8, 16) if bn * bk <= 128 * 32 * w]
+
+        def apply(key, cand):
+            if key == "attention":
+                FA._SMALL_GRID_DECODE_CONFIG = cand
+            else:
+                cache[key] = gemv_config(*cand, key[1])
+
+        keys = gemv_keys + (["attention"] if FA._is_hopper_or_later(ctx.device) else [])
+        start = {k: rule(k) for k in keys}
+        rule_attention = dict(FA._SMALL_GRID_DECODE_CONFIG)
+        try:
+            rule_ms = measure()
+            chosen, tuned_ms, trials = coordinate_descent(keys, candidates, start, apply, measure)
+        finally:                            # leave the rules in place for whatever runs next
+            for k in gemv_keys:
+                cache.pop(k, None)
+            FA._SMALL_GRID_DECODE_CONFIG = rule_attention
+
+        def name(key, cand):
+            if key == "attention":
+                return f"{cand['BLOCK_N']} tokens, {cand['num_warps']} warps, {cand['num_stages']} stages"
+            return f"{cand[0]} rows x {cand[1]} warps"
+
+        def label(key):
+            return "decode attention" if key == "attention" else f"GEMV {key[1]}->{key[0]}"
+        for k in keys:
+            tried = {repr(c): ms for kk, c, ms in trials if kk == k}
+            rule_trial = tried.get(repr(start[k]), float("nan"))
+            best_trial = min(tried.values())
+            rows.append([f"GPT-2 {size}", label(k), name(k, start[k]), rule_trial, name(k, chosen[k]), best_trial,
+                         "rule" if chosen[k] == start[k] else f"{rule_trial / best_trial:.3f}x"])
+        rows.append([f"GPT-2 {size}", "whole step", "all rules", rule_ms, "all chosen", tuned_ms,
+                     f"{rule_ms / tuned_ms:.3f}x"])
+        log += [[f"GPT-2 {size}", label(k), name(k, c), ms] for k, c, ms in trials]
+        del engine, runner, model
+        _free_memory(True)
+    ctx.table("Decode kernel configs: the rule vs a search timed inside the whole step (batch 1, fp16, "
+              "CUDA graph)",
+              ["model", "kernel", "rule's config", "step ms with it", "fastest config found", "step ms with it",
+               "rule / fastest"], rows, dtype=dt,
+              note="One knob at a time (coordinate descent, a new graph capture per trial, median of 100 "
+                   "replays; a candidate must win by > 0.3% to be kept). Both step times of a row come from "
+                   "that knob's own trials, with the knobs before it already tuned. The step runs at the "
+                   "model's full context (the capture's padding inputs). 'rule' in the last column: the "
+                   "rule's config was the fastest, or within 0.3% of it.")
+    ctx.table("Every trial of the search", ["model", "kernel", "config", "step ms"], log, dtype=dt)
+
+
 # ---- load: the engine under traffic ------------------------------------------------------------
 
 def _open_loop(engine, work, arrivals):

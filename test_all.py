@@ -2468,6 +2468,34 @@ def test_bench_new_topics_run_on_cpu(tmp_path):
     assert any("Poisson" in str(r[0]) for t in load for r in t.get("rows", []))
 
 
+def test_coordinate_descent_finds_the_minimum_and_ignores_noise():
+    import bench
+    rng = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        want = {k: int(torch.randint(0, 5, (1,), generator=rng)) for k in "abc"}
+        state = {}
+
+        def cost():                 # separable with a floor, like a step made of kernels
+            return 10.0 + sum((state[k] - want[k]) ** 2 for k in want)
+        chosen, best, trials = bench.coordinate_descent(
+            list(want), lambda k: range(5), {k: 0 for k in want}, state.__setitem__, cost)
+        assert chosen == want and best == 10.0 and len(trials) == 15 and state == want
+    # improvements below tol are noise: the start is kept, and the knob is left at the start
+    state = {}
+    times = iter([1.0, 0.999, 1.0, 0.998])
+    chosen, best, _ = bench.coordinate_descent(["k"], lambda k: ["x", "y", "z"], {"k": "s"},
+                                               state.__setitem__, lambda: next(times), tol=0.003)
+    assert chosen == {"k": "s"} and best == 1.0 and state == {"k": "s"}
+
+
+def test_bench_tune_says_it_needs_a_gpu_on_cpu(tmp_path, capsys):
+    import bench
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the topic runs for minutes: run `python bench.py --topic tune` instead")
+    assert bench.main(["--topic", "tune", "--device", "cpu", "--outdir", str(tmp_path)]) == 0
+    assert "needs a GPU" in capsys.readouterr().out
+
+
 def test_open_loop_accounts_for_every_request(tiny_model):
     import bench
     engine = _engine(tiny_model)

@@ -734,7 +734,8 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # end (124M: 0.259 -> 0.250 ms, but that gain is flash_attn's one-tile-per-program splits; the
 # GEMV change alone was flat there). So for one row the pruner returns that single config:
 # only it is compiled (Triton's autotuner still times it once, ~50 ms, instead of ~9
-# candidates). Measured on an H200 only.
+# candidates). Measured on an H200 only; `python bench.py --topic tune` repeats the search on
+# whatever GPU it runs on and prints the rule next to what the search finds.
 #
 # Prefetching the next GEMV's weights into L2 (measured, not kept). Between two GEMVs of a decode
 # step HBM idles: the kernel boundary, the attention kernels, the norms. A GEMV's weights never
