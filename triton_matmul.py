@@ -718,7 +718,7 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # sets of picks for GPT-2 1.5B's five GEMV shapes). In a whole decode step the picks are not
 # equal: the same step took 1.84, 2.01, 2.06 and 2.11 ms with those four sets. Timing the
 # candidates inside the captured step instead (coordinate descent over the five shapes, graph
-# replay, H200, 2026-11-28) gave 1.67-1.68 ms (fp16), 1.78 (bf16, from 2.10) and, for GPT-2
+# replay on the capture's inputs, i.e. a 1024-token context, H200, 2026-11-28) gave 1.67-1.68 ms (fp16), 1.78 (bf16, from 2.10) and, for GPT-2
 # 124M, 0.266 ms (from 0.288). What won, as a rule:
 #   - a row of W fits a 2048-wide tile: 4 warps (on c_fc, 8 and 16 warps cost 5-20% of the
 #     step) and BLOCK_N = N / 800 rounded up to a power of two, between 2 and 8: 1.5B's c_attn,
