@@ -680,10 +680,11 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # previous kernel (gdc_wait) and read x. Under PDL this program is already resident while the
 # previous kernel drains, so its weight stream overlaps that tail instead of starting after
 # it. SINGLE_SHOT configs do exactly this (BLOCK_K = next power of two >= K, no K loop; the
-# tile must fit in registers: BLOCK_N x BLOCK_K <= 64 values per thread). Timed alone, they tie
-# with the K-loop configs (there is no previous kernel to overlap), so the autotuner, which
-# times one kernel at a time, would not pick them for that reason: for one row the pruner keeps
-# only single-shot configs. Measured in a whole GPT-2 1.5B decode step (H100, one run, graph
+# tile must fit in registers: the timed configs keep to 64 values per thread, the one-row rule
+# below goes to 128 fp16 values). Timed alone, they tie with the K-loop configs (there is no
+# previous kernel to overlap), so the autotuner, which times one kernel at a time, would not
+# pick them for that reason: for one row the pruner returns only single-shot configs (now one,
+# by rule: "Choosing by rule" below). Measured in a whole GPT-2 1.5B decode step (H100, one run, graph
 # replay): 2.06 ms with K-loop configs and separate norm kernels, 1.99 single shot, 1.86 single
 # shot with the norm folded in (below); with PDL off the same single-shot step took 2.44 ms.
 #
