@@ -1405,16 +1405,10 @@ def topic_tune(ctx: BenchContext) -> None:
             return time_ms(runner.graphs[1].graph.replay, ctx, warmup=20, reps=100)
 
         gemv_keys = [k for k in cache if k[2] == 1]                 # (N, K, BLOCK_M, ...): one row
-        x16 = torch.empty(1, 1, dtype=dt)
-
-        def gemv_config(bn, warps, K):
-            return triton.Config({"BLOCK_N": bn, "BLOCK_K": triton.next_power_of_2(K), "SINGLE_SHOT": True},
-                                 num_warps=warps, num_stages=1)
-
         def rule(key):
             if key == "attention":
                 return dict(FA._SMALL_GRID_DECODE_CONFIG)
-            c = tm._prune_gemv_configs(tm.GEMV_GPU_CONFIGS, dict(N=key[0], K=key[1], x_ptr=x16), BLOCK_M=1)[0]
+            c = tm.one_row_gemv_config(key[0], key[1], dt.itemsize)
             return (c.kwargs["BLOCK_N"], c.num_warps)
 
         def candidates(key):
@@ -1427,7 +1421,7 @@ def topic_tune(ctx: BenchContext) -> None:
             if key == "attention":
                 FA._SMALL_GRID_DECODE_CONFIG = cand
             else:
-                cache[key] = gemv_config(*cand, key[1])
+                cache[key] = tm.one_row_gemv_config(key[0], key[1], rows=cand[0], warps=cand[1])
 
         keys = gemv_keys + (["attention"] if FA._is_hopper_or_later(ctx.device) else [])
         start = {k: rule(k) for k in keys}

@@ -897,6 +897,23 @@ GEMV_GPU_CONFIGS = [
 GEMV_CONFIGS = GEMV_GPU_CONFIGS if (torch.cuda.is_available() and not INTERPRET) else [_gemv_config(32, 128, 4, 1)]
 
 
+def one_row_gemv_config(N, K, elem_bytes=2, rows=None, warps=None):
+    """The single-shot config for a one-row GEMV: the rule's ("Choosing by rule") unless rows /
+    warps are given (bench.py's whole-step search tries others). None when all of K does not
+    fit the rule's tiles (BLOCK_K outside 512..16384): the timed configs then decide."""
+    k_all = max(triton.next_power_of_2(K), 16)
+    if not 512 <= k_all <= 16384:
+        return None
+    if rows is None:
+        max_rows = 8 if elem_bytes <= 2 else 4          # <= 256 B of W per thread
+        if k_all <= 2048:   # N / 800 rows of W (2 to max_rows; 4 for an LM head), 4 warps
+            rows = 4 if N > 16384 else min(max_rows, max(2, triton.next_power_of_2(triton.cdiv(N, 800))))
+            warps = 4
+        else:               # long K: 8 warps, 64 values per thread
+            rows, warps = 16384 // k_all, 8
+    return triton.Config({"BLOCK_N": rows, "BLOCK_K": k_all, "SINGLE_SHOT": True}, num_warps=warps, num_stages=1)
+
+
 def _prune_gemv_configs(configs, named_args, **kwargs):
     """Before compiling anything: for one row with 512 <= BLOCK_K <= 16384, return the one
     single-shot config the rule picks ("Choosing by rule"; its 8-row tiles for 16-bit x are
@@ -909,6 +926,11 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
     Relaxed step by step if that leaves nothing; the register rule goes last."""
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
     K = named_args.get("K", 1 << 30)
+    if bm == 1:         # one row: one config by rule (see "Choosing by rule"), where it applies
+        x = named_args.get("x_ptr")
+        rule = one_row_gemv_config(named_args.get("N", 800 * 4), K, 2 if x is None else x.element_size())
+        if rule is not None:
+            return [rule]
     k_all = max(triton.next_power_of_2(K), 16)
     sized = []
     for c in configs:
@@ -926,17 +948,6 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
         shape_ok = bn * bk >= 2048 if bm <= 2 else bn >= min(bm, 16)
         return shape_ok and bk <= max(triton.next_power_of_2(K), 32)
 
-    if bm == 1 and 512 <= k_all <= 16384:   # one row: one config by rule (see "Choosing by rule")
-        N = named_args.get("N", 800 * 4)
-        x = named_args.get("x_ptr")
-        max_rows = 8 if x is None or x.element_size() <= 2 else 4   # <= 256 B of W per thread
-        if k_all <= 2048:   # N / 800 rows of W (2 to max_rows; 4 for an LM head), 4 warps
-            bn = 4 if N > 16384 else min(max_rows, max(2, triton.next_power_of_2(triton.cdiv(N, 800))))
-            warps = 4
-        else:               # long K: 8 warps, 64 values per thread
-            bn, warps = 16384 // k_all, 8
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": k_all, "SINGLE_SHOT": True},
-                              num_warps=warps, num_stages=1)]
     single = [c for c in sized if c.kwargs["SINGLE_SHOT"] and fits(c) and suits(c)]
     if single:      # one row: single shot only (why: "Prefetch across the kernel boundary")
         return single
