@@ -1423,7 +1423,7 @@ def topic_tune(ctx: BenchContext) -> None:
             else:
                 cache[key] = tm.one_row_gemv_config(key[0], key[1], rows=cand[0], warps=cand[1])
 
-        keys = gemv_keys + (["attention"] if FA._is_hopper_or_later(ctx.device) else [])
+        keys = gemv_keys + (["attention"] if M.is_hopper_or_later(ctx.device) else [])
         start = {k: rule(k) for k in keys}
         rule_attention = dict(FA._SMALL_GRID_DECODE_CONFIG)
         try:

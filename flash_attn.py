@@ -72,7 +72,7 @@ import triton.language as tl  # noqa: E402
 from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol, for PDL)
 
 from attention import grouped_query_attention  # noqa: E402
-from model import pdl_launch_args  # noqa: E402
+from model import is_hopper_or_later, pdl_launch_args  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -708,13 +708,6 @@ def _decode_launcher():
         _paged_decode_split_kernel)
 
 
-@functools.cache
-def _is_hopper_or_later(device):
-    """Where _SMALL_GRID_DECODE_CONFIG was measured (H200) and fits: its 3 stages of 128-token
-    K/V tiles want Hopper's shared memory; elsewhere the autotuner keeps the configs that fit."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 @functools.cache      # the one costly part of default_num_splits (a driver query)
 def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -824,9 +817,10 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                 PAGE=block_size, DIRECT=direct, **pdl_launch_args())
     grid = (batch, n_kv_heads, num_splits)
+    # fewer programs than SMs, on Hopper or later: a config by rule (_SMALL_GRID_DECODE_CONFIG)
     if (config is None and not INTERPRET and batch * n_kv_heads * num_splits <= _num_sms(q.device)
-            and _is_hopper_or_later(q.device)):
-        config = _SMALL_GRID_DECODE_CONFIG     # fewer programs than SMs: by rule (see above)
+            and is_hopper_or_later(q.device)):
+        config = _SMALL_GRID_DECODE_CONFIG
     if INTERPRET or config is not None:
         _paged_decode_split_kernel[grid](*args, **meta, **(config or _INTERPRET_DECODE_CONFIG))
     else:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import base64
 import codecs
+import functools
 import hashlib
 import json
 import math
@@ -323,11 +324,25 @@ def default_dtype(device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def is_hopper_or_later(device=None) -> bool:
+    """A CUDA GPU of compute capability 9.0 (Hopper) or later? device: None = the current one."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return False
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    return device.type == "cuda" and _capability(device)[0] >= 9
+
+
+@functools.cache       # a driver query, asked on every decode-attention launch
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def pdl_supported() -> bool:
-    """Can kernels use programmatic dependent launch here (a CUDA GPU of compute capability 9.0,
-    Hopper, or later, and not the Triton interpreter)? See triton_matmul.py's PDL section."""
-    return (os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.is_available()
-            and torch.cuda.get_device_capability()[0] >= 9)
+    """Can kernels use programmatic dependent launch here (Hopper or later, and not the Triton
+    interpreter)? See triton_matmul.py's PDL section."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1" and is_hopper_or_later()
 
 
 _pdl_args = None   # the one switch for every PDL kernel (its launch arguments); None = decide on first use
