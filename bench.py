@@ -1600,7 +1600,7 @@ def topic_foundations(ctx: BenchContext) -> None:
     import foundations as FD
     import model as M
     dev, gpu = ctx.device, ctx.device.type == "cuda"
-    dt = torch.float16 if gpu else torch.float32
+    dt = M.default_dtype(dev)
     ceil = measure_ceilings(ctx, dt)
     ridge = ceil["matmul_tflops"] * 1e12 / (ceil["copy_gbps"] * 1e9)
     n = 8192 if gpu else 1024

@@ -98,7 +98,7 @@ def intensity_sweep(device: torch.device, n: int, tokens=(1, 4, 16, 64, 256, 102
     """Time X (M, n) @ W (n, n)^T for M in `tokens`: intensity, TFLOP/s and GB/s per M.
     time_s(fn) -> seconds per call (default: the rough timer above, with `reps`)."""
     time_s = time_s or (lambda fn: _rough_time_s(fn, device, reps))
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or M.default_dtype(device)
     size = torch.finfo(dtype).bits // 8
     w = torch.randn(n, n, device=device, dtype=dtype)
     out = []
