@@ -1357,6 +1357,15 @@ MAX_BODY_BYTES = 1 << 20          # a request body larger than this gets 413
 _FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}    # ours -> OpenAI's
 
 
+def _finish_reason(out: "RequestOutput") -> str:
+    return _FINISH_REASONS.get(out.finish_reason, out.finish_reason)
+
+
+def _error(message: str, kind: str = "server_error") -> dict:
+    """OpenAI's error body."""
+    return {"error": {"message": message, "type": kind}}
+
+
 class EngineThread:
     """The thread that owns the engine. submit() and cancel() may be called from any thread;
     each request's events go to its asyncio queue: ("text", piece), then ("done",
@@ -1365,13 +1374,16 @@ class EngineThread:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.streams: dict[int, list] = {}       # request id -> [event loop, asyncio.Queue, chars sent]
+        self.streams: dict[int, list] = {}       # request id -> [event loop, asyncio.Queue, chars sent, stream?]
         self.peak_streams = 0                    # most requests in flight at once (a diagnostic)
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.thread.start()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, loop, events: asyncio.Queue) -> None:
-        self.inbox.put(("add", prompt_ids, params, loop, events))
+    def submit(self, prompt_ids: list[int], params: SamplingParams, loop, events: asyncio.Queue,
+               stream: bool = True) -> None:
+        """stream=False: the client gets only ("done", output) or ("error", message), no text events
+        (and the engine keeps no live text for it unless a stop string needs one)."""
+        self.inbox.put(("add", prompt_ids, params, loop, events, stream))
 
     def cancel(self, events: asyncio.Queue) -> None:
         self.inbox.put(("cancel", events))
@@ -1414,10 +1426,10 @@ class EngineThread:
             except Exception as err:      # noqa: BLE001 (a bug here must not leave clients waiting forever)
                 self._abort_all(f"engine thread: {type(err).__name__}: {err}")
 
-    def _add(self, prompt_ids, params, loop, events) -> None:
-        stream = [loop, events, 0]
+    def _add(self, prompt_ids, params, loop, events, live) -> None:
+        stream = [loop, events, 0, live]
         try:
-            seq_id = self.engine._enqueue(prompt_ids, params, live_text=True)
+            seq_id = self.engine._enqueue(prompt_ids, params, live_text=live)
         except Exception as err:          # noqa: BLE001 (this request fails, the others go on)
             self._send(stream, ("error", f"{type(err).__name__}: {err}"))
             return
@@ -1448,6 +1460,8 @@ class EngineThread:
         errors = 0
         for seq_id, stream in list(self.streams.items()):
             seq = self.engine.seqs[seq_id]
+            if not stream[3] and seq.status != "finished":
+                continue                  # not streaming: nothing to send before the end
             try:
                 piece, done = self.engine.new_text(seq, stream[2])
             except RuntimeError as err:
@@ -1456,7 +1470,7 @@ class EngineThread:
                 self._send(stream, ("error", str(err)))
                 errors += 1
                 continue
-            if piece:
+            if piece and stream[3]:
                 stream[2] += len(piece)
                 self._send(stream, ("text", piece))
             if done:
@@ -1483,9 +1497,10 @@ def _params_from_body(body: dict) -> SamplingParams:
         raise HTTPError(400, str(err)) from None
 
 
-def _prompt_from_body(engine: LLMEngine, body: dict, chat: bool) -> list[int]:
+def _prompt_from_body(engine: LLMEngine, body: dict, chat: bool, has_template: bool) -> list[int]:
+    """has_template: the model has a chat template (M.is_chat_model, asked once per server)."""
     if chat:
-        if not M.is_chat_model(engine.cfg.model):
+        if not has_template:
             raise HTTPError(400, f"{engine.cfg.model} has no chat template: use /v1/completions")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
@@ -1540,6 +1555,7 @@ class HTTPServer:
         if engine.tokenizer is None:
             raise ValueError("the HTTP server streams text: build the engine with a tokenizer")
         self.engine, self.host, self.port = engine, host, port
+        self.has_chat_template = M.is_chat_model(engine.cfg.model)
         self.engine_thread: EngineThread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -1606,12 +1622,11 @@ class HTTPServer:
                     raise HTTPError(400, "the body must be a JSON object")
                 await self._complete(body, path == "/v1/chat/completions", reader, writer)
         except HTTPError as err:
-            writer.write(_json_response(err.status, {"error": {"message": str(err), "type": "invalid_request_error"}}))
+            writer.write(_json_response(err.status, _error(str(err), "invalid_request_error")))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass                                     # the client went away
         except Exception as err:                     # noqa: BLE001 (a bug here must not kill the server)
-            writer.write(_json_response(500, {"error": {"message": f"{type(err).__name__}: {err}",
-                                                        "type": "server_error"}}))
+            writer.write(_json_response(500, _error(f"{type(err).__name__}: {err}")))
         finally:
             try:
                 await writer.drain()
@@ -1624,11 +1639,12 @@ class HTTPServer:
                         writer: asyncio.StreamWriter) -> None:
         params = _params_from_body(body)
         try:        # validated here, before anything reaches the engine thread (a clear 400)
-            prompt_ids = self.engine.check_request(_prompt_from_body(self.engine, body, chat), params)
+            prompt_ids = self.engine.check_request(_prompt_from_body(self.engine, body, chat, self.has_chat_template), params)
         except ValueError as err:
             raise HTTPError(400, str(err)) from None
         events: asyncio.Queue = asyncio.Queue()
-        self.engine_thread.submit(prompt_ids, params, asyncio.get_running_loop(), events)
+        self.engine_thread.submit(prompt_ids, params, asyncio.get_running_loop(), events,
+                                  stream=bool(body.get("stream")))
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
 
@@ -1652,10 +1668,9 @@ class HTTPServer:
                     if kind_ == "text":
                         data = envelope([choice(value, None, role=first)])
                     elif kind_ == "done":
-                        data = envelope([choice("", _FINISH_REASONS.get(value.finish_reason, value.finish_reason),
-                                                role=first)])
+                        data = envelope([choice("", _finish_reason(value), role=first)])
                     else:
-                        data = {"error": {"message": value, "type": "server_error"}}
+                        data = _error(value)
                     first = False
                     writer.write(f"data: {json.dumps(data)}\n\n".encode())
                     await writer.drain()              # raises if the client has gone
@@ -1679,14 +1694,12 @@ class HTTPServer:
                     if kind_ == "done":
                         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(value.tokens),
                                  "total_tokens": len(prompt_ids) + len(value.tokens)}
-                        writer.write(_json_response(200, envelope(
-                            [choice(value.text, _FINISH_REASONS.get(value.finish_reason, value.finish_reason))],
-                            usage=usage)))
+                        writer.write(_json_response(200, envelope([choice(value.text, _finish_reason(value))],
+                                                                  usage=usage)))
                         return
                     if kind_ == "error":
-                        writer.write(_json_response(500, {"error": {"message": value, "type": "server_error"}}))
+                        writer.write(_json_response(500, _error(value)))
                         return
-                    # ("text", piece) events are for streams; the final text comes with "done"
             finally:
                 gone.cancel()
         except (ConnectionError, asyncio.CancelledError):
