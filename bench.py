@@ -1067,10 +1067,21 @@ def _topic_batching(ctx: BenchContext) -> None:
 
 # ---- serve.py --------------------------------------------------------------------------------
 
-def _serve_engine(model, ctx, **kw):
+def _serve_engine(model, ctx, warm: list[int] | None = None, **kw):
+    """serve.py's engine for `model` on the bench device; warm: a prompt to generate 4 tokens
+    from first (untimed: autotuning, compilation and first allocations happen there)."""
     import serve as S
     cfg = S.EngineConfig(device=str(ctx.device), dtype=str(model.dtype).removeprefix("torch."), **kw)
-    return S.LLMEngine(cfg, model=model)
+    engine = S.LLMEngine(cfg, model=model)
+    if warm is not None:
+        engine.generate([warm], S.SamplingParams(max_tokens=4, ignore_eos=True))
+    return engine
+
+
+def _random_workload(rng, n: int, vocab: int, prompt_lens: tuple[int, int], output_lens: tuple[int, int]):
+    """n seeded requests: (prompt of random token ids, max_tokens), lengths uniform in the ranges."""
+    return [([rng.randrange(vocab) for _ in range(rng.randint(*prompt_lens))], rng.randint(*output_lens))
+            for _ in range(n)]
 
 
 def _decode_rate(run, n_new: int) -> tuple[float, float]:
@@ -1114,9 +1125,8 @@ def topic_serve(ctx: BenchContext) -> None:
     for size in sizes:
         model = load_gpt2(f"random:{size}", dt, dev)
         weight_bytes = sum(p.nbytes for p in model.parameters())
-        engine = _serve_engine(model, ctx, num_blocks=128, max_num_seqs=1, prefix_caching=False)
+        engine = _serve_engine(model, ctx, warm=prompt, num_blocks=128, max_num_seqs=1, prefix_caching=False)
         params = lambda n: S.SamplingParams(max_tokens=n, ignore_eos=True)   # noqa: E731
-        engine.generate([prompt], params(4))                                  # warm-up (autotune)
         ours, ours_prefill = _decode_rate(lambda n: (engine.generate([prompt], params(n)), ctx.sync()), n_new)
         hf = _hf_gpt2(model.cfg, dt, dev)
         ids = torch.tensor([prompt], device=dev)
@@ -1158,12 +1168,10 @@ def topic_serve(ctx: BenchContext) -> None:
     p_lo, p_hi, o_lo, o_hi = (32, 512, 64, 512) if gpu else (8, 48, 8, 32)
     model = load_gpt2("random:124M" if gpu else "random:tiny", dt, dev)
     V = model.cfg.vocab_size
-    work = [([rng.randrange(V) for _ in range(rng.randint(p_lo, p_hi))], rng.randint(o_lo, o_hi))
-            for _ in range(n_req)]
+    work = _random_workload(rng, n_req, V, (p_lo, p_hi), (o_lo, o_hi))
     useful = sum(n for _, n in work)
-    engine = _serve_engine(model, ctx, max_num_seqs=256 if gpu else 16, gpu_memory_fraction=0.6,
+    engine = _serve_engine(model, ctx, warm=work[0][0], max_num_seqs=256 if gpu else 16, gpu_memory_fraction=0.6,
                            num_blocks=0 if gpu else 256)
-    engine.generate([work[0][0]], S.SamplingParams(max_tokens=4, ignore_eos=True))      # warm-up
     t0 = _sync_wall(ctx)
     outs = engine.generate([p for p, _ in work], [S.SamplingParams(max_tokens=n, ignore_eos=True) for _, n in work])
     ours_s = _sync_wall(ctx) - t0
@@ -1380,7 +1388,6 @@ def topic_tune(ctx: BenchContext) -> None:
     import triton
     import flash_attn as FA
     import model as M
-    import serve as S
     import triton_matmul as tm
     if ctx.device.type != "cuda":
         ctx.note("(tune times CUDA-graph replays of the decode step with the Triton kernels: it needs a GPU; "
@@ -1393,8 +1400,8 @@ def topic_tune(ctx: BenchContext) -> None:
         for k in [k for k in cache if k[2] == 1]:     # one-row entries of earlier topics: only this
             cache.pop(k)                              # engine's shapes should be searched
         model = M.load_gpt2(f"random:{size}", dt, ctx.device)
-        engine = _serve_engine(model, ctx, num_blocks=128, max_num_seqs=1, prefix_caching=False)
-        engine.generate([list(range(1000, 1032))], S.SamplingParams(max_tokens=4, ignore_eos=True))
+        engine = _serve_engine(model, ctx, warm=list(range(1000, 1032)), num_blocks=128, max_num_seqs=1,
+                               prefix_caching=False)
         runner = engine.runner
 
         def measure():
@@ -1505,7 +1512,6 @@ def topic_load(ctx: BenchContext) -> None:
     loads (TTFT, time per output token and end-to-end latency, P50/P90/P99), and one long prompt."""
     import random
     import model as M
-    import serve as S
     dev, gpu = ctx.device, ctx.device.type == "cuda"
     dt = M.default_dtype(dev)
     model = M.load_gpt2("random:124M" if gpu else "random:tiny", dt, dev)
@@ -1514,10 +1520,9 @@ def topic_load(ctx: BenchContext) -> None:
     V = model.cfg.vocab_size
     n_req = 256 if gpu else 24
     p_lo, p_hi, o_lo, o_hi = (32, 512, 32, 256) if gpu else (8, 64, 8, 32)
-    work = [([rng.randrange(V) for _ in range(rng.randint(p_lo, p_hi))], rng.randint(o_lo, o_hi)) for _ in range(n_req)]
-    engine = _serve_engine(model, ctx, max_num_seqs=128 if gpu else 16, gpu_memory_fraction=0.5,
+    work = _random_workload(rng, n_req, V, (p_lo, p_hi), (o_lo, o_hi))
+    engine = _serve_engine(model, ctx, warm=work[0][0], max_num_seqs=128 if gpu else 16, gpu_memory_fraction=0.5,
                            num_blocks=0 if gpu else 512, prefix_caching=False)
-    engine.generate([work[0][0]], S.SamplingParams(max_tokens=4, ignore_eos=True))         # warm-up
 
     # (1) one request on an idle engine: the floor every latency below is compared with
     single = []
