@@ -735,8 +735,9 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # end (124M: 0.259 -> 0.250 ms, but that gain is flash_attn's one-tile-per-program splits; the
 # GEMV change alone was flat there). So for one row the pruner returns that single config:
 # only it is compiled (Triton's autotuner still times it once, ~50 ms, instead of ~9
-# candidates). Measured on an H200 only; `python bench.py --topic tune` repeats the search on
-# whatever GPU it runs on and prints the rule next to what the search finds.
+# candidates). Found on H200s; `python bench.py --topic tune` repeats the search on whatever GPU
+# it runs on and prints the rule next to what the search finds: within 0.3% of the search on an
+# H200, within 1% on an H100 (results/tune.md, tune_h100.md; 2026-11-28).
 #
 # Prefetching the next GEMV's weights into L2 (measured, not kept). Between two GEMVs of a decode
 # step HBM idles: the kernel boundary, the attention kernels, the norms. A GEMV's weights never
@@ -750,6 +751,21 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # inside the chain HBM is not idle enough for early reads to fill gaps, so they compete with the
 # running GEMV's own reads (and two ahead, with a layer's 61 MB larger than L2, lines may be
 # evicted before use).
+#
+# One persistent kernel for the whole chain (measured, not kept; the draft is on the branch
+# wip/persistent-decode). If the ~2-3 us per boundary were the loss, one launch could remove it:
+# one or two programs per SM walk every layer's four GEMVs, and between phases every program
+# waits at a grid barrier (an arrival counter in global memory, release/acquire atomics; the
+# launch is cooperative, so a grid that cannot all be resident is refused instead of hanging).
+# Same H200 chain as above, one process: 1.235 ms for these GEMVs as launches; the persistent
+# kernel was correct but 1.40 ms at best (264 programs x 4 warps, the weight tiles through
+# Triton's software pipeline), 1.80-2.05 ms with one program per SM. The same kernel launched
+# once per phase, with no barrier at all, was as slow as with barriers: the boundaries were not
+# what it lost, the streaming was. A launch puts ~800 programs in flight, up to ~16 per SM, each
+# issuing its whole tile at once; a persistent program streams its share (155 KB per SM for
+# c_fc) a tile or three at a time, and every change that put more bytes in flight per SM helped.
+# Winning that way would take TMA bulk copies of a program's whole share into shared memory,
+# issued before it waits at the barrier: more than Triton 3.6 lets a kernel say.
 
 MAX_GEMV_ROWS = 16
 
