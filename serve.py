@@ -1329,7 +1329,9 @@ def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
 # ----------------------------------------------------------------------------------------------
 #
 # Many clients, one engine. The engine is not thread-safe and its loop is Python: it gets ONE
-# thread of its own (EngineThread), the only code that touches it. Connections are handled by
+# thread of its own (EngineThread), the only code that changes it (the handlers only call
+# check_request, which reads the config and the block count and tokenizes: a 400 before anything
+# is queued). Connections are handled by
 # asyncio on another thread: one event loop serves any number of slow or streaming clients
 # without a thread each (foundations.py, Part 4). The two meet through two queues: handlers put
 # requests into the engine thread's inbox (thread-safe), and the engine thread hands each
@@ -1492,7 +1494,7 @@ def _params_from_body(body: dict) -> SamplingParams:
     try:
         return SamplingParams(max_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 1.0),
                               top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0), seed=body.get("seed"),
-                              ignore_eos=bool(body.get("ignore_eos", False)), stop=body.get("stop") or ())
+                              ignore_eos=bool(body.get("ignore_eos", False)), stop=body.get("stop"))
     except (TypeError, ValueError) as err:
         raise HTTPError(400, str(err)) from None
 

@@ -2359,6 +2359,8 @@ def test_http_concurrent_clients_each_get_their_own_answer(http_server, tiny_mod
     ({"prompt": "Hi", "top_k": -1}, "top_k"),
     ({"prompt": "Hi", "n": 2}, "n must be 1"),
     ({"prompt": "Hi", "seed": 2 ** 70}, "seed"),
+    ({"prompt": "Hi", "stop": ""}, "stop strings"),
+    ({"prompt": "Hi", "stop": ["\n", 3]}, "stop strings"),
     ({"prompt": ["Hi", "there"]}, "integers"),
     ({"prompt": {"text": "Hi"}}, "prompt must be"),
     ({"messages": [{"role": "user", "content": "Hi"}]}, "prompt must be"),
