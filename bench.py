@@ -1538,10 +1538,10 @@ def topic_load(ctx: BenchContext) -> None:
         statistics.median(s[0] for s in single), statistics.median(s[1] for s in single),
         statistics.median(s[2] for s in single))] + ["", "", ""]]
 
-    def pcts(xs):
+    def pcts(xs):       # p50 is the median, as in the p50 columns; p90 / p99 the nearest rank
         xs = sorted(xs)
-        return "/".join(f"{_pct(xs, p) * 1e3:,.0f}" if _pct(xs, p) >= 0.01 else f"{_pct(xs, p) * 1e3:.2g}"
-                        for p in (50, 90, 99))
+        return "/".join(f"{v * 1e3:,.0f}" if v >= 0.01 else f"{v * 1e3:.2g}"
+                        for v in (statistics.median(xs), _pct(xs, 90), _pct(xs, 99)))
     for frac in (0.25, 0.5, 0.75, 1.0, 1.5, None):
         if frac is None:
             arrivals, label, rate = [0.0] * n_req, "all at once (t = 0)", float("inf")
