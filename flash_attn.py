@@ -31,7 +31,7 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               -> 315-500 TFLOP/s; with the better of v2/v3 per shape (what bench reports):
                  1.27-1.57x the FA2 backend everywhere, vs cuDNN 0.87-0.96x at D=64 and
                  0.72-0.88x at D=128 (0.79x at T=4096, 0.77x at T=8192; the gap is discussed at
-                 the end of Part 3). Warp-specialised configs (WARP_SPEC) are among the tuned ones
+                 the end of Part 3)
   prefill v3  same kernel with use_tma=True (tiles moved by Hopper's TMA engine through
               device-side tensor descriptors) -> within -26%..+3% of v2; it wins only at D=128,
               T=2k-4k, so v2 (pointer loads) stays the default
@@ -236,12 +236,10 @@ def _load_kv_tile(src, row0, offs_n, offs_d, stride_t, seq_len,
 def _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
                      stride_kt, stride_vt, seq_len, lo, hi, qk_scale,
                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+                     USE_TMA: tl.constexpr):
     """Online softmax over key tiles [lo, hi). MASKED=False is the hot loop: no compares, no
-    selects, every load unconditional (the caller guarantees all keys are visible).
-    WARP_SPEC asks Triton to split the loop between producer warps (loads) and consumer warps
-    (MMA + softmax), see the end of Part 3."""
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    selects, every load unconditional (the caller guarantees all keys are visible)."""
+    for start_n in range(lo, hi, BLOCK_N):
         k = _load_kv_tile(k_src, start_n, offs_n, offs_d, stride_kt, seq_len, MASKED, USE_TMA)
         s = tl.dot(q, tl.trans(k))                               # (BLOCK_M, BLOCK_N) raw scores
         if MASKED:
@@ -282,7 +280,6 @@ def _flash_prefill_kernel(
     GROUP: tl.constexpr,        # query heads per KV head (GQA)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPEC: tl.constexpr = False,
 ):
     # the causal split below needs whole key tiles left of each query tile's diagonal
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "BLOCK_N must divide BLOCK_M")
@@ -330,19 +327,19 @@ def _flash_prefill_kernel(
         # keys [0, m0) are visible to every row of this tile (BLOCK_N divides BLOCK_M)
         acc, m_i, l_i = _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
                                          stride_kt, stride_vt, seq_len, 0, m0, qk_scale,
-                                         False, CAUSAL, BLOCK_N, USE_TMA, WARP_SPEC)
+                                         False, CAUSAL, BLOCK_N, USE_TMA)
         diag_end = tl.minimum(m0 + BLOCK_M, seq_len)
         acc, m_i, l_i = _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
                                          stride_kt, stride_vt, seq_len, m0, diag_end, qk_scale,
-                                         True, CAUSAL, BLOCK_N, USE_TMA, False)
+                                         True, CAUSAL, BLOCK_N, USE_TMA)
     else:
         full_end = (seq_len // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
                                          stride_kt, stride_vt, seq_len, 0, full_end, qk_scale,
-                                         False, CAUSAL, BLOCK_N, USE_TMA, WARP_SPEC)
+                                         False, CAUSAL, BLOCK_N, USE_TMA)
         acc, m_i, l_i = _prefill_kv_loop(acc, m_i, l_i, q, k_src, v_src, offs_m, offs_n, offs_d,
                                          stride_kt, stride_vt, seq_len, full_end, seq_len, qk_scale,
-                                         True, CAUSAL, BLOCK_N, USE_TMA, False)
+                                         True, CAUSAL, BLOCK_N, USE_TMA)
     out = (acc / l_i[:, None]).to(O.dtype.element_ty)
     if USE_TMA:
         o_dst.store([m0, 0], out)
@@ -367,26 +364,26 @@ def _flash_prefill_kernel(
 # Each row is (BLOCK_M, BLOCK_N, num_warps, num_stages). Configs that spill registers when
 # compiled for sm_90 (e.g. BLOCK_M=128 with 4 warps at D=128: 255 registers + a local-memory
 # stack) were dropped from the lists.
-# A fifth field True turns on warp specialisation of the hot loop (WARP_SPEC). H200 sweep of
-# fixed configs (2026-11-27, host launch time included, so ratios only): +8% at D=64 T=4096
-# (BLOCK 128x64, 8 warps), +5% at D=128 T=4096 (128x128), neutral at T=8192; a second sweep
-# with the launch overlapped saw +0-1%. With 4 warps Triton 3.6 fails to compile it, and TMA
-# loads were 5-10% slower than cp.async here. The autotuner times all of these per length
+# TMA loads were 5-10% slower than cp.async here. The autotuner times all of these per length
 # bucket and does not always pick the fastest (flash.md of 2026-11-27: D=64 T=4096 fell to
 # 0.83x cuDNN; 0.87x in the 2026-11-28 run).
+# (Until 2026-11-28 the lists also held "warp-specialised" twins of three configs,
+# tl.range(..., warp_specialize=True). Compiled for sm_90 by Triton 3.6 they are the same
+# binary as their plain twins, byte for byte (the pass leaves a loop like this one alone on
+# Hopper at 8 warps, and fails at 4), so the +5-8% once measured for them was run-to-run noise.
+# They were removed: the tuner was timing the same kernel twice.)
 _PREFILL_GPU_CONFIGS = {
-    64: [(128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 64, 4, 3), (128, 64, 4, 4),
-         (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 64, 8, 3)],
-    128: [(128, 128, 8, 3, True), (128, 64, 8, 3, True), (128, 64, 8, 3), (128, 128, 8, 3),
-          (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4)],
+    64: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 64, 4, 4),
+         (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+          (64, 64, 4, 3), (64, 64, 4, 4)],
 }
 _INTERPRET_PREFILL_CONFIG = dict(BLOCK_M=32, BLOCK_N=16)
 
 
 def _prefill_configs(head_dim):
     rows = _PREFILL_GPU_CONFIGS.get(head_dim, [(64, 32, 4, 2), (64, 64, 4, 3)])
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WARP_SPEC": any(ws)}, num_warps=w, num_stages=s)
-            for m, n, w, s, *ws in rows]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
 
 
 @functools.cache     # one autotuned kernel per head_dim (the configs differ per head_dim)
@@ -486,13 +483,15 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 #      do the softmax, so the tensor cores idle during exp2/max/sum. FA3 dedicates one warp
 #      group to TMA loads and ping-pongs two consumer warp groups so one group's softmax
 #      overlaps the other's GEMMs, and overlaps softmax with the next P@V inside a group.
-#      Triton 3.6 exposes `tl.range(..., warp_specialize=True)` for this (WARP_SPEC here). Its
-#      automatic split of our loop gained 0-8% in H200 sweeps of fixed configs (most at D=64
-#      T=4096 and D=128 T=4096, none at T=8192) and does not compile with 4 warps. It
-#      does not do FA3's ping-pong of two consumer warp groups (one group's softmax hidden
-#      under the other's GEMMs) nor the intra-group overlap of tile j's softmax with tile
-#      j+1's QK^T: those need hand-written warp-group code (CUTLASS/ThunderKittens-style, or
-#      Triton's lower-level Gluon dialect), which is what the remaining 15-25% at D=128 is.
+#      Triton 3.6 has `tl.range(..., warp_specialize=True)` for this, but its own docs say
+#      Blackwell only, and on sm_90 it leaves this loop alone: the kernel compiled with it is
+#      the same binary, byte for byte, at 8 warps (checked offline with ptxas; at 4 warps the
+#      pass fails). Nor does Triton's scheduler give the intra-group overlap by itself: in the
+#      compiled loop (TTGIR) each QK^T wgmma is waited for at once (pendings = 0) together
+#      with the previous tile's P@V, so the tensor cores idle through every softmax. FA3's
+#      ping-pong of two consumer warp groups and its intra-group overlap need hand-written
+#      warp-group code (CUTLASS/ThunderKittens-style, or Triton's lower-level Gluon dialect,
+#      with explicit async wgmma waits), which is what the remaining 15-25% at D=128 is.
 #   2. TMA for all tiles (use_tma=True here does this with device-side descriptors): one thread
 #      issues a whole-tile copy, freeing registers and issue slots compared with cp.async. On
 #      its own (measured) it is not a win: the loads were not the bottleneck; TMA pays off when
