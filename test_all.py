@@ -1090,6 +1090,28 @@ def test_matmul_occupancy_table_cuda():
     for r in ok:
         assert r["n_regs"] > 0 and r["shared_bytes"] > 0
         assert 0 < r["occupancy"] <= 1 and r["programs_per_sm"] >= 1
+    if torch.cuda.get_device_capability()[0] == 9:
+        # the offline build for sm_90 is the kernel the GPU runs: same registers, same shared memory
+        offline = tm.occupancy_table_offline(1024, 1024, 1024, torch.float16, configs=[r["config"] for r in ok])
+        assert [(r["n_regs"], r["shared_bytes"]) for r in offline] == [(r["n_regs"], r["shared_bytes"]) for r in ok]
+
+
+def test_matmul_occupancy_offline_for_sm90():
+    """Compiled for an H100/H200 on any machine (no GPU needed): registers from ptxas, the shared
+    memory of the pipelined A/B tiles, and the occupancy those allow; an fp32 tile too big for
+    shared memory gets 0 programs per SM."""
+    fits = [tm._config(128, 128, 64, 8, 3), tm._config(16, 32, 128, 4, 4)]
+    rows = tm.occupancy_table_offline(512, 384, 256, torch.float16, configs=fits)
+    for cfg, r in zip(fits, rows):
+        assert 16 <= r["n_regs"] <= 255 and r["n_spills"] == 0, r
+        assert 0 < r["shared_bytes"] <= tm.smem_bytes_estimate(cfg, 2), r
+        assert r == dict(r, **tm.occupancy_from_resources(r["n_regs"], r["shared_bytes"], cfg.num_warps))
+        tiles = -(-512 // cfg.kwargs["BLOCK_M"]) * -(-384 // cfg.kwargs["BLOCK_N"])
+        assert r["waves"] == tiles / (132 * r["programs_per_sm"])
+    assert rows[0]["shared_bytes"] == tm.smem_bytes_estimate(fits[0], 2)    # 3 stages of A and B tiles
+    assert rows[0]["n_regs"] > rows[1]["n_regs"]            # a 128x128 fp32 accumulator needs more
+    too_big = tm.occupancy_table_offline(512, 512, 512, torch.float32, configs=[tm._config(256, 128, 64, 8, 4)])[0]
+    assert too_big["shared_bytes"] > 228 * 1024 and too_big["programs_per_sm"] == 0
 
 
 # ---------------------------------------------------------------- v5: decode GEMV and row norms
