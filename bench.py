@@ -1430,8 +1430,10 @@ def topic_tune(ctx: BenchContext) -> None:
         def candidates(key):
             if key == "attention":
                 return [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in FA._DECODE_GPU_CONFIGS]
+            # 1-2 warps: every reduction stays inside a warp (shuffles; no BAR.SYNC after the PDL wait,
+            # checked in the SASS), against more serial work per thread after it
             bk = triton.next_power_of_2(key[1])
-            return [(bn, w) for w in (4, 8) for bn in (1, 2, 4, 8, 16) if bn * bk <= 128 * 32 * w]
+            return [(bn, w) for w in (1, 2, 4, 8) for bn in (1, 2, 4, 8, 16) if bn * bk <= 128 * 32 * w]
 
         def apply(key, cand):
             if key == "attention":
