@@ -1868,14 +1868,14 @@ def write_outputs(ctx: BenchContext, topic: str, want_json: bool) -> None:
 
 
 def main(argv=None) -> int:
+    import model as M
     p = argparse.ArgumentParser(
         description="Benchmarks for every WaveBoost topic. Prints markdown tables; the first line "
                     "of each names the device, dtype and versions.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--topic", required=True, choices=sorted(TOPICS) + ["all"],
                    help="which topic to measure ('all' runs each in turn)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=["cpu", "cuda"], help="where to run")
+    M.add_device_arg(p)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
@@ -1886,9 +1886,7 @@ def main(argv=None) -> int:
     p.add_argument("--outdir", type=Path, default=HERE / "results", help="where files go")
     args = p.parse_args(argv)
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda was asked for, but torch sees no CUDA device here")
-    device = torch.device(args.device)
+    device = M.cli_device(p, args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     quick = args.quick if args.quick is not None else device.type == "cpu"
     torch.manual_seed(0)
