@@ -612,25 +612,32 @@ def compile_offline(jobs, sass=False):
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def gemv_sass_summary(N=6400, K=1600, norm="layer", activation="gelu_tanh"):
-    """What the compiler made of the rule's one-row GEMV for GPT-2 1.5B's c_fc (fp16, sm_90, PDL
-    on): the SASS around griddepcontrol.wait (ACQBULK in SASS, the PDL wait). The weight tile's
-    loads (LDG) should all come before it, x's after. Returns counts before / after the wait."""
-    cfg = one_row_gemv_config(N, K, 2)
-    job = ("gemv_kernel", dict(x_ptr="fp16", w_ptr="fp16", bias_ptr="fp16", res_ptr="fp16", y_ptr="fp16",
-                               norm_w_ptr="fp16", norm_b_ptr="fp16"),
-           dict(M=1, N=N, K=K, stride_xm=K, stride_wn=K, stride_rm=N, stride_ym=N, norm_eps=1e-5),
-           dict(**cfg.kwargs, BLOCK_M=1, HAS_BIAS=True, ACTIVATION=activation or "", HAS_RESIDUAL=norm is None,
-                NORM=norm or "", HAS_NORM_BIAS=norm == "layer", USE_PDL=True),
-           cfg.num_warps, cfg.num_stages)
-    res = compile_offline([job], sass=True)[0]
-    ins = res.pop("sass")
-    wait = next(i for i, x in enumerate(ins) if x.startswith("ACQBULK"))
-    count = lambda part, op: sum(op in x for x in part)                    # noqa: E731
-    return dict(config=f"{cfg.kwargs['BLOCK_N']} rows x {cfg.num_warps} warps", **res,
-                instructions_before_wait=wait, instructions_after_wait=len(ins) - wait,
-                loads_before_wait=count(ins[:wait], "LDG"), loads_after_wait=count(ins[wait:], "LDG"),
-                barriers_after_wait=count(ins[wait:], "BAR.SYNC"))
+def gemv_sass_summary(shapes=((6400, 1600, "layer", "gelu_tanh", True, False),)):
+    """What the compiler made of the rule's one-row GEMV (fp16, sm_90, PDL on) for each (N, K,
+    norm, activation, has_bias, has_residual): the SASS around griddepcontrol.wait (ACQBULK in
+    SASS, the PDL wait). The
+    weight tile's loads (LDG) should all come before it, x's after. Returns one dict per shape
+    (counts before / after the wait), all compiled in one go."""
+    jobs, configs = [], []
+    for N, K, norm, activation, has_bias, has_residual in shapes:
+        cfg = one_row_gemv_config(N, K, 2)
+        configs.append(cfg)
+        jobs.append(("gemv_kernel", dict(x_ptr="fp16", w_ptr="fp16", bias_ptr="fp16", res_ptr="fp16",
+                                         y_ptr="fp16", norm_w_ptr="fp16", norm_b_ptr="fp16"),
+                     dict(M=1, N=N, K=K, stride_xm=K, stride_wn=K, stride_rm=N, stride_ym=N, norm_eps=1e-5),
+                     dict(**cfg.kwargs, BLOCK_M=1, HAS_BIAS=has_bias, ACTIVATION=activation or "",
+                          HAS_RESIDUAL=has_residual, NORM=norm or "", HAS_NORM_BIAS=norm == "layer", USE_PDL=True),
+                     cfg.num_warps, cfg.num_stages))
+    rows = []
+    for cfg, res in zip(configs, compile_offline(jobs, sass=True)):
+        ins = res.pop("sass")
+        wait = next(i for i, x in enumerate(ins) if x.startswith("ACQBULK"))
+        count = lambda part, op: sum(op in x for x in part)                    # noqa: E731
+        rows.append(dict(config=f"{cfg.kwargs['BLOCK_N']} rows x {cfg.num_warps} warps", **res,
+                         instructions_before_wait=wait, instructions_after_wait=len(ins) - wait,
+                         loads_before_wait=count(ins[:wait], "LDG"), loads_after_wait=count(ins[wait:], "LDG"),
+                         barriers_after_wait=count(ins[wait:], "BAR.SYNC")))
+    return rows
 
 
 def _waves(M, N, cfg, programs_per_sm, num_sms):
@@ -1447,8 +1454,8 @@ def main():
     if args.profile:
         print(profile_matmul(s, s, s, dtype=dtype, device=device))
     if args.sass:
-        for N, K, norm, act in ((6400, 1600, "layer", "gelu_tanh"), (1600, 6400, None, None)):
-            r = gemv_sass_summary(N, K, norm, act)
+        shapes = ((6400, 1600, "layer", "gelu_tanh", True, False), (1600, 6400, None, None, True, True))
+        for (N, K, norm, *_), r in zip(shapes, gemv_sass_summary(shapes)):
             print(f"\nv5 GEMV {K}->{N}{' +LayerNorm' if norm else ''} ({r['config']}, fp16, sm_90): {r['n_regs']} regs; "
                   f"before the PDL wait {r['instructions_before_wait']} instructions, {r['loads_before_wait']} loads "
                   f"(the weight tile); after it {r['instructions_after_wait']} instructions, {r['loads_after_wait']} "
