@@ -1108,6 +1108,16 @@ class LLMEngine:
         seq = self.seqs.pop(request_id)
         if seq.status != "finished":
             self.scheduler.finish(seq, "abort")
+        # A queued decode step (async_decode, below) whose rows are now all finished has nothing
+        # left to deliver: collect it here, so that an engine whose every request was aborted
+        # reports nothing unfinished and holds no step in flight (the HTTP server's close()
+        # relies on that). The wait is for one decode step the GPU already runs, ~1-2 ms at most.
+        if self.in_flight is not None and all(s.status == "finished" for s in self.in_flight[0]):
+            seqs, copy = self.in_flight
+            self.in_flight = None
+            ModelRunner.finish_token_copy(copy)
+            for s in seqs:
+                s.num_pending -= 1
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self.in_flight is not None

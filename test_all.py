@@ -615,6 +615,27 @@ def test_engine_async_decode_abort_in_flight(tiny_model):
     _assert_drained(engine)
 
 
+def test_engine_abort_of_every_request_collects_the_step_in_flight(tiny_model):
+    """Aborting every request while a decode step is queued leaves nothing unfinished at once
+    (no further step() needed): the HTTP server's close() stops its engine thread right after
+    such aborts, and CI once caught it holding the queued step."""
+    engine = _engine(tiny_model)
+    ids = [engine.add_request(p, S.SamplingParams(max_tokens=10, ignore_eos=True))
+           for p in ([5, 6, 7], list(range(30, 47)), [11])]
+    while engine.in_flight is None:
+        engine.step()
+    for request_id in ids:
+        assert engine.has_unfinished()
+        engine.abort(request_id)
+    _assert_drained(engine)
+    # and the engine still serves: a new request gets the reference tokens
+    rid = engine.add_request([1, 2, 3], S.SamplingParams(max_tokens=6, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.seqs.pop(rid).output == M.generate(tiny_model, [1, 2, 3], 6)
+    _assert_drained(engine)
+
+
 @pytest.mark.parametrize("prompt,kwargs,match", [
     ([], {}, "empty"),
     ([1] * 200, dict(max_tokens=100), "context"),
