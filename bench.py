@@ -1835,9 +1835,12 @@ def topic_quant(ctx: BenchContext) -> None:
             if dtype == torch.float16:
                 q_model = M.load_gpt2(f"random:{preset}", dtype, dev)
                 int8_ops = Q.quantize_model(q_model)
-                variants += [("int8 weights, PyTorch norms and LM head", q_model, int8_ops),
-                             ("int8 weights + serve.py's one-row norms and LM head GEMV", q_model,
-                              Q.Int8Ops(int8_ops.qweights, base=S.FusedDecodeOps))]
+                q = int8_ops.qweights
+                variants += [("int8 weights, PyTorch norms and LM head", q_model, Q.Int8Ops(q, fold_norms=False)),
+                             ("int8 weights + serve.py's one-row norm kernels and LM head GEMV", q_model,
+                              Q.Int8Ops(q, base=S.FusedDecodeOps, fold_norms=False)),
+                             ("int8 weights, norms folded into the int8 GEMV, LM head GEMV", q_model,
+                              Q.Int8Ops(q, base=S.FusedDecodeOps))]
             for label, m, ops in variants:
                 step = lambda m=m, ops=ops: m.logits(m.hidden(tok, pos, None, ops)[:, -1], ops)   # noqa: E731
                 ms = _time_graphed_ms([step], ctx)

@@ -506,18 +506,11 @@ class FusedDecodeOps(M.TorchOps):
     row (the case measured: 4.3 -> 2.2 us for LayerNorm, gemv.md)."""
 
     @staticmethod
-    def _norm_args(module) -> dict:
-        """A LayerNorm / RMSNorm module as the kernels' keyword arguments."""
-        rms = isinstance(module, M.RMSNorm)
-        return dict(norm="rms" if rms else "layer", norm_weight=module.weight,
-                    norm_bias=None if rms else module.bias, norm_eps=module.eps)
-
-    @staticmethod
     def linear(x, weight, bias=None, activation=None, residual=None, norm=None):
         rows = x.numel() // x.shape[-1]
         if rows != 1:
             return M.TorchOps.linear(x, weight, bias, activation, residual, norm)
-        folded = {} if norm is None else FusedDecodeOps._norm_args(norm)   # the norm in front, in the GEMV
+        folded = {} if norm is None else M.norm_kernel_args(norm)   # the norm in front, in the GEMV
         return tm.gemv(x, weight, bias, activation=activation, residual=residual, **folded)
 
     @staticmethod
@@ -525,7 +518,7 @@ class FusedDecodeOps(M.TorchOps):
         rows = x.numel() // x.shape[-1]
         if rows != 1:
             return module(x)
-        a = FusedDecodeOps._norm_args(module)
+        a = M.norm_kernel_args(module)
         return tm.row_norm(x, a["norm_weight"], a["norm_bias"], eps=a["norm_eps"], rms=a["norm"] == "rms")
 
 
