@@ -2603,13 +2603,15 @@ def test_bench_new_topics_run_on_cpu(tmp_path):
     """quant, foundations and load: each writes tables with rows (timings are not checked)."""
     import bench
     # tables with rows on a CPU: quant = formats + KV sizes (+ accuracy where SmolLM2 is installed)
-    for topic, n_tables in (("quant", 2), ("foundations", 6), ("load", 2)):
+    for topic, n_tables in (("quant", 2), ("foundations", 6), ("load", 3)):
         assert bench.main(["--topic", topic, "--device", "cpu", "--md", "--json", "--outdir", str(tmp_path)]) == 0
         tables = [t for t in json.loads((tmp_path / f"{topic}.json").read_text())["tables"] if t.get("rows")]
         assert len(tables) >= n_tables, (topic, [t["title"] for t in tables])
         assert all(t["device"] in t["markdown"] and "dtype: " in t["device"] for t in tables)   # its own line
     load = json.loads((tmp_path / "load.json").read_text())["tables"]
     assert any("Poisson" in str(r[0]) for t in load for r in t.get("rows", []))
+    http_rows = [r for t in load for r in t.get("rows", []) if str(r[0]).startswith("HTTP streaming clients")]
+    assert len(http_rows) == 2 and all(float(r[2]) > 0 for r in http_rows)     # every request answered
 
 
 def test_coordinate_descent_finds_the_minimum_and_ignores_noise():
