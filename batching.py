@@ -93,16 +93,21 @@ class RequestResult:
         return self.finish_s - self.arrival_s
 
 
+def poisson_arrivals(n: int, rate_per_s: float, gen: torch.Generator) -> list[float]:
+    """n arrival times in seconds of a Poisson process: independent exponential gaps of mean
+    1/rate (inverse-CDF sampling: -log(1 - u) / rate); rate=inf: all at t=0."""
+    if math.isinf(rate_per_s):
+        return [0.0] * n
+    gaps = -torch.log1p(-torch.rand(n, generator=gen, dtype=torch.float64)) / rate_per_s
+    return gaps.cumsum(0).tolist()
+
+
 def make_trace(n: int, rate_per_s: float, prompt_lens=(16, 256), output_lens=(16, 256),
                vocab_size: int = 50257, seed: int = 0) -> list[Request]:
-    """n requests with Poisson arrivals (exponential gaps of mean 1/rate; rate=inf: all at t=0),
-    prompt and output lengths uniform in the given inclusive ranges, random prompt tokens."""
+    """n requests with Poisson arrivals (poisson_arrivals), prompt and output lengths uniform in
+    the given inclusive ranges, random prompt tokens."""
     gen = torch.Generator().manual_seed(seed)
-    if math.isinf(rate_per_s):
-        arrivals = [0.0] * n
-    else:
-        gaps = -torch.log1p(-torch.rand(n, generator=gen, dtype=torch.float64)) / rate_per_s
-        arrivals = gaps.cumsum(0).tolist()
+    arrivals = poisson_arrivals(n, rate_per_s, gen)
     p_len = torch.randint(prompt_lens[0], prompt_lens[1] + 1, (n,), generator=gen).tolist()
     o_len = torch.randint(output_lens[0], output_lens[1] + 1, (n,), generator=gen).tolist()
     return [Request(i, arrivals[i], torch.randint(0, vocab_size, (p_len[i],), generator=gen).tolist(),

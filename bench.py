@@ -1599,6 +1599,7 @@ def topic_load(ctx: BenchContext) -> None:
     loads (TTFT, time per output token and end-to-end latency, P50/P90/P99), the same traffic
     through the HTTP API, and one long prompt."""
     import random
+    import batching as BT
     import model as M
     import serve as S
     dev, gpu = ctx.device, ctx.device.type == "cuda"
@@ -1631,14 +1632,13 @@ def topic_load(ctx: BenchContext) -> None:
         xs = sorted(xs)
         return "/".join(f"{v * 1e3:,.0f}" if v >= 0.01 else f"{v * 1e3:.2g}"
                         for v in (statistics.median(xs), _pct(xs, 90), _pct(xs, 99)))
+    arrival_gen = torch.Generator().manual_seed(1)
+
     def poisson(frac):     # (label, arrival times, offered rate)
         if frac is None:
             return "all at once (t = 0)", [0.0] * n_req, float("inf")
-        rate, t, arrivals = frac * capacity, 0.0, []
-        for _ in range(n_req):
-            t += rng.expovariate(rate)
-            arrivals.append(t)
-        return f"Poisson, {frac:g} x capacity", arrivals, rate
+        rate = frac * capacity
+        return f"Poisson, {frac:g} x capacity", BT.poisson_arrivals(n_req, rate, arrival_gen), rate
 
     out_tokens = sum(n for _, n in work)
 
