@@ -1547,10 +1547,10 @@ async def _http_stream(port: int, prompt: list[int], max_tokens: int, t0: float,
     writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
     first = None
     while (line := await reader.readline()) and not line.startswith(b"data: [DONE]"):
-        if line.startswith(b"data: ") and first is None:
-            if b'"error"' in line:
+        if line.startswith(b"data: "):
+            if "error" in json.loads(line[6:]):
                 raise RuntimeError(f"the server answered an error: {line[:300]!r}")
-            first = time.perf_counter()
+            first = first or time.perf_counter()
     end = time.perf_counter()
     writer.close()
     if first is None:
@@ -1561,7 +1561,7 @@ async def _http_stream(port: int, prompt: list[int], max_tokens: int, t0: float,
 
 def _http_clients(port: int, work, arrivals, results) -> None:
     """A client process: every request of `work` at its arrival time, over HTTP, on one asyncio
-    loop. Puts (per-request stats, wall seconds) on `results`."""
+    loop. Sends ("ok", (per-request stats, wall seconds)) or ("error", message) on `results`."""
     import asyncio
 
     async def run():
@@ -1569,9 +1569,9 @@ def _http_clients(port: int, work, arrivals, results) -> None:
         stats = await asyncio.gather(*(_http_stream(port, p, n, t0, a) for (p, n), a in zip(work, arrivals)))
         return stats, time.perf_counter() - t0
     try:
-        results.put(("ok", asyncio.run(run())))
+        results.send(("ok", asyncio.run(run())))
     except Exception as err:      # noqa: BLE001 (reported by the parent)
-        results.put(("error", f"{type(err).__name__}: {err}"))
+        results.send(("error", f"{type(err).__name__}: {err}"))
 
 
 def _http_open_loop(port: int, work, arrivals):
@@ -1579,15 +1579,25 @@ def _http_open_loop(port: int, work, arrivals):
     process (spawned: no copy of this one's threads), so that their own Python work does not
     compete with the server for this process's GIL."""
     import multiprocessing
+    from multiprocessing.connection import wait
     mp = multiprocessing.get_context("spawn")
-    results = mp.Queue()
-    client = mp.Process(target=_http_clients, args=(port, work, arrivals, results), daemon=True)
+    results, child_end = mp.Pipe(duplex=False)
+    client = mp.Process(target=_http_clients, args=(port, work, arrivals, child_end), daemon=True)
     client.start()
+    child_end.close()
     try:
-        status, out = results.get(timeout=600)
-    except Exception:      # noqa: BLE001 (queue.Empty: a client that died or hung; say so)
-        raise RuntimeError(f"the HTTP client process gave no result (exit code {client.exitcode})") from None
-    client.join()
+        # readable once the answer comes, or at EOF once the process is gone without one
+        if not wait([results], timeout=600):
+            raise RuntimeError("the HTTP client process gave no result in 10 minutes")
+        try:
+            status, out = results.recv()
+        except EOFError:
+            client.join(5)
+            raise RuntimeError(f"the HTTP client process died without a result (exit code {client.exitcode})") from None
+    finally:
+        if client.is_alive():
+            client.terminate()
+        client.join()
     if status != "ok":
         raise RuntimeError(f"the HTTP clients failed: {out}")
     return out

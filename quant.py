@@ -237,7 +237,8 @@ def int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, y_ptr, norm_w_p
     NORM "layer" / "rms" folds the norm in front (LayerNorm / RMSNorm of x, rounded to x's dtype
     as row_norm rounds it) with triton_matmul.py's helpers, exactly as its fp16 GEMV does: each
     program reads the 3.2 KB row from L2 for the statistics, and the norm's own kernel (and its
-    kernel boundary) is gone. x is handled as a (1, BLOCK_K) tile, the helpers' layout."""
+    kernel boundary) is gone. With NORM, x is a (1, BLOCK_K) tile (the helpers' layout);
+    without, the 1-D chunk it always was (sm_90, 2 rows x 2048: 72 registers against 98)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_k[None, :]                                   # (1, BLOCK_K)
@@ -261,7 +262,7 @@ def int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, y_ptr, norm_w_p
         if NORM != "":     # (1, BLOCK_K) fp32, normalised as row_norm would
             x = tm._normed_x(x_ptrs + k0, (offs_k < K - k0)[None, :], mean, rstd, norm_w_ptr + k0 + offs_k[None, :],
                              norm_b_ptr + k0 + offs_k[None, :], NORM, HAS_NORM_BIAS)
-        else:              # x as a 1-D chunk: the layout the measured kernel had (fewer registers)
+        else:              # x as a 1-D chunk, broadcast over the rows
             x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
         w_now = w
         q_ptrs += BLOCK_K
@@ -455,7 +456,7 @@ def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None, *,
 # 96 separate row_norm kernels (~1.7 us each, and a kernel boundary each). The int8 GEMV now
 # folds them too (NORM, the same helpers; compiled for sm_90: 95 registers, no spills, the
 # weight tile still loaded before the PDL wait). Not yet measured; expected from the fp16
-# kernels' 1.99 -> 1.86 ms when they folded theirs: the int8 1.5B step 1.73 -> ~1.55-1.6 ms.
+# kernels' 1.99 -> 1.86 ms when they folded theirs: the int8 1.5B step 1.73 -> ~1.6 ms.
 # Several rows (the tensor-core kernel) are 0.36-0.89x cuBLAS fp16: at 16 rows a 64-column tile
 # gives N=1600 only 25 programs for 132 SMs (split-K would fix that), and at 512 rows cuBLAS's
 # Hopper kernels (TMA, warp-specialised wgmma) beat a plain tl.dot loop that also converts every
