@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model import (add_device_arg, cli_device, KVCache, Transformer, append_to_cache, check_request, decode,
-                   default_dtype, generate, load_gpt2, prefill, sample)
+from model import (add_device_arg, cli_device, HelpFormatter, KVCache, Transformer, append_to_cache, check_request,
+                   decode, default_dtype, generate, load_gpt2, prefill, sample)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +441,7 @@ def format_row(run: Run) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Static vs dynamic vs continuous batching on GPT-2, "
                                 "on a seeded Poisson request trace, with real wall-clock time.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="random:tiny", help="random:<preset> or a GPT-2 checkpoint")
     p.add_argument("--requests", type=int, default=24, help="requests in the trace")
     p.add_argument("--rate", type=float, default=100.0, help="arrivals per second (Poisson)")

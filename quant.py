@@ -219,11 +219,7 @@ def _int8_epilogue(acc, offs_n, n_ok, scale_ptr, bias_ptr,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     if ACTIVATION == "gelu_tanh":
-        # 0.5 x (1 + tanh(u)) written as x * sigmoid(2u): no tanh instruction needed. The clamp
-        # changes nothing in fp32 (sigmoid(-40) = 4e-18) and keeps the CPU interpreter's exp()
-        # from overflowing for very negative inputs.
-        two_u = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc * tl.sigmoid(tl.maximum(two_u, -40.0))
+        acc = tm._gelu_tanh(acc)          # x * sigmoid(2u): no tanh instruction needed
     return acc
 
 
@@ -651,14 +647,16 @@ def accuracy_table(model_fp32: M.Transformer, tokens: list[int], variants: list[
         model = copy.deepcopy(model_fp32).to(var.dtype)
         ops = quantize_model(model, var.per_channel, use_triton=use_triton) if var.int8_weights else None
         cache_type = Int8KVCache if var.int8_kv else M.KVCache
-        logp = teacher_forced_logits(model, tokens, ops, cache_type).log_softmax(-1)[:-1]
+        # scored in float64: a half-precision log_softmax rounds a KL of ~1e-7 (random weights'
+        # near-uniform predictions) to noise that can even come out negative
+        logp = teacher_forced_logits(model, tokens, ops, cache_type).double().log_softmax(-1)[:-1]
         if not torch.isfinite(logp).all():
             raise FloatingPointError(f"{var.name}: non-finite logits (overflow?)")
         if ref_logp is None:
             ref_logp = logp
         nll = -logp.gather(1, targets[:, None]).mean()
         agree = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean()
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().clamp(min=0)   # rounding: never < 0
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().clamp(min=0)   # (float64 rounding: >= -1e-16)
         kv = kv_bytes_per_token_int8(model.cfg) if var.int8_kv else M.kv_bytes_per_token(model.cfg, var.dtype)
         rows.append([var.name, weight_bytes(model, ops) / 2**20, kv, float(nll.exp()), 100 * float(agree),
                      float(kl)])

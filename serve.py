@@ -642,6 +642,14 @@ class EngineConfig:
                                "on the device), so the host's work overlaps the GPU's")
 
     def __post_init__(self):
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda (or cuda:N), got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}, but torch sees no CUDA GPU here: use cpu")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
@@ -1774,7 +1782,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Serve a prompt through the paged, continuously "
                                 "batched engine and stream the answer.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=M.HelpFormatter)
     add_config_args(p)
     p.add_argument("--prompt", default=None, help="default: a question for chat models, a sentence "
                    "start otherwise; chat models get the prompt wrapped in their chat template")

@@ -184,6 +184,24 @@ def test_loader_errors_are_clear(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(RuntimeError, match="Offline options.*random:124M"):
         M.load_gpt2("gpt2")
+    # no cached copy and a hub name that does not resolve: fail at once, without the hub
+    # client's ~25 s of retries (only the local cache is asked)
+    import socket
+    asked = []
+
+    def cache_only(*args, local_files_only=False, **kwargs):
+        asked.append(local_files_only)
+        raise FileNotFoundError("not in the cache")
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="(?s)does not resolve.*Offline options"):
+        M.load_gpt2("gpt2")
+    assert asked == [True]
     with pytest.raises(FileNotFoundError, match="neither a local path nor a hub name"):
         M.load_gpt2("/no/such/checkpoint")
     with pytest.raises(ValueError, match="unknown preset"):
@@ -634,6 +652,25 @@ def test_engine_abort_of_every_request_drops_the_step_in_flight(tiny_model):
         engine.step()
     assert engine.seqs.pop(rid).output == M.generate(tiny_model, [1, 2, 3], 6)
     _assert_drained(engine)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("device", "gpu", "cpu or cuda"), ("device", "tpu:0", "cpu or cuda"), ("block_size", 0, "block_size"),
+    ("dtype", "fp8", "dtype"), ("num_blocks", -1, "num_blocks"), ("gpu_memory_fraction", 0.0, "gpu_memory_fraction"),
+    ("gpu_memory_fraction", 1.5, "gpu_memory_fraction"), ("kernels", "cuda", "kernels")])
+def test_engine_config_rejects_bad_values(field, value, match):
+    """A bad engine setting is a clear ValueError naming it (serve.py's CLI prints it), not a
+    traceback from deep inside torch later."""
+    with pytest.raises(ValueError, match=match):
+        S.EngineConfig(**{"device": "cpu", field: value})
+
+
+def test_engine_config_refuses_cuda_without_a_gpu():
+    if torch.cuda.is_available():
+        assert S.EngineConfig(device="cuda").device == "cuda"
+    else:
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            S.EngineConfig(device="cuda")
 
 
 def test_engine_stop_on_eos_drops_the_step_queued_after_it(tiny_model):
@@ -2631,6 +2668,15 @@ def test_bench_new_topics_run_on_cpu(tmp_path):
     for r in http_rows:        # TTFT, TPOT and end-to-end medians (ms) that fit together
         ttft, tpot, e2e = (float(x) for x in r[3:6])
         assert 0 < ttft < e2e and 0 < tpot < e2e, r
+
+
+def test_bench_on_cpu_never_writes_into_results(tmp_path, monkeypatch):
+    """--md / --json without --outdir: results/ (the committed GPU tables) on a GPU, out/ on a CPU."""
+    import bench
+    monkeypatch.setattr(bench, "HERE", tmp_path)
+    assert bench.main(["--topic", "attention", "--device", "cpu", "--md", "--json"]) == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"attention.md", "attention.json"}
+    assert not (tmp_path / "results").exists()
 
 
 def test_coordinate_descent_finds_the_minimum_and_ignores_noise():
