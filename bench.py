@@ -1617,7 +1617,8 @@ def topic_load(ctx: BenchContext) -> None:
     import serve as S
     dev, gpu = ctx.device, ctx.device.type == "cuda"
     dt = M.default_dtype(dev)
-    model = M.load_gpt2("random:124M" if gpu else "random:tiny", dt, dev)
+    model_id = "random:124M" if gpu else "random:tiny"
+    model = M.load_gpt2(model_id, dt, dev)
     name = "GPT-2 124M" if gpu else "GPT-2 tiny"
     rng = random.Random(0)
     V = model.cfg.vocab_size
@@ -1625,7 +1626,8 @@ def topic_load(ctx: BenchContext) -> None:
     p_lo, p_hi, o_lo, o_hi = (32, 512, 32, 256) if gpu else (8, 64, 8, 32)
     work = _random_workload(rng, n_req, V, (p_lo, p_hi), (o_lo, o_hi))
     engine = _serve_engine(model, ctx, warm=work[0][0], max_num_seqs=128 if gpu else 16, gpu_memory_fraction=0.5,
-                           num_blocks=0 if gpu else 512, prefix_caching=False, tokenizer=M.gpt2_tokenizer())
+                           num_blocks=0 if gpu else 512, prefix_caching=False, tokenizer=M.gpt2_tokenizer(),
+                           model=model_id)                 # the id /v1/models reports
 
     # (1) one request on an idle engine: the floor every latency below is compared with
     single = []

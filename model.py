@@ -1365,12 +1365,12 @@ def tokenizer_for(name_or_path: str):
     return gpt2_tokenizer()
 
 
-def is_chat_model(name_or_path: str) -> bool:
-    """GGUF models whose chat template is ChatML (prompts should go through chat_tokens)."""
-    if not _is_gguf(name_or_path):
-        return False
-    template = gguf_metadata(gguf_reader(_gguf_file(name_or_path)), "tokenizer.chat_template", "")
-    return "<|im_start|>" in template
+def is_chat_tokenizer(tok) -> bool:
+    """True when the tokenizer has ChatML's <|im_start|> and <|im_end|> tokens, the only chat format
+    chat_tokens builds (SmolLM2-Instruct's). Asked of the tokenizer, not of a model name: an engine
+    built from a model object has no name to ask about, and GPT-2's BPE has no such tokens."""
+    special = getattr(tok, "special_tokens_set", set())
+    return "<|im_start|>" in special and "<|im_end|>" in special
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1467,8 +1467,8 @@ def main(argv=None) -> int:
     except (RuntimeError, FileNotFoundError, ValueError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    chat = is_chat_model(args.model) and not args.raw
-    default_prompt = DEFAULT_CHAT_PROMPT if is_chat_model(args.model) else DEFAULT_COMPLETION_PROMPT
+    chat = is_chat_tokenizer(tok) and not args.raw
+    default_prompt = DEFAULT_CHAT_PROMPT if is_chat_tokenizer(tok) else DEFAULT_COMPLETION_PROMPT
     text = default_prompt if args.prompt is None else args.prompt
     if chat:
         prompt = chat_tokens(tok, [{"role": "system", "content": args.system},

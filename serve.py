@@ -1558,7 +1558,7 @@ def _params_from_body(body: dict) -> SamplingParams:
 
 
 def _prompt_from_body(engine: LLMEngine, body: dict, chat: bool, has_template: bool) -> list[int]:
-    """has_template: the model has a chat template (M.is_chat_model, asked once per server)."""
+    """has_template: the tokenizer speaks ChatML (M.is_chat_tokenizer, asked once per server)."""
     if chat:
         if not has_template:
             raise HTTPError(400, f"{engine.cfg.model} has no chat template: use /v1/completions")
@@ -1615,7 +1615,7 @@ class HTTPServer:
         if engine.tokenizer is None:
             raise ValueError("the HTTP server streams text: build the engine with a tokenizer")
         self.engine, self.host, self.port = engine, host, port
-        self.has_chat_template = M.is_chat_model(engine.cfg.model)
+        self.has_chat_template = M.is_chat_tokenizer(engine.tokenizer)
         self.engine_thread: EngineThread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -1817,7 +1817,7 @@ def main(argv=None) -> int:
             finally:
                 server.close()
             return 0
-        chat = M.is_chat_model(cfg.model)
+        chat = M.is_chat_tokenizer(engine.tokenizer)
         text = args.prompt or (M.DEFAULT_CHAT_PROMPT if chat else M.DEFAULT_COMPLETION_PROMPT)
         prompt = M.chat_tokens(engine.tokenizer, [{"role": "user", "content": text}]) if chat else text
         print(f"User: {text}\nAssistant: " if chat else text, end="", flush=True)

@@ -2542,7 +2542,7 @@ def test_http_on_a_gpu_engine_with_graphs():
     length (their batches differ from any run alone, and fp16 greedy tokens may then differ);
     every block comes back."""
     engine = S.LLMEngine(S.EngineConfig(device="cuda", dtype="float16", num_blocks=64, block_size=16,
-                                        max_num_seqs=8, cuda_graphs=True),
+                                        max_num_seqs=8, cuda_graphs=True),    # model= left at its default
                          model=_gpu_model("gpt2").cuda().half(), tokenizer=M.gpt2_tokenizer())
     assert engine.runner.graphs
     prompts = [list(range(100 + 7 * i, 100 + 7 * i + 5 + 3 * i)) for i in range(5)]
@@ -2676,6 +2676,25 @@ def test_http_close_with_requests_in_flight_frees_everything(tiny_model):
         sock.close()
     with pytest.raises(ValueError, match="tokenizer"):
         S.HTTPServer(S.LLMEngine(engine.cfg, model=tiny_model))
+
+
+def test_http_chat_follows_the_tokenizer_not_the_config_name(tiny_model):
+    """An engine built from a model object keeps EngineConfig.model at its default ("smollm2"),
+    which names some other model: whether /v1/chat/completions works must come from the
+    tokenizer the engine really has (GPT-2's: no ChatML tokens), without touching the SmolLM2 file
+    (which, uninstalled, made the server fail to start: seen on the GPU machine)."""
+    engine = S.LLMEngine(S.EngineConfig(device="cpu", num_blocks=60, max_num_batched_tokens=256),
+                         model=tiny_model, tokenizer=M.gpt2_tokenizer())
+    assert engine.cfg.model == "smollm2"
+    server = S.HTTPServer(engine, port=0).start()
+    try:
+        status, body = _http(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})
+        assert status == 400 and "chat template" in body
+        status, _ = _http(server, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "temperature": 0})
+        assert status == 200
+    finally:
+        server.close()
+    assert not M.is_chat_tokenizer(M.gpt2_tokenizer())
 
 
 def test_http_chat_with_smollm2(smollm2):
