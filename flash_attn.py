@@ -556,6 +556,14 @@ def paged_decode_reference(q, k_cache, v_cache, block_table, context_lens, scale
     return out
 
 
+def _store_new_kv_reference(k_cache, v_cache, k_new, v_new, slot_mapping):
+    """What paged_decode(new_kv=...) stores: row slot of the flattened cache gets each new
+    token's K/V; slot -1 (a padded row) stores nothing."""
+    keep = slot_mapping >= 0
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        cache.view(-1, *cache.shape[2:])[slot_mapping[keep].long()] = new[keep].to(cache.dtype)
+
+
 @triton.jit(do_not_specialize=["tokens_per_split", "split_bucket"])
 def _paged_decode_split_kernel(
     Q, K_cache, V_cache, block_table, context_lens, O_part, LSE_part, qk_scale, tokens_per_split,
@@ -567,10 +575,13 @@ def _paged_decode_split_kernel(
     stride_pb, stride_ph, stride_ps,       # O_part (B, H, n_splits, D); LSE_part (B, H, n_splits)
     Out, stride_ob, stride_oh,             # the final output
     Counters,                              # int32 (>= B*Hkv,) zeros: splits finished per (seq, KV head)
+    K_new, V_new, slot_mapping,            # NEW_KV: the new token's K/V (B, Hkv, D) and its cache slot (B,)
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr = False,          # one split: normalise and write Out, no partials
     USE_PDL: tl.constexpr = False,         # programmatic dependent launch (see below)
+    NEW_KV: tl.constexpr = False,          # the new token from K_new/V_new, stored here (see below)
 ):
     # splits start at multiples of 128 tokens (paged_decode), so a tile never straddles a split
     tl.static_assert(128 % BLOCK_N == 0)
@@ -581,6 +592,9 @@ def _paged_decode_split_kernel(
     ctx = tl.load(context_lens + seq)
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, ctx)
+    # NEW_KV: the cache holds tokens 0..ctx-2 only; the new token (position ctx-1) is still in
+    # registers' reach in K_new/V_new (the qkv GEMV's output) and joins after the loop
+    cached_hi = tl.minimum(hi, ctx - 1) if NEW_KV else hi
 
     offs_g = tl.arange(0, BLOCK_G)             # query heads of this KV head (padded to 16)
     heads = kv_head * GROUP + offs_g
@@ -593,8 +607,8 @@ def _paged_decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     bt_row = block_table + seq.to(tl.int64) * stride_bt
-    for start in tl.range(lo, hi, BLOCK_N):
-        valid = start + offs_n < hi
+    for start in tl.range(lo, cached_hi, BLOCK_N):
+        valid = start + offs_n < cached_hi
         if PAGE >= BLOCK_N:
             # Whole tiles inside one page: one block id per tile, a scalar. The K/V addresses
             # are then "block id + affine offsets", which Triton's pipeliner handles: with
@@ -624,6 +638,28 @@ def _paged_decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
+    if NEW_KV:
+        # The split that holds position ctx-1 adds the new token (one more step of the online
+        # softmax, a score per query head: a dot product of length D, no tensor cores needed)
+        # and writes its K/V row to the cache for the next steps. This replaces the separate
+        # store kernel that ran before attention (one launch, and one kernel boundary, fewer per
+        # layer). No other program reads that slot: the other splits cover other positions.
+        if (lo <= ctx - 1) & (ctx - 1 < hi):
+            k_new = tl.load(K_new + seq * stride_nkb + kv_head * stride_nkh + offs_d)
+            v_new = tl.load(V_new + seq * stride_nvb + kv_head * stride_nvh + offs_d)
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale   # (BLOCK_G,)
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.math.exp2(m_i - m_new)
+            p_new = tl.math.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
+            slot = tl.load(slot_mapping + seq)
+            if slot >= 0:                  # -1: a padded row of a CUDA-graph batch stores nothing
+                blk = (slot // PAGE).to(tl.int64)
+                pos = slot % PAGE
+                tl.store(K_cache + blk * stride_kblk + pos * stride_kpos + kv_head * stride_kh + offs_d, k_new)
+                tl.store(V_cache + blk * stride_vblk + pos * stride_vpos + kv_head * stride_vh + offs_d, v_new)
     # An empty split (lo >= ctx) leaves l_i = 0, m_i = -inf: we store o = 0, lse = -inf, which
     # the merge weighs with 2^-inf = 0.
     empty = l_i == 0.0
@@ -703,7 +739,7 @@ _SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 @functools.cache     # built on first use, then shared
 def _decode_launcher():
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _DECODE_GPU_CONFIGS]
-    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "DIRECT"])(
+    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "DIRECT", "NEW_KV"])(
         _paged_decode_split_kernel)
 
 
@@ -759,14 +795,22 @@ def _counters(device, n):
 
 
 def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num_splits=None,
-                 max_context=None, out=None, config=None):
+                 max_context=None, out=None, config=None, new_kv=None):
     """One decode step of attention over a paged KV cache (layout contract above).
     max_context: an upper bound of context_lens (pass it to avoid a GPU->CPU sync; not checked,
     for the same reason: tokens past a too small max_context are left out of the attention).
     config: a fixed kernel config (dict of BLOCK_N, num_warps, num_stages, ...) instead of the
-    autotuner's choice, for sweeps."""
+    autotuner's choice, for sweeps.
+    new_kv: (k_new, v_new, slot_mapping), each sequence's new token's K and V (B, Hkv, D) and the
+    cache slot (B,) it goes to (block * block_size + offset; -1 = store nothing, a padded row).
+    The cache then holds only positions 0..context_lens-2; the kernel takes the new token from
+    k_new/v_new and also writes it to its slot, in place of a separate store before the call."""
     if upcast := _interpreter_bf16_workaround(q, k_cache, v_cache):
-        res = paged_decode(*upcast, block_table, context_lens, scale, num_splits, max_context, config=config).bfloat16()
+        up_new = None if new_kv is None else (new_kv[0].float(), new_kv[1].float(), new_kv[2])
+        res = paged_decode(*upcast, block_table, context_lens, scale, num_splits, max_context, config=config,
+                           new_kv=up_new).bfloat16()
+        if new_kv is not None:        # the upcast caches were copies: store into the real ones
+            _store_new_kv_reference(k_cache, v_cache, *new_kv)
         return res if out is None else out.copy_(res)
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}: "
@@ -789,6 +833,20 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         _check_int32_span(name, batch, t.stride(0), heads, t.stride(1), head_dim)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_int32_span(name, block_size, t.stride(1), n_kv_heads, t.stride(2), head_dim)
+    if new_kv is not None:
+        k_new, v_new, slot_mapping = new_kv
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if (tuple(t.shape) != (batch, n_kv_heads, head_dim) or t.dtype != q.dtype or t.device != q.device
+                    or t.stride(-1) != 1):
+                raise ValueError(f"{name} must be ({batch}, {n_kv_heads}, {head_dim}) {q.dtype} on {q.device} with a "
+                                 f"contiguous last dim, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
+        if (slot_mapping.shape != (batch,) or slot_mapping.dtype not in (torch.int32, torch.int64)
+                or slot_mapping.device != q.device or (batch > 1 and slot_mapping.stride(0) != 1)):
+            raise ValueError(f"slot_mapping must be ({batch},) int32/int64 on {q.device} with unit stride, "
+                             f"got {tuple(slot_mapping.shape)} {slot_mapping.dtype}")
+        new_args = (k_new, v_new, slot_mapping, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1))
+    else:
+        new_args = (q, q, context_lens, 0, 0, 0, 0)        # unused by the kernel
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if max_context is None:
         max_context = int(context_lens.max())
@@ -812,9 +870,9 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     args = (q, k_cache, v_cache, block_table, context_lens, o_part, lse_part, scale * LOG2E,
             tokens_per_split, triton.next_power_of_2(tokens_per_split), q.stride(0), q.stride(1),
             *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0), *part_strides,
-            out, out.stride(0), out.stride(1), _counters(q.device, batch * n_kv_heads))
+            out, out.stride(0), out.stride(1), _counters(q.device, batch * n_kv_heads), *new_args)
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                PAGE=block_size, DIRECT=direct, **pdl_launch_args())
+                PAGE=block_size, DIRECT=direct, NEW_KV=new_kv is not None, **pdl_launch_args())
     grid = (batch, n_kv_heads, num_splits)
     # fewer programs than SMs, on Hopper or later: a config by rule (_SMALL_GRID_DECODE_CONFIG)
     if (config is None and not INTERPRET and batch * n_kv_heads * num_splits <= _num_sms(q.device)

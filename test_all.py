@@ -725,14 +725,18 @@ def test_store_kv_padded_rows_never_touch_real_slots(store):
     assert real_k.abs().sum() == 0 and real_v.abs().sum() == 0            # nothing else written
 
 
-def test_engine_triton_kernels_match_torch_path(tiny_model):
-    """The GPU code path (flash_attn.py kernels + the store kernel; under the Triton interpreter on
-    a CPU-only machine) gives the reference loop's tokens (fp32)."""
+@pytest.mark.parametrize("store_kv_in_attention", [True, False])
+def test_engine_triton_kernels_match_torch_path(tiny_model, store_kv_in_attention):
+    """The GPU code path (flash_attn.py kernels, with the new K/V stored inside the decode kernel or
+    by the store kernel before it; under the Triton interpreter on a CPU-only machine) gives the
+    reference loop's tokens (fp32)."""
     model = tiny_model.to("cuda") if CUDA else tiny_model
     prompts = [list(range(10, 27)), [3], list(range(200, 240))]
     want = [M.generate(model, p, 4) for p in prompts]
-    outs = _engine(model, kernels="triton", prefix_caching=False, cuda_graphs=False).generate(
-        prompts, S.SamplingParams(max_tokens=4, ignore_eos=True))
+    engine = _engine(model, kernels="triton", prefix_caching=False, cuda_graphs=False,
+                     store_kv_in_attention=store_kv_in_attention)
+    assert engine.runner.new_kv_in_decode == store_kv_in_attention
+    outs = engine.generate(prompts, S.SamplingParams(max_tokens=4, ignore_eos=True))
     tiny_model.to("cpu")
     assert [o.tokens for o in outs] == want
 
@@ -1402,6 +1406,38 @@ def _fa_check_paged(ctx, n_heads, n_kv_heads, head_dim, block_size, dtype, num_s
     _fa_assert_close(out, fa.paged_decode_reference(q, kc, vc, table, lens), dtype)
 
 
+def _fa_check_paged_new_kv(ctx, n_heads, n_kv_heads, head_dim, block_size, dtype, num_splits=None, config=None):
+    """paged_decode(new_kv=...) against the reference on a cache that already holds the new
+    tokens: same output, the new rows stored at their slots and nothing else touched. The
+    slots are poisoned with NaN first (the kernel must not read them), and the second sequence
+    is a padded row (slot -1): its slot must stay untouched."""
+    kc, vc, table = fa.random_paged_cache(ctx, n_kv_heads, head_dim, block_size, dtype, FA_DEVICE)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=FA_DEVICE)
+    q = torch.randn(len(ctx), n_heads, head_dim, dtype=dtype, device=FA_DEVICE)
+    k_new, v_new = (torch.randn(len(ctx), n_kv_heads, head_dim, dtype=dtype, device=FA_DEVICE) for _ in range(2))
+    slots = torch.tensor([int(table[s, (c - 1) // block_size]) * block_size + (c - 1) % block_size
+                          for s, c in enumerate(ctx)], dtype=torch.int32, device=FA_DEVICE)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    for cache, new in ((k_ref, k_new), (v_ref, v_new)):
+        cache.view(-1, n_kv_heads, head_dim)[slots.long()] = new
+    want = fa.paged_decode_reference(q, k_ref, v_ref, table, lens)
+    for cache in (kc, vc):
+        cache.view(-1, n_kv_heads, head_dim)[slots.long()] = float("nan")
+    kernel_slots = slots.clone()
+    kernel_slots[1] = -1                                    # a padded row: stores nothing
+    out = torch.full_like(q, float("nan"))
+    fa.paged_decode(q, kc, vc, table, lens, num_splits=num_splits, out=out, config=config,
+                    new_kv=(k_new, v_new, kernel_slots))
+    _fa_assert_close(out, want, dtype)
+    stored = slots.long()[torch.arange(len(ctx)) != 1]
+    for cache, ref in ((kc, k_ref), (vc, v_ref)):
+        flat, flat_ref = cache.view(-1, n_kv_heads, head_dim), ref.view(-1, n_kv_heads, head_dim)
+        assert torch.isnan(flat[slots[1].long()]).all()      # the padded row's slot: untouched
+        flat[slots[1].long()] = flat_ref[slots[1].long()]
+        assert torch.equal(flat, flat_ref), "new rows at their slots, every other row unchanged"
+        assert torch.equal(flat[stored], flat_ref[stored])
+
+
 # ---------------------------------------------------------------- CPU (interpreter) and GPU
 
 
@@ -1450,6 +1486,33 @@ def test_flash_paged_decode_small(block_size, heads):
 def test_flash_paged_decode_splits(num_splits, dtype):
     # 3 splits over 300 tokens -> 128-token splits: sequences shorter than a split leave empty splits
     _fa_check_paged([300, 5, 129], 4, 2, 64, 16, dtype, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("block_size,config", [(16, None), (32, None), (16, dict(BLOCK_N=32))])
+def test_flash_paged_decode_stores_the_new_token(num_splits, block_size, config):
+    # the new token (position ctx-1) falls in the first, a middle or the last split, alone in
+    # its split (ctx 257 with 128-token splits), or is the whole context (ctx 1); BLOCK_N=32 over
+    # 16-token pages takes the per-token gather
+    _fa_check_paged_new_kv([1, 45, 300, 257, 17], 6, 2, 32, block_size, torch.float16, num_splits, config)
+
+
+def test_flash_paged_decode_stores_the_new_token_bf16_mha():
+    _fa_check_paged_new_kv([100, 3, 129], 4, 4, 64, 16, torch.bfloat16, num_splits=2)
+
+
+def test_flash_paged_decode_new_kv_rejects_bad_shapes():
+    kc, vc, table = fa.random_paged_cache([5, 9], 2, 32, 16, torch.float16, FA_DEVICE)
+    q = torch.randn(2, 4, 32, dtype=torch.float16, device=FA_DEVICE)
+    lens = torch.tensor([5, 9], dtype=torch.int32, device=FA_DEVICE)
+    good = torch.randn(2, 2, 32, dtype=torch.float16, device=FA_DEVICE)
+    slots = torch.zeros(2, dtype=torch.int32, device=FA_DEVICE)
+    with pytest.raises(ValueError, match="k_new"):
+        fa.paged_decode(q, kc, vc, table, lens, new_kv=(good[:, :1], good, slots))
+    with pytest.raises(ValueError, match="v_new"):
+        fa.paged_decode(q, kc, vc, table, lens, new_kv=(good, good.float(), slots))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        fa.paged_decode(q, kc, vc, table, lens, new_kv=(good, good, slots[:1]))
 
 
 def test_flash_paged_decode_contiguous_identity_table():
