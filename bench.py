@@ -594,13 +594,25 @@ def topic_matmul(ctx: BenchContext) -> None:
 
     # --- 4. autotune configs: speed next to occupancy from the compiled kernel ---------------
     dtype = dtypes[0]
-    tune_shapes = [(2048, 2048, 2048), (4096, 4096, 4096), (16, 768, 3072)] if on_gpu else [(64, 64, 64)]
-    for M, K, N in tune_shapes:
+    if not on_gpu:      # no timings, but the GPU configs' resources: compiled for sm_90 offline
+        M = N = K = 4096
+        rows = [[tm.config_name(r["config"]), r["n_regs"], r["n_spills"], r["shared_bytes"] / 1024,
+                 r["programs_per_sm"], f"{r['occupancy']:.1%}", r["limiter"], r["waves"]]
+                if "error" not in r else [tm.config_name(r["config"]), r["error"]] + [""] * 6
+                for r in tm.occupancy_table_offline(M, N, K, torch.float16)]
+        ctx.table(f"matmul float16: the GPU autotune configs at M=N=K={M}, compiled for an H100/H200 (sm_90) "
+                  "without one", ["config", "regs/thread", "spills", "smem KB", "programs/SM", "occupancy",
+                                  "limited by", "waves"], rows,
+                  note="triton.compile with a Hopper target and the ptxas bundled with Triton "
+                       "(triton_matmul.compile_offline): the same registers and shared memory a GPU run reports, "
+                       "no timings. Occupancy = resident warps / 64; waves = tiles / (132 SMs x programs per SM).",
+                  dtype=torch.float16)
+    for M, K, N in [(2048, 2048, 2048), (4096, 4096, 4096), (16, 768, 3072)] if on_gpu else []:
         a, b = rand(M, K, dtype=dtype), rand(K, N, dtype=dtype)
         tm.matmul(a, b)                                      # let the autotuner choose
         best = tm.matmul_kernel_autotuned.best_config
         configs = tm._prune_configs(tm.AUTOTUNE_CONFIGS, dict(M=M, a_ptr=a))
-        occ_rows = tm.occupancy_table(M, N, K, dtype, dev, configs) if on_gpu else [dict(config=c) for c in configs]
+        occ_rows = tm.occupancy_table(M, N, K, dtype, dev, configs)
         rows = []
         for r in occ_rows:
             cfg = r["config"]
@@ -609,9 +621,6 @@ def topic_matmul(ctx: BenchContext) -> None:
                 rows.append([name, "out of resources"] + [""] * 7)
                 continue
             ms = _time_graphed_ms([lambda: tm.matmul_with_config(a, b, cfg)] * 10, ctx)
-            if not on_gpu:
-                rows.append([name, tflops(M, N, K, ms)] + ["n/a (CPU)"] * 7)
-                continue
             rows.append([name, tflops(M, N, K, ms), r["n_regs"], r["n_spills"], r["shared_bytes"] / 1024,
                          r["programs_per_sm"], f"{r['occupancy']:.1%}", r["limiter"], r["waves"]])
         ctx.table(f"matmul {dname[dtype]}: autotune configs at M={M}, K={K}, N={N} (BMxBNxBK, warps, stages)",
@@ -1421,8 +1430,10 @@ def topic_tune(ctx: BenchContext) -> None:
         def candidates(key):
             if key == "attention":
                 return [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in FA._DECODE_GPU_CONFIGS]
+            # 1-2 warps: every reduction stays inside a warp (shuffles; no BAR.SYNC after the PDL wait,
+            # checked in the SASS), against more serial work per thread after it
             bk = triton.next_power_of_2(key[1])
-            return [(bn, w) for w in (4, 8) for bn in (1, 2, 4, 8, 16) if bn * bk <= 128 * 32 * w]
+            return [(bn, w) for w in (1, 2, 4, 8) for bn in (1, 2, 4, 8, 16) if bn * bk <= 128 * 32 * w]
 
         def apply(key, cand):
             if key == "attention":
