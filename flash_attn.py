@@ -564,6 +564,50 @@ def _store_new_kv_reference(k_cache, v_cache, k_new, v_new, slot_mapping):
         cache.view(-1, *cache.shape[2:])[slot_mapping[keep].long()] = new[keep].to(cache.dtype)
 
 
+@triton.jit
+def _decode_kv_tile(K_cache, V_cache, bt_row, start, end, kv_head, offs_n, offs_d,
+                    stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
+                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cached tokens start..start+BLOCK_N (those < end) of one KV head: k, v (BLOCK_N, D) and
+    which rows are valid. A tile with no valid row loads nothing (every load masked)."""
+    valid = start + offs_n < end
+    if PAGE >= BLOCK_N:
+        # Whole tiles inside one page: one block id per tile, a scalar. The K/V addresses
+        # are then "block id + affine offsets", which Triton's pipeliner handles: with
+        # num_stages the loads of the next tiles are in flight (cp.async into shared memory)
+        # while this one is reduced. H200, batch 32 x 8k, 32/8 heads, page 256: 0.2452 ms
+        # vs 0.2499 with the per-token gather below (0.99x vs 0.97x SDPA), same run.
+        block = tl.load(bt_row + start // PAGE, mask=start < end, other=0).to(tl.int64)
+        pos = start % PAGE + offs_n
+    else:
+        # A tile spans several pages (e.g. BLOCK_N = 64 over the engine's 16-token pages):
+        # look the page up per token. The K/V addresses then depend on a vector of loaded
+        # block ids, which Triton does not pipeline: each tile's loads wait for its ids.
+        # PAGE is a constexpr power of two, so // and % are a shift and a mask.
+        tok = start + offs_n
+        block = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+        pos = tok % PAGE
+    k = tl.load(K_cache + (block * stride_kblk + pos * stride_kpos + kv_head * stride_kh)[:, None]
+                + offs_d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(V_cache + (block * stride_vblk + pos * stride_vpos + kv_head * stride_vh)[:, None]
+                + offs_d[None, :], mask=valid[:, None], other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale):
+    """The online softmax of Part 2 for one tile, all GROUP query heads at once. The tile's first
+    token is valid, so m_new is finite."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale                       # (BLOCK_G, BLOCK_N)
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["tokens_per_split", "split_bucket"])
 def _paged_decode_split_kernel(
     Q, K_cache, V_cache, block_table, context_lens, O_part, LSE_part, qk_scale, tokens_per_split,
@@ -585,59 +629,49 @@ def _paged_decode_split_kernel(
 ):
     # splits start at multiples of 128 tokens (paged_decode), so a tile never straddles a split
     tl.static_assert(128 % BLOCK_N == 0)
-    if USE_PDL:
-        tl_cuda.gdc_wait()
-        tl_cuda.gdc_launch_dependents()
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    ctx = tl.load(context_lens + seq)
-    lo = split * tokens_per_split
-    hi = tl.minimum(lo + tokens_per_split, ctx)
-    # NEW_KV: the cache holds tokens 0..ctx-2 only; the new token (position ctx-1) is still in
-    # registers' reach in K_new/V_new (the qkv GEMV's output) and joins after the loop
-    cached_hi = tl.minimum(hi, ctx - 1) if NEW_KV else hi
-
     offs_g = tl.arange(0, BLOCK_G)             # query heads of this KV head (padded to 16)
     heads = kv_head * GROUP + offs_g
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
+    bt_row = block_table + seq.to(tl.int64) * stride_bt
+    if NEW_KV:
+        # With the new token coming from K_new/V_new, nothing this program reads from the cache
+        # was written by the kernel before it: lengths and block tables come from the host, the
+        # cached K/V from earlier steps. So, as the GEMV does with its weights, the first tile
+        # is asked for before the PDL wait; at batch 1 (one or two tiles per program) that is
+        # most of this kernel's memory traffic, overlapping the qkv GEMV's tail.
+        ctx = tl.load(context_lens + seq)
+        lo = split * tokens_per_split
+        hi = tl.minimum(lo + tokens_per_split, ctx)
+        cached_hi = tl.minimum(hi, ctx - 1)   # the cache holds tokens 0..ctx-2; ctx-1 is new
+        k0, v0, valid0 = _decode_kv_tile(K_cache, V_cache, bt_row, lo, cached_hi, kv_head, offs_n, offs_d,
+                                         stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
+                                         PAGE, BLOCK_N)
+    if USE_PDL:
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
+    if not NEW_KV:
+        ctx = tl.load(context_lens + seq)
+        lo = split * tokens_per_split
+        hi = tl.minimum(lo + tokens_per_split, ctx)
+        cached_hi = hi
     q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=offs_g[:, None] < GROUP, other=0.0)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-    bt_row = block_table + seq.to(tl.int64) * stride_bt
-    for start in tl.range(lo, cached_hi, BLOCK_N):
-        valid = start + offs_n < cached_hi
-        if PAGE >= BLOCK_N:
-            # Whole tiles inside one page: one block id per tile, a scalar. The K/V addresses
-            # are then "block id + affine offsets", which Triton's pipeliner handles: with
-            # num_stages the loads of the next tiles are in flight (cp.async into shared memory)
-            # while this one is reduced. H200, batch 32 x 8k, 32/8 heads, page 256: 0.2452 ms
-            # vs 0.2499 with the per-token gather below (0.99x vs 0.97x SDPA), same run.
-            block = tl.load(bt_row + start // PAGE).to(tl.int64)
-            pos = start % PAGE + offs_n
-        else:
-            # A tile spans several pages (e.g. BLOCK_N = 64 over the engine's 16-token pages):
-            # look the page up per token. The K/V addresses then depend on a vector of loaded
-            # block ids, which Triton does not pipeline: each tile's loads wait for its ids.
-            # PAGE is a constexpr power of two, so // and % are a shift and a mask.
-            tok = start + offs_n
-            block = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-            pos = tok % PAGE
-        k = tl.load(K_cache + (block * stride_kblk + pos * stride_kpos + kv_head * stride_kh)[:, None]
-                    + offs_d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(V_cache + (block * stride_vblk + pos * stride_vpos + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :], mask=valid[:, None], other=0.0)
-        # the online softmax of Part 2 for this tile, all GROUP query heads at once
-        s = tl.dot(q, tl.trans(k)) * qk_scale                   # (BLOCK_G, BLOCK_N)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))                   # finite: the tile's first token is valid
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    first = lo
+    if NEW_KV:
+        if lo < cached_hi:
+            m_i, l_i, acc = _decode_tile_update(q, k0, v0, valid0, m_i, l_i, acc, qk_scale)
+        first = lo + BLOCK_N
+    for start in tl.range(first, cached_hi, BLOCK_N):
+        k, v, valid = _decode_kv_tile(K_cache, V_cache, bt_row, start, cached_hi, kv_head, offs_n, offs_d,
+                                      stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
+                                      PAGE, BLOCK_N)
+        m_i, l_i, acc = _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale)
     if NEW_KV:
         # The split that holds position ctx-1 adds the new token (one more step of the online
         # softmax, a score per query head: a dot product of length D, no tensor cores needed)
