@@ -1,5 +1,5 @@
 """Scratch (branch wip/fused-store-decode): engine decode with the K/V store inside the paged-decode
-kernel vs the separate store kernel, same process, alternating, GPT-2 124M and 1.5B fp16, batch 1
+kernel (which then also loads its first cached tile before the PDL wait) vs the separate store kernel, same process, alternating, GPT-2 124M and 1.5B fp16, batch 1
 (graph step on the capture inputs and end-to-end tok/s as bench.py measures it), plus batch 32."""
 import os, sys, time
 import torch
