@@ -1684,6 +1684,17 @@ def test_flash_cuda_paged_decode(block_size, heads):
 
 
 @needs_cuda
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("heads,head_dim", [((32, 8), 128), ((25, 25), 64)])   # GQA; GPT-2 1.5B's MHA
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+def test_flash_cuda_paged_decode_stores_the_new_token(block_size, heads, head_dim, num_splits):
+    """new_kv on the GPU (the engine's decode path on the fused-store branch: the first cached
+    tile loaded before the PDL wait, the new token stored by the split that holds it)."""
+    _fa_check_paged_new_kv([1, 17, 4097, 300, 1000], heads[0], heads[1], head_dim, block_size, torch.float16,
+                           num_splits)
+
+
+@needs_cuda
 @pytest.mark.parametrize("num_splits", [None, 1, 4])
 def test_flash_cuda_paged_decode_on_sdpa_layout(num_splits):
     b, t, hkv, h, d = 4, 4352, 8, 24, 128           # GQA ratio 3; contexts end mid-page
