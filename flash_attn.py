@@ -701,30 +701,38 @@ def _paged_decode_split_kernel(
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     g_ok = offs_g < GROUP
     out_ptrs = Out + (seq * stride_ob + heads * stride_oh)[:, None] + offs_d[None, :]
+    # The grid has a split for every tokens_per_split of max_context, but a shorter sequence
+    # uses only the first n_used of them (a CUDA graph is captured at the full context and
+    # replayed at the real one: GPT-2 1.5B's batch-1 graph has 4 splits of 256 tokens, and a
+    # 100-token context fills one). Empty splits take no part, and a sequence whose tokens all
+    # fall in split 0 gets its output written by that program directly: no partials, no
+    # counter, no merge, i.e. two fewer dependent round trips through L2 at the end.
+    n_used = tl.cdiv(ctx, tokens_per_split)
     if DIRECT:
         tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=g_ok[:, None])
-    else:
+    elif n_used == 1:
+        if split == 0:
+            tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=g_ok[:, None])
+    elif split < n_used:
         first = seq * stride_pb + heads * stride_ph                                  # (BLOCK_G,)
         tl.store(O_part + (first + split * stride_ps)[:, None] * HEAD_DIM + offs_d[None, :], o,
                  mask=g_ok[:, None])
         tl.store(LSE_part + first + split * stride_ps, lse, mask=g_ok)
-        # The merge, in the same launch: the last of this (sequence, KV head)'s programs to
-        # finish merges all its splits. Triton issues a scalar atomic from one thread, so first
+        # The merge, in the same launch: the last of this (sequence, KV head)'s used programs to
+        # finish merges their splits. Triton issues a scalar atomic from one thread, so first
         # a barrier: every warp's partial stores happen before that thread's release (acq_rel),
         # and the count goes up only once the whole program's partials are visible. The last
         # program's acquire (then Triton's barrier sharing the result) lets all its threads
         # read everyone's partials; the loads go to L2 with .cg, past a possibly stale L1.
         # (CUTLASS's semaphore is the same pattern: __syncthreads, then one thread releases.)
-        n_splits = tl.num_programs(2)
         counter = Counters + seq * tl.num_programs(1) + kv_head
         tl.debug_barrier()
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_used - 1:
             m_all = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
             w_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
             merged = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-            # Online merge (Part 2 once more). Split 0 always holds tokens (context >= 1), so
-            # m_all is finite after it and an empty split (lse = -inf) gets weight 0.
-            for s in range(0, n_splits):
+            # Online merge (Part 2 once more). Every used split holds tokens, so every lse is finite.
+            for s in range(0, n_used):
                 lse_s = tl.load(LSE_part + first + s * stride_ps, mask=g_ok, other=0.0, cache_modifier=".cg")
                 o_s = tl.load(O_part + (first + s * stride_ps)[:, None] * HEAD_DIM + offs_d[None, :],
                               mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
