@@ -662,12 +662,12 @@ def _paged_decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-    first = lo
+    loop_lo = lo
     if NEW_KV:
         if lo < cached_hi:
             m_i, l_i, acc = _decode_tile_update(q, k0, v0, valid0, m_i, l_i, acc, qk_scale)
-        first = lo + BLOCK_N
-    for start in tl.range(first, cached_hi, BLOCK_N):
+        loop_lo = lo + BLOCK_N
+    for start in tl.range(loop_lo, cached_hi, BLOCK_N):
         k, v, valid = _decode_kv_tile(K_cache, V_cache, bt_row, start, cached_hi, kv_head, offs_n, offs_d,
                                       stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
                                       PAGE, BLOCK_N)
