@@ -1139,16 +1139,20 @@ def test_gpu_kernels_compile_for_sm90():
                      warps, stages))
     # paged decode: GPT-2 1.5B at batch 1 (16-token pages, the small-grid config, split + merge),
     # and 32 x 8k GQA on 256-token pages (one split: DIRECT)
-    for D, group, page, direct, (bn, warps, stages) in ((64, 1, 16, False, (128, 8, 3)),
-                                                        (128, 4, 256, True, (64, 4, 2))):
+    for D, group, page, direct, new_kv, (bn, warps, stages) in ((64, 1, 16, False, False, (128, 8, 3)),
+                                                                (64, 1, 16, False, True, (128, 8, 3)),
+                                                                (128, 4, 256, True, False, (64, 4, 2)),
+                                                                (128, 4, 256, True, True, (64, 4, 2))):
         jobs.append(("flash_attn._paged_decode_split_kernel",
                      dict(Q=f16, K_cache=f16, V_cache=f16, block_table="i32", context_lens="i32", O_part="fp32",
-                          LSE_part="fp32", Out=f16, Counters="i32"),
+                          LSE_part="fp32", Out=f16, Counters="i32", K_new=f16, V_new=f16, slot_mapping="i64"),
                      dict(qk_scale=0.18, tokens_per_split=256, split_bucket=256, stride_qb=32 * D, stride_qh=D,
                           stride_kblk=page * 8 * D, stride_kpos=8 * D, stride_kh=D, stride_vblk=page * 8 * D,
                           stride_vpos=8 * D, stride_vh=D, stride_bt=64, stride_pb=32 * 4, stride_ph=4, stride_ps=1,
-                          stride_ob=32 * D, stride_oh=D),
-                     dict(GROUP=group, BLOCK_G=16, HEAD_DIM=D, PAGE=page, BLOCK_N=bn, DIRECT=direct, USE_PDL=True),
+                          stride_ob=32 * D, stride_oh=D, stride_nkb=24 * D, stride_nkh=D, stride_nvb=24 * D,
+                          stride_nvh=D),
+                     dict(GROUP=group, BLOCK_G=16, HEAD_DIM=D, PAGE=page, BLOCK_N=bn, DIRECT=direct, USE_PDL=True,
+                          NEW_KV=new_kv),
                      warps, stages))
     for (name, *_), r in zip(jobs, tm.compile_offline(jobs)):
         assert "error" not in r, (name, r)
