@@ -1159,6 +1159,27 @@ def test_gpu_kernels_compile_for_sm90():
         assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (name, r)
 
 
+def test_paged_decode_new_kv_loads_its_first_tile_before_the_pdl_wait():
+    """With new_kv, nothing the decode kernel reads from the cache comes from the previous
+    kernel, so its first cached K/V tile is requested before griddepcontrol.wait (ACQBULK in
+    the sm_90 SASS); without new_kv nothing may be (the new token is in the cache then)."""
+    D, page, bn, warps, stages = 64, 16, 128, 8, 3             # GPT-2 1.5B's batch-1 engine config
+    jobs = [("flash_attn._paged_decode_split_kernel",
+             dict(Q="fp16", K_cache="fp16", V_cache="fp16", block_table="i32", context_lens="i32", O_part="fp32",
+                  LSE_part="fp32", Out="fp16", Counters="i32", K_new="fp16", V_new="fp16", slot_mapping="i64"),
+             dict(qk_scale=0.18, tokens_per_split=256, split_bucket=256, stride_qb=25 * D, stride_qh=D,
+                  stride_kblk=page * 25 * D, stride_kpos=25 * D, stride_kh=D, stride_vblk=page * 25 * D,
+                  stride_vpos=25 * D, stride_vh=D, stride_bt=64, stride_pb=25 * 4, stride_ph=4, stride_ps=1,
+                  stride_ob=25 * D, stride_oh=D, stride_nkb=75 * D, stride_nkh=D, stride_nvb=75 * D, stride_nvh=D),
+             dict(GROUP=1, BLOCK_G=16, HEAD_DIM=D, PAGE=page, BLOCK_N=bn, USE_PDL=True, NEW_KV=new_kv), warps, stages)
+            for new_kv in (True, False)]
+    tile_loads = 2 * bn * D * 2 // (32 * warps * 16)          # K and V, 16-byte loads per thread
+    for new_kv, r in zip((True, False), tm.compile_offline(jobs, sass=True)):
+        wait = next(i for i, x in enumerate(r["sass"]) if x.startswith("ACQBULK"))
+        loads_before = sum("LDG" in x for x in r["sass"][:wait])
+        assert (loads_before >= tile_loads) if new_kv else (loads_before == 0), (new_kv, loads_before)
+
+
 def test_matmul_occupancy_offline_for_sm90():
     """Compiled for an H100/H200 on any machine (no GPU needed): registers from ptxas, the shared
     memory of the pipelined A/B tiles, and the occupancy those allow; an fp32 tile too big for
