@@ -29,6 +29,28 @@ def graph_ms(e, bs=1):
         en.record(); en.synchronize(); ts.append(st.elapsed_time(en) / 50)
     return sorted(ts)[3]
 
+def breakdown(e, label, n=20, bs=1):
+    """GPU time per kernel name inside the captured step (torch.profiler over n graph replays):
+    where the step's time goes, to explain the A/B. Under PDL kernels overlap, so the column
+    sums to more than the step."""
+    from torch.profiler import ProfilerActivity, profile
+    g = e.runner.graphs[bs].graph
+    g.replay(); torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            g.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / n, ev.count / n, ev.key[:60]))
+    rows.sort(reverse=True)
+    print(f"-- {label}: us per step by kernel (calls per step)", flush=True)
+    for t, c, k in rows[:14]:
+        print(f"   {t:8.1f} us  {c:5.0f}  {k}", flush=True)
+    print(f"   sum {sum(r[0] for r in rows):.1f} us over {sum(r[1] for r in rows):.0f} kernels", flush=True)
+
 print(torch.cuda.get_device_name(), flush=True)
 rows = []
 for size in ("124M", "1.5B"):
@@ -38,6 +60,12 @@ for size in ("124M", "1.5B"):
     ref = engines[False].generate(prompt, S.SamplingParams(max_tokens=32, ignore_eos=True))[0].tokens
     got = engines[True].generate(prompt, S.SamplingParams(max_tokens=32, ignore_eos=True))[0].tokens
     print(f"{size}: same greedy tokens fused vs separate: {ref == got}", flush=True)
+    if size == "1.5B":
+        for f, e in engines.items():
+            try:
+                breakdown(e, f"{size} {'fused store' if f else 'store kernel'}")
+            except Exception as err:      # noqa: BLE001 (the A/B below matters more)
+                print(f"breakdown failed: {type(err).__name__}: {err}", flush=True)
     res = {f: ([], []) for f in engines}
     for rep in range(3):
         for f, e in engines.items():
