@@ -558,6 +558,58 @@ def paged_decode_reference(q, k_cache, v_cache, block_table, context_lens, scale
     return out
 
 
+def _store_new_kv_reference(k_cache, v_cache, k_new, v_new, slot_mapping):
+    """What paged_decode(new_kv=...) stores: row slot of the flattened cache gets each new
+    token's K/V; slot -1 (a padded row) stores nothing."""
+    keep = slot_mapping >= 0
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        cache.view(-1, *cache.shape[2:])[slot_mapping[keep].long()] = new[keep].to(cache.dtype)
+
+
+@triton.jit
+def _decode_kv_tile(K_cache, V_cache, bt_row, start, end, kv_head, offs_n, offs_d,
+                    stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
+                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cached tokens start..start+BLOCK_N (those < end) of one KV head: k, v (BLOCK_N, D) and
+    which rows are valid. A tile with no valid row loads nothing (every load masked)."""
+    valid = start + offs_n < end
+    if PAGE >= BLOCK_N:
+        # Whole tiles inside one page: one block id per tile, a scalar. The K/V addresses
+        # are then "block id + affine offsets", which Triton's pipeliner handles: with
+        # num_stages the loads of the next tiles are in flight (cp.async into shared memory)
+        # while this one is reduced. H200, batch 32 x 8k, 32/8 heads, page 256: 0.2452 ms
+        # vs 0.2499 with the per-token gather below (0.99x vs 0.97x SDPA), same run.
+        block = tl.load(bt_row + start // PAGE, mask=start < end, other=0).to(tl.int64)
+        pos = start % PAGE + offs_n
+    else:
+        # A tile spans several pages (e.g. BLOCK_N = 64 over the engine's 16-token pages):
+        # look the page up per token. The K/V addresses then depend on a vector of loaded
+        # block ids, which Triton does not pipeline: each tile's loads wait for its ids.
+        # PAGE is a constexpr power of two, so // and % are a shift and a mask.
+        tok = start + offs_n
+        block = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
+        pos = tok % PAGE
+    k = tl.load(K_cache + (block * stride_kblk + pos * stride_kpos + kv_head * stride_kh)[:, None]
+                + offs_d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(V_cache + (block * stride_vblk + pos * stride_vpos + kv_head * stride_vh)[:, None]
+                + offs_d[None, :], mask=valid[:, None], other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale):
+    """The online softmax of Part 2 for one tile, all GROUP query heads at once. The tile's first
+    token is valid, so m_new is finite."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale                       # (BLOCK_G, BLOCK_N)
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["tokens_per_split", "split_bucket"])
 def _paged_decode_split_kernel(
     Q, K_cache, V_cache, block_table, context_lens, O_part, LSE_part, qk_scale, tokens_per_split,
@@ -569,63 +621,81 @@ def _paged_decode_split_kernel(
     stride_pb, stride_ph, stride_ps,       # O_part (B, H, n_splits, D); LSE_part (B, H, n_splits)
     Out, stride_ob, stride_oh,             # the final output
     Counters,                              # int32 (>= B*Hkv,) zeros: splits finished per (seq, KV head)
+    K_new, V_new, slot_mapping,            # NEW_KV: the new token's K/V (B, Hkv, D) and its cache slot (B,)
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr = False,          # one split: normalise and write Out, no partials
     USE_PDL: tl.constexpr = False,         # programmatic dependent launch (see below)
+    NEW_KV: tl.constexpr = False,          # the new token from K_new/V_new, stored here (see below)
 ):
     # splits start at multiples of 128 tokens (paged_decode), so a tile never straddles a split
     tl.static_assert(128 % BLOCK_N == 0)
-    if USE_PDL:
-        tl_cuda.gdc_wait()
-        tl_cuda.gdc_launch_dependents()
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    ctx = tl.load(context_lens + seq)
-    lo = split * tokens_per_split
-    hi = tl.minimum(lo + tokens_per_split, ctx)
-
     offs_g = tl.arange(0, BLOCK_G)             # query heads of this KV head (padded to 16)
     heads = kv_head * GROUP + offs_g
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
+    bt_row = block_table + seq.to(tl.int64) * stride_bt
+    if NEW_KV:
+        # With the new token coming from K_new/V_new, nothing this program reads from the cache
+        # was written by the kernel before it: lengths and block tables come from the host, the
+        # cached K/V from earlier steps. So, as the GEMV does with its weights, the first tile
+        # is asked for before the PDL wait; at batch 1 (one or two tiles per program) that is
+        # most of this kernel's memory traffic, overlapping the qkv GEMV's tail.
+        ctx = tl.load(context_lens + seq)
+        lo = split * tokens_per_split
+        hi = tl.minimum(lo + tokens_per_split, ctx)
+        cached_hi = tl.minimum(hi, ctx - 1)   # the cache holds tokens 0..ctx-2; ctx-1 is new
+        k0, v0, valid0 = _decode_kv_tile(K_cache, V_cache, bt_row, lo, cached_hi, kv_head, offs_n, offs_d,
+                                         stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
+                                         PAGE, BLOCK_N)
+    if USE_PDL:
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
+    if not NEW_KV:
+        ctx = tl.load(context_lens + seq)
+        lo = split * tokens_per_split
+        hi = tl.minimum(lo + tokens_per_split, ctx)
+        cached_hi = hi
     q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=offs_g[:, None] < GROUP, other=0.0)
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-    bt_row = block_table + seq.to(tl.int64) * stride_bt
-    for start in tl.range(lo, hi, BLOCK_N):
-        valid = start + offs_n < hi
-        if PAGE >= BLOCK_N:
-            # Whole tiles inside one page: one block id per tile, a scalar. The K/V addresses
-            # are then "block id + affine offsets", which Triton's pipeliner handles: with
-            # num_stages the loads of the next tiles are in flight (cp.async into shared memory)
-            # while this one is reduced. H200, batch 32 x 8k, 32/8 heads, page 256: 0.2452 ms
-            # vs 0.2499 with the per-token gather below (0.99x vs 0.97x SDPA), same run.
-            block = tl.load(bt_row + start // PAGE).to(tl.int64)
-            pos = start % PAGE + offs_n
-        else:
-            # A tile spans several pages (e.g. BLOCK_N = 64 over the engine's 16-token pages):
-            # look the page up per token. The K/V addresses then depend on a vector of loaded
-            # block ids, which Triton does not pipeline: each tile's loads wait for its ids.
-            # PAGE is a constexpr power of two, so // and % are a shift and a mask.
-            tok = start + offs_n
-            block = tl.load(bt_row + tok // PAGE, mask=valid, other=0).to(tl.int64)
-            pos = tok % PAGE
-        k = tl.load(K_cache + (block * stride_kblk + pos * stride_kpos + kv_head * stride_kh)[:, None]
-                    + offs_d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(V_cache + (block * stride_vblk + pos * stride_vpos + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :], mask=valid[:, None], other=0.0)
-        # the online softmax of Part 2 for this tile, all GROUP query heads at once
-        s = tl.dot(q, tl.trans(k)) * qk_scale                   # (BLOCK_G, BLOCK_N)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))                   # finite: the tile's first token is valid
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    loop_lo = lo
+    if NEW_KV:
+        if lo < cached_hi:
+            m_i, l_i, acc = _decode_tile_update(q, k0, v0, valid0, m_i, l_i, acc, qk_scale)
+        loop_lo = lo + BLOCK_N
+    for start in tl.range(loop_lo, cached_hi, BLOCK_N):
+        k, v, valid = _decode_kv_tile(K_cache, V_cache, bt_row, start, cached_hi, kv_head, offs_n, offs_d,
+                                      stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
+                                      PAGE, BLOCK_N)
+        m_i, l_i, acc = _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale)
+    if NEW_KV:
+        # The split that holds position ctx-1 adds the new token (one more step of the online
+        # softmax, a score per query head: a dot product of length D, no tensor cores needed)
+        # and writes its K/V row to the cache for the next steps. This replaces the separate
+        # store kernel that ran before attention (one launch, and one kernel boundary, fewer per
+        # layer). No other program reads that slot: the other splits cover other positions.
+        if (lo <= ctx - 1) & (ctx - 1 < hi):
+            k_new = tl.load(K_new + seq * stride_nkb + kv_head * stride_nkh + offs_d)
+            v_new = tl.load(V_new + seq * stride_nvb + kv_head * stride_nvh + offs_d)
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale   # (BLOCK_G,)
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.math.exp2(m_i - m_new)
+            p_new = tl.math.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
+            slot = tl.load(slot_mapping + seq)
+            if slot >= 0:                  # -1: a padded row of a CUDA-graph batch stores nothing
+                blk = (slot // PAGE).to(tl.int64)
+                pos = slot % PAGE
+                tl.store(K_cache + blk * stride_kblk + pos * stride_kpos + kv_head * stride_kh + offs_d, k_new)
+                tl.store(V_cache + blk * stride_vblk + pos * stride_vpos + kv_head * stride_vh + offs_d, v_new)
     # An empty split (lo >= ctx) leaves l_i = 0, m_i = -inf: we store o = 0, lse = -inf, which
     # the merge weighs with 2^-inf = 0.
     empty = l_i == 0.0
@@ -633,30 +703,38 @@ def _paged_decode_split_kernel(
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     g_ok = offs_g < GROUP
     out_ptrs = Out + (seq * stride_ob + heads * stride_oh)[:, None] + offs_d[None, :]
+    # The grid has a split for every tokens_per_split of max_context, but a shorter sequence
+    # uses only the first n_used of them (a CUDA graph is captured at the full context and
+    # replayed at the real one: GPT-2 1.5B's batch-1 graph has 4 splits of 256 tokens, and a
+    # 100-token context fills one). Empty splits take no part, and a sequence whose tokens all
+    # fall in split 0 gets its output written by that program directly: no partials, no
+    # counter, no merge, i.e. two fewer dependent round trips through L2 at the end.
+    n_used = tl.cdiv(ctx, tokens_per_split)
     if DIRECT:
         tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=g_ok[:, None])
-    else:
+    elif n_used == 1:
+        if split == 0:
+            tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=g_ok[:, None])
+    elif split < n_used:
         first = seq * stride_pb + heads * stride_ph                                  # (BLOCK_G,)
         tl.store(O_part + (first + split * stride_ps)[:, None] * HEAD_DIM + offs_d[None, :], o,
                  mask=g_ok[:, None])
         tl.store(LSE_part + first + split * stride_ps, lse, mask=g_ok)
-        # The merge, in the same launch: the last of this (sequence, KV head)'s programs to
-        # finish merges all its splits. Triton issues a scalar atomic from one thread, so first
+        # The merge, in the same launch: the last of this (sequence, KV head)'s used programs to
+        # finish merges their splits. Triton issues a scalar atomic from one thread, so first
         # a barrier: every warp's partial stores happen before that thread's release (acq_rel),
         # and the count goes up only once the whole program's partials are visible. The last
         # program's acquire (then Triton's barrier sharing the result) lets all its threads
         # read everyone's partials; the loads go to L2 with .cg, past a possibly stale L1.
         # (CUTLASS's semaphore is the same pattern: __syncthreads, then one thread releases.)
-        n_splits = tl.num_programs(2)
         counter = Counters + seq * tl.num_programs(1) + kv_head
         tl.debug_barrier()
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_used - 1:
             m_all = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
             w_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
             merged = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-            # Online merge (Part 2 once more). Split 0 always holds tokens (context >= 1), so
-            # m_all is finite after it and an empty split (lse = -inf) gets weight 0.
-            for s in range(0, n_splits):
+            # Online merge (Part 2 once more). Every used split holds tokens, so every lse is finite.
+            for s in range(0, n_used):
                 lse_s = tl.load(LSE_part + first + s * stride_ps, mask=g_ok, other=0.0, cache_modifier=".cg")
                 o_s = tl.load(O_part + (first + s * stride_ps)[:, None] * HEAD_DIM + offs_d[None, :],
                               mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
@@ -705,7 +783,7 @@ _SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 @functools.cache     # built on first use, then shared
 def _decode_launcher():
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _DECODE_GPU_CONFIGS]
-    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "DIRECT"])(
+    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "DIRECT", "NEW_KV"])(
         _paged_decode_split_kernel)
 
 
@@ -761,14 +839,22 @@ def _counters(device, n):
 
 
 def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num_splits=None,
-                 max_context=None, out=None, config=None):
+                 max_context=None, out=None, config=None, new_kv=None):
     """One decode step of attention over a paged KV cache (layout contract above).
     max_context: an upper bound of context_lens (pass it to avoid a GPU->CPU sync; not checked,
     for the same reason: tokens past a too small max_context are left out of the attention).
     config: a fixed kernel config (dict of BLOCK_N, num_warps, num_stages, ...) instead of the
-    autotuner's choice, for sweeps."""
+    autotuner's choice, for sweeps.
+    new_kv: (k_new, v_new, slot_mapping), each sequence's new token's K and V (B, Hkv, D) and the
+    cache slot (B,) it goes to (block * block_size + offset; -1 = store nothing, a padded row).
+    The cache then holds only positions 0..context_lens-2; the kernel takes the new token from
+    k_new/v_new and also writes it to its slot, in place of a separate store before the call."""
     if upcast := _interpreter_bf16_workaround(q, k_cache, v_cache):
-        res = paged_decode(*upcast, block_table, context_lens, scale, num_splits, max_context, config=config).bfloat16()
+        up_new = None if new_kv is None else (new_kv[0].float(), new_kv[1].float(), new_kv[2])
+        res = paged_decode(*upcast, block_table, context_lens, scale, num_splits, max_context, config=config,
+                           new_kv=up_new).bfloat16()
+        if new_kv is not None:        # the upcast caches were copies: store into the real ones
+            _store_new_kv_reference(k_cache, v_cache, *new_kv)
         return res if out is None else out.copy_(res)
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}: "
@@ -791,6 +877,20 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         _check_int32_span(name, batch, t.stride(0), heads, t.stride(1), head_dim)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_int32_span(name, block_size, t.stride(1), n_kv_heads, t.stride(2), head_dim)
+    if new_kv is not None:
+        k_new, v_new, slot_mapping = new_kv
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if (tuple(t.shape) != (batch, n_kv_heads, head_dim) or t.dtype != q.dtype or t.device != q.device
+                    or t.stride(-1) != 1):
+                raise ValueError(f"{name} must be ({batch}, {n_kv_heads}, {head_dim}) {q.dtype} on {q.device} with a "
+                                 f"contiguous last dim, got {tuple(t.shape)} {t.dtype} strides {t.stride()}")
+        if (slot_mapping.shape != (batch,) or slot_mapping.dtype not in (torch.int32, torch.int64)
+                or slot_mapping.device != q.device or (batch > 1 and slot_mapping.stride(0) != 1)):
+            raise ValueError(f"slot_mapping must be ({batch},) int32/int64 on {q.device} with unit stride, "
+                             f"got {tuple(slot_mapping.shape)} {slot_mapping.dtype}")
+        new_args = (k_new, v_new, slot_mapping, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1))
+    else:
+        new_args = (q, q, context_lens, 0, 0, 0, 0)        # unused by the kernel
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if max_context is None:
         max_context = int(context_lens.max())
@@ -814,9 +914,9 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     args = (q, k_cache, v_cache, block_table, context_lens, o_part, lse_part, scale * LOG2E,
             tokens_per_split, triton.next_power_of_2(tokens_per_split), q.stride(0), q.stride(1),
             *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0), *part_strides,
-            out, out.stride(0), out.stride(1), _counters(q.device, batch * n_kv_heads))
+            out, out.stride(0), out.stride(1), _counters(q.device, batch * n_kv_heads), *new_args)
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                PAGE=block_size, DIRECT=direct, **pdl_launch_args())
+                PAGE=block_size, DIRECT=direct, NEW_KV=new_kv is not None, **pdl_launch_args())
     grid = (batch, n_kv_heads, num_splits)
     # fewer programs than SMs, on Hopper or later: a config by rule (_SMALL_GRID_DECODE_CONFIG)
     if (config is None and not INTERPRET and batch * n_kv_heads * num_splits <= _num_sms(q.device)

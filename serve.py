@@ -544,11 +544,17 @@ class PagedStep:
     has_prefix: bool = False             # some sequence reuses cached blocks
     kernels: object = None               # flash_attn module on GPU, None = PyTorch reference
     store_kv: object = store_kv_reference
+    new_kv_in_decode: bool = False       # decode: kernels.paged_decode stores the new K/V itself
 
     def attend(self, layer, q, k, v, positions):
         k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]
         if self.kind == "decode":
             q1, k1, v1 = q[:, :, 0], k[:, :, 0], v[:, :, 0]               # (B, H, D), (B, Hkv, D)
+            if self.new_kv_in_decode:     # the kernel takes the new token from k1/v1 and stores it
+                out = self.kernels.paged_decode(q1, k_pool, v_pool, self.block_tables, self.seq_lens,
+                                                max_context=self.max_seqlen_k,
+                                                new_kv=(k1, v1, self.slot_mapping))
+                return out[:, :, None]
             self.store_kv(k_pool, v_pool, k1, v1, self.slot_mapping)
             if self.kernels is not None:
                 out = self.kernels.paged_decode(q1, k_pool, v_pool, self.block_tables, self.seq_lens,
@@ -640,6 +646,9 @@ class EngineConfig:
     async_decode: bool = _knob(True, "queue decode step n+1 before reading step n's tokens back (greedy "
                                "batches only: on the CLI pass --temperature 0; the next token is fed "
                                "on the device), so the host's work overlaps the GPU's")
+    store_kv_in_attention: bool = _knob(True, "decode steps write each new token's K/V to the cache inside "
+                                        "the paged-decode kernel instead of a store kernel before it "
+                                        "(Triton kernels without --compile: one launch fewer per layer)")
 
     def __post_init__(self):
         try:
@@ -772,6 +781,8 @@ class ModelRunner:
             self.kernels, self.store_kv = flash_attn, store_kv_triton
             if cfg.compile:
                 self.kernels, self.store_kv = CompiledKernels, store_kv_op
+        # (the compiled path keeps the separate store: its custom op does not mutate the pools)
+        self.new_kv_in_decode = cfg.uses_triton and not cfg.compile and cfg.store_kv_in_attention
         self.decode_ops = FusedDecodeOps if cfg.uses_fused_ops else M.TorchOps
         self.decode_forward = self._decode_forward
         if cfg.compile:
@@ -807,7 +818,8 @@ class ModelRunner:
 
     def _step(self, kind, slot_mapping, block_tables, seq_lens, **kw) -> PagedStep:
         return PagedStep(kind, self.k_pool, self.v_pool, slot_mapping, block_tables, seq_lens,
-                         kernels=self.kernels, store_kv=self.store_kv, **kw)
+                         kernels=self.kernels, store_kv=self.store_kv, new_kv_in_decode=self.new_kv_in_decode,
+                         **kw)
 
     # -- prefill ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -817,14 +817,18 @@ def test_store_kv_padded_rows_never_touch_real_slots(store):
     assert real_k.abs().sum() == 0 and real_v.abs().sum() == 0            # nothing else written
 
 
-def test_engine_triton_kernels_match_torch_path(tiny_model):
-    """The GPU code path (flash_attn.py kernels + the store kernel; under the Triton interpreter on
-    a CPU-only machine) gives the reference loop's tokens (fp32)."""
+@pytest.mark.parametrize("store_kv_in_attention", [True, False])
+def test_engine_triton_kernels_match_torch_path(tiny_model, store_kv_in_attention):
+    """The GPU code path (flash_attn.py kernels, with the new K/V stored inside the decode kernel or
+    by the store kernel before it; under the Triton interpreter on a CPU-only machine) gives the
+    reference loop's tokens (fp32)."""
     model = tiny_model.to("cuda") if CUDA else tiny_model
     prompts = [list(range(10, 27)), [3], list(range(200, 240))]
     want = [M.generate(model, p, 4) for p in prompts]
-    outs = _engine(model, kernels="triton", prefix_caching=False, cuda_graphs=False).generate(
-        prompts, S.SamplingParams(max_tokens=4, ignore_eos=True))
+    engine = _engine(model, kernels="triton", prefix_caching=False, cuda_graphs=False,
+                     store_kv_in_attention=store_kv_in_attention)
+    assert engine.runner.new_kv_in_decode == store_kv_in_attention
+    outs = engine.generate(prompts, S.SamplingParams(max_tokens=4, ignore_eos=True))
     tiny_model.to("cpu")
     assert [o.tokens for o in outs] == want
 
@@ -1239,20 +1243,45 @@ def test_gpu_kernels_compile_for_sm90():
     # paged decode: GPT-2 1.5B at batch 1 (16-token pages, the small-grid config, split + merge),
     # and 32 x 8k GQA on 256-token pages (one split: DIRECT)
     small_grid = tuple(fa._SMALL_GRID_DECODE_CONFIG[k] for k in ("BLOCK_N", "num_warps", "num_stages"))
-    for D, group, page, direct, (bn, warps, stages) in ((64, 1, 16, False, small_grid),
-                                                        (128, 4, 256, True, fa._DECODE_GPU_CONFIGS[0])):
+    for D, group, page, direct, new_kv, (bn, warps, stages) in ((64, 1, 16, False, False, small_grid),
+                                                                (64, 1, 16, False, True, small_grid),
+                                                                (128, 4, 256, True, False, fa._DECODE_GPU_CONFIGS[0]),
+                                                                (128, 4, 256, True, True, fa._DECODE_GPU_CONFIGS[0])):
         jobs.append(("flash_attn._paged_decode_split_kernel",
                      dict(Q=f16, K_cache=f16, V_cache=f16, block_table="i32", context_lens="i32", O_part="fp32",
-                          LSE_part="fp32", Out=f16, Counters="i32"),
+                          LSE_part="fp32", Out=f16, Counters="i32", K_new=f16, V_new=f16, slot_mapping="i64"),
                      dict(qk_scale=0.18, tokens_per_split=256, split_bucket=256, stride_qb=32 * D, stride_qh=D,
                           stride_kblk=page * 8 * D, stride_kpos=8 * D, stride_kh=D, stride_vblk=page * 8 * D,
                           stride_vpos=8 * D, stride_vh=D, stride_bt=64, stride_pb=32 * 4, stride_ph=4, stride_ps=1,
-                          stride_ob=32 * D, stride_oh=D),
-                     dict(GROUP=group, BLOCK_G=16, HEAD_DIM=D, PAGE=page, BLOCK_N=bn, DIRECT=direct, USE_PDL=True),
+                          stride_ob=32 * D, stride_oh=D, stride_nkb=24 * D, stride_nkh=D, stride_nvb=24 * D,
+                          stride_nvh=D),
+                     dict(GROUP=group, BLOCK_G=16, HEAD_DIM=D, PAGE=page, BLOCK_N=bn, DIRECT=direct, USE_PDL=True,
+                          NEW_KV=new_kv),
                      warps, stages))
     for (name, *_), r in zip(jobs, tm.compile_offline(jobs)):
         assert "error" not in r, (name, r)
         assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (name, r)
+
+
+def test_paged_decode_new_kv_loads_its_first_tile_before_the_pdl_wait():
+    """With new_kv, nothing the decode kernel reads from the cache comes from the previous
+    kernel, so its first cached K/V tile is requested before griddepcontrol.wait (ACQBULK in
+    the sm_90 SASS); without new_kv nothing may be (the new token is in the cache then)."""
+    D, page, bn, warps, stages = 64, 16, 128, 8, 3             # GPT-2 1.5B's batch-1 engine config
+    jobs = [("flash_attn._paged_decode_split_kernel",
+             dict(Q="fp16", K_cache="fp16", V_cache="fp16", block_table="i32", context_lens="i32", O_part="fp32",
+                  LSE_part="fp32", Out="fp16", Counters="i32", K_new="fp16", V_new="fp16", slot_mapping="i64"),
+             dict(qk_scale=0.18, tokens_per_split=256, split_bucket=256, stride_qb=25 * D, stride_qh=D,
+                  stride_kblk=page * 25 * D, stride_kpos=25 * D, stride_kh=D, stride_vblk=page * 25 * D,
+                  stride_vpos=25 * D, stride_vh=D, stride_bt=64, stride_pb=25 * 4, stride_ph=4, stride_ps=1,
+                  stride_ob=25 * D, stride_oh=D, stride_nkb=75 * D, stride_nkh=D, stride_nvb=75 * D, stride_nvh=D),
+             dict(GROUP=1, BLOCK_G=16, HEAD_DIM=D, PAGE=page, BLOCK_N=bn, USE_PDL=True, NEW_KV=new_kv), warps, stages)
+            for new_kv in (True, False)]
+    tile_loads = 2 * bn * D * 2 // (32 * warps * 16)          # K and V, 16-byte loads per thread
+    for new_kv, r in zip((True, False), tm.compile_offline(jobs, sass=True)):
+        wait = next(i for i, x in enumerate(r["sass"]) if x.startswith("ACQBULK"))
+        loads_before = sum("LDG" in x for x in r["sass"][:wait])
+        assert (loads_before >= tile_loads) if new_kv else (loads_before == 0), (new_kv, loads_before)
 
 
 def test_matmul_occupancy_offline_for_sm90():
@@ -1583,6 +1612,38 @@ def _fa_check_paged(ctx, n_heads, n_kv_heads, head_dim, block_size, dtype, num_s
     _fa_assert_close(out, fa.paged_decode_reference(q, kc, vc, table, lens), dtype)
 
 
+def _fa_check_paged_new_kv(ctx, n_heads, n_kv_heads, head_dim, block_size, dtype, num_splits=None, config=None):
+    """paged_decode(new_kv=...) against the reference on a cache that already holds the new
+    tokens: same output, the new rows stored at their slots and nothing else touched. The
+    slots are poisoned with NaN first (the kernel must not read them), and the second sequence
+    is a padded row (slot -1): its slot must stay untouched."""
+    kc, vc, table = fa.random_paged_cache(ctx, n_kv_heads, head_dim, block_size, dtype, FA_DEVICE)
+    lens = torch.tensor(ctx, dtype=torch.int32, device=FA_DEVICE)
+    q = torch.randn(len(ctx), n_heads, head_dim, dtype=dtype, device=FA_DEVICE)
+    k_new, v_new = (torch.randn(len(ctx), n_kv_heads, head_dim, dtype=dtype, device=FA_DEVICE) for _ in range(2))
+    slots = torch.tensor([int(table[s, (c - 1) // block_size]) * block_size + (c - 1) % block_size
+                          for s, c in enumerate(ctx)], dtype=torch.int32, device=FA_DEVICE)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    for cache, new in ((k_ref, k_new), (v_ref, v_new)):
+        cache.view(-1, n_kv_heads, head_dim)[slots.long()] = new
+    want = fa.paged_decode_reference(q, k_ref, v_ref, table, lens)
+    for cache in (kc, vc):
+        cache.view(-1, n_kv_heads, head_dim)[slots.long()] = float("nan")
+    kernel_slots = slots.clone()
+    kernel_slots[1] = -1                                    # a padded row: stores nothing
+    out = torch.full_like(q, float("nan"))
+    fa.paged_decode(q, kc, vc, table, lens, num_splits=num_splits, out=out, config=config,
+                    new_kv=(k_new, v_new, kernel_slots))
+    _fa_assert_close(out, want, dtype)
+    stored = slots.long()[torch.arange(len(ctx)) != 1]
+    for cache, ref in ((kc, k_ref), (vc, v_ref)):
+        flat, flat_ref = cache.view(-1, n_kv_heads, head_dim), ref.view(-1, n_kv_heads, head_dim)
+        assert torch.isnan(flat[slots[1].long()]).all()      # the padded row's slot: untouched
+        flat[slots[1].long()] = flat_ref[slots[1].long()]
+        assert torch.equal(flat, flat_ref), "new rows at their slots, every other row unchanged"
+        assert torch.equal(flat[stored], flat_ref[stored])
+
+
 # ---------------------------------------------------------------- CPU (interpreter) and GPU
 
 
@@ -1631,6 +1692,33 @@ def test_flash_paged_decode_small(block_size, heads):
 def test_flash_paged_decode_splits(num_splits, dtype):
     # 3 splits over 300 tokens -> 128-token splits: sequences shorter than a split leave empty splits
     _fa_check_paged([300, 5, 129], 4, 2, 64, 16, dtype, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("block_size,config", [(16, None), (32, None), (16, dict(BLOCK_N=32))])
+def test_flash_paged_decode_stores_the_new_token(num_splits, block_size, config):
+    # the new token (position ctx-1) falls in the first, a middle or the last split, alone in
+    # its split (ctx 257 with 128-token splits), or is the whole context (ctx 1); BLOCK_N=32 over
+    # 16-token pages takes the per-token gather
+    _fa_check_paged_new_kv([1, 45, 300, 257, 17], 6, 2, 32, block_size, torch.float16, num_splits, config)
+
+
+def test_flash_paged_decode_stores_the_new_token_bf16_mha():
+    _fa_check_paged_new_kv([100, 3, 129], 4, 4, 64, 16, torch.bfloat16, num_splits=2)
+
+
+def test_flash_paged_decode_new_kv_rejects_bad_shapes():
+    kc, vc, table = fa.random_paged_cache([5, 9], 2, 32, 16, torch.float16, FA_DEVICE)
+    q = torch.randn(2, 4, 32, dtype=torch.float16, device=FA_DEVICE)
+    lens = torch.tensor([5, 9], dtype=torch.int32, device=FA_DEVICE)
+    good = torch.randn(2, 2, 32, dtype=torch.float16, device=FA_DEVICE)
+    slots = torch.zeros(2, dtype=torch.int32, device=FA_DEVICE)
+    with pytest.raises(ValueError, match="k_new"):
+        fa.paged_decode(q, kc, vc, table, lens, new_kv=(good[:, :1], good, slots))
+    with pytest.raises(ValueError, match="v_new"):
+        fa.paged_decode(q, kc, vc, table, lens, new_kv=(good, good.float(), slots))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        fa.paged_decode(q, kc, vc, table, lens, new_kv=(good, good, slots[:1]))
 
 
 def test_flash_paged_decode_contiguous_identity_table():
@@ -1764,6 +1852,17 @@ def test_flash_cuda_prefill_batched_vs_sdpa(t, head_dim, causal, use_tma):
 @pytest.mark.parametrize("heads", [(32, 8), (12, 4), (16, 16)])
 def test_flash_cuda_paged_decode(block_size, heads):
     _fa_check_paged([1, 17, 4097, 8191, 1000], heads[0], heads[1], 128, block_size, torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("heads,head_dim", [((32, 8), 128), ((25, 25), 64)])   # GQA; GPT-2 1.5B's MHA
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+def test_flash_cuda_paged_decode_stores_the_new_token(block_size, heads, head_dim, num_splits):
+    """new_kv on the GPU (the engine's decode path on the fused-store branch: the first cached
+    tile loaded before the PDL wait, the new token stored by the split that holds it)."""
+    _fa_check_paged_new_kv([1, 17, 4097, 300, 1000], heads[0], heads[1], head_dim, block_size, torch.float16,
+                           num_splits)
 
 
 @needs_cuda
