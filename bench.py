@@ -601,7 +601,7 @@ def topic_matmul(ctx: BenchContext) -> None:
                 if "error" not in r else [tm.config_name(r["config"]), r["error"]] + [""] * 6
                 for r in tm.occupancy_table_offline(M, N, K, torch.float16)]
         ctx.table(f"matmul float16: the GPU autotune configs at M=N=K={M}, compiled for an H100/H200 (sm_90) "
-                  "without one", ["config", "regs/thread", "spill bytes", "smem KB", "programs/SM", "occupancy",
+                  "without one", ["config", "regs/thread", "spills", "smem KB", "programs/SM", "occupancy",
                                   "limited by", "waves"], rows,
                   note="triton.compile with a Hopper target and the ptxas bundled with Triton "
                        "(triton_matmul.compile_offline): the same registers and shared memory a GPU run reports, "

@@ -92,6 +92,8 @@ class SamplingParams:
         if self.seed is not None and not (_is_int(self.seed) and -2**63 <= self.seed < 2**64):
             raise ValueError(f"seed must be None or an integer in [-2^63, 2^64), got {self.seed!r}")
         M.check_sampling_args(self.temperature, self.top_k, self.top_p)
+        if not (self.stop is None or isinstance(self.stop, (str, list, tuple))):
+            raise ValueError(f"stop strings must be a string or a list of non-empty strings, got {self.stop!r}")
         self.stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
@@ -1329,11 +1331,11 @@ def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
 # ----------------------------------------------------------------------------------------------
 #
 # Many clients, one engine. The engine is not thread-safe and its loop is Python: it gets ONE
-# thread of its own (EngineThread), the only code that changes it (the handlers only call
-# check_request, which reads the config and the block count and tokenizes: a 400 before anything
-# is queued). Connections are handled by
-# asyncio on another thread: one event loop serves any number of slow or streaming clients
-# without a thread each (foundations.py, Part 4). The two meet through two queues: handlers put
+# thread of its own (EngineThread), the only code that changes it. The handlers only read: the
+# config, the block count and the tokenizer (check_request and the chat template), so a bad
+# request gets its 400 before anything is queued. Connections are handled by asyncio on another
+# thread: one event loop serves any number of slow or streaming clients without a thread each
+# (foundations.py, Part 4). The two meet through two queues: handlers put
 # requests into the engine thread's inbox (thread-safe), and the engine thread hands each
 # request's text pieces back to that request's asyncio.Queue with loop.call_soon_threadsafe (an
 # asyncio.Queue may only be touched from its own loop's thread). The engine thread steps

@@ -1093,13 +1093,14 @@ def test_matmul_occupancy_table_cuda():
     if torch.cuda.get_device_capability()[0] == 9:
         # the offline build for sm_90 is the kernel the GPU runs: same registers, same shared memory
         offline = tm.occupancy_table_offline(1024, 1024, 1024, torch.float16, configs=[r["config"] for r in ok])
-        assert [(r["n_regs"], r["shared_bytes"]) for r in offline] == [(r["n_regs"], r["shared_bytes"]) for r in ok]
+        key = lambda r: (r["n_regs"], r["shared_bytes"], r["n_spills"])     # noqa: E731
+        assert [key(r) for r in offline] == [key(r) for r in ok]
 
 
 def test_matmul_occupancy_offline_for_sm90():
     """Compiled for an H100/H200 on any machine (no GPU needed): registers from ptxas, the shared
     memory of the pipelined A/B tiles, and the occupancy those allow; an fp32 tile too big for
-    shared memory gets 0 programs per SM."""
+    shared memory is an error row, as a GPU launch would refuse it."""
     fits = [tm._config(128, 128, 64, 8, 3), tm._config(16, 32, 128, 4, 4)]
     rows = tm.occupancy_table_offline(512, 384, 256, torch.float16, configs=fits)
     for cfg, r in zip(fits, rows):
@@ -1111,7 +1112,7 @@ def test_matmul_occupancy_offline_for_sm90():
     assert rows[0]["shared_bytes"] == tm.smem_bytes_estimate(fits[0], 2)    # 3 stages of A and B tiles
     assert rows[0]["n_regs"] > rows[1]["n_regs"]            # a 128x128 fp32 accumulator needs more
     too_big = tm.occupancy_table_offline(512, 512, 512, torch.float32, configs=[tm._config(256, 128, 64, 8, 4)])[0]
-    assert too_big["shared_bytes"] > 228 * 1024 and too_big["programs_per_sm"] == 0
+    assert "shared memory" in too_big["error"] and "programs_per_sm" not in too_big
 
 
 # ---------------------------------------------------------------- v5: decode GEMV and row norms
@@ -2383,6 +2384,8 @@ def test_http_concurrent_clients_each_get_their_own_answer(http_server, tiny_mod
     ({"prompt": "Hi", "seed": 2 ** 70}, "seed"),
     ({"prompt": "Hi", "stop": ""}, "stop strings"),
     ({"prompt": "Hi", "stop": ["\n", 3]}, "stop strings"),
+    ({"prompt": "Hi", "stop": {"a": 1}}, "stop strings"),
+    ({"prompt": "Hi", "stop": 5}, "stop strings"),
     ({"prompt": ["Hi", "there"]}, "integers"),
     ({"prompt": {"text": "Hi"}}, "prompt must be"),
     ({"messages": [{"role": "user", "content": "Hi"}]}, "prompt must be"),

@@ -314,21 +314,20 @@ def _config(bm, bn, bk, warps, stages, group_m=8):
                          num_warps=warps, num_stages=stages)
 
 GPU_AUTOTUNE_CONFIGS = [
-        # large-M configs (prefill, training-sized GEMMs). 128x128x64 with 3 stages (96 KB SMEM,
-        # 122 registers) fits 2 programs per SM: close when tiles are few (2048^2: 639 vs 663).
-        _config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4), _config(256, 128, 64, 8, 3),
-        _config(128, 128, 64, 8, 3), _config(128, 128, 64, 8, 4),
-        # medium tiles: enough programs when M or N is small (256 tokens x 768 outputs is only
-        # 6 tiles of 128x256 for 132 SMs, but 48 of 64x64)
-        _config(64, 128, 64, 4, 4), _config(64, 64, 64, 4, 4),
-        # small-M configs (decode: a few tokens against a big weight). Long BLOCK_K and deep
-        # pipelines keep many bytes of the weight in flight per program.
-        _config(16, 32, 128, 4, 4), _config(16, 32, 256, 4, 3), _config(16, 64, 256, 4, 3),
-        _config(32, 64, 64, 4, 4),
-    ]
-# interpreter: one small config
+    # large-M configs (prefill, training-sized GEMMs). 128x128x64 with 3 stages (96 KB SMEM,
+    # 122 registers) fits 2 programs per SM: close when tiles are few (2048^2: 639 vs 663).
+    _config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4), _config(256, 128, 64, 8, 3),
+    _config(128, 128, 64, 8, 3), _config(128, 128, 64, 8, 4),
+    # medium tiles: enough programs when M or N is small (256 tokens x 768 outputs is only
+    # 6 tiles of 128x256 for 132 SMs, but 48 of 64x64)
+    _config(64, 128, 64, 4, 4), _config(64, 64, 64, 4, 4),
+    # small-M configs (decode: a few tokens against a big weight). Long BLOCK_K and deep
+    # pipelines keep many bytes of the weight in flight per program.
+    _config(16, 32, 128, 4, 4), _config(16, 32, 256, 4, 3), _config(16, 64, 256, 4, 3),
+    _config(32, 64, 64, 4, 4),
+]
 AUTOTUNE_CONFIGS = (GPU_AUTOTUNE_CONFIGS if torch.cuda.is_available() and not INTERPRET
-                    else [_config(32, 32, 32, 4, 1, group_m=4)])
+                    else [_config(32, 32, 32, 4, 1, group_m=4)])   # interpreter: one small config
 
 
 def smem_bytes_estimate(cfg, elem_bytes):
@@ -495,8 +494,7 @@ def occupancy_table(M, N, K, dtype=torch.float16, device="cuda", configs=None):
             rows.append(dict(config=cfg, error=str(err)))
             continue
         occ = occupancy_of(kernel, a.device)
-        tiles = triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"])
-        occ["waves"] = tiles / (occ["num_sms"] * max(occ["programs_per_sm"], 1))
+        occ["waves"] = _waves(M, N, cfg, max(occ["programs_per_sm"], 1), occ["num_sms"])
         rows.append(dict(config=cfg, **occ))
     return rows
 
@@ -514,8 +512,10 @@ def occupancy_table(M, N, K, dtype=torch.float16, device="cuda", configs=None):
 # file on a CPU) the kernels are interpreter objects that cannot be compiled.
 
 def _launch_signature(fn, tensors: dict, ints: dict, constexprs: dict):
-    """(signature, constexprs, attrs) for ASTSource as a launch with these values would make them:
-    tensors name -> dtype string ("fp16"), ints name -> value (1 -> constant, % 16 == 0 -> divisible)."""
+    """(signature, constexprs, attrs) for ASTSource, as a launch with these values would make
+    them for what matmul_kernel takes: tensors name -> dtype string ("fp16"), int32 values name
+    -> value (1 becomes a constant, a multiple of 16 is marked divisible). Not covered, since
+    matmul_kernel needs neither: do_not_specialize, and int64 values."""
     signature, consts, divisible = {}, dict(constexprs), []
     for i, name in enumerate(fn.arg_names):
         if name in tensors:
@@ -523,6 +523,8 @@ def _launch_signature(fn, tensors: dict, ints: dict, constexprs: dict):
             divisible.append((i,))                      # torch allocations are 16-byte aligned
         elif name in ints:
             value = ints[name]
+            if not -2**31 <= value < 2**31:
+                raise ValueError(f"{name}={value} needs int64, which this helper does not model")
             if value == 1:
                 signature[name], consts[name] = "constexpr", 1
             else:
@@ -536,12 +538,16 @@ def _launch_signature(fn, tensors: dict, ints: dict, constexprs: dict):
     return signature, consts, {d: [["tt.divisibility", 16]] for d in divisible}
 
 
-def _compile_offline_here(jobs, capability):
+HOPPER = 90            # the compute capability compiled for offline (H100 / H200)
+_OFFLINE_TIMEOUT_S = 300
+
+
+def _compile_offline_here(jobs):
     import re
     import subprocess
     import tempfile
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     from triton.compiler import ASTSource
     results = []
     for fn_name, tensors, ints, constexprs, num_warps, num_stages in jobs:
@@ -550,63 +556,78 @@ def _compile_offline_here(jobs, capability):
         src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                         attrs=attrs)
         try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+            compiled = triton.compile(src, target=GPUTarget("cuda", HOPPER, 32),
                                       options=dict(num_warps=num_warps, num_stages=num_stages))
-        except Exception as err:                # noqa: BLE001 (e.g. a tile that cannot fit: report it)
-            results.append(dict(error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+        except Exception as err:                # noqa: BLE001 (a config that does not compile: report it)
+            results.append(dict(error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"))
             continue
-        # ptxas -v once more on the same PTX for the numbers it prints (Triton's own run discards them)
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(compiled.asm["ptx"])
-        arch = "sm_90a" if capability == 90 else f"sm_{capability}"
-        log = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
-                             capture_output=True, text=True).stderr
-        os.remove(f.name)
+        # ptxas -v once more on the same PTX for the numbers it prints (Triton's own run discards
+        # them). "bytes stack frame" is the local memory per thread that a GPU reports as
+        # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, and Triton's kernel.n_spills is that / 4.
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = os.path.join(tmp, "kernel.ptx")
+            with open(ptx, "w") as f:
+                f.write(compiled.asm["ptx"])
+            log = subprocess.run([get_ptxas(HOPPER).path, "-v", f"--gpu-name={sm_arch_from_capability(HOPPER)}",
+                                  ptx, "-o", os.devnull], capture_output=True, text=True, check=True,
+                                 timeout=_OFFLINE_TIMEOUT_S).stderr
         regs = re.search(r"Used (\d+) registers", log)
-        spills = re.search(r"(\d+) bytes spill stores", log)
-        results.append(dict(n_regs=int(regs.group(1)) if regs else None,
-                            n_spill_bytes=int(spills.group(1)) if spills else 0,
+        stack = re.search(r"(\d+) bytes stack frame", log)
+        if regs is None:
+            raise RuntimeError(f"no register count in the ptxas output:\n{log[-1000:]}")
+        results.append(dict(n_regs=int(regs.group(1)), n_spills=int(stack.group(1)) // 4 if stack else 0,
                             shared_bytes=compiled.metadata.shared, num_warps=num_warps))
     return results
 
 
-def compile_offline(jobs, capability=90):
-    """Compile kernels of this file for an NVIDIA GPU of compute capability `capability`
-    (90 = H100/H200) without one. jobs: (kernel name, {tensor arg: dtype string},
-    {int arg: value}, {constexpr: value}, num_warps, num_stages). Returns one dict per job:
-    n_regs (per thread), n_spill_bytes, shared_bytes (per program), or error."""
+def compile_offline(jobs):
+    """Compile kernels of this file for an H100/H200 (sm_90) without one. jobs: (kernel name,
+    {tensor arg: dtype string}, {int arg: value}, {constexpr: value}, num_warps, num_stages).
+    Returns one dict per job: n_regs (per thread), n_spills (local memory per thread in 4-byte
+    words, as kernel.n_spills counts it), shared_bytes (per program), or error."""
     if not INTERPRET:
-        return _compile_offline_here(jobs, capability)
+        return _compile_offline_here(jobs)
     import json
     import subprocess
     import sys
-    code = ("import json, sys; import triton_matmul as tm; "
-            "print(json.dumps(tm._compile_offline_here(json.loads(sys.argv[1]), int(sys.argv[2]))))")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import json, sys; sys.path.insert(0, {here!r}); import triton_matmul as tm; "
+            "print(json.dumps(tm._compile_offline_here(json.loads(sys.argv[1]))))")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-c", code, json.dumps(jobs), str(capability)], capture_output=True,
-                         text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(jobs)], capture_output=True, text=True,
+                         env=env, timeout=_OFFLINE_TIMEOUT_S)
     if run.returncode != 0:
         raise RuntimeError(f"offline compile failed:\n{run.stderr[-2000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def occupancy_table_offline(M, N, K, dtype=torch.float16, configs=None, capability=90, num_sms=132):
-    """occupancy_table without a GPU: each config compiled for sm_90 (H100/H200: 132 SMs, 64K
-    registers and 228 KB of shared memory per SM) and its occupancy computed from that."""
+def _waves(M, N, cfg, programs_per_sm, num_sms):
+    """Rounds of programs the grid needs when each SM holds programs_per_sm of them."""
+    tiles = triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"])
+    return tiles / (num_sms * programs_per_sm)
+
+
+def occupancy_table_offline(M, N, K, dtype=torch.float16, configs=None, num_sms=132):
+    """occupancy_table without a GPU: each config compiled for sm_90 (an H100 SXM or H200: 132
+    SMs, 64K registers and 228 KB of shared memory per SM) and its occupancy computed from that.
+    A config whose tiles do not fit in shared memory is an error row, as a GPU run reports it."""
     elem = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     configs = configs or GPU_AUTOTUNE_CONFIGS
     jobs = [("matmul_kernel", dict(a_ptr=elem, b_ptr=elem, c_ptr=elem, bias_ptr=elem),
              dict(M=M, N=N, K=K, stride_am=K, stride_ak=1, stride_bk=N, stride_bn=1, stride_cm=N, stride_cn=1),
              dict(**cfg.kwargs, HAS_BIAS=False, ACTIVATION=""), cfg.num_warps, cfg.num_stages) for cfg in configs]
     rows = []
-    for cfg, res in zip(configs, compile_offline(jobs, capability)):
+    for cfg, res in zip(configs, compile_offline(jobs)):
+        if "error" not in res:
+            occ = occupancy_from_resources(res["n_regs"], res["shared_bytes"], cfg.num_warps)
+            if occ["programs_per_sm"] == 0:       # what a launch would refuse
+                res = dict(error=f"out of resources ({occ['limiter']}: {res['n_regs']} registers x "
+                                 f"{cfg.num_warps} warps, {res['shared_bytes'] / 1024:.0f} KB of shared memory)")
         if "error" in res:
             rows.append(dict(config=cfg, **res))
             continue
-        occ = occupancy_from_resources(res["n_regs"], res["shared_bytes"], cfg.num_warps)
-        tiles = triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"])
-        occ.update(num_sms=num_sms, n_spills=res["n_spill_bytes"],
-                   waves=tiles / (num_sms * max(occ["programs_per_sm"], 1)))
+        occ.update(num_sms=num_sms, n_spills=res["n_spills"],
+                   waves=_waves(M, N, cfg, occ["programs_per_sm"], num_sms))
         rows.append(dict(config=cfg, **occ))
     return rows
 
