@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model import (KVCache, Transformer, append_to_cache, check_request, decode, default_dtype, generate,
-                   load_gpt2, prefill, sample)
+from model import (add_device_arg, cli_device, KVCache, Transformer, append_to_cache, check_request, decode,
+                   default_dtype, generate, load_gpt2, prefill, sample)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,8 +445,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-prompt", type=int, default=48, help="prompt lengths are drawn from 4..this")
     p.add_argument("--max-output", type=int, default=32, help="output lengths are drawn from 4..this")
     p.add_argument("--seed", type=int, default=0, help="seed of the trace")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arg(p)
     args = p.parse_args(argv)
+    cli_device(p, args.device)
     for name, value, low in (("--requests", args.requests, 1), ("--batch", args.batch, 1),
                              ("--max-prompt", args.max_prompt, 4), ("--max-output", args.max_output, 4)):
         if value < low:

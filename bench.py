@@ -725,6 +725,25 @@ def topic_gemv(ctx: BenchContext) -> None:
                    if on_gpu else "CPU: the Triton interpreter, so these times say nothing about a GPU.",
               dtype=dt)
 
+    # what the compiler made of GPT-2 1.5B's one-row GEMVs: compiled for sm_90 on this machine
+    # (a GPU is not needed), counted around the PDL wait; the same on any machine
+    shapes = [("c_attn +LayerNorm +bias", 4800, 1600, "layer", None, True, False),
+              ("attn c_proj +bias +residual", 1600, 1600, None, None, True, True),
+              ("c_fc +LayerNorm +bias +GELU", 6400, 1600, "layer", "gelu_tanh", True, False),
+              ("mlp c_proj +bias +residual", 1600, 6400, None, None, True, True),
+              ("lm_head (no bias)", 50257, 1600, None, None, False, False)]
+    summary = tm.gemv_sass_summary([s[1:] for s in shapes])
+    ctx.table("GPT-2 1.5B's one-row GEMVs in machine code (fp16, compiled for an H100/H200, sm_90, without one)",
+              ["kernel", "K->N", "config (rule)", "regs", "SASS before the PDL wait", "loads before",
+               "SASS after the wait", "loads after", "BAR.SYNC after"],
+              [[name, f"{K}->{N}", r["config"], r["n_regs"], r["instructions_before_wait"], r["loads_before_wait"],
+                r["instructions_after_wait"], r["loads_after_wait"], r["barriers_after_wait"]]
+               for (name, N, K, *_), r in zip(shapes, summary)],
+              note="triton_matmul.gemv_sass_summary: nvdisasm of the cubin ptxas makes on this machine. The weight "
+                   "tile's loads (16-byte LDGs) come before griddepcontrol.wait (ACQBULK), so they overlap the previous "
+                   "kernel under PDL; what comes after the wait (x, the norm's statistics and the cross-warp "
+                   "reductions) is latency every kernel boundary pays.", dtype=torch.float16)
+
 
 # ---- flash_attn.py ---------------------------------------------------------------------------
 
@@ -1868,14 +1887,14 @@ def write_outputs(ctx: BenchContext, topic: str, want_json: bool) -> None:
 
 
 def main(argv=None) -> int:
+    import model as M
     p = argparse.ArgumentParser(
         description="Benchmarks for every WaveBoost topic. Prints markdown tables; the first line "
                     "of each names the device, dtype and versions.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--topic", required=True, choices=sorted(TOPICS) + ["all"],
                    help="which topic to measure ('all' runs each in turn)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=["cpu", "cuda"], help="where to run")
+    M.add_device_arg(p)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="compute dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
@@ -1886,9 +1905,7 @@ def main(argv=None) -> int:
     p.add_argument("--outdir", type=Path, default=HERE / "results", help="where files go")
     args = p.parse_args(argv)
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda was asked for, but torch sees no CUDA device here")
-    device = torch.device(args.device)
+    device = M.cli_device(p, args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     quick = args.quick if args.quick is not None else device.type == "cpu"
     torch.manual_seed(0)

@@ -29,8 +29,8 @@ import sys
 
 import torch
 
-from model import (KVCache, ModelConfig, PRESETS, Transformer, check_request, generate, kv_bytes_per_token,
-                   load_gpt2)
+from model import (add_device_arg, cli_device, KVCache, ModelConfig, PRESETS, Transformer, check_request,
+                   generate, kv_bytes_per_token, load_gpt2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,8 +178,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="KV cache: with vs without, memory, layout.")
     p.add_argument("--model", default="random:tiny", help="random:<preset> or a GPT-2 checkpoint")
     p.add_argument("--tokens", type=int, default=64, help="new tokens to generate")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arg(p)
     args = p.parse_args(argv)
+    cli_device(p, args.device)
     try:
         model = load_gpt2(args.model, torch.float32, args.device)
         prompt = list(range(100, 132))

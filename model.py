@@ -1403,10 +1403,11 @@ def main(argv=None) -> int:
     p.add_argument("--raw", action="store_true", help="chat models: skip the chat template")
     p.add_argument("--system", default=SMOLLM2_DEFAULT_SYSTEM, help="chat models: system message")
     add_sampling_args(p)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the model runs")
+    add_device_arg(p)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="None = float16 on cuda, float32 on cpu")
     args = p.parse_args(argv)
+    cli_device(p, args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
     try:
         model = load_model(args.model, dtype, args.device)

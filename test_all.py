@@ -1097,6 +1097,18 @@ def test_matmul_occupancy_table_cuda():
         assert [key(r) for r in offline] == [key(r) for r in ok]
 
 
+def test_gemv_sass_loads_the_weight_tile_before_the_pdl_wait():
+    """The decode GEMV's point under PDL ("Prefetch across the kernel boundary"): every load of
+    the weight tile is issued before griddepcontrol.wait, read in the sm_90 machine code that
+    ptxas makes of it on this machine (no GPU needed); x is loaded after it."""
+    shapes = ((6400, 1600, "layer", "gelu_tanh", True, False), (1600, 6400, None, None, True, True))
+    for (N, K, *_), r in zip(shapes, tm.gemv_sass_summary(shapes)):
+        cfg = tm.one_row_gemv_config(N, K, 2)
+        tile_loads = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] * 2 // (32 * cfg.num_warps * 16)   # 16-byte LDGs
+        assert r["loads_before_wait"] >= tile_loads and r["loads_after_wait"] >= 1, r
+        assert r["n_spills"] == 0 and r["n_regs"] <= 255, r
+
+
 def test_matmul_occupancy_offline_for_sm90():
     """Compiled for an H100/H200 on any machine (no GPU needed): registers from ptxas, the shared
     memory of the pipelined A/B tiles, and the occupancy those allow; an fp32 tile too big for

@@ -513,14 +513,16 @@ def occupancy_table(M, N, K, dtype=torch.float16, device="cuda", configs=None):
 
 def _launch_signature(fn, tensors: dict, ints: dict, constexprs: dict):
     """(signature, constexprs, attrs) for ASTSource, as a launch with these values would make
-    them for what matmul_kernel takes: tensors name -> dtype string ("fp16"), int32 values name
-    -> value (1 becomes a constant, a multiple of 16 is marked divisible). Not covered, since
-    matmul_kernel needs neither: do_not_specialize, and int64 values."""
+    them for this file's GEMM and GEMV kernels: tensors name -> dtype string ("fp16"), scalars
+    name -> value (a float is fp32; an int32 of 1 becomes a constant, a multiple of 16 is marked
+    divisible). Not covered, since those kernels need neither: do_not_specialize, int64 values."""
     signature, consts, divisible = {}, dict(constexprs), []
     for i, name in enumerate(fn.arg_names):
         if name in tensors:
             signature[name] = "*" + tensors[name]
             divisible.append((i,))                      # torch allocations are 16-byte aligned
+        elif name in ints and isinstance(ints[name], float):
+            signature[name] = "fp32"
         elif name in ints:
             value = ints[name]
             if not -2**31 <= value < 2**31:
@@ -542,7 +544,7 @@ HOPPER = 90            # the compute capability compiled for offline (H100 / H20
 _OFFLINE_TIMEOUT_S = 300
 
 
-def _compile_offline_here(jobs):
+def _compile_offline_here(jobs, sass=False):
     import re
     import subprocess
     import tempfile
@@ -577,28 +579,65 @@ def _compile_offline_here(jobs):
             raise RuntimeError(f"no register count in the ptxas output:\n{log[-1000:]}")
         results.append(dict(n_regs=int(regs.group(1)), n_spills=int(stack.group(1)) // 4 if stack else 0,
                             shared_bytes=compiled.metadata.shared, num_warps=num_warps))
+        if sass:            # the machine code, through the nvdisasm bundled with Triton
+            with tempfile.TemporaryDirectory() as tmp:
+                cubin = os.path.join(tmp, "kernel.cubin")
+                with open(cubin, "wb") as f:
+                    f.write(compiled.asm["cubin"])
+                text = subprocess.run([os.path.join(os.path.dirname(get_ptxas(HOPPER).path), "nvdisasm"), "-c", cubin],
+                                      capture_output=True, text=True, check=True, timeout=_OFFLINE_TIMEOUT_S).stdout
+            results[-1]["sass"] = [m.group(1) for m in re.finditer(r"\*/\s+(.*?)\s*;", text)]
     return results
 
 
-def compile_offline(jobs):
+def compile_offline(jobs, sass=False):
     """Compile kernels of this file for an H100/H200 (sm_90) without one. jobs: (kernel name,
     {tensor arg: dtype string}, {int arg: value}, {constexpr: value}, num_warps, num_stages).
     Returns one dict per job: n_regs (per thread), n_spills (local memory per thread in 4-byte
-    words, as kernel.n_spills counts it), shared_bytes (per program), or error."""
+    words, as kernel.n_spills counts it), shared_bytes (per program), with sass=True the SASS
+    instructions (a list of strings), or error."""
     if not INTERPRET:
-        return _compile_offline_here(jobs)
+        return _compile_offline_here(jobs, sass)
     import json
     import subprocess
     import sys
     here = os.path.dirname(os.path.abspath(__file__))
     code = (f"import json, sys; sys.path.insert(0, {here!r}); import triton_matmul as tm; "
-            "print(json.dumps(tm._compile_offline_here(json.loads(sys.argv[1]))))")
+            f"print(json.dumps(tm._compile_offline_here(json.loads(sys.argv[1]), {bool(sass)})))")
     env = dict(os.environ, TRITON_INTERPRET="0")
     run = subprocess.run([sys.executable, "-c", code, json.dumps(jobs)], capture_output=True, text=True,
                          env=env, timeout=_OFFLINE_TIMEOUT_S)
     if run.returncode != 0:
         raise RuntimeError(f"offline compile failed:\n{run.stderr[-2000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def gemv_sass_summary(shapes=((6400, 1600, "layer", "gelu_tanh", True, False),)):
+    """What the compiler made of the rule's one-row GEMV (fp16, sm_90, PDL on) for each (N, K,
+    norm, activation, has_bias, has_residual): the SASS around griddepcontrol.wait (ACQBULK in
+    SASS, the PDL wait). The
+    weight tile's loads (LDG) should all come before it, x's after. Returns one dict per shape
+    (counts before / after the wait), all compiled in one go."""
+    jobs, configs = [], []
+    for N, K, norm, activation, has_bias, has_residual in shapes:
+        cfg = one_row_gemv_config(N, K, 2)
+        configs.append(cfg)
+        jobs.append(("gemv_kernel", dict(x_ptr="fp16", w_ptr="fp16", bias_ptr="fp16", res_ptr="fp16",
+                                         y_ptr="fp16", norm_w_ptr="fp16", norm_b_ptr="fp16"),
+                     dict(M=1, N=N, K=K, stride_xm=K, stride_wn=K, stride_rm=N, stride_ym=N, norm_eps=1e-5),
+                     dict(**cfg.kwargs, BLOCK_M=1, HAS_BIAS=has_bias, ACTIVATION=activation or "",
+                          HAS_RESIDUAL=has_residual, NORM=norm or "", HAS_NORM_BIAS=norm == "layer", USE_PDL=True),
+                     cfg.num_warps, cfg.num_stages))
+    rows = []
+    for cfg, res in zip(configs, compile_offline(jobs, sass=True)):
+        ins = res.pop("sass")
+        wait = next(i for i, x in enumerate(ins) if x.startswith("ACQBULK"))
+        count = lambda part, op: sum(op in x for x in part)                    # noqa: E731
+        rows.append(dict(config=f"{cfg.kwargs['BLOCK_N']} rows x {cfg.num_warps} warps", **res,
+                         instructions_before_wait=wait, instructions_after_wait=len(ins) - wait,
+                         loads_before_wait=count(ins[:wait], "LDG"), loads_after_wait=count(ins[wait:], "LDG"),
+                         barriers_after_wait=count(ins[wait:], "BAR.SYNC")))
+    return rows
 
 
 def _waves(M, N, cfg, programs_per_sm, num_sms):
@@ -821,6 +860,12 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # by rule: "Choosing by rule" below). Measured in a whole GPT-2 1.5B decode step (H100, one run, graph
 # replay): 2.06 ms with K-loop configs and separate norm kernels, 1.99 single shot, 1.86 single
 # shot with the norm folded in (below); with PDL off the same single-shot step took 2.44 ms.
+# Whether the compiler kept that order can be read in the machine code, no GPU needed:
+# gemv_sass_summary() (or `python triton_matmul.py --sass`) compiles the GEMV for sm_90 and
+# counts around griddepcontrol.wait (ACQBULK in SASS). For 1.5B's c_fc, all 16 LDG.E.128 of
+# each thread's weight tile (8 rows x 2048 fp16 / 128 threads) come before it; after it, 843
+# instructions with 11 loads (x three times, the norm's weight and bias, the bias) and 10
+# BAR.SYNC (the cross-warp reductions): the latency every boundary still pays.
 #
 # Folding the norm in (NORM = "layer" / "rms"). Every GEMV that follows a norm (GPT-2's c_attn
 # and c_fc, Llama's qkv and gate/up) can normalise x itself: each program reads the row (3.2 KB
@@ -1383,6 +1428,8 @@ def main():
     parser.add_argument("--size", type=int, default=1024 if on_gpu else 64, help="square size for the checks")
     parser.add_argument("--dtype", default="fp16" if on_gpu else "fp32", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
+    parser.add_argument("--sass", action="store_true", help="compile the decode GEMV for an H100/H200 (no GPU "
+                        "needed) and count its machine instructions around the PDL wait")
     args = parser.parse_args()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     device = "cuda" if on_gpu else "cpu"
@@ -1438,6 +1485,13 @@ def main():
           f"{occ['programs_per_sm']} program(s)/SM, occupancy {occ['occupancy']:.1%} (limited by {occ['limiter']})")
     if args.profile:
         print(profile_matmul(s, s, s, dtype=dtype, device=device))
+    if args.sass:
+        shapes = ((6400, 1600, "layer", "gelu_tanh", True, False), (1600, 6400, None, None, True, True))
+        for (N, K, norm, *_), r in zip(shapes, gemv_sass_summary(shapes)):
+            print(f"\nv5 GEMV {K}->{N}{' +LayerNorm' if norm else ''} ({r['config']}, fp16, sm_90): {r['n_regs']} regs; "
+                  f"before the PDL wait {r['instructions_before_wait']} instructions, {r['loads_before_wait']} loads "
+                  f"(the weight tile); after it {r['instructions_after_wait']} instructions, {r['loads_after_wait']} "
+                  f"loads, {r['barriers_after_wait']} BAR.SYNC")
 
 
 if __name__ == "__main__":
