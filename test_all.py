@@ -1109,6 +1109,48 @@ def test_gemv_sass_loads_the_weight_tile_before_the_pdl_wait():
         assert r["n_spills"] == 0 and r["n_regs"] <= 255, r
 
 
+def test_gpu_kernels_compile_for_sm90():
+    """Every kernel the engine and bench.py launch on a GPU compiles for an H100/H200 on this
+    machine, in the configs the GPU uses, without register spills where none are expected. The
+    interpreter runs kernels as Python and never checks what only the compiler does (types that
+    change inside a branch, register pressure): a CPU-only CI catches those here."""
+    f16 = "fp16"
+    jobs = [
+        ("triton_matmul.row_norm_kernel", dict(x_ptr=f16, w_ptr=f16, b_ptr=f16, y_ptr=f16),
+         dict(C=1600, stride_xm=1600, stride_ym=1600, eps=1e-5), dict(BLOCK_C=2048, HAS_BIAS=True, RMS=False,
+                                                                      USE_PDL=True), 4, 1),
+        ("serve.store_kv_kernel", dict(k_ptr=f16, v_ptr=f16, k_pool_ptr=f16, v_pool_ptr=f16, slot_ptr="i64"),
+         dict(stride_kt=4800, stride_kh=64, stride_vt=4800, stride_vh=64, stride_slot=1600),
+         dict(HEAD_DIM=64, ROW=1600, BLOCK=2048, USE_PDL=True), 4, 1),
+    ]
+    # prefill: the D=128 causal config, varlen at D=64, and the TMA path
+    for D, (bm, bn, warps, stages), varlen, tma in ((128, (128, 128, 8, 3), False, False),
+                                                    (64, (64, 64, 4, 3), True, False), (64, (128, 64, 8, 3), True, True)):
+        jobs.append(("flash_attn._flash_prefill_kernel", dict(Q="bf16", K="bf16", V="bf16", O="bf16", cu_seqlens="i32"),
+                     dict(qk_scale=0.125, max_seqlen=4096, len_bucket=4096, stride_qs=0 if varlen else 32 * 4096 * D,
+                          stride_qt=32 * D, stride_qh=D, stride_ks=0 if varlen else 8 * 4096 * D, stride_kt=8 * D,
+                          stride_kh=D, stride_vs=0 if varlen else 8 * 4096 * D, stride_vt=8 * D, stride_vh=D,
+                          stride_os=0 if varlen else 32 * 4096 * D, stride_ot=32 * D, stride_oh=D),
+                     dict(GROUP=4, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, VARLEN=varlen, USE_TMA=tma),
+                     warps, stages))
+    # paged decode: GPT-2 1.5B at batch 1 (16-token pages, the small-grid config, split + merge),
+    # and 32 x 8k GQA on 256-token pages (one split: DIRECT)
+    for D, group, page, direct, (bn, warps, stages) in ((64, 1, 16, False, (128, 8, 3)),
+                                                        (128, 4, 256, True, (64, 4, 2))):
+        jobs.append(("flash_attn._paged_decode_split_kernel",
+                     dict(Q=f16, K_cache=f16, V_cache=f16, block_table="i32", context_lens="i32", O_part="fp32",
+                          LSE_part="fp32", Out=f16, Counters="i32"),
+                     dict(qk_scale=0.18, tokens_per_split=256, split_bucket=256, stride_qb=32 * D, stride_qh=D,
+                          stride_kblk=page * 8 * D, stride_kpos=8 * D, stride_kh=D, stride_vblk=page * 8 * D,
+                          stride_vpos=8 * D, stride_vh=D, stride_bt=64, stride_pb=32 * 4, stride_ph=4, stride_ps=1,
+                          stride_ob=32 * D, stride_oh=D),
+                     dict(GROUP=group, BLOCK_G=16, HEAD_DIM=D, PAGE=page, BLOCK_N=bn, DIRECT=direct, USE_PDL=True),
+                     warps, stages))
+    for (name, *_), r in zip(jobs, tm.compile_offline(jobs)):
+        assert "error" not in r, (name, r)
+        assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (name, r)
+
+
 def test_matmul_occupancy_offline_for_sm90():
     """Compiled for an H100/H200 on any machine (no GPU needed): registers from ptxas, the shared
     memory of the pipelined A/B tiles, and the occupancy those allow; an fp32 tile too big for

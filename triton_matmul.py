@@ -535,6 +535,8 @@ def _launch_signature(fn, tensors: dict, ints: dict, constexprs: dict):
                     divisible.append((i,))
         elif name in consts:
             signature[name] = "constexpr"
+        elif fn.params[i].has_default:              # a constexpr left at its default
+            signature[name], consts[name] = "constexpr", fn.params[i].default
         else:
             raise ValueError(f"no value for argument {name} of {fn.__name__}")
     return signature, consts, {d: [["tt.divisibility", 16]] for d in divisible}
@@ -545,6 +547,7 @@ _OFFLINE_TIMEOUT_S = 300
 
 
 def _compile_offline_here(jobs, sass=False):
+    import importlib
     import re
     import subprocess
     import tempfile
@@ -553,14 +556,15 @@ def _compile_offline_here(jobs, sass=False):
     from triton.compiler import ASTSource
     results = []
     for fn_name, tensors, ints, constexprs, num_warps, num_stages in jobs:
-        fn = globals()[fn_name]
-        signature, consts, attrs = _launch_signature(fn, tensors, ints, constexprs)
-        src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                        attrs=attrs)
+        module, _, fn_name = fn_name.rpartition(".")    # "flash_attn._paged_decode_split_kernel", or this file's
+        fn = getattr(importlib.import_module(module), fn_name) if module else globals()[fn_name]
         try:
+            signature, consts, attrs = _launch_signature(fn, tensors, ints, constexprs)
+            src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                            attrs=attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", HOPPER, 32),
                                       options=dict(num_warps=num_warps, num_stages=num_stages))
-        except Exception as err:                # noqa: BLE001 (a config that does not compile: report it)
+        except Exception as err:                # noqa: BLE001 (a job that does not compile: report it)
             results.append(dict(error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"))
             continue
         # ptxas -v once more on the same PTX for the numbers it prints (Triton's own run discards
@@ -591,8 +595,9 @@ def _compile_offline_here(jobs, sass=False):
 
 
 def compile_offline(jobs, sass=False):
-    """Compile kernels of this file for an H100/H200 (sm_90) without one. jobs: (kernel name,
-    {tensor arg: dtype string}, {int arg: value}, {constexpr: value}, num_warps, num_stages).
+    """Compile kernels for an H100/H200 (sm_90) without one. jobs: (kernel name: one of this
+    file's, or "module.name" for another file's, {tensor arg: dtype string}, {scalar arg: value},
+    {constexpr: value; the ones left out keep their defaults}, num_warps, num_stages).
     Returns one dict per job: n_regs (per thread), n_spills (local memory per thread in 4-byte
     words, as kernel.n_spills counts it), shared_bytes (per program), with sass=True the SASS
     instructions (a list of strings), or error."""
