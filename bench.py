@@ -491,6 +491,12 @@ def _time_graphed_ms(fns, ctx: BenchContext) -> float:
     return ms
 
 
+def _occupancy_cells(r):
+    """regs/thread, spills, smem KB, programs/SM, occupancy, limited by, waves: one occupancy row."""
+    return [r["n_regs"], r["n_spills"], r["shared_bytes"] / 1024, r["programs_per_sm"], f"{r['occupancy']:.1%}",
+            r["limiter"], r["waves"]]
+
+
 @register("matmul")
 def topic_matmul(ctx: BenchContext) -> None:
     """Triton GEMM ladder vs cuBLAS: TFLOP/s by version, GPT-2 shapes, fused epilogue,
@@ -596,9 +602,7 @@ def topic_matmul(ctx: BenchContext) -> None:
     dtype = dtypes[0]
     if not on_gpu:      # no timings, but the GPU configs' resources: compiled for sm_90 offline
         M = N = K = 4096
-        rows = [[tm.config_name(r["config"]), r["n_regs"], r["n_spills"], r["shared_bytes"] / 1024,
-                 r["programs_per_sm"], f"{r['occupancy']:.1%}", r["limiter"], r["waves"]]
-                if "error" not in r else [tm.config_name(r["config"]), r["error"]] + [""] * 6
+        rows = [[tm.config_name(r["config"])] + (_occupancy_cells(r) if "error" not in r else [r["error"]] + [""] * 6)
                 for r in tm.occupancy_table_offline(M, N, K, torch.float16)]
         ctx.table(f"matmul float16: the GPU autotune configs at M=N=K={M}, compiled for an H100/H200 (sm_90) "
                   "without one", ["config", "regs/thread", "spills", "smem KB", "programs/SM", "occupancy",
@@ -621,8 +625,7 @@ def topic_matmul(ctx: BenchContext) -> None:
                 rows.append([name, "out of resources"] + [""] * 7)
                 continue
             ms = _time_graphed_ms([lambda: tm.matmul_with_config(a, b, cfg)] * 10, ctx)
-            rows.append([name, tflops(M, N, K, ms), r["n_regs"], r["n_spills"], r["shared_bytes"] / 1024,
-                         r["programs_per_sm"], f"{r['occupancy']:.1%}", r["limiter"], r["waves"]])
+            rows.append([name, tflops(M, N, K, ms)] + _occupancy_cells(r))
         ctx.table(f"matmul {dname[dtype]}: autotune configs at M={M}, K={K}, N={N} (BMxBNxBK, warps, stages)",
                   ["config", "TFLOP/s", "regs/thread", "spills", "smem KB", "programs/SM", "occupancy",
                    "limited by", "waves"], rows,
@@ -727,12 +730,8 @@ def topic_gemv(ctx: BenchContext) -> None:
 
     # what the compiler made of GPT-2 1.5B's one-row GEMVs: compiled for sm_90 on this machine
     # (a GPU is not needed), counted around the PDL wait; the same on any machine
-    shapes = [("c_attn +LayerNorm +bias", 4800, 1600, "layer", None, True, False),
-              ("attn c_proj +bias +residual", 1600, 1600, None, None, True, True),
-              ("c_fc +LayerNorm +bias +GELU", 6400, 1600, "layer", "gelu_tanh", True, False),
-              ("mlp c_proj +bias +residual", 1600, 6400, None, None, True, True),
-              ("lm_head (no bias)", 50257, 1600, None, None, False, False)]
-    summary = tm.gemv_sass_summary([s[1:] for s in shapes])
+    shapes = tm.GPT2_XL_DECODE_GEMVS
+    summary = tm.gemv_sass_summary(shapes)
     ctx.table("GPT-2 1.5B's one-row GEMVs in machine code (fp16, compiled for an H100/H200, sm_90, without one)",
               ["kernel", "K->N", "config (rule)", "regs", "SASS before the PDL wait", "loads before",
                "SASS after the wait", "loads after", "BAR.SYNC after"],
@@ -1394,11 +1393,12 @@ def coordinate_descent(keys, candidates, start, apply, measure, tol=0.003):
     every candidate with the other keys fixed, and move only if a candidate beats the best time
     so far by more than `tol` (relative: below that it is noise). start: {key: candidate};
     apply(key, candidate) sets one knob; measure() -> ms. Returns (chosen {key: candidate},
-    the best time, [(key, candidate, ms)] for every trial)."""
+    the best time, [(key, candidate, ms)] for every trial, the time of `start`)."""
     chosen = dict(start)
     for key in keys:
         apply(key, chosen[key])
-    best_ms, trials = measure(), []
+    start_ms = best_ms = measure()
+    trials = []
     for key in keys:
         for cand in candidates(key):
             apply(key, cand)
@@ -1407,7 +1407,7 @@ def coordinate_descent(keys, candidates, start, apply, measure, tol=0.003):
             if ms < best_ms * (1 - tol):
                 chosen[key], best_ms = cand, ms
         apply(key, chosen[key])
-    return chosen, best_ms, trials
+    return chosen, best_ms, trials, start_ms
 
 
 @register("tune")
@@ -1464,8 +1464,7 @@ def topic_tune(ctx: BenchContext) -> None:
         start = {k: rule(k) for k in keys}
         rule_attention = dict(FA._SMALL_GRID_DECODE_CONFIG)
         try:
-            rule_ms = measure()
-            chosen, tuned_ms, trials = coordinate_descent(keys, candidates, start, apply, measure)
+            chosen, tuned_ms, trials, rule_ms = coordinate_descent(keys, candidates, start, apply, measure)
         finally:                            # leave the rules in place for whatever runs next
             for k in gemv_keys:
                 cache.pop(k, None)

@@ -1289,31 +1289,29 @@ class LLMEngine:
                 if seq.status != "finished" and len(seq.output) == seen:
                     continue                  # no new token this step (another request's prefill)
                 seen = len(seq.output)
-                piece, done = self.new_text(seq, printed)
+                piece, final = self.new_text(seq, printed)
                 if piece:
                     yield piece
                     printed += len(piece)
-                if done:
+                if final is not None:
                     return
         finally:
             if seq_id in self.seqs:
                 self.abort(seq_id)
 
-    def new_text(self, seq: Sequence, printed: int) -> tuple[str, bool]:
+    def new_text(self, seq: Sequence, printed: int) -> tuple[str, RequestOutput | None]:
         """(the text of a streamed request past its first `printed` characters that no later
-        token can change, whether it is finished). Text is held back while it could still turn
-        out to be part of a stop string or of an unfinished UTF-8 character; once finished, the
-        rest of the final text. A request that ended in an error or an abort raises RuntimeError.
-        Used by stream() and by the HTTP server's engine thread."""
-        done = seq.status == "finished"
-        if done:
+        token can change, its RequestOutput once it is finished, else None). Text is held back
+        while it could still turn out to be part of a stop string or of an unfinished UTF-8
+        character; once finished, the rest of the final text. A request that ended in an error
+        or an abort raises RuntimeError. Used by stream() and by the HTTP server's engine thread."""
+        if seq.status == "finished":
             if seq.finish_reason in ("error", "abort"):
                 raise RuntimeError(f"request {seq.id} ended with {seq.finish_reason!r} "
                                    f"after {len(seq.output)} tokens")
-            stable = self._output(seq).text
-        else:
-            stable = _stable_prefix(seq.detok.text, seq.params.stop)
-        return stable[printed:], done
+            final = self._output(seq)          # built once: its text is also the last piece
+            return final.text[printed:], final
+        return _stable_prefix(seq.detok.text, seq.params.stop)[printed:], None
 
 
 def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
@@ -1467,7 +1465,7 @@ class EngineThread:
             if not stream[3] and seq.status != "finished":
                 continue                  # not streaming: nothing to send before the end
             try:
-                piece, done = self.engine.new_text(seq, stream[2])
+                piece, final = self.engine.new_text(seq, stream[2])
             except RuntimeError as err:
                 del self.streams[seq_id]
                 self.engine.abort(seq_id)
@@ -1477,9 +1475,10 @@ class EngineThread:
             if piece and stream[3]:
                 stream[2] += len(piece)
                 self._send(stream, ("text", piece))
-            if done:
+            if final is not None:
                 del self.streams[seq_id]
-                self._send(stream, ("done", self.engine._output(self.engine.seqs.pop(seq_id))))
+                del self.engine.seqs[seq_id]
+                self._send(stream, ("done", final))
         return errors
 
 
@@ -1647,24 +1646,24 @@ class HTTPServer:
         except ValueError as err:
             raise HTTPError(400, str(err)) from None
         events: asyncio.Queue = asyncio.Queue()
-        self.engine_thread.submit(prompt_ids, params, asyncio.get_running_loop(), events,
-                                  stream=bool(body.get("stream")))
+        stream = bool(body.get("stream"))
+        self.engine_thread.submit(prompt_ids, params, asyncio.get_running_loop(), events, stream=stream)
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
 
         def choice(text, finish, role=True):
             if chat:       # a stream names the role in its first chunk only, as OpenAI's does
-                return {"index": 0, "delta" if body.get("stream") else "message":
+                return {"index": 0, "delta" if stream else "message":
                         {"role": "assistant", "content": text} if role else {"content": text},
                         "finish_reason": finish}
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
         def envelope(choices, **extra):
-            return {"id": rid, "object": kind + (".chunk" if chat and body.get("stream") else ""),
+            return {"id": rid, "object": kind + (".chunk" if chat and stream else ""),
                     "created": created, "model": self.engine.cfg.model, "choices": choices, **extra}
 
         try:
-            if body.get("stream"):
+            if stream:
                 writer.write(_head(200, "text/event-stream"))
                 first = True
                 while True:
@@ -1681,31 +1680,28 @@ class HTTPServer:
                     if kind_ != "text":
                         writer.write(b"data: [DONE]\n\n")
                         return
-            # Not streaming: nothing is written until the end, so a client that leaves would go
-            # unnoticed; watch its side of the connection (read() returns b"" once it closes).
+            # Not streaming: one event comes, ("done", output) or ("error", message), and nothing
+            # is written until then, so a client that leaves would go unnoticed; watch its side
+            # of the connection meanwhile (read() returns b"" once it closes).
+            event = asyncio.ensure_future(events.get())
             gone = asyncio.ensure_future(reader.read(1))
             try:
-                while True:
-                    event = asyncio.ensure_future(events.get())
+                while not event.done():
                     await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
                     if not event.done():
-                        event.cancel()
                         if gone.result() == b"":
                             raise ConnectionResetError("the client closed the connection")
                         gone = asyncio.ensure_future(reader.read(1))     # (stray bytes: keep watching)
-                        continue
-                    kind_, value = event.result()
-                    if kind_ == "done":
-                        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(value.tokens),
-                                 "total_tokens": len(prompt_ids) + len(value.tokens)}
-                        writer.write(_json_response(200, envelope([choice(value.text, _finish_reason(value))],
-                                                                  usage=usage)))
-                        return
-                    if kind_ == "error":
-                        writer.write(_json_response(500, _error(value)))
-                        return
             finally:
                 gone.cancel()
+                event.cancel()
+            kind_, value = event.result()
+            if kind_ == "done":
+                usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(value.tokens),
+                         "total_tokens": len(prompt_ids) + len(value.tokens)}
+                writer.write(_json_response(200, envelope([choice(value.text, _finish_reason(value))], usage=usage)))
+            else:
+                writer.write(_json_response(500, _error(value)))
         except (ConnectionError, asyncio.CancelledError):
             self.engine_thread.cancel(events)
             raise

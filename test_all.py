@@ -1101,8 +1101,8 @@ def test_gemv_sass_loads_the_weight_tile_before_the_pdl_wait():
     """The decode GEMV's point under PDL ("Prefetch across the kernel boundary"): every load of
     the weight tile is issued before griddepcontrol.wait, read in the sm_90 machine code that
     ptxas makes of it on this machine (no GPU needed); x is loaded after it."""
-    shapes = ((6400, 1600, "layer", "gelu_tanh", True, False), (1600, 6400, None, None, True, True))
-    for (N, K, *_), r in zip(shapes, tm.gemv_sass_summary(shapes)):
+    shapes = tm.GPT2_XL_DECODE_GEMVS[2:4]                # the MLP's two: K = 1600 and K = 6400
+    for (_, N, K, *_), r in zip(shapes, tm.gemv_sass_summary(shapes)):
         cfg = tm.one_row_gemv_config(N, K, 2)
         tile_loads = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] * 2 // (32 * cfg.num_warps * 16)   # 16-byte LDGs
         assert r["loads_before_wait"] >= tile_loads and r["loads_after_wait"] >= 1, r
@@ -1123,9 +1123,10 @@ def test_gpu_kernels_compile_for_sm90():
          dict(stride_kt=4800, stride_kh=64, stride_vt=4800, stride_vh=64, stride_slot=1600),
          dict(HEAD_DIM=64, ROW=1600, BLOCK=2048, USE_PDL=True), 4, 1),
     ]
-    # prefill: the D=128 causal config, varlen at D=64, and the TMA path
-    for D, (bm, bn, warps, stages), varlen, tma in ((128, (128, 128, 8, 3), False, False),
-                                                    (64, (64, 64, 4, 3), True, False), (64, (128, 64, 8, 3), True, True)):
+    # prefill: the first config of each head_dim's autotune list; causal at D=128, varlen and
+    # the TMA path at D=64
+    for D, varlen, tma in ((128, False, False), (64, True, False), (64, True, True)):
+        bm, bn, warps, stages = fa._PREFILL_GPU_CONFIGS[D][0]
         jobs.append(("flash_attn._flash_prefill_kernel", dict(Q="bf16", K="bf16", V="bf16", O="bf16", cu_seqlens="i32"),
                      dict(qk_scale=0.125, max_seqlen=4096, len_bucket=4096, stride_qs=0 if varlen else 32 * 4096 * D,
                           stride_qt=32 * D, stride_qh=D, stride_ks=0 if varlen else 8 * 4096 * D, stride_kt=8 * D,
@@ -1135,8 +1136,9 @@ def test_gpu_kernels_compile_for_sm90():
                      warps, stages))
     # paged decode: GPT-2 1.5B at batch 1 (16-token pages, the small-grid config, split + merge),
     # and 32 x 8k GQA on 256-token pages (one split: DIRECT)
-    for D, group, page, direct, (bn, warps, stages) in ((64, 1, 16, False, (128, 8, 3)),
-                                                        (128, 4, 256, True, (64, 4, 2))):
+    small_grid = tuple(fa._SMALL_GRID_DECODE_CONFIG[k] for k in ("BLOCK_N", "num_warps", "num_stages"))
+    for D, group, page, direct, (bn, warps, stages) in ((64, 1, 16, False, small_grid),
+                                                        (128, 4, 256, True, fa._DECODE_GPU_CONFIGS[0])):
         jobs.append(("flash_attn._paged_decode_split_kernel",
                      dict(Q=f16, K_cache=f16, V_cache=f16, block_table="i32", context_lens="i32", O_part="fp32",
                           LSE_part="fp32", Out=f16, Counters="i32"),
@@ -2558,13 +2560,13 @@ def test_coordinate_descent_finds_the_minimum_and_ignores_noise():
 
         def cost():                 # separable with a floor, like a step made of kernels
             return 10.0 + sum((state[k] - want[k]) ** 2 for k in want)
-        chosen, best, trials = bench.coordinate_descent(
+        chosen, best, trials, _ = bench.coordinate_descent(
             list(want), lambda k: range(5), {k: 0 for k in want}, state.__setitem__, cost)
         assert chosen == want and best == 10.0 and len(trials) == 15 and state == want
     # improvements below tol are noise: the start is kept, and the knob is left at the start
     state = {}
     times = iter([1.0, 0.999, 1.0, 0.998])
-    chosen, best, _ = bench.coordinate_descent(["k"], lambda k: ["x", "y", "z"], {"k": "s"},
+    chosen, best, _, _ = bench.coordinate_descent(["k"], lambda k: ["x", "y", "z"], {"k": "s"},
                                                state.__setitem__, lambda: next(times), tol=0.003)
     assert chosen == {"k": "s"} and best == 1.0 and state == {"k": "s"}
 

@@ -617,14 +617,21 @@ def compile_offline(jobs, sass=False):
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def gemv_sass_summary(shapes=((6400, 1600, "layer", "gelu_tanh", True, False),)):
-    """What the compiler made of the rule's one-row GEMV (fp16, sm_90, PDL on) for each (N, K,
-    norm, activation, has_bias, has_residual): the SASS around griddepcontrol.wait (ACQBULK in
-    SASS, the PDL wait). The
-    weight tile's loads (LDG) should all come before it, x's after. Returns one dict per shape
-    (counts before / after the wait), all compiled in one go."""
+# GPT-2 1.5B's one-row decode GEMVs: (name, N, K, norm folded in, activation, bias, residual)
+GPT2_XL_DECODE_GEMVS = [("c_attn +LayerNorm +bias", 4800, 1600, "layer", None, True, False),
+                        ("attn c_proj +bias +residual", 1600, 1600, None, None, True, True),
+                        ("c_fc +LayerNorm +bias +GELU", 6400, 1600, "layer", "gelu_tanh", True, False),
+                        ("mlp c_proj +bias +residual", 1600, 6400, None, None, True, True),
+                        ("lm_head (no bias)", 50257, 1600, None, None, False, False)]
+
+
+def gemv_sass_summary(shapes=GPT2_XL_DECODE_GEMVS):
+    """What the compiler made of the rule's one-row GEMV (fp16, sm_90, PDL on) for each entry of
+    `shapes` (as in GPT2_XL_DECODE_GEMVS): the SASS around griddepcontrol.wait (ACQBULK in SASS,
+    the PDL wait). The weight tile's loads (LDG) should all come before it, x's after. Returns
+    one dict per shape (counts before / after the wait), all compiled in one go."""
     jobs, configs = [], []
-    for N, K, norm, activation, has_bias, has_residual in shapes:
+    for _, N, K, norm, activation, has_bias, has_residual in shapes:
         cfg = one_row_gemv_config(N, K, 2)
         configs.append(cfg)
         jobs.append(("gemv_kernel", dict(x_ptr="fp16", w_ptr="fp16", bias_ptr="fp16", res_ptr="fp16",
@@ -662,17 +669,17 @@ def occupancy_table_offline(M, N, K, dtype=torch.float16, configs=None, num_sms=
              dict(**cfg.kwargs, HAS_BIAS=False, ACTIVATION=""), cfg.num_warps, cfg.num_stages) for cfg in configs]
     rows = []
     for cfg, res in zip(configs, compile_offline(jobs)):
-        if "error" not in res:
-            occ = occupancy_from_resources(res["n_regs"], res["shared_bytes"], cfg.num_warps)
-            if occ["programs_per_sm"] == 0:       # what a launch would refuse
-                res = dict(error=f"out of resources ({occ['limiter']}: {res['n_regs']} registers x "
-                                 f"{cfg.num_warps} warps, {res['shared_bytes'] / 1024:.0f} KB of shared memory)")
-        if "error" in res:
+        occ = None if "error" in res else occupancy_from_resources(res["n_regs"], res["shared_bytes"], cfg.num_warps)
+        if occ is not None and occ["programs_per_sm"] > 0:
+            occ.update(num_sms=num_sms, n_spills=res["n_spills"],
+                       waves=_waves(M, N, cfg, occ["programs_per_sm"], num_sms))
+            rows.append(dict(config=cfg, **occ))
+        elif occ is not None:                     # 0 programs per SM: what a launch would refuse
+            rows.append(dict(config=cfg, error=f"out of resources ({occ['limiter']}: {res['n_regs']} registers x "
+                                               f"{cfg.num_warps} warps, {res['shared_bytes'] / 1024:.0f} KB of "
+                                               "shared memory)"))
+        else:
             rows.append(dict(config=cfg, **res))
-            continue
-        occ.update(num_sms=num_sms, n_spills=res["n_spills"],
-                   waves=_waves(M, N, cfg, occ["programs_per_sm"], num_sms))
-        rows.append(dict(config=cfg, **occ))
     return rows
 
 
@@ -1491,8 +1498,8 @@ def main():
     if args.profile:
         print(profile_matmul(s, s, s, dtype=dtype, device=device))
     if args.sass:
-        shapes = ((6400, 1600, "layer", "gelu_tanh", True, False), (1600, 6400, None, None, True, True))
-        for (N, K, norm, *_), r in zip(shapes, gemv_sass_summary(shapes)):
+        shapes = GPT2_XL_DECODE_GEMVS[2:4]              # the MLP's two
+        for (_, N, K, norm, *_), r in zip(shapes, gemv_sass_summary(shapes)):
             print(f"\nv5 GEMV {K}->{N}{' +LayerNorm' if norm else ''} ({r['config']}, fp16, sm_90): {r['n_regs']} regs; "
                   f"before the PDL wait {r['instructions_before_wait']} instructions, {r['loads_before_wait']} loads "
                   f"(the weight tile); after it {r['instructions_after_wait']} instructions, {r['loads_after_wait']} "
