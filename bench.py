@@ -1094,12 +1094,12 @@ def _topic_batching(ctx: BenchContext) -> None:
 
 # ---- serve.py --------------------------------------------------------------------------------
 
-def _serve_engine(model, ctx, warm: list[int] | None = None, **kw):
+def _serve_engine(model, ctx, warm: list[int] | None = None, tokenizer=None, **kw):
     """serve.py's engine for `model` on the bench device; warm: a prompt to generate 4 tokens
     from first (untimed: autotuning, compilation and first allocations happen there)."""
     import serve as S
     cfg = S.EngineConfig(device=str(ctx.device), dtype=str(model.dtype).removeprefix("torch."), **kw)
-    engine = S.LLMEngine(cfg, model=model)
+    engine = S.LLMEngine(cfg, model=model, tokenizer=tokenizer)
     if warm is not None:
         engine.generate([warm], S.SamplingParams(max_tokens=4, ignore_eos=True))
     return engine
@@ -1535,12 +1535,72 @@ def _open_loop(engine, work, arrivals):
     return [stats[i] for i in range(len(work))], time.perf_counter() - t0
 
 
+async def _http_stream(port: int, prompt: list[int], max_tokens: int, t0: float, arrival: float):
+    """One streaming /v1/completions request sent at t0 + arrival; returns (TTFT, time per output
+    token, end-to-end) from that scheduled time, as _open_loop does. TTFT = the first SSE chunk
+    (a piece of text: the detokenizer holds back a token that ends mid-character, rarely)."""
+    import asyncio
+    await asyncio.sleep(max(0.0, arrival - (time.perf_counter() - t0)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
+                       "stream": True})
+    writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+    first = None
+    while (line := await reader.readline()) and not line.startswith(b"data: [DONE]"):
+        if line.startswith(b"data: ") and first is None:
+            if b'"error"' in line:
+                raise RuntimeError(f"the server answered an error: {line[:300]!r}")
+            first = time.perf_counter()
+    end = time.perf_counter()
+    writer.close()
+    if first is None:
+        raise RuntimeError("the server closed the stream before any text")
+    start = t0 + arrival
+    return first - start, (end - first) / max(1, max_tokens - 1), end - start
+
+
+def _http_clients(port: int, work, arrivals, results) -> None:
+    """A client process: every request of `work` at its arrival time, over HTTP, on one asyncio
+    loop. Puts (per-request stats, wall seconds) on `results`."""
+    import asyncio
+
+    async def run():
+        t0 = time.perf_counter()
+        stats = await asyncio.gather(*(_http_stream(port, p, n, t0, a) for (p, n), a in zip(work, arrivals)))
+        return stats, time.perf_counter() - t0
+    try:
+        results.put(("ok", asyncio.run(run())))
+    except Exception as err:      # noqa: BLE001 (reported by the parent)
+        results.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def _http_open_loop(port: int, work, arrivals):
+    """_open_loop's measurement through serve.py's HTTP server: the clients run in another
+    process (spawned: no copy of this one's threads), so that their own Python work does not
+    compete with the server for this process's GIL."""
+    import multiprocessing
+    mp = multiprocessing.get_context("spawn")
+    results = mp.Queue()
+    client = mp.Process(target=_http_clients, args=(port, work, arrivals, results), daemon=True)
+    client.start()
+    try:
+        status, out = results.get(timeout=600)
+    except Exception:      # noqa: BLE001 (queue.Empty: a client that died or hung; say so)
+        raise RuntimeError(f"the HTTP client process gave no result (exit code {client.exitcode})") from None
+    client.join()
+    if status != "ok":
+        raise RuntimeError(f"the HTTP clients failed: {out}")
+    return out
+
+
 @register("load")
 def topic_load(ctx: BenchContext) -> None:
     """serve.py's engine under traffic: one request alone, Poisson arrivals at a sweep of offered
-    loads (TTFT, time per output token and end-to-end latency, P50/P90/P99), and one long prompt."""
+    loads (TTFT, time per output token and end-to-end latency, P50/P90/P99), the same traffic
+    through the HTTP API, and one long prompt."""
     import random
     import model as M
+    import serve as S
     dev, gpu = ctx.device, ctx.device.type == "cuda"
     dt = M.default_dtype(dev)
     model = M.load_gpt2("random:124M" if gpu else "random:tiny", dt, dev)
@@ -1551,7 +1611,7 @@ def topic_load(ctx: BenchContext) -> None:
     p_lo, p_hi, o_lo, o_hi = (32, 512, 32, 256) if gpu else (8, 64, 8, 32)
     work = _random_workload(rng, n_req, V, (p_lo, p_hi), (o_lo, o_hi))
     engine = _serve_engine(model, ctx, warm=work[0][0], max_num_seqs=128 if gpu else 16, gpu_memory_fraction=0.5,
-                           num_blocks=0 if gpu else 512, prefix_caching=False)
+                           num_blocks=0 if gpu else 512, prefix_caching=False, tokenizer=M.gpt2_tokenizer())
 
     # (1) one request on an idle engine: the floor every latency below is compared with
     single = []
@@ -1571,22 +1631,25 @@ def topic_load(ctx: BenchContext) -> None:
         xs = sorted(xs)
         return "/".join(f"{v * 1e3:,.0f}" if v >= 0.01 else f"{v * 1e3:.2g}"
                         for v in (statistics.median(xs), _pct(xs, 90), _pct(xs, 99)))
-    for frac in (0.25, 0.5, 0.75, 1.0, 1.5, None):
+    def poisson(frac):     # (label, arrival times, offered rate)
         if frac is None:
-            arrivals, label, rate = [0.0] * n_req, "all at once (t = 0)", float("inf")
-        else:
-            rate = frac * capacity
-            t, arrivals = 0.0, []
-            for _ in range(n_req):
-                t += rng.expovariate(rate)
-                arrivals.append(t)
-            label = f"Poisson, {frac:g} x capacity"
-        stats, wall = _open_loop(engine, work, arrivals)
-        out_tokens = sum(n for _, n in work)
-        rows.append([label, f"{rate:.3g}" if rate != float("inf") else "-", f"{n_req / wall:.3g}",
-                     statistics.median(s[0] for s in stats) * 1e3, statistics.median(s[1] for s in stats) * 1e3,
-                     statistics.median(s[2] for s in stats) * 1e3,
-                     pcts(s[0] for s in stats), pcts(s[1] for s in stats), f"{out_tokens / wall:,.0f}"])
+            return "all at once (t = 0)", [0.0] * n_req, float("inf")
+        rate, t, arrivals = frac * capacity, 0.0, []
+        for _ in range(n_req):
+            t += rng.expovariate(rate)
+            arrivals.append(t)
+        return f"Poisson, {frac:g} x capacity", arrivals, rate
+
+    out_tokens = sum(n for _, n in work)
+
+    def row(label, rate, stats, wall):
+        return [label, f"{rate:.3g}" if rate != float("inf") else "-", f"{n_req / wall:.3g}",
+                statistics.median(s[0] for s in stats) * 1e3, statistics.median(s[1] for s in stats) * 1e3,
+                statistics.median(s[2] for s in stats) * 1e3,
+                pcts(s[0] for s in stats), pcts(s[1] for s in stats), f"{out_tokens / wall:,.0f}"]
+    for frac in (0.25, 0.5, 0.75, 1.0, 1.5, None):
+        label, arrivals, rate = poisson(frac)
+        rows.append(row(label, rate, *_open_loop(engine, work, arrivals)))
     ctx.table(f"serve.py under load: {name} {str(dt).removeprefix('torch.')}, {n_req} requests, prompts "
               f"{p_lo}-{p_hi}, outputs {o_lo}-{o_hi} tokens (EOS ignored)",
               ["arrivals", "offered req/s", "served req/s", "TTFT p50 ms", "TPOT p50 ms", "end-to-end p50 ms",
@@ -1596,6 +1659,33 @@ def topic_load(ctx: BenchContext) -> None:
                    "TTFT = time to the first output token; TPOT = (last token - first token) / (tokens - 1). "
                    "What to look for: below capacity TTFT should stay near the idle row's; past it requests "
                    "queue, TTFT grows with the backlog, and TPOT grows with the batch that shares each step.")
+
+    # (3) the same requests through the OpenAI-compatible HTTP API (serve.HTTPServer), streaming,
+    # from clients in another process; the same arrival times called directly, just before, for
+    # comparison. Per token HTTP adds, in this process's Python: the engine thread turns the token
+    # into text (incremental detokenization) and hands it to the server's event loop, which
+    # formats an SSE chunk and writes it to a socket, all under one GIL with the engine's own
+    # host work (the GIL table in foundations.md: Python threads take turns).
+    patterns = [poisson(None), poisson(0.5)]
+    rows = [row(f"engine.step() loop, {label}", rate, *_open_loop(engine, work, arrivals))
+            for label, arrivals, rate in patterns]
+    server = S.HTTPServer(engine, port=0).start()
+    try:
+        _http_open_loop(server.port, work[:8], [0.0] * 8)      # untimed: first connections, first texts
+        rows += [row(f"HTTP streaming clients, {label}", rate, *_http_open_loop(server.port, work, arrivals))
+                 for label, arrivals, rate in patterns]
+        peak = server.engine_thread.peak_streams
+    finally:
+        server.close()
+    ctx.table(f"The same traffic through the HTTP API (/v1/completions, stream=true): {name}, {n_req} requests",
+              ["path, arrivals", "offered req/s", "served req/s", "TTFT p50 ms", "TPOT p50 ms", "end-to-end p50 ms",
+               "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms", "output tok/s"], rows, dtype=dt,
+              note=f"Same requests and arrival times as above, as token-id prompts (no tokenization). HTTP rows: "
+                   f"one connection per request from an asyncio client in a separate process, times taken there "
+                   f"(TTFT = first SSE chunk); at most {peak} streams were open at once. The gap between the two "
+                   "paths is what serving over HTTP costs on this machine: detokenization, event-loop hand-offs "
+                   "and socket writes in Python next to the engine's own host work, and the client process "
+                   "competing for the same CPU cores.")
     del engine
     _free_memory(gpu)
 
@@ -1835,9 +1925,12 @@ def topic_quant(ctx: BenchContext) -> None:
             if dtype == torch.float16:
                 q_model = M.load_gpt2(f"random:{preset}", dtype, dev)
                 int8_ops = Q.quantize_model(q_model)
-                variants += [("int8 weights, PyTorch norms and LM head", q_model, int8_ops),
-                             ("int8 weights + serve.py's one-row norms and LM head GEMV", q_model,
-                              Q.Int8Ops(int8_ops.qweights, base=S.FusedDecodeOps))]
+                q = int8_ops.qweights
+                variants += [("int8 weights, PyTorch norms and LM head", q_model, Q.Int8Ops(q, fold_norms=False)),
+                             ("int8 weights + serve.py's one-row norm kernels and LM head GEMV", q_model,
+                              Q.Int8Ops(q, base=S.FusedDecodeOps, fold_norms=False)),
+                             ("int8 weights, norms folded into the int8 GEMV, LM head GEMV", q_model,
+                              Q.Int8Ops(q, base=S.FusedDecodeOps))]
             for label, m, ops in variants:
                 step = lambda m=m, ops=ops: m.logits(m.hidden(tok, pos, None, ops)[:, -1], ops)   # noqa: E731
                 ms = _time_graphed_ms([step], ctx)

@@ -389,6 +389,14 @@ class TorchOps:
         return module(x)
 
 
+def norm_kernel_args(module) -> dict:
+    """A LayerNorm / RMSNorm module as the keyword arguments of the kernels that fold a norm in
+    (triton_matmul.gemv, quant.int8_linear): norm "layer" or "rms", its weight, bias and eps."""
+    rms = isinstance(module, RMSNorm)
+    return dict(norm="rms" if rms else "layer", norm_weight=module.weight,
+                norm_bias=None if rms else module.bias, norm_eps=module.eps)
+
+
 class Attention(nn.Module):
     """Multi-head attention with n_kv_head <= n_head (MHA when equal, GQA when fewer, MQA at 1).
 

@@ -62,6 +62,7 @@ import triton.language as tl  # noqa: E402
 from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol: PDL)
 
 import model as M  # noqa: E402
+import triton_matmul as tm  # noqa: E402  (the norm-folding helpers its GEMV uses)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -176,9 +177,13 @@ def dequantize_int8(qw: Int8Weight, dtype: torch.dtype = torch.float32) -> torch
     return (qw.q.float() * qw.scale[:, None]).to(dtype)
 
 
-def int8_linear_reference(x, qw: Int8Weight, bias=None, activation=None, residual=None):
-    """Plain PyTorch W8A16: residual + act(x @ (scale * q)^T + bias), summed in fp32, rounded
-    once to x's dtype (what the kernels below compute, up to summation order)."""
+def int8_linear_reference(x, qw: Int8Weight, bias=None, activation=None, residual=None, *,
+                          norm=None, norm_weight=None, norm_bias=None, norm_eps=1e-5):
+    """Plain PyTorch W8A16: residual + act(norm(x) @ (scale * q)^T + bias), summed in fp32,
+    rounded once to x's dtype (what the kernels below compute, up to summation order). norm:
+    None, "layer" or "rms", as triton_matmul.gemv's (triton_matmul.row_norm_reference)."""
+    if norm is not None:
+        x = tm.row_norm_reference(x, norm_weight, norm_bias, norm_eps, rms=norm == "rms")
     y = F.linear(x.float(), qw.q.float()) * qw.scale
     if bias is not None:
         y = y + bias.float()
@@ -223,12 +228,19 @@ def _int8_epilogue(acc, offs_n, n_ok, scale_ptr, bias_ptr,
 
 
 @triton.jit
-def int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, y_ptr, N, K, stride_qn,
+def int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_ptr, N, K, stride_qn,
+                     norm_eps,
                      HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
-    """One row: y (N,) = epilogue(x (K,) . q[n, :]) for BLOCK_N rows n of q per program."""
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
+                     NORM: tl.constexpr = "", HAS_NORM_BIAS: tl.constexpr = False):
+    """One row: y (N,) = epilogue(norm(x) (K,) . q[n, :]) for BLOCK_N rows n of q per program.
+    NORM "layer" / "rms" folds the norm in front (LayerNorm / RMSNorm of x, rounded to x's dtype
+    as row_norm rounds it) with triton_matmul.py's helpers, exactly as its fp16 GEMV does: each
+    program reads the 3.2 KB row from L2 for the statistics, and the norm's own kernel (and its
+    kernel boundary) is gone. x is handled as a (1, BLOCK_K) tile, the helpers' layout."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_k[None, :]                                   # (1, BLOCK_K)
     n_ok = offs_n < N
     # rows past N wrap around (% N): valid memory, results never stored, no row mask in the loop
     q_ptrs = q_ptr + (offs_n % N)[:, None] * stride_qn + offs_k[None, :]
@@ -240,15 +252,23 @@ def int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, y_ptr, N, K, st
     if USE_PDL:
         tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
+    mean = tl.zeros((1,), dtype=tl.float32)
+    rstd = tl.zeros((1,), dtype=tl.float32)
+    if NORM != "":
+        mean, rstd = tm._row_stats(x_ptrs, K, norm_eps, 1, BLOCK_K, NORM)
     part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0)
+        if NORM != "":     # (1, BLOCK_K) fp32, normalised as row_norm would
+            x = tm._normed_x(x_ptrs + k0, (offs_k < K - k0)[None, :], mean, rstd, norm_w_ptr + k0 + offs_k[None, :],
+                             norm_b_ptr + k0 + offs_k[None, :], NORM, HAS_NORM_BIAS)
+        else:              # x as a 1-D chunk: the layout the measured kernel had (fewer registers)
+            x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
         w_now = w
         q_ptrs += BLOCK_K
         # the next chunk is requested before this one is summed (past the end: fully masked,
         # no memory traffic), so one chunk is always in flight while the FMAs run
         w = tl.load(q_ptrs, mask=(offs_k < K - k0 - BLOCK_K)[None, :], other=0)
-        part += w_now.to(tl.float32) * x.to(tl.float32)[None, :]     # elementwise: reduce once, below
+        part += w_now.to(tl.float32) * x                             # elementwise: reduce once, below
     acc = _int8_epilogue(tl.sum(part, axis=1), offs_n, n_ok, scale_ptr, bias_ptr, HAS_BIAS, ACTIVATION)
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -325,14 +345,14 @@ def _tuned(kernel_name):
     """The autotuned kernel (GPU). Tuning runs on the first call per key: do it before any
     CUDA-graph capture (bench.py warms up outside the capture)."""
     if kernel_name == "gemv":
-        return triton.autotune(INT8_GEMV_GPU_CONFIGS, key=["N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL"],
+        return triton.autotune(INT8_GEMV_GPU_CONFIGS, key=["N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "NORM"],
                                prune_configs_by={"early_config_prune": _prune_int8_gemv})(int8_gemv_kernel)
     return triton.autotune(INT8_MATMUL_GPU_CONFIGS,
                            key=["m_bucket", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "IEEE"])(
         int8_matmul_kernel)
 
 
-def _check_int8_inputs(x, qw, bias, residual, activation):
+def _check_int8_inputs(x, qw, bias, residual, activation, norm=None, norm_weight=None, norm_bias=None):
     if not isinstance(qw, Int8Weight):
         raise TypeError(f"expected an Int8Weight (quantize_int8), got {type(qw).__name__}")
     N, K = qw.shape
@@ -356,14 +376,23 @@ def _check_int8_inputs(x, qw, bias, residual, activation):
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
     if N * K >= 2 ** 31:
         raise ValueError(f"a {N} x {K} weight is too large for this kernel's int32 offsets")
+    tm.check_norm_args(x, K, norm, norm_weight, norm_bias)
 
 
-def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None):
-    """residual + act(x @ (scale * q)^T + bias) with int8 weights, fp16/bf16/fp32 activations.
-    x (..., K) -> (..., N) in x's dtype; one row runs the GEMV, more rows the tensor-core kernel.
+def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None, *,
+                norm=None, norm_weight=None, norm_bias=None, norm_eps=1e-5):
+    """residual + act(norm(x) @ (scale * q)^T + bias) with int8 weights, fp16/bf16/fp32
+    activations. x (..., K) -> (..., N) in x's dtype; one row runs the GEMV, more rows the
+    tensor-core kernel. norm: None, "layer" (norm_weight, optional norm_bias) or "rms"
+    (norm_weight), as triton_matmul.gemv's: folded into the GEMV for one row (no norm kernel),
+    applied first in PyTorch for more rows (there the norm is one kernel among big GEMMs).
     On a GPU the first call per shape and epilogue autotunes (not inside a CUDA-graph capture)."""
-    _check_int8_inputs(x, qw, bias, residual, activation)
+    _check_int8_inputs(x, qw, bias, residual, activation, norm, norm_weight, norm_bias)
     N, K = qw.shape
+    if norm is not None and (math.prod(x.shape[:-1]) != 1 or (INTERPRET and x.dtype == torch.bfloat16)):
+        # several rows; or the interpreter's bf16 detour below, which must normalise in bf16
+        x = tm.row_norm_reference(x, norm_weight, norm_bias, norm_eps, rms=norm == "rms")
+        return int8_linear(x, qw, bias, activation, residual)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -380,14 +409,17 @@ def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None):
     if rows == 0 or N == 0:
         return y.view(*lead, N)
     meta = dict(HAS_BIAS=bias is not None, ACTIVATION=activation or "", HAS_RESIDUAL=residual is not None)
+    # (bias, residual, norm weights) absent: any tensor of the right device stands in, never read
     bias_arg = bias if bias is not None else qw.scale
     res_arg = res2 if res2 is not None else y
     if rows == 1:
         kernel = int8_gemv_kernel if INTERPRET else _tuned("gemv")
         fixed = _INTERPRET_GEMV if INTERPRET else {}
         grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]),)    # noqa: E731
-        kernel[grid](x2, qw.q, qw.scale, bias_arg, res_arg, y, N, K, qw.q.stride(0), **meta, **fixed,
-                     **M.pdl_launch_args())
+        kernel[grid](x2, qw.q, qw.scale, bias_arg, res_arg, y,
+                     norm_weight if norm_weight is not None else y, norm_bias if norm_bias is not None else y,
+                     N, K, qw.q.stride(0), norm_eps, NORM=norm or "", HAS_NORM_BIAS=norm_bias is not None,
+                     **meta, **fixed, **M.pdl_launch_args())
     else:
         kernel = int8_matmul_kernel if INTERPRET else _tuned("matmul")
         fixed = _INTERPRET_MATMUL if INTERPRET else {}
@@ -418,6 +450,12 @@ def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None):
 #    through I2F, a conversion that issues at a fraction of the FMA rate; converting with integer ops instead
 #    (fp32 bits 0x4B000000 | (q + 128) are the number 2^23 + q + 128: one OR, one exact subtract)
 #    measured mixed, 2.7 vs 3.3 us at 1600->1600 but 8.5 vs 8.0 at 6400->1600, so it is not used.
+# One difference left between the two steps above: the fp16 step folds each block's two norms
+# into the GEMV after them (triton_matmul.py, "Folding the norm in"), the int8 step ran them as
+# 96 separate row_norm kernels (~1.7 us each, and a kernel boundary each). The int8 GEMV now
+# folds them too (NORM, the same helpers; compiled for sm_90: 95 registers, no spills, the
+# weight tile still loaded before the PDL wait). Not yet measured; expected from the fp16
+# kernels' 1.99 -> 1.86 ms when they folded theirs: the int8 1.5B step 1.73 -> ~1.55-1.6 ms.
 # Several rows (the tensor-core kernel) are 0.36-0.89x cuBLAS fp16: at 16 rows a 64-column tile
 # gives N=1600 only 25 programs for 132 SMs (split-K would fix that), and at 512 rows cuBLAS's
 # Hopper kernels (TMA, warp-specialised wgmma) beat a plain tl.dot loop that also converts every
@@ -441,21 +479,29 @@ class Int8Ops:
     int8_linear_reference; None (default) picks the kernels for CUDA tensors and the reference
     for CPU ones (where the interpreter would take minutes per token of a real model). base:
     the ops for everything not quantised (norms, the LM head): model.TorchOps by default;
-    bench.py also passes serve.py's FusedDecodeOps (one-row norm and GEMV kernels)."""
+    bench.py also passes serve.py's FusedDecodeOps (one-row norm and GEMV kernels).
+    fold_norms: for one row through the kernels, the norm in front of a quantised linear runs
+    inside the int8 GEMV (default) instead of as base's norm (bench.py times both)."""
 
-    def __init__(self, qweights: dict, use_triton: bool | None = None, base=M.TorchOps):
+    def __init__(self, qweights: dict, use_triton: bool | None = None, base=M.TorchOps, fold_norms: bool = True):
         self.qweights = qweights
         self.use_triton = use_triton
         self.base = base
+        self.fold_norms = fold_norms
 
     def linear(self, x, weight, bias=None, activation=None, residual=None, norm=None):
         qw = self.qweights.get(id(weight))
         if qw is None:                      # not quantised (the LM head)
             return self.base.linear(x, weight, bias, activation, residual, norm)
-        if norm is not None:
-            x = self.base.norm(x, norm)
         use_triton = x.is_cuda if self.use_triton is None else self.use_triton
-        return (int8_linear if use_triton else int8_linear_reference)(x, qw, bias, activation, residual)
+        if norm is not None and not (self.fold_norms and use_triton and x.numel() == x.shape[-1]):
+            x = self.base.norm(x, norm)
+            norm = None
+        # one row through the kernels: the norm in front is folded into the int8 GEMV, as
+        # serve.py's FusedDecodeOps folds it into the fp16 one (96 norm kernels fewer per GPT-2
+        # 1.5B step)
+        folded = {} if norm is None else M.norm_kernel_args(norm)
+        return (int8_linear if use_triton else int8_linear_reference)(x, qw, bias, activation, residual, **folded)
 
     def norm(self, x, module):
         return self.base.norm(x, module)

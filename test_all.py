@@ -615,6 +615,27 @@ def test_engine_async_decode_abort_in_flight(tiny_model):
     _assert_drained(engine)
 
 
+def test_engine_abort_of_every_request_collects_the_step_in_flight(tiny_model):
+    """Aborting every request while a decode step is queued leaves nothing unfinished at once
+    (no further step() needed): the HTTP server's close() stops its engine thread right after
+    such aborts, and CI once caught it holding the queued step."""
+    engine = _engine(tiny_model)
+    ids = [engine.add_request(p, S.SamplingParams(max_tokens=10, ignore_eos=True))
+           for p in ([5, 6, 7], list(range(30, 47)), [11])]
+    while engine.in_flight is None:
+        engine.step()
+    for request_id in ids:
+        assert engine.has_unfinished()
+        engine.abort(request_id)
+    _assert_drained(engine)
+    # and the engine still serves: a new request gets the reference tokens
+    rid = engine.add_request([1, 2, 3], S.SamplingParams(max_tokens=6, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.seqs.pop(rid).output == M.generate(tiny_model, [1, 2, 3], 6)
+    _assert_drained(engine)
+
+
 @pytest.mark.parametrize("prompt,kwargs,match", [
     ([], {}, "empty"),
     ([1] * 200, dict(max_tokens=100), "context"),
@@ -1123,6 +1144,16 @@ def test_gpu_kernels_compile_for_sm90():
          dict(stride_kt=4800, stride_kh=64, stride_vt=4800, stride_vh=64, stride_slot=1600),
          dict(HEAD_DIM=64, ROW=1600, BLOCK=2048, USE_PDL=True), 4, 1),
     ]
+    # quant.py's int8 GEMV in its GPU configs for GPT-2 1.5B's c_fc (LayerNorm folded in, GELU)
+    # and its down projection (K = 6400)
+    for K, N, norm, (bn, bk) in ((1600, 6400, "layer", (2, 2048)), (6400, 1600, "", (2, 8192))):
+        cfg = next(c for c in Q.INT8_GEMV_GPU_CONFIGS if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (bn, bk))
+        jobs.append(("quant.int8_gemv_kernel", dict(x_ptr=f16, q_ptr="i8", scale_ptr="fp32", bias_ptr=f16,
+                                                    res_ptr=f16, y_ptr=f16, norm_w_ptr=f16, norm_b_ptr=f16),
+                     dict(N=N, K=K, stride_qn=K, norm_eps=1e-5),
+                     dict(HAS_BIAS=True, ACTIVATION="gelu_tanh" if norm else "", HAS_RESIDUAL=not norm,
+                          BLOCK_N=bn, BLOCK_K=bk, USE_PDL=True, NORM=norm, HAS_NORM_BIAS=bool(norm)),
+                     cfg.num_warps, cfg.num_stages))
     # prefill: the first config of each head_dim's autotune list; causal at D=128, varlen and
     # the TMA path at D=64
     for D, varlen, tma in ((128, False, False), (64, True, False), (64, True, True)):
@@ -2129,6 +2160,31 @@ def test_int8_linear_matches_reference(shape, epilogue):
     _int8_check(Q.int8_linear(x, qw, b, act, r), x, qw, b, act, r)
 
 
+@pytest.mark.parametrize("norm", list(GEMV_NORMS))
+@pytest.mark.parametrize("dtype", [GEMV_DTYPE, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 37, 100), (1, 300, 29), (3, 40, 70)], ids=str)
+def test_int8_linear_folds_the_norm(shape, dtype, norm):
+    """int8_linear(x, ..., norm=...) = int8_linear(row_norm(x), ...): for one row the norm runs
+    inside the int8 GEMV (one chunk and several: K = 29 and 100 against the interpreter's
+    32-wide chunk), for more rows in PyTorch first. bf16 rows normalise in bf16."""
+    rows, N, K = shape
+    kind, has_norm_bias = GEMV_NORMS[norm]
+    x, qw, b, r = _int8_inputs(rows, N, K, dtype, seed=rows * 7 + N + K)
+    x = x * 3 + 1                                 # a mean and scale far from 0 and 1
+    g = torch.Generator().manual_seed(K)
+    nw = torch.randn(K, generator=g).to(MM_DEVICE, dtype)
+    nb = torch.randn(K, generator=g).to(MM_DEVICE, dtype) if has_norm_bias else None
+    y = Q.int8_linear(x, qw, b, "gelu_tanh", r, norm=kind, norm_weight=nw, norm_bias=nb, norm_eps=1e-5)
+    x_normed = tm.row_norm_reference(x, nw, nb, 1e-5, rms=kind == "rms")   # rounded to x's dtype
+    _int8_check(y, x_normed, qw, b, "gelu_tanh", r)
+    ref = Q.int8_linear_reference(x, qw, b, "gelu_tanh", r, norm=kind, norm_weight=nw, norm_bias=nb)
+    torch.testing.assert_close(y.double(), ref.double(), **_mm_tol(dtype))
+    with pytest.raises(ValueError, match="needs norm_weight"):
+        Q.int8_linear(x, qw, norm=kind)
+    with pytest.raises(ValueError, match=r"norm_weight must be"):
+        Q.int8_linear(x, qw, norm="layer", norm_weight=nw[:-1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows", [1, 5])
 def test_int8_linear_half_precision(dtype, rows):
@@ -2237,22 +2293,27 @@ def test_smollm2_int8_accuracy(smollm2):
 @pytest.mark.parametrize("rows", [1, 4, 512])
 @needs_cuda
 def test_int8_linear_cuda_gpt2_xl_shapes_and_graphs(dtype, rows):
-    """GPT-2 1.5B's four block shapes on the GPU, autotuned, and replayed from a CUDA graph."""
-    for N, K, act in ((4800, 1600, None), (1600, 1600, None), (6400, 1600, "gelu_tanh"), (1600, 6400, None)):
+    """GPT-2 1.5B's four block shapes on the GPU, autotuned, and replayed from a CUDA graph; the
+    two that follow a LayerNorm in the model (qkv, c_fc) with it folded in, as Int8Ops runs them."""
+    for N, K, act, folded in ((4800, 1600, None, True), (1600, 1600, None, False), (6400, 1600, "gelu_tanh", True),
+                              (1600, 6400, None, False)):
         g = torch.Generator().manual_seed(N + K)
         x = torch.randn(rows, K, generator=g).to("cuda", dtype)
         qw = Q.quantize_int8((torch.randn(N, K, generator=g) / K ** 0.5).cuda())
         b = torch.randn(N, generator=g).to("cuda", dtype)
         r = torch.randn(rows, N, generator=g).to("cuda", dtype)
-        y = Q.int8_linear(x, qw, b, act, r)                        # tunes (outside the capture)
-        _int8_check(y, x, qw, b, act, r)
+        ln = [torch.randn(K, generator=g).to("cuda", dtype) for _ in range(2)] if folded else [None, None]
+        kw = dict(norm="layer", norm_weight=ln[0], norm_bias=ln[1]) if folded else {}
+        normed = lambda x: tm.row_norm_reference(x, *ln) if folded else x      # noqa: E731
+        y = Q.int8_linear(x, qw, b, act, r, **kw)                  # tunes (outside the capture)
+        _int8_check(y, normed(x), qw, b, act, r)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            y_graph = Q.int8_linear(x, qw, b, act, r)
+            y_graph = Q.int8_linear(x, qw, b, act, r, **kw)
         x.copy_(torch.randn(rows, K, generator=g).to("cuda", dtype))
         graph.replay()
         torch.cuda.synchronize()
-        _int8_check(y_graph, x, qw, b, act, r)
+        _int8_check(y_graph, normed(x), qw, b, act, r)
     if not Q.INTERPRET:            # CPU tensors on a GPU machine: a clear error, not a launcher crash
         with pytest.raises(ValueError, match="CUDA tensors"):
             Q.int8_linear(x.cpu(), Q.Int8Weight(qw.q.cpu(), qw.scale.cpu()))
@@ -2542,13 +2603,15 @@ def test_bench_new_topics_run_on_cpu(tmp_path):
     """quant, foundations and load: each writes tables with rows (timings are not checked)."""
     import bench
     # tables with rows on a CPU: quant = formats + KV sizes (+ accuracy where SmolLM2 is installed)
-    for topic, n_tables in (("quant", 2), ("foundations", 6), ("load", 2)):
+    for topic, n_tables in (("quant", 2), ("foundations", 6), ("load", 3)):
         assert bench.main(["--topic", topic, "--device", "cpu", "--md", "--json", "--outdir", str(tmp_path)]) == 0
         tables = [t for t in json.loads((tmp_path / f"{topic}.json").read_text())["tables"] if t.get("rows")]
         assert len(tables) >= n_tables, (topic, [t["title"] for t in tables])
         assert all(t["device"] in t["markdown"] and "dtype: " in t["device"] for t in tables)   # its own line
     load = json.loads((tmp_path / "load.json").read_text())["tables"]
     assert any("Poisson" in str(r[0]) for t in load for r in t.get("rows", []))
+    http_rows = [r for t in load for r in t.get("rows", []) if str(r[0]).startswith("HTTP streaming clients")]
+    assert len(http_rows) == 2 and all(float(r[2]) > 0 for r in http_rows)     # every request answered
 
 
 def test_coordinate_descent_finds_the_minimum_and_ignores_noise():

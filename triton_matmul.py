@@ -1233,6 +1233,21 @@ def _check_like(name, t, shape, x):
                          f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
+def check_norm_args(x, K, norm, norm_weight, norm_bias) -> None:
+    """The folded norm's arguments (gemv here, quant.py's int8 GEMV): norm None, "layer" or
+    "rms"; its weight and bias (K,) like x."""
+    if norm not in (None, "layer", "rms"):
+        raise ValueError(f"norm must be None, 'layer' or 'rms', got {norm!r}")
+    if norm is None and (norm_weight is not None or norm_bias is not None):
+        raise ValueError("norm_weight / norm_bias given without norm='layer' or 'rms'")
+    if norm is not None and norm_weight is None:
+        raise ValueError(f"norm={norm!r} needs norm_weight")
+    if norm == "rms" and norm_bias is not None:
+        raise ValueError("RMSNorm has no bias")
+    _check_like("norm_weight", norm_weight, (K,), x)
+    _check_like("norm_bias", norm_bias, (K,), x)
+
+
 def _check_int32(*tensors):
     """Refuse tensors whose last element lies 2^31 or more elements from the first: the kernels
     add up row and column offsets in int32."""
@@ -1260,17 +1275,9 @@ def _check_gemv_inputs(x, weight, bias, activation, residual, out, norm=None, no
                          f"beyond that the CUDA cores are the bottleneck; use matmul() for more rows")
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
-    if norm not in (None, "layer", "rms"):
-        raise ValueError(f"norm must be None, 'layer' or 'rms', got {norm!r}")
-    if norm is None and (norm_weight is not None or norm_bias is not None):
-        raise ValueError("norm_weight / norm_bias given without norm='layer' or 'rms'")
-    if norm is not None and norm_weight is None:
-        raise ValueError(f"norm={norm!r} needs norm_weight")
-    if norm == "rms" and norm_bias is not None:
-        raise ValueError("RMSNorm has no bias")
+    check_norm_args(x, K, norm, norm_weight, norm_bias)
     out_shape = (*x.shape[:-1], N)
-    for name, t, shape in (("norm_weight", norm_weight, (K,)), ("norm_bias", norm_bias, (K,)),
-                           ("bias", bias, (N,)), ("residual", residual, out_shape), ("out", out, out_shape)):
+    for name, t, shape in (("bias", bias, (N,)), ("residual", residual, out_shape), ("out", out, out_shape)):
         _check_like(name, t, shape, x)
     if not (_last_dim_contiguous(x) and _last_dim_contiguous(weight)):
         raise ValueError("x and weight need a contiguous last dim (rows may be strided): "
