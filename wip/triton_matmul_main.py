@@ -314,21 +314,20 @@ def _config(bm, bn, bk, warps, stages, group_m=8):
                          num_warps=warps, num_stages=stages)
 
 GPU_AUTOTUNE_CONFIGS = [
-        # large-M configs (prefill, training-sized GEMMs). 128x128x64 with 3 stages (96 KB SMEM,
-        # 122 registers) fits 2 programs per SM: close when tiles are few (2048^2: 639 vs 663).
-        _config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4), _config(256, 128, 64, 8, 3),
-        _config(128, 128, 64, 8, 3), _config(128, 128, 64, 8, 4),
-        # medium tiles: enough programs when M or N is small (256 tokens x 768 outputs is only
-        # 6 tiles of 128x256 for 132 SMs, but 48 of 64x64)
-        _config(64, 128, 64, 4, 4), _config(64, 64, 64, 4, 4),
-        # small-M configs (decode: a few tokens against a big weight). Long BLOCK_K and deep
-        # pipelines keep many bytes of the weight in flight per program.
-        _config(16, 32, 128, 4, 4), _config(16, 32, 256, 4, 3), _config(16, 64, 256, 4, 3),
-        _config(32, 64, 64, 4, 4),
-    ]
-# interpreter: one small config
+    # large-M configs (prefill, training-sized GEMMs). 128x128x64 with 3 stages (96 KB SMEM,
+    # 122 registers) fits 2 programs per SM: close when tiles are few (2048^2: 639 vs 663).
+    _config(128, 256, 64, 8, 3), _config(128, 256, 64, 8, 4), _config(256, 128, 64, 8, 3),
+    _config(128, 128, 64, 8, 3), _config(128, 128, 64, 8, 4),
+    # medium tiles: enough programs when M or N is small (256 tokens x 768 outputs is only
+    # 6 tiles of 128x256 for 132 SMs, but 48 of 64x64)
+    _config(64, 128, 64, 4, 4), _config(64, 64, 64, 4, 4),
+    # small-M configs (decode: a few tokens against a big weight). Long BLOCK_K and deep
+    # pipelines keep many bytes of the weight in flight per program.
+    _config(16, 32, 128, 4, 4), _config(16, 32, 256, 4, 3), _config(16, 64, 256, 4, 3),
+    _config(32, 64, 64, 4, 4),
+]
 AUTOTUNE_CONFIGS = (GPU_AUTOTUNE_CONFIGS if torch.cuda.is_available() and not INTERPRET
-                    else [_config(32, 32, 32, 4, 1, group_m=4)])
+                    else [_config(32, 32, 32, 4, 1, group_m=4)])   # interpreter: one small config
 
 
 def smem_bytes_estimate(cfg, elem_bytes):
@@ -495,8 +494,7 @@ def occupancy_table(M, N, K, dtype=torch.float16, device="cuda", configs=None):
             rows.append(dict(config=cfg, error=str(err)))
             continue
         occ = occupancy_of(kernel, a.device)
-        tiles = triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"])
-        occ["waves"] = tiles / (occ["num_sms"] * max(occ["programs_per_sm"], 1))
+        occ["waves"] = _waves(M, N, cfg, max(occ["programs_per_sm"], 1), occ["num_sms"])
         rows.append(dict(config=cfg, **occ))
     return rows
 
@@ -514,15 +512,21 @@ def occupancy_table(M, N, K, dtype=torch.float16, device="cuda", configs=None):
 # file on a CPU) the kernels are interpreter objects that cannot be compiled.
 
 def _launch_signature(fn, tensors: dict, ints: dict, constexprs: dict):
-    """(signature, constexprs, attrs) for ASTSource as a launch with these values would make them:
-    tensors name -> dtype string ("fp16"), ints name -> value (1 -> constant, % 16 == 0 -> divisible)."""
+    """(signature, constexprs, attrs) for ASTSource, as a launch with these values would make
+    them for this file's GEMM and GEMV kernels: tensors name -> dtype string ("fp16"), scalars
+    name -> value (a float is fp32; an int32 of 1 becomes a constant, a multiple of 16 is marked
+    divisible). Not covered, since those kernels need neither: do_not_specialize, int64 values."""
     signature, consts, divisible = {}, dict(constexprs), []
     for i, name in enumerate(fn.arg_names):
         if name in tensors:
             signature[name] = "*" + tensors[name]
             divisible.append((i,))                      # torch allocations are 16-byte aligned
+        elif name in ints and isinstance(ints[name], float):
+            signature[name] = "fp32"
         elif name in ints:
             value = ints[name]
+            if not -2**31 <= value < 2**31:
+                raise ValueError(f"{name}={value} needs int64, which this helper does not model")
             if value == 1:
                 signature[name], consts[name] = "constexpr", 1
             else:
@@ -531,83 +535,151 @@ def _launch_signature(fn, tensors: dict, ints: dict, constexprs: dict):
                     divisible.append((i,))
         elif name in consts:
             signature[name] = "constexpr"
+        elif fn.params[i].has_default:              # a constexpr left at its default
+            signature[name], consts[name] = "constexpr", fn.params[i].default
         else:
             raise ValueError(f"no value for argument {name} of {fn.__name__}")
     return signature, consts, {d: [["tt.divisibility", 16]] for d in divisible}
 
 
-def _compile_offline_here(jobs, capability):
+HOPPER = 90            # the compute capability compiled for offline (H100 / H200)
+_OFFLINE_TIMEOUT_S = 300
+
+
+def _compile_offline_here(jobs, sass=False):
+    import importlib
     import re
     import subprocess
     import tempfile
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     from triton.compiler import ASTSource
     results = []
     for fn_name, tensors, ints, constexprs, num_warps, num_stages in jobs:
-        fn = globals()[fn_name]
-        signature, consts, attrs = _launch_signature(fn, tensors, ints, constexprs)
-        src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                        attrs=attrs)
+        module, _, fn_name = fn_name.rpartition(".")    # "flash_attn._paged_decode_split_kernel", or this file's
+        fn = getattr(importlib.import_module(module), fn_name) if module else globals()[fn_name]
         try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+            signature, consts, attrs = _launch_signature(fn, tensors, ints, constexprs)
+            src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                            attrs=attrs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", HOPPER, 32),
                                       options=dict(num_warps=num_warps, num_stages=num_stages))
-        except Exception as err:                # noqa: BLE001 (e.g. a tile that cannot fit: report it)
-            results.append(dict(error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+        except Exception as err:                # noqa: BLE001 (a job that does not compile: report it)
+            results.append(dict(error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"))
             continue
-        # ptxas -v once more on the same PTX for the numbers it prints (Triton's own run discards them)
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(compiled.asm["ptx"])
-        arch = "sm_90a" if capability == 90 else f"sm_{capability}"
-        log = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
-                             capture_output=True, text=True).stderr
-        os.remove(f.name)
+        # ptxas -v once more on the same PTX for the numbers it prints (Triton's own run discards
+        # them). "bytes stack frame" is the local memory per thread that a GPU reports as
+        # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, and Triton's kernel.n_spills is that / 4.
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = os.path.join(tmp, "kernel.ptx")
+            with open(ptx, "w") as f:
+                f.write(compiled.asm["ptx"])
+            log = subprocess.run([get_ptxas(HOPPER).path, "-v", f"--gpu-name={sm_arch_from_capability(HOPPER)}",
+                                  ptx, "-o", os.devnull], capture_output=True, text=True, check=True,
+                                 timeout=_OFFLINE_TIMEOUT_S).stderr
         regs = re.search(r"Used (\d+) registers", log)
-        spills = re.search(r"(\d+) bytes spill stores", log)
-        results.append(dict(n_regs=int(regs.group(1)) if regs else None,
-                            n_spill_bytes=int(spills.group(1)) if spills else 0,
+        stack = re.search(r"(\d+) bytes stack frame", log)
+        if regs is None:
+            raise RuntimeError(f"no register count in the ptxas output:\n{log[-1000:]}")
+        results.append(dict(n_regs=int(regs.group(1)), n_spills=int(stack.group(1)) // 4 if stack else 0,
                             shared_bytes=compiled.metadata.shared, num_warps=num_warps))
+        if sass:            # the machine code, through the nvdisasm bundled with Triton
+            with tempfile.TemporaryDirectory() as tmp:
+                cubin = os.path.join(tmp, "kernel.cubin")
+                with open(cubin, "wb") as f:
+                    f.write(compiled.asm["cubin"])
+                text = subprocess.run([os.path.join(os.path.dirname(get_ptxas(HOPPER).path), "nvdisasm"), "-c", cubin],
+                                      capture_output=True, text=True, check=True, timeout=_OFFLINE_TIMEOUT_S).stdout
+            results[-1]["sass"] = [m.group(1) for m in re.finditer(r"\*/\s+(.*?)\s*;", text)]
     return results
 
 
-def compile_offline(jobs, capability=90):
-    """Compile kernels of this file for an NVIDIA GPU of compute capability `capability`
-    (90 = H100/H200) without one. jobs: (kernel name, {tensor arg: dtype string},
-    {int arg: value}, {constexpr: value}, num_warps, num_stages). Returns one dict per job:
-    n_regs (per thread), n_spill_bytes, shared_bytes (per program), or error."""
+def compile_offline(jobs, sass=False):
+    """Compile kernels for an H100/H200 (sm_90) without one. jobs: (kernel name: one of this
+    file's, or "module.name" for another file's, {tensor arg: dtype string}, {scalar arg: value},
+    {constexpr: value; the ones left out keep their defaults}, num_warps, num_stages).
+    Returns one dict per job: n_regs (per thread), n_spills (local memory per thread in 4-byte
+    words, as kernel.n_spills counts it), shared_bytes (per program), with sass=True the SASS
+    instructions (a list of strings), or error."""
     if not INTERPRET:
-        return _compile_offline_here(jobs, capability)
+        return _compile_offline_here(jobs, sass)
     import json
     import subprocess
     import sys
-    code = ("import json, sys; import triton_matmul as tm; "
-            "print(json.dumps(tm._compile_offline_here(json.loads(sys.argv[1]), int(sys.argv[2]))))")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import json, sys; sys.path.insert(0, {here!r}); import triton_matmul as tm; "
+            f"print(json.dumps(tm._compile_offline_here(json.loads(sys.argv[1]), {bool(sass)})))")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-c", code, json.dumps(jobs), str(capability)], capture_output=True,
-                         text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(jobs)], capture_output=True, text=True,
+                         env=env, timeout=_OFFLINE_TIMEOUT_S)
     if run.returncode != 0:
         raise RuntimeError(f"offline compile failed:\n{run.stderr[-2000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def occupancy_table_offline(M, N, K, dtype=torch.float16, configs=None, capability=90, num_sms=132):
-    """occupancy_table without a GPU: each config compiled for sm_90 (H100/H200: 132 SMs, 64K
-    registers and 228 KB of shared memory per SM) and its occupancy computed from that."""
+# GPT-2 1.5B's one-row decode GEMVs: (name, N, K, norm folded in, activation, bias, residual)
+GPT2_XL_DECODE_GEMVS = [("c_attn +LayerNorm +bias", 4800, 1600, "layer", None, True, False),
+                        ("attn c_proj +bias +residual", 1600, 1600, None, None, True, True),
+                        ("c_fc +LayerNorm +bias +GELU", 6400, 1600, "layer", "gelu_tanh", True, False),
+                        ("mlp c_proj +bias +residual", 1600, 6400, None, None, True, True),
+                        ("lm_head (no bias)", 50257, 1600, None, None, False, False)]
+
+
+def gemv_sass_summary(shapes=GPT2_XL_DECODE_GEMVS):
+    """What the compiler made of the rule's one-row GEMV (fp16, sm_90, PDL on) for each entry of
+    `shapes` (as in GPT2_XL_DECODE_GEMVS): the SASS around griddepcontrol.wait (ACQBULK in SASS,
+    the PDL wait). The weight tile's loads (LDG) should all come before it, x's after. Returns
+    one dict per shape (counts before / after the wait), all compiled in one go."""
+    jobs, configs = [], []
+    for _, N, K, norm, activation, has_bias, has_residual in shapes:
+        cfg = one_row_gemv_config(N, K, 2)
+        configs.append(cfg)
+        jobs.append(("gemv_kernel", dict(x_ptr="fp16", w_ptr="fp16", bias_ptr="fp16", res_ptr="fp16",
+                                         y_ptr="fp16", norm_w_ptr="fp16", norm_b_ptr="fp16"),
+                     dict(M=1, N=N, K=K, stride_xm=K, stride_wn=K, stride_rm=N, stride_ym=N, norm_eps=1e-5),
+                     dict(**cfg.kwargs, BLOCK_M=1, HAS_BIAS=has_bias, ACTIVATION=activation or "",
+                          HAS_RESIDUAL=has_residual, NORM=norm or "", HAS_NORM_BIAS=norm == "layer", USE_PDL=True),
+                     cfg.num_warps, cfg.num_stages))
+    rows = []
+    for cfg, res in zip(configs, compile_offline(jobs, sass=True)):
+        ins = res.pop("sass")
+        wait = next(i for i, x in enumerate(ins) if x.startswith("ACQBULK"))
+        count = lambda part, op: sum(op in x for x in part)                    # noqa: E731
+        rows.append(dict(config=f"{cfg.kwargs['BLOCK_N']} rows x {cfg.num_warps} warps", **res,
+                         instructions_before_wait=wait, instructions_after_wait=len(ins) - wait,
+                         loads_before_wait=count(ins[:wait], "LDG"), loads_after_wait=count(ins[wait:], "LDG"),
+                         barriers_after_wait=count(ins[wait:], "BAR.SYNC")))
+    return rows
+
+
+def _waves(M, N, cfg, programs_per_sm, num_sms):
+    """Rounds of programs the grid needs when each SM holds programs_per_sm of them."""
+    tiles = triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"])
+    return tiles / (num_sms * programs_per_sm)
+
+
+def occupancy_table_offline(M, N, K, dtype=torch.float16, configs=None, num_sms=132):
+    """occupancy_table without a GPU: each config compiled for sm_90 (an H100 SXM or H200: 132
+    SMs, 64K registers and 228 KB of shared memory per SM) and its occupancy computed from that.
+    A config whose tiles do not fit in shared memory is an error row, as a GPU run reports it."""
     elem = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     configs = configs or GPU_AUTOTUNE_CONFIGS
     jobs = [("matmul_kernel", dict(a_ptr=elem, b_ptr=elem, c_ptr=elem, bias_ptr=elem),
              dict(M=M, N=N, K=K, stride_am=K, stride_ak=1, stride_bk=N, stride_bn=1, stride_cm=N, stride_cn=1),
              dict(**cfg.kwargs, HAS_BIAS=False, ACTIVATION=""), cfg.num_warps, cfg.num_stages) for cfg in configs]
     rows = []
-    for cfg, res in zip(configs, compile_offline(jobs, capability)):
-        if "error" in res:
+    for cfg, res in zip(configs, compile_offline(jobs)):
+        occ = None if "error" in res else occupancy_from_resources(res["n_regs"], res["shared_bytes"], cfg.num_warps)
+        if occ is not None and occ["programs_per_sm"] > 0:
+            occ.update(num_sms=num_sms, n_spills=res["n_spills"],
+                       waves=_waves(M, N, cfg, occ["programs_per_sm"], num_sms))
+            rows.append(dict(config=cfg, **occ))
+        elif occ is not None:                     # 0 programs per SM: what a launch would refuse
+            rows.append(dict(config=cfg, error=f"out of resources ({occ['limiter']}: {res['n_regs']} registers x "
+                                               f"{cfg.num_warps} warps, {res['shared_bytes'] / 1024:.0f} KB of "
+                                               "shared memory)"))
+        else:
             rows.append(dict(config=cfg, **res))
-            continue
-        occ = occupancy_from_resources(res["n_regs"], res["shared_bytes"], cfg.num_warps)
-        tiles = triton.cdiv(M, cfg.kwargs["BLOCK_M"]) * triton.cdiv(N, cfg.kwargs["BLOCK_N"])
-        occ.update(num_sms=num_sms, n_spills=res["n_spill_bytes"],
-                   waves=tiles / (num_sms * max(occ["programs_per_sm"], 1)))
-        rows.append(dict(config=cfg, **occ))
     return rows
 
 
@@ -800,6 +872,12 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # by rule: "Choosing by rule" below). Measured in a whole GPT-2 1.5B decode step (H100, one run, graph
 # replay): 2.06 ms with K-loop configs and separate norm kernels, 1.99 single shot, 1.86 single
 # shot with the norm folded in (below); with PDL off the same single-shot step took 2.44 ms.
+# Whether the compiler kept that order can be read in the machine code, no GPU needed:
+# gemv_sass_summary() (or `python triton_matmul.py --sass`) compiles the GEMV for sm_90 and
+# counts around griddepcontrol.wait (ACQBULK in SASS). For 1.5B's c_fc, all 16 LDG.E.128 of
+# each thread's weight tile (8 rows x 2048 fp16 / 128 threads) come before it; after it, 843
+# instructions with 11 loads (x three times, the norm's weight and bias, the bias) and 10
+# BAR.SYNC (the cross-warp reductions): the latency every boundary still pays.
 #
 # Folding the norm in (NORM = "layer" / "rms"). Every GEMV that follows a norm (GPT-2's c_attn
 # and c_fc, Llama's qkv and gate/up) can normalise x itself: each program reads the row (3.2 KB
@@ -1123,6 +1201,21 @@ def _check_like(name, t, shape, x):
                          f"got {tuple(t.shape)} {t.dtype} on {t.device}")
 
 
+def check_norm_args(x, K, norm, norm_weight, norm_bias) -> None:
+    """The folded norm's arguments (gemv here, quant.py's int8 GEMV): norm None, "layer" or
+    "rms"; its weight and bias (K,) like x."""
+    if norm not in (None, "layer", "rms"):
+        raise ValueError(f"norm must be None, 'layer' or 'rms', got {norm!r}")
+    if norm is None and (norm_weight is not None or norm_bias is not None):
+        raise ValueError("norm_weight / norm_bias given without norm='layer' or 'rms'")
+    if norm is not None and norm_weight is None:
+        raise ValueError(f"norm={norm!r} needs norm_weight")
+    if norm == "rms" and norm_bias is not None:
+        raise ValueError("RMSNorm has no bias")
+    _check_like("norm_weight", norm_weight, (K,), x)
+    _check_like("norm_bias", norm_bias, (K,), x)
+
+
 def _check_int32(*tensors):
     """Refuse tensors whose last element lies 2^31 or more elements from the first: the kernels
     add up row and column offsets in int32."""
@@ -1150,17 +1243,9 @@ def _check_gemv_inputs(x, weight, bias, activation, residual, out, norm=None, no
                          f"beyond that the CUDA cores are the bottleneck; use matmul() for more rows")
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
-    if norm not in (None, "layer", "rms"):
-        raise ValueError(f"norm must be None, 'layer' or 'rms', got {norm!r}")
-    if norm is None and (norm_weight is not None or norm_bias is not None):
-        raise ValueError("norm_weight / norm_bias given without norm='layer' or 'rms'")
-    if norm is not None and norm_weight is None:
-        raise ValueError(f"norm={norm!r} needs norm_weight")
-    if norm == "rms" and norm_bias is not None:
-        raise ValueError("RMSNorm has no bias")
+    check_norm_args(x, K, norm, norm_weight, norm_bias)
     out_shape = (*x.shape[:-1], N)
-    for name, t, shape in (("norm_weight", norm_weight, (K,)), ("norm_bias", norm_bias, (K,)),
-                           ("bias", bias, (N,)), ("residual", residual, out_shape), ("out", out, out_shape)):
+    for name, t, shape in (("bias", bias, (N,)), ("residual", residual, out_shape), ("out", out, out_shape)):
         _check_like(name, t, shape, x)
     if not (_last_dim_contiguous(x) and _last_dim_contiguous(weight)):
         raise ValueError("x and weight need a contiguous last dim (rows may be strided): "
@@ -1330,6 +1415,8 @@ def main():
     parser.add_argument("--size", type=int, default=1024 if on_gpu else 64, help="square size for the checks")
     parser.add_argument("--dtype", default="fp16" if on_gpu else "fp32", choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
+    parser.add_argument("--sass", action="store_true", help="compile the decode GEMV for an H100/H200 (no GPU "
+                        "needed) and count its machine instructions around the PDL wait")
     args = parser.parse_args()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     device = "cuda" if on_gpu else "cpu"
@@ -1385,6 +1472,13 @@ def main():
           f"{occ['programs_per_sm']} program(s)/SM, occupancy {occ['occupancy']:.1%} (limited by {occ['limiter']})")
     if args.profile:
         print(profile_matmul(s, s, s, dtype=dtype, device=device))
+    if args.sass:
+        shapes = GPT2_XL_DECODE_GEMVS[2:4]              # the MLP's two
+        for (_, N, K, norm, *_), r in zip(shapes, gemv_sass_summary(shapes)):
+            print(f"\nv5 GEMV {K}->{N}{' +LayerNorm' if norm else ''} ({r['config']}, fp16, sm_90): {r['n_regs']} regs; "
+                  f"before the PDL wait {r['instructions_before_wait']} instructions, {r['loads_before_wait']} loads "
+                  f"(the weight tile); after it {r['instructions_after_wait']} instructions, {r['loads_after_wait']} "
+                  f"loads, {r['barriers_after_wait']} BAR.SYNC")
 
 
 if __name__ == "__main__":
