@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model import (add_device_arg, cli_device, KVCache, Transformer, append_to_cache, check_request, decode,
-                   default_dtype, generate, load_gpt2, prefill, sample)
+from model import (add_device_arg, cli_device, HelpFormatter, KVCache, Transformer, append_to_cache, check_request,
+                   decode, default_dtype, generate, load_gpt2, prefill, sample)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,16 +93,21 @@ class RequestResult:
         return self.finish_s - self.arrival_s
 
 
+def poisson_arrivals(n: int, rate_per_s: float, gen: torch.Generator) -> list[float]:
+    """n arrival times in seconds of a Poisson process: independent exponential gaps of mean
+    1/rate (inverse-CDF sampling: -log(1 - u) / rate); rate=inf: all at t=0."""
+    if math.isinf(rate_per_s):
+        return [0.0] * n
+    gaps = -torch.log1p(-torch.rand(n, generator=gen, dtype=torch.float64)) / rate_per_s
+    return gaps.cumsum(0).tolist()
+
+
 def make_trace(n: int, rate_per_s: float, prompt_lens=(16, 256), output_lens=(16, 256),
                vocab_size: int = 50257, seed: int = 0) -> list[Request]:
-    """n requests with Poisson arrivals (exponential gaps of mean 1/rate; rate=inf: all at t=0),
-    prompt and output lengths uniform in the given inclusive ranges, random prompt tokens."""
+    """n requests with Poisson arrivals (poisson_arrivals), prompt and output lengths uniform in
+    the given inclusive ranges, random prompt tokens."""
     gen = torch.Generator().manual_seed(seed)
-    if math.isinf(rate_per_s):
-        arrivals = [0.0] * n
-    else:
-        gaps = -torch.log1p(-torch.rand(n, generator=gen, dtype=torch.float64)) / rate_per_s
-        arrivals = gaps.cumsum(0).tolist()
+    arrivals = poisson_arrivals(n, rate_per_s, gen)
     p_len = torch.randint(prompt_lens[0], prompt_lens[1] + 1, (n,), generator=gen).tolist()
     o_len = torch.randint(output_lens[0], output_lens[1] + 1, (n,), generator=gen).tolist()
     return [Request(i, arrivals[i], torch.randint(0, vocab_size, (p_len[i],), generator=gen).tolist(),
@@ -436,7 +441,7 @@ def format_row(run: Run) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Static vs dynamic vs continuous batching on GPT-2, "
                                 "on a seeded Poisson request trace, with real wall-clock time.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="random:tiny", help="random:<preset> or a GPT-2 checkpoint")
     p.add_argument("--requests", type=int, default=24, help="requests in the trace")
     p.add_argument("--rate", type=float, default=100.0, help="arrivals per second (Poisson)")

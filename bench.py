@@ -511,6 +511,10 @@ def topic_matmul(ctx: BenchContext) -> None:
     if not on_gpu:
         squares, geo_sizes = [32, 64], [32, 64]
         tokens_list, gpt2_kn = [1, 16], [(64, 96)]
+        ctx.note("No GPU: the Triton kernels below run in the interpreter (numpy) at toy sizes, so their "
+                 "timings and ratios say nothing about a GPU (the ladder's code paths run, that is all). "
+                 "What a CPU can show for real is the occupancy table further down, compiled for sm_90; "
+                 "the GPU tables are in results/matmul.md.")
     else:
         squares = [1024, 2048, 4096] if ctx.quick else [1024, 2048, 4096, 8192]
         geo_sizes = [s for s in squares if s >= 2048]
@@ -574,7 +578,8 @@ def topic_matmul(ctx: BenchContext) -> None:
         ctx.table(f"matmul {dname[dtype]}: GPT-2 shapes (tokens x K) @ (K x N), v3 vs cuBLAS",
                   ["tokens", "K x N", "v3 TFLOP/s", "cuBLAS TFLOP/s", "v3/cuBLAS", "v3 GB/s", "cuBLAS GB/s",
                    "v3 % of copy BW", "v3 eager us", "cuBLAS eager us"], rows,
-                  note=f"GPU time per GEMM from CUDA graphs; decode rows (tokens <= 16) rotate over weight copies "
+                  note=f"{'GPU time per GEMM from CUDA graphs' if on_gpu else 'CPU: interpreter times'}; decode rows "
+                       f"(tokens <= 16) rotate over weight copies "
                        f"so every call reads the weight from HBM. They read the whole weight for a few tokens: "
                        f"memory-bound. GB/s counts A + B + C once; measured copy bandwidth "
                        f"{ceil['copy_gbps']:.0f} GB/s. Eager columns include Python launch overhead.", dtype=dtype)
@@ -595,8 +600,9 @@ def topic_matmul(ctx: BenchContext) -> None:
         ctx.table(f"matmul {dname[dtype]}: fused bias+GELU epilogue (v4) vs unfused",
                   ["tokens", "K x N", "v4 fused us", "v3 (+bias) then gelu us", "torch addmm + gelu us",
                    "torch / v4", "v4 eager us", "torch eager us"], rows,
-                  note="GPU time per call from CUDA graphs (weights stay in L2 here); eager columns include "
-                       "launch overhead (1 Triton launch for v4, 2 kernels for torch).", dtype=dtype)
+                  note=("GPU time per call from CUDA graphs (weights stay in L2 here)" if on_gpu
+                        else "CPU: interpreter times") + "; eager columns include launch overhead (1 Triton "
+                       "launch for v4, 2 kernels for torch).", dtype=dtype)
 
     # --- 4. autotune configs: speed next to occupancy from the compiled kernel ---------------
     dtype = dtypes[0]
@@ -1547,10 +1553,10 @@ async def _http_stream(port: int, prompt: list[int], max_tokens: int, t0: float,
     writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
     first = None
     while (line := await reader.readline()) and not line.startswith(b"data: [DONE]"):
-        if line.startswith(b"data: ") and first is None:
-            if b'"error"' in line:
+        if line.startswith(b"data: "):
+            if "error" in json.loads(line[6:]):
                 raise RuntimeError(f"the server answered an error: {line[:300]!r}")
-            first = time.perf_counter()
+            first = first or time.perf_counter()
     end = time.perf_counter()
     writer.close()
     if first is None:
@@ -1561,7 +1567,7 @@ async def _http_stream(port: int, prompt: list[int], max_tokens: int, t0: float,
 
 def _http_clients(port: int, work, arrivals, results) -> None:
     """A client process: every request of `work` at its arrival time, over HTTP, on one asyncio
-    loop. Puts (per-request stats, wall seconds) on `results`."""
+    loop. Sends ("ok", (per-request stats, wall seconds)) or ("error", message) on `results`."""
     import asyncio
 
     async def run():
@@ -1569,9 +1575,9 @@ def _http_clients(port: int, work, arrivals, results) -> None:
         stats = await asyncio.gather(*(_http_stream(port, p, n, t0, a) for (p, n), a in zip(work, arrivals)))
         return stats, time.perf_counter() - t0
     try:
-        results.put(("ok", asyncio.run(run())))
+        results.send(("ok", asyncio.run(run())))
     except Exception as err:      # noqa: BLE001 (reported by the parent)
-        results.put(("error", f"{type(err).__name__}: {err}"))
+        results.send(("error", f"{type(err).__name__}: {err}"))
 
 
 def _http_open_loop(port: int, work, arrivals):
@@ -1579,15 +1585,25 @@ def _http_open_loop(port: int, work, arrivals):
     process (spawned: no copy of this one's threads), so that their own Python work does not
     compete with the server for this process's GIL."""
     import multiprocessing
+    from multiprocessing.connection import wait
     mp = multiprocessing.get_context("spawn")
-    results = mp.Queue()
-    client = mp.Process(target=_http_clients, args=(port, work, arrivals, results), daemon=True)
+    results, child_end = mp.Pipe(duplex=False)
+    client = mp.Process(target=_http_clients, args=(port, work, arrivals, child_end), daemon=True)
     client.start()
+    child_end.close()
     try:
-        status, out = results.get(timeout=600)
-    except Exception:      # noqa: BLE001 (queue.Empty: a client that died or hung; say so)
-        raise RuntimeError(f"the HTTP client process gave no result (exit code {client.exitcode})") from None
-    client.join()
+        # readable once the answer comes, or at EOF once the process is gone without one
+        if not wait([results], timeout=600):
+            raise RuntimeError("the HTTP client process gave no result in 10 minutes")
+        try:
+            status, out = results.recv()
+        except EOFError:
+            client.join(5)
+            raise RuntimeError(f"the HTTP client process died without a result (exit code {client.exitcode})") from None
+    finally:
+        if client.is_alive():
+            client.terminate()
+        client.join()
     if status != "ok":
         raise RuntimeError(f"the HTTP clients failed: {out}")
     return out
@@ -1599,6 +1615,7 @@ def topic_load(ctx: BenchContext) -> None:
     loads (TTFT, time per output token and end-to-end latency, P50/P90/P99), the same traffic
     through the HTTP API, and one long prompt."""
     import random
+    import batching as BT
     import model as M
     import serve as S
     dev, gpu = ctx.device, ctx.device.type == "cuda"
@@ -1631,14 +1648,13 @@ def topic_load(ctx: BenchContext) -> None:
         xs = sorted(xs)
         return "/".join(f"{v * 1e3:,.0f}" if v >= 0.01 else f"{v * 1e3:.2g}"
                         for v in (statistics.median(xs), _pct(xs, 90), _pct(xs, 99)))
+    arrival_gen = torch.Generator().manual_seed(1)
+
     def poisson(frac):     # (label, arrival times, offered rate)
         if frac is None:
             return "all at once (t = 0)", [0.0] * n_req, float("inf")
-        rate, t, arrivals = frac * capacity, 0.0, []
-        for _ in range(n_req):
-            t += rng.expovariate(rate)
-            arrivals.append(t)
-        return f"Poisson, {frac:g} x capacity", arrivals, rate
+        rate = frac * capacity
+        return f"Poisson, {frac:g} x capacity", BT.poisson_arrivals(n_req, rate, arrival_gen), rate
 
     out_tokens = sum(n for _, n in work)
 
@@ -1658,7 +1674,9 @@ def topic_load(ctx: BenchContext) -> None:
                    "request arrives at its time whatever the engine is doing; latencies count from that time. "
                    "TTFT = time to the first output token; TPOT = (last token - first token) / (tokens - 1). "
                    "What to look for: below capacity TTFT should stay near the idle row's; past it requests "
-                   "queue, TTFT grows with the backlog, and TPOT grows with the batch that shares each step.")
+                   "queue, TTFT grows with the backlog, and TPOT grows with the batch that shares each step."
+                   + ("" if gpu else " (24 requests on a CPU: single rows are noisy, a run or two apart can differ "
+                                      "several-fold.)"))
 
     # (3) the same requests through the OpenAI-compatible HTTP API (serve.HTTPServer), streaming,
     # from clients in another process; the same arrival times called directly, just before, for
@@ -1983,7 +2001,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description="Benchmarks for every WaveBoost topic. Prints markdown tables; the first line "
                     "of each names the device, dtype and versions.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=M.HelpFormatter)
     p.add_argument("--topic", required=True, choices=sorted(TOPICS) + ["all"],
                    help="which topic to measure ('all' runs each in turn)")
     M.add_device_arg(p)
@@ -1994,10 +2012,14 @@ def main(argv=None) -> int:
     p.add_argument("--plot", action="store_true", help="also write PNG plots to --outdir")
     p.add_argument("--json", action="store_true", help="also write <topic>.json to --outdir")
     p.add_argument("--md", action="store_true", help="also write <topic>.md to --outdir")
-    p.add_argument("--outdir", type=Path, default=HERE / "results", help="where files go")
+    p.add_argument("--outdir", type=Path, default=None,
+                   help="where files go (default: results/, where the committed GPU tables live, when run "
+                        "on a GPU; out/ on a CPU, so that a CPU run never overwrites them)")
     args = p.parse_args(argv)
 
     device = M.cli_device(p, args.device)
+    if args.outdir is None:
+        args.outdir = HERE / ("results" if device.type == "cuda" else "out")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     quick = args.quick if args.quick is not None else device.type == "cpu"
     torch.manual_seed(0)

@@ -72,7 +72,7 @@ import triton.language as tl  # noqa: E402
 from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol, for PDL)
 
 from attention import grouped_query_attention  # noqa: E402
-from model import is_hopper_or_later, pdl_launch_args  # noqa: E402
+from model import HelpFormatter, is_hopper_or_later, pdl_launch_args  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -909,10 +909,13 @@ def _max_rel_err(out, ref):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="FlashAttention prefill + paged decode demo")
+    parser = argparse.ArgumentParser(description="FlashAttention prefill + paged decode demo: each kernel "
+                                     "against the PyTorch reference (on a GPU when there is one, else the "
+                                     "Triton interpreter on small shapes; timings: bench.py --topic flash)",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float16",
-                        choices=["float16", "bfloat16"])
-    parser.add_argument("--seed", type=int, default=0)
+                        choices=["float16", "bfloat16"], help="inputs' dtype")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

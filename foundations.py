@@ -33,7 +33,7 @@ results/foundations.md):
                  in the handlers every 10th token: 957 ms
 
 Run:
-  python foundations.py               # every measurement, small sizes, a few seconds
+  python foundations.py               # every measurement, small sizes, ~10-25 s on 2 cores
   python foundations.py --help
   python bench.py --topic foundations # the same as tables (GPU rows where there is a GPU)
 """

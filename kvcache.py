@@ -204,6 +204,7 @@ def main(argv=None) -> int:
         print(f"| GPT-2 {name} | {per / 1024:.0f} KiB | {kv_cache_bytes(cfg, 1024, 1, torch.float16) / 2**20:.0f} MiB "
               f"| {kv_cache_bytes(cfg, 1024, 32, torch.float16) / 2**30:.1f} GiB |")
     print()
+    print("The cache's layout for GPT-2 124M's shape (3 sequences of 37, 120 and 5 tokens, max_len 128):")
     print(layout_text([37, 120, 5], 128, PRESETS["124M"]))
     return 0
 

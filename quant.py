@@ -219,11 +219,7 @@ def _int8_epilogue(acc, offs_n, n_ok, scale_ptr, bias_ptr,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     if ACTIVATION == "gelu_tanh":
-        # 0.5 x (1 + tanh(u)) written as x * sigmoid(2u): no tanh instruction needed. The clamp
-        # changes nothing in fp32 (sigmoid(-40) = 4e-18) and keeps the CPU interpreter's exp()
-        # from overflowing for very negative inputs.
-        two_u = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc * tl.sigmoid(tl.maximum(two_u, -40.0))
+        acc = tm._gelu_tanh(acc)          # x * sigmoid(2u): no tanh instruction needed
     return acc
 
 
@@ -237,7 +233,8 @@ def int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, y_ptr, norm_w_p
     NORM "layer" / "rms" folds the norm in front (LayerNorm / RMSNorm of x, rounded to x's dtype
     as row_norm rounds it) with triton_matmul.py's helpers, exactly as its fp16 GEMV does: each
     program reads the 3.2 KB row from L2 for the statistics, and the norm's own kernel (and its
-    kernel boundary) is gone. x is handled as a (1, BLOCK_K) tile, the helpers' layout."""
+    kernel boundary) is gone. With NORM, x is a (1, BLOCK_K) tile (the helpers' layout);
+    without, the 1-D chunk it always was (sm_90, 2 rows x 2048: 72 registers against 98)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_k[None, :]                                   # (1, BLOCK_K)
@@ -261,7 +258,7 @@ def int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, y_ptr, norm_w_p
         if NORM != "":     # (1, BLOCK_K) fp32, normalised as row_norm would
             x = tm._normed_x(x_ptrs + k0, (offs_k < K - k0)[None, :], mean, rstd, norm_w_ptr + k0 + offs_k[None, :],
                              norm_b_ptr + k0 + offs_k[None, :], NORM, HAS_NORM_BIAS)
-        else:              # x as a 1-D chunk: the layout the measured kernel had (fewer registers)
+        else:              # x as a 1-D chunk, broadcast over the rows
             x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
         w_now = w
         q_ptrs += BLOCK_K
@@ -455,7 +452,7 @@ def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None, *,
 # 96 separate row_norm kernels (~1.7 us each, and a kernel boundary each). The int8 GEMV now
 # folds them too (NORM, the same helpers; compiled for sm_90: 95 registers, no spills, the
 # weight tile still loaded before the PDL wait). Not yet measured; expected from the fp16
-# kernels' 1.99 -> 1.86 ms when they folded theirs: the int8 1.5B step 1.73 -> ~1.55-1.6 ms.
+# kernels' 1.99 -> 1.86 ms when they folded theirs: the int8 1.5B step 1.73 -> ~1.6 ms.
 # Several rows (the tensor-core kernel) are 0.36-0.89x cuBLAS fp16: at 16 rows a 64-column tile
 # gives N=1600 only 25 programs for 132 SMs (split-K would fix that), and at 512 rows cuBLAS's
 # Hopper kernels (TMA, warp-specialised wgmma) beat a plain tl.dot loop that also converts every
@@ -650,14 +647,16 @@ def accuracy_table(model_fp32: M.Transformer, tokens: list[int], variants: list[
         model = copy.deepcopy(model_fp32).to(var.dtype)
         ops = quantize_model(model, var.per_channel, use_triton=use_triton) if var.int8_weights else None
         cache_type = Int8KVCache if var.int8_kv else M.KVCache
-        logp = teacher_forced_logits(model, tokens, ops, cache_type).log_softmax(-1)[:-1]
+        # scored in float64: a half-precision log_softmax rounds a KL of ~1e-7 (random weights'
+        # near-uniform predictions) to noise that can even come out negative
+        logp = teacher_forced_logits(model, tokens, ops, cache_type).double().log_softmax(-1)[:-1]
         if not torch.isfinite(logp).all():
             raise FloatingPointError(f"{var.name}: non-finite logits (overflow?)")
         if ref_logp is None:
             ref_logp = logp
         nll = -logp.gather(1, targets[:, None]).mean()
         agree = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean()
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().clamp(min=0)   # rounding: never < 0
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().clamp(min=0)   # (float64 rounding: >= -1e-16)
         kv = kv_bytes_per_token_int8(model.cfg) if var.int8_kv else M.kv_bytes_per_token(model.cfg, var.dtype)
         rows.append([var.name, weight_bytes(model, ops) / 2**20, kv, float(nll.exp()), 100 * float(agree),
                      float(kl)])

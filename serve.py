@@ -642,6 +642,14 @@ class EngineConfig:
                                "on the device), so the host's work overlaps the GPU's")
 
     def __post_init__(self):
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda (or cuda:N), got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}, but torch sees no CUDA GPU here: use cpu")
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
@@ -1101,16 +1109,20 @@ class LLMEngine:
         seq = self.seqs.pop(request_id)
         if seq.status != "finished":
             self.scheduler.finish(seq, "abort")
-        # A queued decode step (async_decode, below) whose rows are now all finished has nothing
-        # left to deliver: collect it here, so that an engine whose every request was aborted
-        # reports nothing unfinished and holds no step in flight (the HTTP server's close()
-        # relies on that). The wait is for one decode step the GPU already runs, ~1-2 ms at most.
+        self._drop_finished_in_flight()
+
+    def _drop_finished_in_flight(self) -> None:
+        """A queued decode step (async_decode, below) whose rows have all finished (aborted, or
+        stopped by EOS or a stop string after it was queued) has nothing left to deliver: forget
+        it, without waiting for it. Safe because the GPU runs everything in stream order: its
+        token copy lands in a pinned buffer that a later copy overwrites before the host reads
+        that buffer again, and the K/V it writes into freed blocks is rewritten by later steps.
+        So an engine whose requests have all ended reports nothing unfinished and holds no step
+        in flight at once (the HTTP server's close() relies on that)."""
         if self.in_flight is not None and all(s.status == "finished" for s in self.in_flight[0]):
-            seqs, copy = self.in_flight
+            for seq in self.in_flight[0]:
+                seq.num_pending -= 1
             self.in_flight = None
-            ModelRunner.finish_token_copy(copy)
-            for s in seqs:
-                s.num_pending -= 1
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self.in_flight is not None
@@ -1152,7 +1164,9 @@ class LLMEngine:
         tokens = ModelRunner.finish_token_copy(copy)
         for seq in seqs:
             seq.num_pending -= 1
-        return self._emit([(s, t) for s, t in zip(seqs, tokens) if s.status != "finished"])
+        new_tokens = self._emit([(s, t) for s, t in zip(seqs, tokens) if s.status != "finished"])
+        self._drop_finished_in_flight()          # every row of the step ahead just stopped
+        return new_tokens
 
     def _queue_decode(self, seqs: list[Sequence], previous: list[Sequence] | None = None) -> tuple:
         """Queue a greedy decode step (and the copy of its tokens to the host) without waiting.
@@ -1339,11 +1353,14 @@ def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
 # (foundations.py, Part 4). The two meet through two queues: handlers put
 # requests into the engine thread's inbox (thread-safe), and the engine thread hands each
 # request's text pieces back to that request's asyncio.Queue with loop.call_soon_threadsafe (an
-# asyncio.Queue may only be touched from its own loop's thread). The engine thread steps
+# asyncio.Queue may only be touched from its own loop's thread), one call per step for all the
+# requests that got text (each call wakes the loop through a pipe). The engine thread steps
 # whenever any request is unfinished and sleeps on its inbox otherwise, so a burst of requests
 # joins the running batch at the next step: continuous batching across HTTP clients.
 # The GIL is shared by the two threads: the handlers' work per token (a JSON dump, a socket
 # write) is kept small, because every microsecond of it is taken from the engine loop.
+# `python bench.py --topic load` runs the same traffic through this server and directly, side
+# by side: the difference is what this layer costs.
 #
 # Endpoints (the subset of the OpenAI API that a completion client needs):
 #   GET  /v1/models             the one model served
@@ -1409,8 +1426,9 @@ class EngineThread:
         it (a syscall), and the loop thread then runs one callback for it, all under the GIL that
         this thread needs for the next step. Per event, 128 streaming requests cost 128 of those
         per decode step; batched, one. Measured on a 2-core CPU (GPT-2 tiny, 128 streams, clients
-        in another process, 4 alternating runs): 98 -> 100 requests/s, a small gain there, where
-        the model's own host work dominates; it grows with the streams per step."""
+        in another process, medians of 4 alternating runs): 98 -> 100 requests/s, within that
+        machine's noise, where the model's own host work dominates; on a GPU, where a step takes
+        a few ms for everything, we expect it to matter more (not measured yet)."""
         for loop, events in events_by_loop.items():
             try:
                 loop.call_soon_threadsafe(EngineThread._put_all, events)
@@ -1434,7 +1452,10 @@ class EngineThread:
             try:
                 for msg in msgs:
                     if msg[0] == "stop":
-                        self._abort_all("the server is shutting down")
+                        try:
+                            self._abort_all("the server is shutting down")
+                        except Exception:     # noqa: BLE001 (every client was told; end the thread anyway)
+                            pass
                         return
                     if msg[0] == "add":
                         self._add(*msg[1:])
@@ -1470,38 +1491,48 @@ class EngineThread:
             self._abort_all(f"engine step failed: {type(failure).__name__}: {failure}")
 
     def _abort_all(self, message: str) -> None:
+        failure = None
         for seq_id, stream in list(self.streams.items()):
             del self.streams[seq_id]
-            if seq_id in self.engine.seqs:
-                self.engine.abort(seq_id)
-            self._send(stream, ("error", message))
+            self._send(stream, ("error", message))       # first: whatever abort does, they hear
+            try:
+                if seq_id in self.engine.seqs:
+                    self.engine.abort(seq_id)
+            except Exception as err:     # noqa: BLE001 (abort the others first, then raise)
+                failure = failure or err
+        if failure is not None:
+            raise failure
 
     def _publish(self) -> int:
         """Send every stream its new text; finished requests get ("done", output). Returns how
         many requests ended in an error."""
         errors = 0
         outbox: dict = {}                 # event loop -> [(queue, event)], delivered at the end
-        for seq_id, stream in list(self.streams.items()):
-            seq = self.engine.seqs[seq_id]
-            if not stream[3] and seq.status != "finished":
-                continue                  # not streaming: nothing to send before the end
-            send = outbox.setdefault(stream[0], []).append
-            try:
-                piece, final = self.engine.new_text(seq, stream[2])
-            except RuntimeError as err:
-                del self.streams[seq_id]
-                self.engine.abort(seq_id)
-                send((stream[1], ("error", str(err))))
-                errors += 1
-                continue
-            if piece and stream[3]:
-                stream[2] += len(piece)
-                send((stream[1], ("text", piece)))
-            if final is not None:
-                del self.streams[seq_id]
-                del self.engine.seqs[seq_id]
-                send((stream[1], ("done", final)))
-        self._deliver(outbox)
+
+        def send(stream, event):
+            outbox.setdefault(stream[0], []).append((stream[1], event))
+        try:
+            for seq_id, stream in list(self.streams.items()):
+                seq = self.engine.seqs[seq_id]
+                if not stream[3] and seq.status != "finished":
+                    continue              # not streaming: nothing to send before the end
+                try:
+                    piece, final = self.engine.new_text(seq, stream[2])
+                except RuntimeError as err:
+                    del self.streams[seq_id]
+                    send(stream, ("error", str(err)))
+                    errors += 1
+                    self.engine.abort(seq_id)
+                    continue
+                if piece and stream[3]:
+                    stream[2] += len(piece)
+                    send(stream, ("text", piece))
+                if final is not None:
+                    del self.streams[seq_id]
+                    del self.engine.seqs[seq_id]
+                    send(stream, ("done", final))
+        finally:         # what was decided is sent even if a later stream raised (_run aborts the rest)
+            self._deliver(outbox)
         return errors
 
 
@@ -1751,7 +1782,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Serve a prompt through the paged, continuously "
                                 "batched engine and stream the answer.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=M.HelpFormatter)
     add_config_args(p)
     p.add_argument("--prompt", default=None, help="default: a question for chat models, a sentence "
                    "start otherwise; chat models get the prompt wrapped in their chat template")

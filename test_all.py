@@ -184,6 +184,24 @@ def test_loader_errors_are_clear(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(RuntimeError, match="Offline options.*random:124M"):
         M.load_gpt2("gpt2")
+    # no cached copy and a hub name that does not resolve: fail at once, without the hub
+    # client's ~25 s of retries (only the local cache is asked)
+    import socket
+    asked = []
+
+    def cache_only(*args, local_files_only=False, **kwargs):
+        asked.append(local_files_only)
+        raise FileNotFoundError("not in the cache")
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="(?s)does not resolve.*Offline options"):
+        M.load_gpt2("gpt2")
+    assert asked == [True]
     with pytest.raises(FileNotFoundError, match="neither a local path nor a hub name"):
         M.load_gpt2("/no/such/checkpoint")
     with pytest.raises(ValueError, match="unknown preset"):
@@ -615,7 +633,7 @@ def test_engine_async_decode_abort_in_flight(tiny_model):
     _assert_drained(engine)
 
 
-def test_engine_abort_of_every_request_collects_the_step_in_flight(tiny_model):
+def test_engine_abort_of_every_request_drops_the_step_in_flight(tiny_model):
     """Aborting every request while a decode step is queued leaves nothing unfinished at once
     (no further step() needed): the HTTP server's close() stops its engine thread right after
     such aborts, and CI once caught it holding the queued step."""
@@ -633,6 +651,40 @@ def test_engine_abort_of_every_request_collects_the_step_in_flight(tiny_model):
     while engine.has_unfinished():
         engine.step()
     assert engine.seqs.pop(rid).output == M.generate(tiny_model, [1, 2, 3], 6)
+    _assert_drained(engine)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("device", "gpu", "cpu or cuda"), ("device", "tpu:0", "cpu or cuda"), ("block_size", 0, "block_size"),
+    ("dtype", "fp8", "dtype"), ("num_blocks", -1, "num_blocks"), ("gpu_memory_fraction", 0.0, "gpu_memory_fraction"),
+    ("gpu_memory_fraction", 1.5, "gpu_memory_fraction"), ("kernels", "cuda", "kernels")])
+def test_engine_config_rejects_bad_values(field, value, match):
+    """A bad engine setting is a clear ValueError naming it (serve.py's CLI prints it), not a
+    traceback from deep inside torch later."""
+    with pytest.raises(ValueError, match=match):
+        S.EngineConfig(**{"device": "cpu", field: value})
+
+
+def test_engine_config_refuses_cuda_without_a_gpu():
+    if torch.cuda.is_available():
+        assert S.EngineConfig(device="cuda").device == "cuda"
+    else:
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            S.EngineConfig(device="cuda")
+
+
+def test_engine_stop_on_eos_drops_the_step_queued_after_it(tiny_model):
+    """A request that ends on EOS had its next step already queued (async decode): the step that
+    returns the EOS token also forgets that one, so the engine has nothing unfinished at once."""
+    ref = M.generate(tiny_model, [5, 6, 7], 10)
+    eos = next(t for i, t in enumerate(ref) if i >= 3 and t not in ref[:i])     # ends at step i
+    engine = S.LLMEngine(_engine(tiny_model).cfg, model=tiny_model, tokenizer=M.gpt2_tokenizer(), eos_id=eos)
+    rid = engine.add_request([5, 6, 7], S.SamplingParams(max_tokens=10))
+    while engine.seqs[rid].status != "finished":
+        engine.step()
+    seq = engine.seqs.pop(rid)
+    assert seq.finish_reason == "eos" and seq.output == ref[:ref.index(eos) + 1]
+    assert engine.steps_ahead > 0          # it did run ahead, so a step was queued past the EOS
     _assert_drained(engine)
 
 
@@ -2161,12 +2213,13 @@ def test_int8_linear_matches_reference(shape, epilogue):
 
 
 @pytest.mark.parametrize("norm", list(GEMV_NORMS))
-@pytest.mark.parametrize("dtype", [GEMV_DTYPE, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", list(dict.fromkeys([GEMV_DTYPE, torch.float16, torch.bfloat16])), ids=str)
 @pytest.mark.parametrize("shape", [(1, 37, 100), (1, 300, 29), (3, 40, 70)], ids=str)
 def test_int8_linear_folds_the_norm(shape, dtype, norm):
     """int8_linear(x, ..., norm=...) = int8_linear(row_norm(x), ...): for one row the norm runs
     inside the int8 GEMV (one chunk and several: K = 29 and 100 against the interpreter's
-    32-wide chunk), for more rows in PyTorch first. bf16 rows normalise in bf16."""
+    32-wide chunk), for more rows in PyTorch first. bf16 rows normalise in bf16 (under the
+    interpreter in PyTorch, which keeps bf16 as raw bits; fp32 and fp16 run the kernel's fold)."""
     rows, N, K = shape
     kind, has_norm_bias = GEMV_NORMS[norm]
     x, qw, b, r = _int8_inputs(rows, N, K, dtype, seed=rows * 7 + N + K)
@@ -2611,7 +2664,19 @@ def test_bench_new_topics_run_on_cpu(tmp_path):
     load = json.loads((tmp_path / "load.json").read_text())["tables"]
     assert any("Poisson" in str(r[0]) for t in load for r in t.get("rows", []))
     http_rows = [r for t in load for r in t.get("rows", []) if str(r[0]).startswith("HTTP streaming clients")]
-    assert len(http_rows) == 2 and all(float(r[2]) > 0 for r in http_rows)     # every request answered
+    assert len(http_rows) == 2
+    for r in http_rows:        # TTFT, TPOT and end-to-end medians (ms) that fit together
+        ttft, tpot, e2e = (float(x) for x in r[3:6])
+        assert 0 < ttft < e2e and 0 < tpot < e2e, r
+
+
+def test_bench_on_cpu_never_writes_into_results(tmp_path, monkeypatch):
+    """--md / --json without --outdir: results/ (the committed GPU tables) on a GPU, out/ on a CPU."""
+    import bench
+    monkeypatch.setattr(bench, "HERE", tmp_path)
+    assert bench.main(["--topic", "attention", "--device", "cpu", "--md", "--json"]) == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"attention.md", "attention.json"}
+    assert not (tmp_path / "results").exists()
 
 
 def test_coordinate_descent_finds_the_minimum_and_ignores_noise():
