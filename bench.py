@@ -339,15 +339,11 @@ def attention_e2e_section(ctx: BenchContext) -> None:
         smol_src = "random weights of the real shape"
     batch = 2 if ctx.quick else 16
     contexts = [64, 256] if ctx.quick else [256, 1024, 2048, 4096, 8192]
-    elt = torch.finfo(dt).bits // 8
     rows, series = [], {}
     for name, model in models.items():
         cfg = model.cfg
         kv_tok = M.kv_bytes_per_token(cfg, dt)
-        # a step reads every weight once, except GPT-2's position table: one row of it
-        pos = getattr(model, "pos_emb", None)
-        skipped = 0 if pos is None else pos.weight.numel() - pos.weight.shape[1]
-        weight_bytes = (sum(p.numel() for p in model.parameters()) - skipped) * elt
+        weight_bytes = model.decode_weight_bytes()
         xs, ys = [], []
         for L in contexts:
             cache = M.KVCache(cfg, batch, L + 1, dt, dev)
@@ -1157,7 +1153,7 @@ def topic_serve(ctx: BenchContext) -> None:
     rows = []
     for size in sizes:
         model = load_gpt2(f"random:{size}", dt, dev)
-        weight_bytes = sum(p.nbytes for p in model.parameters())
+        weight_bytes = model.decode_weight_bytes()
         engine = _serve_engine(model, ctx, warm=prompt, num_blocks=128, max_num_seqs=1, prefix_caching=False)
         params = lambda n: S.SamplingParams(max_tokens=n, ignore_eos=True)   # noqa: E731
         ours, ours_prefill = _decode_rate(lambda n: (engine.generate([prompt], params(n)), ctx.sync()), n_new)

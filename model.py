@@ -540,6 +540,14 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def decode_weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads (the numerator of every bandwidth roofline in
+        bench.py): each parameter once, except GPT-2's learned position table, of which a step
+        reads one row per token, not all max_seq_len (3.1 MB of 1.5B's 3.1 GB)."""
+        pos = getattr(self, "pos_emb", None)
+        unread = 0 if pos is None else pos.weight[1:].nbytes
+        return sum(p.nbytes for p in self.parameters()) - unread
+
 
 # ----------------------------------------------------------------------------------------------
 # 4. Prefill and decode

@@ -520,9 +520,10 @@ def quantize_model(model: M.Transformer, per_channel: bool = True, free_weights:
 
 
 def weight_bytes(model: M.Transformer, ops=None) -> int:
-    """Bytes of every weight the model reads: its parameters plus any int8 copies in ops."""
+    """Bytes of weights a decode step reads (model.decode_weight_bytes) plus any int8 copies in
+    ops (the quantised weights themselves are emptied by quantize_model)."""
     extra = sum(qw.nbytes for qw in ops.qweights.values()) if isinstance(ops, Int8Ops) else 0
-    return sum(p.nbytes for p in model.parameters()) + extra
+    return model.decode_weight_bytes() + extra
 
 
 # -----------------------------------------------------------------------------

@@ -208,6 +208,14 @@ def test_loader_errors_are_clear(monkeypatch, tmp_path):
         M.load_gpt2("random:7B")
 
 
+def test_decode_weight_bytes_counts_one_position_row():
+    gpt2, llama = M.load_gpt2("random:tiny"), M.load_model("random:tiny-llama")
+    every = lambda m: sum(p.nbytes for p in m.parameters())       # noqa: E731
+    cfg = gpt2.cfg
+    assert gpt2.decode_weight_bytes() == every(gpt2) - (cfg.max_seq_len - 1) * cfg.n_embd * 4    # fp32
+    assert llama.decode_weight_bytes() == every(llama)                # RoPE: no position table
+
+
 def test_random_presets_are_seeded_and_sized():
     a, b = M.load_gpt2("random:tiny"), M.load_gpt2("random:tiny")
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
