@@ -324,9 +324,8 @@ INT8_GEMV_GPU_CONFIGS = [_gemv_config(bn, bk, w, 1) for bn, bk, w in
 def _prune_int8_gemv(configs, named_args, **kwargs):
     """Keep configs whose chunk fits the registers and is not mostly past the end of K."""
     k_all = max(16, triton.next_power_of_2(named_args["K"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= k_all
-            and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / c.num_warps)]
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= k_all and tm.gemv_tile_fits(c)]
+    return kept or [tm.smallest_gemv_tile(configs)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): small-M tiles for batched decode, big ones for prefill
 INT8_MATMUL_GPU_CONFIGS = [_matmul_config(16, 64, 128, 4, 4), _matmul_config(32, 64, 128, 4, 4),
                            _matmul_config(64, 64, 128, 4, 3), _matmul_config(64, 128, 64, 4, 4),
