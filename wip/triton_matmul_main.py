@@ -1123,6 +1123,17 @@ def one_row_gemv_config(N, K, elem_bytes=2, rows=None, warps=None):
     return triton.Config({"BLOCK_N": rows, "BLOCK_K": k_all, "SINGLE_SHOT": True}, num_warps=warps, num_stages=1)
 
 
+def gemv_tile_fits(c, rows: int = 1) -> bool:
+    """The GEMVs' register rule (this file's and quant.py's): the rows x BLOCK_N x BLOCK_K
+    product tile is at most 64 fp32 values per thread, beyond which ptxas spills."""
+    return rows * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps
+
+
+def smallest_gemv_tile(configs):
+    """The last resort when no config fits: the fewest values per thread."""
+    return min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / c.num_warps)
+
+
 def _prune_gemv_configs(configs, named_args, **kwargs):
     """Before compiling anything: for one row with 512 <= BLOCK_K <= 16384, return the one
     single-shot config the rule picks ("Choosing by rule"; its 8-row tiles for 16-bit x are
@@ -1150,7 +1161,7 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
         sized.append(c)
 
     def fits(c):
-        return bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 64 * 32 * c.num_warps
+        return gemv_tile_fits(c, bm)
 
     def suits(c):
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -1161,7 +1172,7 @@ def _prune_gemv_configs(configs, named_args, **kwargs):
     if single:      # one row: single shot only (why: "Prefetch across the kernel boundary")
         return single
     return ([c for c in sized if fits(c) and suits(c)] or [c for c in sized if fits(c)]
-            or [min(sized, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / c.num_warps)])
+            or [smallest_gemv_tile(sized)])
 
 
 def _autotune_gemv(configs, do_bench):
