@@ -2523,6 +2523,43 @@ def test_http_completions_match_generate_and_stream(http_server, tiny_model):
     _wait_drained(http_server)
 
 
+@needs_cuda
+def test_http_on_a_gpu_engine_with_graphs():
+    """The server's engine thread drives a CUDA engine whose decode graphs were captured on
+    another thread (the one that built it). One streamed request gets exactly the text of the
+    same engine's generate() (same batch of 1, same graph); five at once each run to their
+    length (their batches differ from any run alone, and fp16 greedy tokens may then differ);
+    every block comes back."""
+    engine = S.LLMEngine(S.EngineConfig(device="cuda", dtype="float16", num_blocks=64, block_size=16,
+                                        max_num_seqs=8, cuda_graphs=True),
+                         model=_gpu_model("gpt2").cuda().half(), tokenizer=M.gpt2_tokenizer())
+    assert engine.runner.graphs
+    prompts = [list(range(100 + 7 * i, 100 + 7 * i + 5 + 3 * i)) for i in range(5)]
+    want = engine.generate([prompts[0]], S.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0].text
+    engine.seqs.clear()
+    server = S.HTTPServer(engine, port=0).start()
+    body = {"max_tokens": 20, "temperature": 0, "ignore_eos": True, "stream": True}
+    try:
+        status, answer = _http(server, "POST", "/v1/completions", {"prompt": prompts[0], **body})
+        assert status == 200 and "".join(e["choices"][0]["text"] for e in _sse_events(answer)) == want
+        generated, results = engine.num_generated, [None] * len(prompts)
+
+        def client(i):
+            results[i] = _http(server, "POST", "/v1/completions", {"prompt": prompts[i], **body})
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for status, answer in results:
+            events = _sse_events(answer)
+            assert status == 200 and events[-1]["choices"][0]["finish_reason"] == "length", answer[-300:]
+        assert engine.num_generated - generated == 20 * len(prompts)
+        _wait_drained(server)
+    finally:
+        server.close()
+
+
 def test_http_concurrent_clients_each_get_their_own_answer(http_server, tiny_model):
     """Requests from 6 client threads at once are batched by the engine thread; each answer
     equals model.generate run on that prompt alone."""
