@@ -554,7 +554,7 @@ def _compile_offline_here(jobs, sass=False):
     import subprocess
     import tempfile
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
     results = []
     for fn_name, tensors, ints, constexprs, num_warps, num_stages in jobs:
@@ -569,29 +569,26 @@ def _compile_offline_here(jobs, sass=False):
         except Exception as err:                # noqa: BLE001 (a job that does not compile: report it)
             results.append(dict(error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"))
             continue
-        # ptxas -v once more on the same PTX for the numbers it prints (Triton's own run discards
-        # them). "bytes stack frame" is the local memory per thread that a GPU reports as
-        # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, and Triton's kernel.n_spills is that / 4.
+        # Registers and stack from the cubin (Triton keeps ptxas's own report to itself), with
+        # the cuobjdump bundled next to ptxas: "REG:206 STACK:0 ...". STACK is the local memory
+        # per thread that ptxas -v reports as "bytes stack frame" (checked equal on spilling and
+        # clean kernels) and a GPU as CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES; kernel.n_spills is / 4.
+        tools = os.path.dirname(get_ptxas(HOPPER).path)
         with tempfile.TemporaryDirectory() as tmp:
-            ptx = os.path.join(tmp, "kernel.ptx")
-            with open(ptx, "w") as f:
-                f.write(compiled.asm["ptx"])
-            log = subprocess.run([get_ptxas(HOPPER).path, "-v", f"--gpu-name={sm_arch_from_capability(HOPPER)}",
-                                  ptx, "-o", os.devnull], capture_output=True, text=True, check=True,
-                                 timeout=_OFFLINE_TIMEOUT_S).stderr
-        regs = re.search(r"Used (\d+) registers", log)
-        stack = re.search(r"(\d+) bytes stack frame", log)
-        if regs is None:
-            raise RuntimeError(f"no register count in the ptxas output:\n{log[-1000:]}")
-        results.append(dict(n_regs=int(regs.group(1)), n_spills=int(stack.group(1)) // 4 if stack else 0,
+            cubin = os.path.join(tmp, "kernel.cubin")
+            with open(cubin, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                                   text=True, check=True, timeout=_OFFLINE_TIMEOUT_S).stdout
+            if sass:        # the machine code, through the nvdisasm bundled with Triton
+                text = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True,
+                                      text=True, check=True, timeout=_OFFLINE_TIMEOUT_S).stdout
+        regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+        if regs is None or stack is None:
+            raise RuntimeError(f"no register count in cuobjdump's output:\n{usage[-1000:]}")
+        results.append(dict(n_regs=int(regs.group(1)), n_spills=int(stack.group(1)) // 4,
                             shared_bytes=compiled.metadata.shared, num_warps=num_warps))
-        if sass:            # the machine code, through the nvdisasm bundled with Triton
-            with tempfile.TemporaryDirectory() as tmp:
-                cubin = os.path.join(tmp, "kernel.cubin")
-                with open(cubin, "wb") as f:
-                    f.write(compiled.asm["cubin"])
-                text = subprocess.run([os.path.join(os.path.dirname(get_ptxas(HOPPER).path), "nvdisasm"), "-c", cubin],
-                                      capture_output=True, text=True, check=True, timeout=_OFFLINE_TIMEOUT_S).stdout
+        if sass:
             results[-1]["sass"] = [m.group(1) for m in re.finditer(r"\*/\s+(.*?)\s*;", text)]
     return results
 
