@@ -3,7 +3,7 @@ bench.py: every benchmark table in this repository comes from here (results/perf
 also logs one-off experiment scripts, marked as such).
 
     python bench.py --topic kv                  # markdown tables on stdout
-    python bench.py --topic attention --plot    # ... and PNGs under results/
+    python bench.py --topic attention --plot    # ... and PNGs under out/ (results/ on a GPU)
     python bench.py --topic all --device cuda --json --md
 
 What you will learn
@@ -81,7 +81,7 @@ class BenchContext:
     dtype: torch.dtype
     quick: bool
     plot: bool = False
-    outdir: Path = HERE / "results"
+    outdir: Path = HERE / "out"                  # main() picks results/ on a GPU
     tables: list = field(default_factory=list)   # everything printed, for --json / --md
     header: str = ""
     md_path: Path | None = None                  # --md: rewritten after every table, so a run
@@ -576,7 +576,8 @@ def topic_matmul(ctx: BenchContext) -> None:
                    "v3 % of copy BW", "v3 eager us", "cuBLAS eager us"], rows,
                   note=f"{'GPU time per GEMM from CUDA graphs' if on_gpu else 'CPU: interpreter times'}; decode rows "
                        f"(tokens <= 16) rotate over weight copies "
-                       f"so every call reads the weight from HBM. They read the whole weight for a few tokens: "
+                       f"so every call reads the weight from memory, not a cache. They read the whole weight for a "
+                       f"few tokens: "
                        f"memory-bound. GB/s counts A + B + C once; measured copy bandwidth "
                        f"{ceil['copy_gbps']:.0f} GB/s. Eager columns include Python launch overhead.", dtype=dtype)
 
@@ -609,7 +610,7 @@ def topic_matmul(ctx: BenchContext) -> None:
         ctx.table(f"matmul float16: the GPU autotune configs at M=N=K={M}, compiled for an H100/H200 (sm_90) "
                   "without one", ["config", "regs/thread", "spills", "smem KB", "programs/SM", "occupancy",
                                   "limited by", "waves"], rows,
-                  note="triton.compile with a Hopper target and the ptxas bundled with Triton "
+                  note="triton.compile with a Hopper target and the ptxas and cuobjdump bundled with Triton "
                        "(triton_matmul.compile_offline): the same registers and shared memory a GPU run reports, "
                        "no timings. Occupancy = resident warps / 64; waves = tiles / (132 SMs x programs per SM).",
                   dtype=torch.float16)

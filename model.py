@@ -541,11 +541,16 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def decode_weight_bytes(self) -> int:
-        """Bytes of weights one decode step reads (the numerator of every bandwidth roofline in
-        bench.py): each parameter once, except GPT-2's learned position table, of which a step
-        reads one row per token, not all max_seq_len (3.1 MB of 1.5B's 3.1 GB)."""
-        pos = getattr(self, "pos_emb", None)
-        unread = 0 if pos is None else pos.weight[1:].nbytes
+        """Bytes of weights a batch-1 decode step reads (the numerator of every bandwidth
+        roofline in bench.py): each parameter once, except the tables a step only gathers rows
+        from, counted as one row: GPT-2's learned positions (3.1 MB of 1.5B's 3.1 GB), and the
+        token embedding when the LM head is a separate matrix (untied; a tied one is read whole
+        as the head)."""
+        unread = 0
+        if getattr(self, "pos_emb", None) is not None:
+            unread += self.pos_emb.weight[1:].nbytes
+        if self.lm_head is not None:
+            unread += self.tok_emb.weight[1:].nbytes
         return sum(p.nbytes for p in self.parameters()) - unread
 
 
@@ -1452,7 +1457,7 @@ def main(argv=None) -> int:
     add_sampling_args(p)
     add_device_arg(p)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="None = float16 on cuda, float32 on cpu")
+                   help="default: float16 on cuda, float32 on cpu")
     args = p.parse_args(argv)
     cli_device(p, args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)

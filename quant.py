@@ -647,8 +647,8 @@ def accuracy_table(model_fp32: M.Transformer, tokens: list[int], variants: list[
         model = copy.deepcopy(model_fp32).to(var.dtype)
         ops = quantize_model(model, var.per_channel, use_triton=use_triton) if var.int8_weights else None
         cache_type = Int8KVCache if var.int8_kv else M.KVCache
-        # scored in float64: a half-precision log_softmax rounds a KL of ~1e-7 (random weights'
-        # near-uniform predictions) to noise that can even come out negative
+        # scored in float64: in float32 a KL of ~1e-7 (random weights' near-uniform predictions)
+        # is rounding noise that can even come out negative
         logp = teacher_forced_logits(model, tokens, ops, cache_type).double().log_softmax(-1)[:-1]
         if not torch.isfinite(logp).all():
             raise FloatingPointError(f"{var.name}: non-finite logits (overflow?)")

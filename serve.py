@@ -644,12 +644,15 @@ class EngineConfig:
     def __post_init__(self):
         try:
             device = torch.device(self.device)
-        except RuntimeError:
+        except (RuntimeError, TypeError):
             device = None
         if device is None or device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda (or cuda:N), got {self.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}, but torch sees no CUDA GPU here: use cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {self.device!r}, but torch sees {torch.cuda.device_count()} GPU(s)")
+        self.device = str(device)        # a torch.device is accepted too; the engine reads a string
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

@@ -179,14 +179,16 @@ def test_loader_errors_are_clear(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="not a GPT-2 checkpoint"):
         M.load_gpt2(str(tmp_path))
 
+    import socket
+
     def offline(*args, **kwargs):
         raise ConnectionError("no route to host")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [])     # "resolves": no real lookup
     with pytest.raises(RuntimeError, match="Offline options.*random:124M"):
         M.load_gpt2("gpt2")
     # no cached copy and a hub name that does not resolve: fail at once, without the hub
     # client's ~25 s of retries (only the local cache is asked)
-    import socket
     asked = []
 
     def cache_only(*args, local_files_only=False, **kwargs):
@@ -208,12 +210,19 @@ def test_loader_errors_are_clear(monkeypatch, tmp_path):
         M.load_gpt2("random:7B")
 
 
-def test_decode_weight_bytes_counts_one_position_row():
-    gpt2, llama = M.load_gpt2("random:tiny"), M.load_model("random:tiny-llama")
+def test_decode_weight_bytes_counts_one_row_of_gathered_tables():
+    """fp32 models: GPT-2's position table counts one row (its tied embedding is read whole as the
+    LM head); an untied Llama-style model's embedding counts one row (its head is read whole);
+    a tied one reads its embedding whole."""
     every = lambda m: sum(p.nbytes for p in m.parameters())       # noqa: E731
-    cfg = gpt2.cfg
-    assert gpt2.decode_weight_bytes() == every(gpt2) - (cfg.max_seq_len - 1) * cfg.n_embd * 4    # fp32
-    assert llama.decode_weight_bytes() == every(llama)                # RoPE: no position table
+    gpt2 = M.load_gpt2("random:tiny")
+    assert gpt2.decode_weight_bytes() == every(gpt2) - (gpt2.cfg.max_seq_len - 1) * gpt2.cfg.n_embd * 4
+    for tied in (False, True):
+        cfg = M.replace(M.PRESETS["tiny-llama"], tie_embeddings=tied)
+        llama = M.Transformer(cfg)
+        assert (llama.lm_head is None) == tied
+        unread = 0 if tied else (cfg.vocab_size - 1) * cfg.n_embd * 4
+        assert llama.decode_weight_bytes() == every(llama) - unread
 
 
 def test_random_presets_are_seeded_and_sized():
@@ -663,7 +672,8 @@ def test_engine_abort_of_every_request_drops_the_step_in_flight(tiny_model):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("device", "gpu", "cpu or cuda"), ("device", "tpu:0", "cpu or cuda"), ("block_size", 0, "block_size"),
+    ("device", "gpu", "cpu or cuda"), ("device", "tpu:0", "cpu or cuda"), ("device", None, "cpu or cuda"),
+    ("block_size", 0, "block_size"),
     ("dtype", "fp8", "dtype"), ("num_blocks", -1, "num_blocks"), ("gpu_memory_fraction", 0.0, "gpu_memory_fraction"),
     ("gpu_memory_fraction", 1.5, "gpu_memory_fraction"), ("kernels", "cuda", "kernels")])
 def test_engine_config_rejects_bad_values(field, value, match):
@@ -674,6 +684,7 @@ def test_engine_config_rejects_bad_values(field, value, match):
 
 
 def test_engine_config_refuses_cuda_without_a_gpu():
+    assert S.EngineConfig(device=torch.device("cpu")).device == "cpu"     # a torch.device is fine too
     if torch.cuda.is_available():
         assert S.EngineConfig(device="cuda").device == "cuda"
     else:
@@ -1245,7 +1256,7 @@ def test_gpu_kernels_compile_for_sm90():
 
 
 def test_matmul_occupancy_offline_for_sm90():
-    """Compiled for an H100/H200 on any machine (no GPU needed): registers from ptxas, the shared
+    """Compiled for an H100/H200 on any machine (no GPU needed): registers from the cubin, the shared
     memory of the pipelined A/B tiles, and the occupancy those allow; an fp32 tile too big for
     shared memory is an error row, as a GPU launch would refuse it."""
     fits = [tm._config(128, 128, 64, 8, 3), tm._config(16, 32, 128, 4, 4)]
@@ -2536,7 +2547,7 @@ def test_http_on_a_gpu_engine_with_graphs():
     assert engine.runner.graphs
     prompts = [list(range(100 + 7 * i, 100 + 7 * i + 5 + 3 * i)) for i in range(5)]
     want = engine.generate([prompts[0]], S.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0].text
-    engine.seqs.clear()
+    _assert_drained(engine)
     server = S.HTTPServer(engine, port=0).start()
     body = {"max_tokens": 20, "temperature": 0, "ignore_eos": True, "stream": True}
     try:
