@@ -1660,9 +1660,10 @@ def topic_load(ctx: BenchContext) -> None:
                 statistics.median(s[0] for s in stats) * 1e3, statistics.median(s[1] for s in stats) * 1e3,
                 statistics.median(s[2] for s in stats) * 1e3,
                 pcts(s[0] for s in stats), pcts(s[1] for s in stats), f"{out_tokens / wall:,.0f}"]
-    for frac in (0.25, 0.5, 0.75, 1.0, 1.5, None):
-        label, arrivals, rate = poisson(frac)
-        rows.append(row(label, rate, *_open_loop(engine, work, arrivals)))
+    sweep = {frac: poisson(frac) for frac in (0.25, 0.5, 0.75, 1.0, 1.5, None)}
+    direct = {frac: row(label, rate, *_open_loop(engine, work, arrivals))
+              for frac, (label, arrivals, rate) in sweep.items()}
+    rows += direct.values()
     ctx.table(f"serve.py under load: {name} {str(dt).removeprefix('torch.')}, {n_req} requests, prompts "
               f"{p_lo}-{p_hi}, outputs {o_lo}-{o_hi} tokens (EOS ignored)",
               ["arrivals", "offered req/s", "served req/s", "TTFT p50 ms", "TPOT p50 ms", "end-to-end p50 ms",
@@ -1676,19 +1677,18 @@ def topic_load(ctx: BenchContext) -> None:
                                       "several-fold.)"))
 
     # (3) the same requests through the OpenAI-compatible HTTP API (serve.HTTPServer), streaming,
-    # from clients in another process; the same arrival times called directly, just before, for
-    # comparison. Per token HTTP adds, in this process's Python: the engine thread turns the token
+    # from clients in another process, at two of the sweep's arrival patterns (the sweep's rows
+    # are the direct side of the comparison). Per token HTTP adds, in this process's Python: the engine thread turns the token
     # into text (incremental detokenization) and hands it to the server's event loop, which
     # formats an SSE chunk and writes it to a socket, all under one GIL with the engine's own
     # host work (the GIL table in foundations.md: Python threads take turns).
-    patterns = [poisson(None), poisson(0.5)]
-    rows = [row(f"engine.step() loop, {label}", rate, *_open_loop(engine, work, arrivals))
-            for label, arrivals, rate in patterns]
+    fracs = (None, 0.5)
+    rows = [[f"engine.step() loop, {direct[frac][0]}"] + direct[frac][1:] for frac in fracs]
     server = S.HTTPServer(engine, port=0).start()
     try:
         _http_open_loop(server.port, work[:8], [0.0] * 8)      # untimed: first connections, first texts
         rows += [row(f"HTTP streaming clients, {label}", rate, *_http_open_loop(server.port, work, arrivals))
-                 for label, arrivals, rate in patterns]
+                 for label, arrivals, rate in (sweep[frac] for frac in fracs)]
         peak = server.engine_thread.peak_streams
     finally:
         server.close()

@@ -364,13 +364,14 @@ def _flash_prefill_kernel(
 # Each row is (BLOCK_M, BLOCK_N, num_warps, num_stages). Configs that spill registers when
 # compiled for sm_90 (e.g. BLOCK_M=128 with 4 warps at D=128: 255 registers + a local-memory
 # stack) were dropped from the lists.
-# TMA loads were 5-10% slower than cp.async here. The autotuner times all of these per length
+# In an H200 sweep of fixed configs (2026-11-27), TMA loads were 5-10% slower than cp.async
+# here. The autotuner times all of these per length
 # bucket and does not always pick the fastest (flash.md of 2026-11-27: D=64 T=4096 fell to
 # 0.83x cuDNN; 0.87x in the 2026-11-28 run).
 # (Until 2026-11-28 the lists also held "warp-specialised" twins of three configs,
 # tl.range(..., warp_specialize=True). Compiled for sm_90 by Triton 3.6 they are the same
 # binary as their plain twins, byte for byte (the pass leaves a loop like this one alone on
-# Hopper at 8 warps, and fails at 4), so the +5-8% once measured for them was run-to-run noise.
+# Hopper at 8 warps, and fails at 4), so the +5-8% once measured for them (H200) was run-to-run noise.
 # They were removed: the tuner was timing the same kernel twice.)
 _PREFILL_GPU_CONFIGS = {
     64: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 64, 4, 4),
@@ -491,7 +492,8 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 #      with the previous tile's P@V, so the tensor cores idle through every softmax. FA3's
 #      ping-pong of two consumer warp groups and its intra-group overlap need hand-written
 #      warp-group code (CUTLASS/ThunderKittens-style, or Triton's lower-level Gluon dialect,
-#      with explicit async wgmma waits), which is what the remaining 15-25% at D=128 is.
+#      with explicit async wgmma waits), which is what the remaining 15-25% at D=128 is (against
+#      cuDNN, H200).
 #   2. TMA for all tiles (use_tma=True here does this with device-side descriptors): one thread
 #      issues a whole-tile copy, freeing registers and issue slots compared with cp.async. On
 #      its own (measured) it is not a win: the loads were not the bottleneck; TMA pays off when

@@ -448,10 +448,11 @@ def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None, *,
 #    measured mixed, 2.7 vs 3.3 us at 1600->1600 but 8.5 vs 8.0 at 6400->1600, so it is not used.
 # One difference left between the two steps above: the fp16 step folds each block's two norms
 # into the GEMV after them (triton_matmul.py, "Folding the norm in"), the int8 step ran them as
-# 96 separate row_norm kernels (~1.7 us each, and a kernel boundary each). The int8 GEMV now
+# 96 separate row_norm kernels (~1.7 us each on the H200, and a kernel boundary each). The int8 GEMV now
 # folds them too (NORM, the same helpers; compiled for sm_90: 95 registers, no spills, the
 # weight tile still loaded before the PDL wait). Not yet measured; expected from the fp16
-# kernels' 1.99 -> 1.86 ms when they folded theirs: the int8 1.5B step 1.73 -> ~1.6 ms.
+# kernels' 1.99 -> 1.86 ms (H100) when they folded theirs: the H200's int8 1.5B step
+# 1.73 -> ~1.6 ms.
 # Several rows (the tensor-core kernel) are 0.36-0.89x cuBLAS fp16: at 16 rows a 64-column tile
 # gives N=1600 only 25 programs for 132 SMs (split-K would fix that), and at 512 rows cuBLAS's
 # Hopper kernels (TMA, warp-specialised wgmma) beat a plain tl.dot loop that also converts every
