@@ -1227,7 +1227,8 @@ def test_gpu_kernels_compile_for_sm90():
                                                     res_ptr=f16, y_ptr=f16, norm_w_ptr=f16, norm_b_ptr=f16),
                      dict(N=N, K=K, stride_qn=K, norm_eps=1e-5),
                      dict(HAS_BIAS=True, ACTIVATION="gelu_tanh" if norm else "", HAS_RESIDUAL=not norm,
-                          BLOCK_N=bn, BLOCK_K=bk, USE_PDL=True, NORM=norm, HAS_NORM_BIAS=bool(norm)),
+                          BLOCK_N=bn, BLOCK_K=bk, USE_PDL=True, NORM=norm, HAS_NORM_BIAS=bool(norm),
+                          ONE_CHUNK=bk >= K),
                      cfg.num_warps, cfg.num_stages))
     # prefill: the first config of each head_dim's autotune list; causal at D=128, varlen and
     # the TMA path at D=64
