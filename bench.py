@@ -1097,10 +1097,13 @@ def _topic_batching(ctx: BenchContext) -> None:
 
 # ---- serve.py --------------------------------------------------------------------------------
 
-def _serve_engine(model, ctx, warm: list[int] | None = None, tokenizer=None, **kw):
+def _serve_engine(model, ctx, warm: list[int] | None = None, tokenizer=None, model_id: str = "", **kw):
     """serve.py's engine for `model` on the bench device; warm: a prompt to generate 4 tokens
-    from first (untimed: autotuning, compilation and first allocations happen there)."""
+    from first (untimed: autotuning, compilation and first allocations happen there); model_id:
+    the name the engine reports (HTTP's /v1/models), when it differs from EngineConfig's default."""
     import serve as S
+    if model_id:
+        kw["model"] = model_id
     cfg = S.EngineConfig(device=str(ctx.device), dtype=str(model.dtype).removeprefix("torch."), **kw)
     engine = S.LLMEngine(cfg, model=model, tokenizer=tokenizer)
     if warm is not None:
@@ -1627,7 +1630,7 @@ def topic_load(ctx: BenchContext) -> None:
     work = _random_workload(rng, n_req, V, (p_lo, p_hi), (o_lo, o_hi))
     engine = _serve_engine(model, ctx, warm=work[0][0], max_num_seqs=128 if gpu else 16, gpu_memory_fraction=0.5,
                            num_blocks=0 if gpu else 512, prefix_caching=False, tokenizer=M.gpt2_tokenizer(),
-                           model=model_id)                 # the id /v1/models reports
+                           model_id=model_id)
 
     # (1) one request on an idle engine: the floor every latency below is compared with
     single = []
@@ -1943,11 +1946,11 @@ def topic_quant(ctx: BenchContext) -> None:
                 q_model = M.load_gpt2(f"random:{preset}", dtype, dev)
                 int8_ops = Q.quantize_model(q_model)
                 q = int8_ops.qweights
-                variants += [("int8 weights, PyTorch norms and LM head", q_model, Q.Int8Ops(q, fold_norms=False)),
+                variants += [("int8 weights, PyTorch norms and LM head", q_model, Q.Int8Ops(q)),
                              ("int8 weights + serve.py's one-row norm kernels and LM head GEMV", q_model,
-                              Q.Int8Ops(q, base=S.FusedDecodeOps, fold_norms=False)),
+                              Q.Int8Ops(q, base=S.FusedDecodeOps)),
                              ("int8 weights, norms folded into the int8 GEMV, LM head GEMV", q_model,
-                              Q.Int8Ops(q, base=S.FusedDecodeOps))]
+                              Q.Int8Ops(q, base=S.FusedDecodeOps, fold_norms=True))]
             for label, m, ops in variants:
                 step = lambda m=m, ops=ops: m.logits(m.hidden(tok, pos, None, ops)[:, -1], ops)   # noqa: E731
                 ms = _time_graphed_ms([step], ctx)

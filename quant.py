@@ -495,10 +495,12 @@ class Int8Ops:
     for CPU ones (where the interpreter would take minutes per token of a real model). base:
     the ops for everything not quantised (norms, the LM head): model.TorchOps by default;
     bench.py also passes serve.py's FusedDecodeOps (one-row norm and GEMV kernels).
-    fold_norms: for one row through the kernels, the norm in front of a quantised linear runs
-    inside the int8 GEMV (default) instead of as base's norm (bench.py times both)."""
+    fold_norms: for one row through the kernels, run the norm in front of a quantised linear
+    inside the int8 GEMV instead of as base's norm. Off by default: bench.py times both, and on
+    an H200 folding was slower, GPT-2 1.5B int8 step 1.61 -> 1.70 ms, even with x loaded once
+    after the wait (unlike the fp16 GEMV, where folding saves ~0.1 ms). Not yet explained."""
 
-    def __init__(self, qweights: dict, use_triton: bool | None = None, base=M.TorchOps, fold_norms: bool = True):
+    def __init__(self, qweights: dict, use_triton: bool | None = None, base=M.TorchOps, fold_norms: bool = False):
         self.qweights = qweights
         self.use_triton = use_triton
         self.base = base

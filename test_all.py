@@ -2380,14 +2380,16 @@ def test_int8_linear_rejects_bad_inputs():
         Q.quantize_int8(torch.tensor([[1.0, float("nan")]]))
 
 
-@pytest.mark.parametrize("use_triton", [False, True])
-def test_int8_model_matches_model_with_dequantized_weights(use_triton):
+@pytest.mark.parametrize("use_triton,fold_norms", [(False, False), (True, False), (True, True)])
+def test_int8_model_matches_model_with_dequantized_weights(use_triton, fold_norms):
     """Int8Ops through model.py's forward (prefill and decode, every epilogue of GPT-2's blocks) ==
-    the same model with its weights replaced by the dequantised int8 values."""
+    the same model with its weights replaced by the dequantised int8 values; with fold_norms the
+    decode steps' LayerNorms run inside the int8 GEMV."""
     model = perturb(M.load_gpt2("random:tiny", device=MM_DEVICE), std=0.1)   # the kernels' device
     reference = M.load_gpt2("random:tiny", device=MM_DEVICE)
     reference.load_state_dict(model.state_dict())
     ops = Q.quantize_model(model, use_triton=use_triton)
+    ops.fold_norms = fold_norms
     for block in reference.blocks:                   # same weights, rounded to the int8 grid
         for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
             lin.weight.data = Q.dequantize_int8(Q.quantize_int8(lin.weight.detach()))
