@@ -498,7 +498,11 @@ class Int8Ops:
     fold_norms: for one row through the kernels, run the norm in front of a quantised linear
     inside the int8 GEMV instead of as base's norm. Off by default: bench.py times both, and on
     an H200 folding was slower, GPT-2 1.5B int8 step 1.61 -> 1.70 ms, even with x loaded once
-    after the wait (unlike the fp16 GEMV, where folding saves ~0.1 ms). Not yet explained."""
+    after the wait (the fp16 GEMV's fold saves ~0.1 ms). Not the autotuner's picks: with the
+    GEMV held to one config at a time it was slower under each of four (by 0.05-0.24 ms). Our
+    reading, not yet proven: every program redoes the norm of the whole 1600-value row, and this
+    kernel is bound by instructions per weight (above), so that work adds to its time where the
+    fp16 GEMV hides it under memory."""
 
     def __init__(self, qweights: dict, use_triton: bool | None = None, base=M.TorchOps, fold_norms: bool = False):
         self.qweights = qweights
