@@ -716,7 +716,9 @@ def _paged_decode_split_kernel(
     # 100-token context fills one). Empty splits take no part, and a sequence whose tokens all
     # fall in split 0 gets its output written by that program directly: no partials, no
     # counter, no merge, i.e. two fewer dependent round trips through L2 at the end.
-    n_used = tl.cdiv(ctx, tokens_per_split)
+    # (capped at the grid's splits: past a too small max_context the last tokens are left out,
+    # and a count no program reaches would leave the output unwritten and the counter set)
+    n_used = tl.minimum(tl.cdiv(ctx, tokens_per_split), tl.num_programs(2))
     if DIRECT:
         tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=g_ok[:, None])
     elif n_used == 1:

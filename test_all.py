@@ -1641,8 +1641,8 @@ def _fa_check_paged_new_kv(ctx, n_heads, n_kv_heads, head_dim, block_size, dtype
         flat, flat_ref = cache.view(-1, n_kv_heads, head_dim), ref.view(-1, n_kv_heads, head_dim)
         assert torch.isnan(flat[slots[1].long()]).all()      # the padded row's slot: untouched
         flat[slots[1].long()] = flat_ref[slots[1].long()]
-        assert torch.equal(flat, flat_ref), "new rows at their slots, every other row unchanged"
-        assert torch.equal(flat[stored], flat_ref[stored])
+        assert torch.equal(flat[stored], flat_ref[stored]), "the new rows at their slots"
+        assert torch.equal(flat, flat_ref), "and every other row unchanged"
 
 
 # ---------------------------------------------------------------- CPU (interpreter) and GPU
@@ -1769,6 +1769,22 @@ def test_flash_paged_decode_merge_counters_reset():
         _fa_check_paged([300, 129, 1], 4, 2, 32, 16, torch.float16, num_splits=3)
         # (keyed by the tensors' device, e.g. cuda:0, which is not FA_DEVICE's "cuda")
         assert fa._split_counters and all(int(c.abs().sum()) == 0 for c in fa._split_counters.values())
+
+
+def test_flash_paged_decode_too_small_max_context_leaves_no_state():
+    """max_context is a promise the kernel cannot check (reading the lengths would sync): a
+    context past it loses its last tokens, but the call must still write every output and
+    leave the merge counters at zero, or every later call (a graph replay) merges wrongly."""
+    kc, vc, table = fa.random_paged_cache([400, 50], 2, 32, 16, torch.float32, FA_DEVICE)
+    q = torch.randn(2, 4, 32, device=FA_DEVICE)
+    out = torch.full_like(q, float("nan"))
+    fa.paged_decode(q, kc, vc, table, torch.tensor([400, 50], dtype=torch.int32, device=FA_DEVICE),
+                    num_splits=2, max_context=200, out=out)
+    assert torch.isfinite(out).all()
+    _fa_assert_close(out[1:], fa.paged_decode_reference(q[1:], kc, vc, table[1:],
+                                                        torch.tensor([50], dtype=torch.int32, device=FA_DEVICE)),
+                     torch.float32)
+    _fa_check_paged([300, 50], 4, 2, 32, 16, torch.float32, num_splits=3)   # the next call is right
 
 
 def test_flash_bad_input_gets_clear_errors():
