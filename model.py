@@ -1237,9 +1237,10 @@ class ByteLevelBPE(tiktoken.Encoding):
       training) can tokenize differently.
     """
 
-    def __init__(self, *, eos_id: int, drop_chars: str, **kwargs):
+    def __init__(self, *, eos_id: int, drop_chars: str, chat_template: str = "", **kwargs):
         super().__init__(**kwargs)
         self.eos_id = eos_id
+        self.chat_template = chat_template        # the file's tokenizer.chat_template (Jinja), or ""
         self._drop = re.compile(drop_chars) if drop_chars else None
 
     @property
@@ -1293,7 +1294,8 @@ def _build_gguf_tokenizer(path: Path) -> ByteLevelBPE:
     return ByteLevelBPE(name=Path(path).stem,
                         pat_str=SMOLLM2_SPLIT_PATTERN if pre == "smollm" else GPT2_SPLIT_PATTERN,
                         mergeable_ranks=ranks, special_tokens=special, explicit_n_vocab=len(tokens),
-                        eos_id=eos_id, drop_chars=_chars_with_missing_bytes(missing))
+                        eos_id=eos_id, drop_chars=_chars_with_missing_bytes(missing),
+                        chat_template=gguf_metadata(reader, "tokenizer.chat_template", "") or "")
 
 
 # ---- The chat template -----------------------------------------------------------------------
@@ -1366,11 +1368,12 @@ def tokenizer_for(name_or_path: str):
 
 
 def is_chat_tokenizer(tok) -> bool:
-    """True when the tokenizer has ChatML's <|im_start|> and <|im_end|> tokens, the only chat format
-    chat_tokens builds (SmolLM2-Instruct's). Asked of the tokenizer, not of a model name: an engine
-    built from a model object has no name to ask about, and GPT-2's BPE has no such tokens."""
-    special = getattr(tok, "special_tokens_set", set())
-    return "<|im_start|>" in special and "<|im_end|>" in special
+    """True when the tokenizer came from a GGUF file whose chat template is ChatML, the only chat
+    format chat_tokens builds (SmolLM2-Instruct's). Asked of the tokenizer, not of a model name:
+    an engine built from a model object has no name to ask about. GPT-2's BPE has no template, nor
+    does a base model's file that merely has the <|im_start|> token. random:smollm2-135M takes the
+    installed Instruct file's tokenizer, template included, so it gets chat prompts (and noise)."""
+    return "<|im_start|>" in getattr(tok, "chat_template", "")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -624,7 +624,8 @@ def _knob(default, help: str):
 class EngineConfig:
     """Every engine knob, with its default. The CLI is generated from this dataclass."""
     model: str = _knob("smollm2", "anything model.load_model accepts: smollm2, a .gguf path, gpt2, "
-                       "a Hugging Face GPT-2 folder, random:<preset>")
+                       "a Hugging Face GPT-2 folder, random:<preset> (given a model object, the "
+                       "engine loads nothing and this is only the name /v1/models reports)")
     device: str = _knob("cuda" if torch.cuda.is_available() else "cpu", "where the model runs")
     dtype: str = _knob("auto", "auto = float16 on cuda, float32 on cpu; or float32/float16/bfloat16")
     block_size: int = _knob(16, "tokens per KV block (the Triton kernels need a power of two >= 16)")
@@ -1573,7 +1574,7 @@ def _prompt_from_body(engine: LLMEngine, body: dict, chat: bool, has_template: b
     """has_template: the tokenizer speaks ChatML (M.is_chat_tokenizer, asked once per server)."""
     if chat:
         if not has_template:
-            raise HTTPError(400, f"{engine.cfg.model} has no chat template: use /v1/completions")
+            raise HTTPError(400, "this engine's tokenizer has no (ChatML) chat template: use /v1/completions")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
