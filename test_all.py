@@ -2396,11 +2396,15 @@ def test_int8_linear_rejects_bad_inputs():
         Q.quantize_int8(torch.tensor([[1.0, float("nan")]]))
 
 
-@pytest.mark.parametrize("use_triton,fold_norms", [(False, False), (True, False), (True, True)])
-def test_int8_model_matches_model_with_dequantized_weights(use_triton, fold_norms):
+@pytest.mark.parametrize("use_triton,fold_norms,block_k", [(False, False, None), (True, False, None),
+                                                            (True, True, None), (True, True, 256)])
+def test_int8_model_matches_model_with_dequantized_weights(use_triton, fold_norms, block_k, monkeypatch):
     """Int8Ops through model.py's forward (prefill and decode, every epilogue of GPT-2's blocks) ==
     the same model with its weights replaced by the dequantised int8 values; with fold_norms the
-    decode steps' LayerNorms run inside the int8 GEMV."""
+    decode steps' LayerNorms run inside the int8 GEMV: over K in chunks with the interpreter's
+    32-wide chunk, in one chunk (the ONE_CHUNK path a GPU takes for GPT-2's K = 1600) with 256."""
+    if block_k is not None:
+        monkeypatch.setitem(Q._INTERPRET_GEMV, "BLOCK_K", block_k)
     model = perturb(M.load_gpt2("random:tiny", device=MM_DEVICE), std=0.1)   # the kernels' device
     reference = M.load_gpt2("random:tiny", device=MM_DEVICE)
     reference.load_state_dict(model.state_dict())
@@ -2412,6 +2416,8 @@ def test_int8_model_matches_model_with_dequantized_weights(use_triton, fold_norm
     assert all(block.attn.qkv.weight.numel() == 0 for block in model.blocks)    # fp32 copies freed
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1)).to(MM_DEVICE)
     assert rel_err(model(tokens, ops=ops), reference(tokens)) < 1e-5      # fp32: summation order only
+    # one token: one row through every linear layer, the case fold_norms changes
+    assert rel_err(model(tokens[:1, :1], ops=ops), reference(tokens[:1, :1])) < 1e-5
     prompt = tokens[0, :5].tolist()
     assert M.generate(model, prompt, 6, ops=ops) == M.generate(reference, prompt, 6)
     linear_bytes = sum(lin.weight.nbytes for block in reference.blocks
