@@ -509,9 +509,10 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 # The Gluon route of point 1 was tried too (branch wip/gluon-prefill, not merged): a Hopper
 # forward with TMA, mbarriers and async wgmma with explicit waits, the next tile's QK^T issued
 # before this tile's softmax, plain and warp-specialised (a producer warp feeding full/empty
-# barriers). Both ran correctly and lost to this file's kernel (H200, one run, causal bf16):
-# at D=128 the best Gluon variant reached 0.60-0.68x cuDNN where this kernel reached 0.70-0.86x,
-# at D=64 0.63-0.83x against 0.89-0.97x. Writing FA3's schedule is not enough; its register
+# barriers). Both ran correctly and lost to this file's kernel (H200, causal bf16, one run per
+# variant, every ratio against cuDNN in its own run): at D=128 the plain variant reached
+# 0.61-0.67x and the warp-specialised one 0.58-0.68x where this kernel reached 0.70-0.86x; at
+# D=64 0.77-0.83x and 0.63-0.83x against 0.89-0.97x. Writing FA3's schedule is not enough; its register
 # allocation and instruction scheduling are the rest of the work.
 
 # -----------------------------------------------------------------------------

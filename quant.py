@@ -468,9 +468,10 @@ def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None, *,
 # into the GEMV after them (triton_matmul.py, "Folding the norm in"), the int8 step ran them as
 # 96 separate row_norm kernels (~1.7 us each on the H200, and a kernel boundary each). The int8 GEMV now
 # folds them too (NORM, the same helpers; compiled for sm_90: 95 registers, no spills, the
-# weight tile still loaded before the PDL wait). Not yet measured; expected from the fp16
-# kernels' 1.99 -> 1.86 ms (H100) when they folded theirs: the H200's int8 1.5B step
-# 1.73 -> ~1.6 ms.
+# weight tile still loaded before the PDL wait). Expected from the fp16 kernels' 1.99 -> 1.86
+# ms (H100) when they folded theirs: the H200's int8 1.5B step 1.73 -> ~1.6 ms. Measured on an
+# H200: slower, 1.62 -> 1.69 ms, and 1.61 -> 1.70 with x loaded once after the wait (the
+# ONE_CHUNK path below), so Int8Ops leaves the norms unfolded by default (its docstring says more).
 # Several rows (the tensor-core kernel) are 0.36-0.89x cuBLAS fp16: at 16 rows a 64-column tile
 # gives N=1600 only 25 programs for 132 SMs (split-K would fix that), and at 512 rows cuBLAS's
 # Hopper kernels (TMA, warp-specialised wgmma) beat a plain tl.dot loop that also converts every
@@ -498,7 +499,7 @@ class Int8Ops:
     fold_norms: for one row through the kernels, run the norm in front of a quantised linear
     inside the int8 GEMV instead of as base's norm. Off by default: bench.py times both, and on
     an H200 folding was slower, GPT-2 1.5B int8 step 1.61 -> 1.70 ms, even with x loaded once
-    after the wait (the fp16 GEMV's fold saves ~0.1 ms). Not the autotuner's picks: with the
+    after the wait (the fp16 kernels' fold saved 1.99 -> 1.86 ms, on an H100). Not the autotuner's picks: with the
     GEMV held to one config at a time it was slower under each of four (by 0.05-0.24 ms). Our
     reading, not yet proven: every program redoes the norm of the whole 1600-value row, and this
     kernel is bound by instructions per weight (above), so that work adds to its time where the
