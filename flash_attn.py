@@ -687,7 +687,8 @@ def _paged_decode_split_kernel(
         # softmax, a score per query head: a dot product of length D, no tensor cores needed)
         # and writes its K/V row to the cache for the next steps. This replaces the separate
         # store kernel that ran before attention (one launch, and one kernel boundary, fewer per
-        # layer). No other program reads that slot: the other splits cover other positions.
+        # layer: GPT-2 1.5B's graph step 1.704 -> 1.638 ms, H200, one A/B run). No other program
+        # reads that slot: the other splits cover other positions.
         if (lo <= ctx - 1) & (ctx - 1 < hi):
             k_new = tl.load(K_new + seq * stride_nkb + kv_head * stride_nkh + offs_d)
             v_new = tl.load(V_new + seq * stride_nvb + kv_head * stride_nvh + offs_d)
