@@ -180,14 +180,13 @@ def random_qkv(B, H, Hkv, T, S, D, dtype=torch.float32, device="cpu", generator=
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Check naive / causal / MHA / GQA / MQA / decode "
                                 "attention against F.scaled_dot_product_attention.")
+    from model import add_device_arg, cli_device      # the shared CLI pieces (only the demo needs them)
     p.add_argument("--seq", type=int, default=37, help="sequence length (odd on purpose)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
-                   help="where to run (cuda where torch sees a GPU, else cpu)")
+    add_device_arg(p)
     args = p.parse_args(argv)
     if args.seq < 1:
         p.error(f"--seq must be >= 1, got {args.seq}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda, but torch sees no CUDA GPU here")
+    cli_device(p, args.device)
     torch.manual_seed(0)
     B, H, D, T = 2, 8, 64, args.seq
     rows = []

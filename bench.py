@@ -1946,7 +1946,7 @@ def topic_quant(ctx: BenchContext) -> None:
                 q_model = M.load_gpt2(f"random:{preset}", dtype, dev)
                 int8_ops = Q.quantize_model(q_model)
                 q = int8_ops.qweights
-                variants += [("int8 weights, PyTorch norms and LM head", q_model, Q.Int8Ops(q)),
+                variants += [("int8 weights, PyTorch norms and LM head", q_model, int8_ops),
                              ("int8 weights + serve.py's one-row norm kernels and LM head GEMV", q_model,
                               Q.Int8Ops(q, base=S.FusedDecodeOps)),
                              ("int8 weights, norms folded into the int8 GEMV, LM head GEMV", q_model,

@@ -1470,8 +1470,9 @@ def main(argv=None) -> int:
     except (RuntimeError, FileNotFoundError, ValueError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    chat = is_chat_tokenizer(tok) and not args.raw
-    default_prompt = DEFAULT_CHAT_PROMPT if is_chat_tokenizer(tok) else DEFAULT_COMPLETION_PROMPT
+    has_template = is_chat_tokenizer(tok)
+    chat = has_template and not args.raw
+    default_prompt = DEFAULT_CHAT_PROMPT if has_template else DEFAULT_COMPLETION_PROMPT
     text = default_prompt if args.prompt is None else args.prompt
     if chat:
         prompt = chat_tokens(tok, [{"role": "system", "content": args.system},

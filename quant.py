@@ -228,8 +228,7 @@ def int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, y_ptr, norm_w_p
                      norm_eps,
                      HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
-                     NORM: tl.constexpr = "", HAS_NORM_BIAS: tl.constexpr = False,
-                     ONE_CHUNK: tl.constexpr = False):
+                     NORM: tl.constexpr = "", HAS_NORM_BIAS: tl.constexpr = False):
     """One row: y (N,) = epilogue(norm(x) (K,) . q[n, :]) for BLOCK_N rows n of q per program.
     NORM "layer" / "rms" folds the norm in front (LayerNorm / RMSNorm of x, rounded to x's dtype
     as row_norm rounds it) with triton_matmul.py's helpers, exactly as its fp16 GEMV does: each
@@ -246,40 +245,27 @@ def int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, y_ptr, norm_w_p
     # BEFORE waiting for it (under programmatic dependent launch this program is already
     # resident while the previous kernel drains; triton_matmul.py, "Prefetch across the kernel
     # boundary"). Configs with BLOCK_K >= K load the whole tile here: one chunk, no loop.
-    k_all = (offs_k < K)[None, :]
-    w = tl.load(q_ptrs, mask=k_all, other=0)
-    FOLD_ONE_CHUNK: tl.constexpr = ONE_CHUNK and (NORM != "")
-    if FOLD_ONE_CHUNK:     # the norm's weight and bias depend on no kernel either: load them now too
-        nw_all = tl.load(norm_w_ptr + offs_k[None, :], mask=k_all, other=0.0)
-        nb_all = tl.load(norm_b_ptr + offs_k[None, :], mask=k_all, other=0.0) if HAS_NORM_BIAS else nw_all
+    w = tl.load(q_ptrs, mask=(offs_k < K)[None, :], other=0)
     if USE_PDL:
         tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
     mean = tl.zeros((1,), dtype=tl.float32)
     rstd = tl.zeros((1,), dtype=tl.float32)
+    if NORM != "":
+        mean, rstd = tm._row_stats(x_ptrs, K, norm_eps, 1, BLOCK_K, NORM)
     part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if FOLD_ONE_CHUNK:
-        # x once after the wait, for the statistics and the product, as triton_matmul's single-shot
-        # GEMV does: folding with the K-loop helpers read x three times (statistics, then normalise)
-        # after the wait and made the int8 1.5B step slower, 1.62 -> 1.69 ms (H200, one run)
-        x = tl.load(x_ptrs, mask=k_all, other=0.0)
-        mean, rstd = tm._tile_stats(x.to(tl.float32), k_all, K, norm_eps, NORM)
-        part = w.to(tl.float32) * tm._normalize(x, mean, rstd, nw_all, nb_all, NORM, HAS_NORM_BIAS)
-    else:
-        if NORM != "":
-            mean, rstd = tm._row_stats(x_ptrs, K, norm_eps, 1, BLOCK_K, NORM)
-        for k0 in range(0, K, BLOCK_K):
-            if NORM != "":     # (1, BLOCK_K) fp32, normalised as row_norm would
-                x = tm._normed_x(x_ptrs + k0, (offs_k < K - k0)[None, :], mean, rstd, norm_w_ptr + k0 + offs_k[None, :],
-                                 norm_b_ptr + k0 + offs_k[None, :], NORM, HAS_NORM_BIAS)
-            else:              # x as a 1-D chunk, broadcast over the rows
-                x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
-            w_now = w
-            q_ptrs += BLOCK_K
-            # the next chunk is requested before this one is summed (past the end: fully masked,
-            # no memory traffic), so one chunk is always in flight while the FMAs run
-            w = tl.load(q_ptrs, mask=(offs_k < K - k0 - BLOCK_K)[None, :], other=0)
-            part += w_now.to(tl.float32) * x                             # elementwise: reduce once, below
+    for k0 in range(0, K, BLOCK_K):
+        if NORM != "":     # (1, BLOCK_K) fp32, normalised as row_norm would
+            x = tm._normed_x(x_ptrs + k0, (offs_k < K - k0)[None, :], mean, rstd, norm_w_ptr + k0 + offs_k[None, :],
+                             norm_b_ptr + k0 + offs_k[None, :], NORM, HAS_NORM_BIAS)
+        else:              # x as a 1-D chunk, broadcast over the rows
+            x = tl.load(x_ptr + k0 + offs_k, mask=offs_k < K - k0, other=0.0).to(tl.float32)[None, :]
+        w_now = w
+        q_ptrs += BLOCK_K
+        # the next chunk is requested before this one is summed (past the end: fully masked,
+        # no memory traffic), so one chunk is always in flight while the FMAs run
+        w = tl.load(q_ptrs, mask=(offs_k < K - k0 - BLOCK_K)[None, :], other=0)
+        part += w_now.to(tl.float32) * x                             # elementwise: reduce once, below
     acc = _int8_epilogue(tl.sum(part, axis=1), offs_n, n_ok, scale_ptr, bias_ptr, HAS_BIAS, ACTIVATION)
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -350,17 +336,13 @@ _INTERPRET_GEMV = dict(BLOCK_N=16, BLOCK_K=32)
 _INTERPRET_MATMUL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
 
 
-# ONE_CHUNK follows from the config the autotuner picked (BLOCK_K covers K), so a heuristic sets it
-_int8_gemv_one_chunk = triton.heuristics({"ONE_CHUNK": lambda args: args["BLOCK_K"] >= args["K"]})(int8_gemv_kernel)
-
-
 @functools.cache
 def _tuned(kernel_name):
     """The autotuned kernel (GPU). Tuning runs on the first call per key: do it before any
     CUDA-graph capture (bench.py warms up outside the capture)."""
     if kernel_name == "gemv":
         return triton.autotune(INT8_GEMV_GPU_CONFIGS, key=["N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "NORM"],
-                               prune_configs_by={"early_config_prune": _prune_int8_gemv})(_int8_gemv_one_chunk)
+                               prune_configs_by={"early_config_prune": _prune_int8_gemv})(int8_gemv_kernel)
     return triton.autotune(INT8_MATMUL_GPU_CONFIGS,
                            key=["m_bucket", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "IEEE"])(
         int8_matmul_kernel)
@@ -427,7 +409,7 @@ def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None, *,
     bias_arg = bias if bias is not None else qw.scale
     res_arg = res2 if res2 is not None else y
     if rows == 1:
-        kernel = _int8_gemv_one_chunk if INTERPRET else _tuned("gemv")
+        kernel = int8_gemv_kernel if INTERPRET else _tuned("gemv")
         fixed = _INTERPRET_GEMV if INTERPRET else {}
         grid = lambda c: (triton.cdiv(N, c["BLOCK_N"]),)    # noqa: E731
         kernel[grid](x2, qw.q, qw.scale, bias_arg, res_arg, y,
@@ -470,8 +452,9 @@ def int8_linear(x, qw: Int8Weight, bias=None, activation=None, residual=None, *,
 # folds them too (NORM, the same helpers; compiled for sm_90: 95 registers, no spills, the
 # weight tile still loaded before the PDL wait). Expected from the fp16 kernels' 1.99 -> 1.86
 # ms (H100) when they folded theirs: the H200's int8 1.5B step 1.73 -> ~1.6 ms. Measured on an
-# H200: slower, 1.62 -> 1.69 ms, and 1.61 -> 1.70 with x loaded once after the wait (the
-# ONE_CHUNK path below), so Int8Ops leaves the norms unfolded by default (its docstring says more).
+# H200: slower, 1.62 -> 1.69 ms, and 1.61 -> 1.70 in a version that, when one chunk covers K,
+# loaded x once after the wait as the fp16 single-shot GEMV does (no gain, so not kept), so
+# Int8Ops leaves the norms unfolded by default (its docstring says more).
 # Several rows (the tensor-core kernel) are 0.36-0.89x cuBLAS fp16: at 16 rows a 64-column tile
 # gives N=1600 only 25 programs for 132 SMs (split-K would fix that), and at 512 rows cuBLAS's
 # Hopper kernels (TMA, warp-specialised wgmma) beat a plain tl.dot loop that also converts every
@@ -498,8 +481,9 @@ class Int8Ops:
     bench.py also passes serve.py's FusedDecodeOps (one-row norm and GEMV kernels).
     fold_norms: for one row through the kernels, run the norm in front of a quantised linear
     inside the int8 GEMV instead of as base's norm. Off by default: bench.py times both, and on
-    an H200 folding was slower, GPT-2 1.5B int8 step 1.61 -> 1.70 ms, even with x loaded once
-    after the wait (the fp16 kernels' fold saved 1.99 -> 1.86 ms, on an H100). Not the autotuner's picks: with the
+    an H200 folding was slower, GPT-2 1.5B int8 step 1.62 -> 1.69 ms with this kernel, 1.61 ->
+    1.70 with a variant that loaded x once after the wait (the fp16 kernels' fold saved 1.99 ->
+    1.86 ms, on an H100). Not the autotuner's picks: with the
     GEMV held to one config at a time it was slower under each of four (by 0.05-0.24 ms). Our
     reading, not yet proven: every program redoes the norm of the whole 1600-value row, and this
     kernel is bound by instructions per weight (above), so that work adds to its time where the

@@ -1253,8 +1253,7 @@ def test_gpu_kernels_compile_for_sm90():
                                                     res_ptr=f16, y_ptr=f16, norm_w_ptr=f16, norm_b_ptr=f16),
                      dict(N=N, K=K, stride_qn=K, norm_eps=1e-5),
                      dict(HAS_BIAS=True, ACTIVATION="gelu_tanh" if norm else "", HAS_RESIDUAL=not norm,
-                          BLOCK_N=bn, BLOCK_K=bk, USE_PDL=True, NORM=norm, HAS_NORM_BIAS=bool(norm),
-                          ONE_CHUNK=bk >= K),
+                          BLOCK_N=bn, BLOCK_K=bk, USE_PDL=True, NORM=norm, HAS_NORM_BIAS=bool(norm)),
                      cfg.num_warps, cfg.num_stages))
     # prefill: the first config of each head_dim's autotune list; causal at D=128, varlen and
     # the TMA path at D=64
@@ -2428,7 +2427,7 @@ def test_int8_model_matches_model_with_dequantized_weights(use_triton, fold_norm
     """Int8Ops through model.py's forward (prefill and decode, every epilogue of GPT-2's blocks) ==
     the same model with its weights replaced by the dequantised int8 values; with fold_norms the
     decode steps' LayerNorms run inside the int8 GEMV: over K in chunks with the interpreter's
-    32-wide chunk, in one chunk (the ONE_CHUNK path a GPU takes for GPT-2's K = 1600) with 256."""
+    32-wide chunk, in one chunk (as a GPU runs GPT-2's K = 1600) with 256."""
     if block_k is not None:
         monkeypatch.setitem(Q._INTERPRET_GEMV, "BLOCK_K", block_k)
     model = perturb(M.load_gpt2("random:tiny", device=MM_DEVICE), std=0.1)   # the kernels' device
