@@ -817,6 +817,32 @@ def test_store_kv_padded_rows_never_touch_real_slots(store):
     assert real_k.abs().sum() == 0 and real_v.abs().sum() == 0            # nothing else written
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 50257), (3, 1000), (2, 7), (3, 20000)], ids=str)
+def test_greedy_argmax_kernel_matches_torch(shape, dtype):
+    """The graph's greedy argmax (one Triton program per row; the interpreter on CPU) returns
+    torch.argmax's index, the first one on ties (the maximum planted twice: in row 0 in two
+    lanes, in row 1 twice in one lane, one chunk apart), and writes it into last_greedy too,
+    leaving the rows past B alone."""
+    dev = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    logits = torch.randn(shape, generator=g).to(dev, dtype)
+    if shape[1] > 8:
+        top = logits.max() + 1
+        logits[0, shape[1] // 3] = logits[0, shape[1] - 2] = top       # a tie: the first must win
+    if shape[0] > 2 and shape[1] > S.GREEDY_ARGMAX_BLOCK:
+        chunk = S.GREEDY_ARGMAX_BLOCK
+        logits[1, shape[1] - 1 - chunk] = logits[1, shape[1] - 1] = logits[1].max() + 1   # one lane, two chunks
+    logits[-1, 1:] = float("-inf")                                       # only index 0 is finite
+    last = torch.full((shape[0] + 2,), -7, dtype=torch.long, device=dev)
+    got = S.greedy_argmax_triton(logits, last)
+    want = logits.float().argmax(dim=-1)
+    assert got.dtype == torch.long and torch.equal(got, want)
+    assert torch.equal(last[:shape[0]], want) and (last[shape[0]:] == -7).all()
+    strided = torch.randn(shape[1], shape[0], generator=g).to(dev, dtype).t()   # columns: copied first
+    assert torch.equal(S.greedy_argmax_triton(strided, last), strided.float().argmax(dim=-1))
+
+
 @pytest.mark.parametrize("store_kv_in_attention", [True, False])
 def test_engine_triton_kernels_match_torch_path(tiny_model, store_kv_in_attention):
     """The GPU code path (flash_attn.py kernels, with the new K/V stored inside the decode kernel or
