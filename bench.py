@@ -1385,6 +1385,150 @@ def topic_graphs(ctx: BenchContext) -> None:
         ctx.note("Where the host time of one eager decode step goes (torch.profiler, top by self CPU time):"
                  "\n\n```\n" + cpu_top + "\n```")
 
+    if gpu:
+        for size in ("124M", "1.5B"):
+            try:
+                _graph_step_breakdown(ctx, size, context=160)
+            except Exception as err:    # noqa: BLE001 (reported, and the other size still runs)
+                ctx.note(f"(GPT-2 {size} breakdown failed: {type(err).__name__}: {err})")
+    else:
+        ctx.note("(CPU: where a graph step's time goes needs CUDA kernel timestamps; on a GPU this topic "
+                 "also prints that breakdown for GPT-2 124M and 1.5B)")
+
+
+# ---- where one decode graph step's time goes, under PDL ---------------------------------------
+#
+# A profiler gives each kernel a start and an end. Without PDL the kernels of a step run one after
+# another and their durations add up to the step. Under programmatic dependent launch they do not:
+# kernel i+1 is resident while kernel i still runs (it fetches its weights, then waits inside at
+# griddepcontrol.wait), so its "duration" includes that wait and the durations overlap. What does
+# add up is how far each kernel pushes the step's end: its end minus the previous end. Those
+# deltas sum to the step (first start to last end), and a kernel's delta is what the step would
+# save if that kernel took no time at all after its predecessor. Next to it, the time the kernel
+# would need to read its bytes once at the copy bandwidth: the difference is latency (the wait's
+# hand-off, x's round trip, reductions, the last programs draining) that no bandwidth buys back.
+
+def critical_path(kernels):
+    """kernels: [(name, start, end)] of one step, in launch order (any time unit) -> a list of
+    (name, added, early): added = end - the latest end before it (the first kernel: its duration;
+    never negative), so the added times sum to the step's span; early = how long before that
+    previous end the kernel started (0 if it started after it): the overlap PDL bought."""
+    out, last_end = [], None
+    for name, start, end in kernels:
+        if last_end is None:
+            out.append((name, end - start, 0.0))
+            last_end = end
+            continue
+        out.append((name, max(0.0, end - last_end), max(0.0, last_end - start)))
+        last_end = max(last_end, end)
+    return out
+
+
+def decode_kernel_roles(names):
+    """Label the kernels of one GPT-2 decode step (serve.py's fused path) by their job, from the
+    launch order alone: in each block the GEMV right before the paged-decode kernel is the qkv
+    projection, the GEMVs after it are the attention output, MLP fc and MLP proj; a GEMV after the
+    last block's MLP is the LM head. Other kernels keep their own name."""
+    roles, after_attention = [], 0
+    after = ["attn proj", "mlp fc", "mlp proj", "lm head"]
+    for i, name in enumerate(names):
+        if "paged_decode" in name:
+            roles.append("attention")
+            after_attention = 0
+        elif "gemv" in name:
+            if i + 1 < len(names) and "paged_decode" in names[i + 1]:
+                roles.append("qkv")
+            else:
+                roles.append(after[min(after_attention, len(after) - 1)])
+                after_attention += 1
+        else:
+            roles.append(short_kernel_name(name))
+    return roles
+
+
+def short_kernel_name(name):
+    """'void at::native::(anonymous namespace)::indexSelectSmallIndex<c10::Half, ...>(...)' ->
+    'indexSelectSmallIndex': the last scope of the name, without template arguments or parameters."""
+    base = name.removeprefix("void ").split("<")[0].rsplit("::", 1)[-1].split("(")[0].strip()
+    return base or name[:40]
+
+
+def graph_step_breakdown(model, ctx: BenchContext, context: int, steps: int = 20) -> dict:
+    """Profile `steps` batch-1 decode steps of `model` (a GPT-2 on CUDA; serve.py's engine with
+    CUDA graphs and the fused kernels) at `context` tokens. Returns {"rows": per kernel role: [role,
+    kernels per step, us added to the step, per kernel, MB read per kernel, us at the copy
+    bandwidth, latency per kernel, us started early], "span_us": the profiled step (mean),
+    "step_ms": the same step timed back to back, "copy_gbps"}."""
+    import serve as S
+    from torch.profiler import ProfilerActivity, profile
+    engine = _serve_engine(model, ctx, num_blocks=(context + 64) // 16 + 4, block_size=16, max_num_seqs=1,
+                           prefix_caching=False)
+    engine.add_request(list(range(context)), S.SamplingParams(max_tokens=steps + 64, ignore_eos=True))
+    while engine.scheduler.waiting:
+        engine.step()
+    engine.scheduler.schedule()
+    seqs = list(engine.scheduler.running)
+    step = lambda: engine.runner.decode(seqs)                  # noqa: E731 (same slot every call)
+    step_ms = time_ms(step, ctx)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        ctx.sync()
+    kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                      if str(getattr(e, "device_type", "")).endswith("CUDA")
+                      and "Memcpy" not in e.name and "Memset" not in e.name), key=lambda k: k[1])
+    if not kernels or len(kernels) % steps:
+        raise RuntimeError(f"{len(kernels)} kernels in {steps} profiled steps: not a whole number per step")
+    per_step = len(kernels) // steps
+    roles = decode_kernel_roles([k[0] for k in kernels[:per_step]])
+    added, early, spans = {}, {}, []
+    for s in range(steps):
+        path = critical_path(kernels[s * per_step:(s + 1) * per_step])
+        spans.append(sum(a for _, a, _ in path))
+        for role, (_, a, e) in zip(roles, path):
+            added.setdefault(role, []).append(a)
+            early.setdefault(role, []).append(e)
+    blk, cfg = model.blocks[0], model.cfg
+    nbytes = lambda *mods: sum(p.nbytes for m in mods for p in m.parameters())   # noqa: E731
+    role_bytes = {"qkv": nbytes(blk.attn.qkv, blk.norm1), "attn proj": nbytes(blk.attn.proj),
+                  "mlp fc": nbytes(blk.mlp.fc, blk.norm2), "mlp proj": nbytes(blk.mlp.proj),
+                  "lm head": nbytes(model.lm_head if model.lm_head is not None else model.tok_emb, model.norm_f),
+                  "attention": 2 * (context + 1) * cfg.kv_heads * cfg.head_dim * model.dtype.itemsize}
+    copy_gbps = measure_ceilings(ctx)["copy_gbps"]
+    at_copy_us = lambda n: n / (copy_gbps * 1e9) * 1e6          # noqa: E731
+    rows = []
+    for role in dict.fromkeys(roles):                         # first-seen order
+        n = roles.count(role)
+        us = sum(added[role]) / steps
+        known = role in role_bytes
+        floor = at_copy_us(role_bytes[role]) if known else float("nan")
+        rows.append([role, n, us, us / n, role_bytes[role] / 1e6 if known else float("nan"), floor,
+                     us / n - floor if known else float("nan"), statistics.median(early[role])])
+    span = statistics.fmean(spans)
+    weights = model.decode_weight_bytes()
+    rows.append(["whole step", per_step, span, float("nan"), weights / 1e6, at_copy_us(weights), float("nan"),
+                 float("nan")])
+    del engine, seqs, step
+    return {"rows": rows, "span_us": span, "step_ms": step_ms, "copy_gbps": copy_gbps}
+
+
+def _graph_step_breakdown(ctx: BenchContext, size: str, context: int) -> None:
+    import model as M
+    model = M.load_gpt2(f"random:{size}", torch.float16, ctx.device)
+    res = graph_step_breakdown(model, ctx, context)
+    ctx.table(f"Where one decode graph step goes: GPT-2 {size}, batch 1, context {context}, float16, PDL on "
+              f"(us; mean of the profiled steps)",
+              ["kernel", "per step", "adds to the step us", "per kernel us", "MB read per kernel",
+               "us at copy bandwidth", "latency per kernel us", "started early us (median)"], res["rows"],
+              note=f"adds = each kernel's end minus the previous kernel's end (critical_path in bench.py): "
+                   f"these sum to the step; the profiled step ({res['span_us']:.0f} us) may run a little "
+                   f"longer than the same step timed back to back ({res['step_ms'] * 1e3:.0f} us): the "
+                   f"profiler's cost. us at copy bandwidth = bytes / {res['copy_gbps']:.0f} GB/s (measured in "
+                   f"this run). latency = the rest: what a kernel costs beyond streaming its bytes. started "
+                   f"early = how long it was resident (fetching weights, then waiting) before its "
+                   f"predecessor ended.", dtype=torch.float16)
+    del model
+    _free_memory(True)
 
 # ---- tune: kernel configs chosen inside the whole decode step --------------------------------
 #

@@ -2931,6 +2931,55 @@ def test_bench_tune_says_it_needs_a_gpu_on_cpu(tmp_path, capsys):
     assert "needs a GPU" in capsys.readouterr().out
 
 
+def test_critical_path_deltas_sum_to_the_step():
+    """bench's per-kernel attribution under PDL: kernels overlap (each starts before its
+    predecessor ends, as with programmatic dependent launch), some start after a gap, one ends
+    before its predecessor; the added times are never negative, sum to first start -> last end,
+    and 'early' is each kernel's overlap with what ran before it."""
+    import bench
+    g = torch.Generator().manual_seed(5)
+    for n in (1, 2, 7, 40):
+        starts = torch.rand(n, generator=g).cumsum(0) * 3
+        ends = starts + torch.rand(n, generator=g) * 9 + 0.1
+        kernels = [(f"k{i}", float(a), float(b)) for i, (a, b) in enumerate(zip(starts, ends))]
+        path = bench.critical_path(kernels)
+        assert [p[0] for p in path] == [k[0] for k in kernels]
+        assert all(a >= 0 and e >= 0 for _, a, e in path)
+        assert math.isclose(sum(a for _, a, _ in path), max(ends).item() - starts[0].item(), rel_tol=1e-6)
+        latest = float(ends[0])
+        for (_, start, end), (_, added, early) in zip(kernels[1:], path[1:]):
+            assert math.isclose(added, max(0.0, end - latest), abs_tol=1e-9)
+            assert math.isclose(early, max(0.0, latest - start), abs_tol=1e-9)
+            latest = max(latest, end)
+
+
+def test_decode_kernel_roles_follow_the_launch_order():
+    import bench
+    layer = ["gemv_kernel", "_paged_decode_split_kernel", "gemv_kernel", "gemv_kernel", "gemv_kernel"]
+    names = ["void at::native::(anonymous namespace)::indexSelectLargeIndex<c10::Half, long>(x)"] + layer * 3 + \
+        ["gemv_kernel", "greedy_argmax_kernel"]
+    roles = bench.decode_kernel_roles(names)
+    assert roles[0] == "indexSelectLargeIndex" and roles[-2:] == ["lm head", "greedy_argmax_kernel"]
+    assert roles[1:16] == ["qkv", "attention", "attn proj", "mlp fc", "mlp proj"] * 3
+
+
+@needs_cuda
+def test_cuda_graph_step_breakdown_adds_up():
+    """The breakdown bench --topic graphs prints, on a real graph step (GPT-2 tiny, fp16): one qkv,
+    attention, attn proj, mlp fc and mlp proj kernel per layer and one LM head, and the roles'
+    added times sum to the profiled step."""
+    import bench
+    model = M.load_gpt2("random:tiny", torch.float16, "cuda")
+    ctx = bench.BenchContext(device=torch.device("cuda"), dtype=torch.float16, quick=True)
+    res = bench.graph_step_breakdown(model, ctx, context=40, steps=4)
+    rows = {r[0]: r for r in res["rows"]}
+    for role in ("qkv", "attention", "attn proj", "mlp fc", "mlp proj"):
+        assert rows[role][1] == model.cfg.n_layer, (role, res["rows"])
+    assert rows["lm head"][1] == 1
+    parts = sum(r[2] for r in res["rows"] if r[0] != "whole step")
+    assert res["span_us"] > 0 and math.isclose(parts, res["span_us"], rel_tol=1e-6), res["rows"]
+
+
 def test_open_loop_accounts_for_every_request(tiny_model):
     import bench
     engine = _engine(tiny_model)
