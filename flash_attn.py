@@ -659,8 +659,8 @@ def _paged_decode_split_kernel(
                                          stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
                                          PAGE, BLOCK_N)
     if USE_PDL:
-        tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
+        tl_cuda.gdc_wait()
     if not NEW_KV:
         ctx = tl.load(context_lens + seq)
         lo = split * tokens_per_split

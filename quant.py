@@ -247,8 +247,8 @@ def int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, y_ptr, norm_w_p
     # boundary"). Configs with BLOCK_K >= K load the whole tile here: one chunk, no loop.
     w = tl.load(q_ptrs, mask=(offs_k < K)[None, :], other=0)
     if USE_PDL:
-        tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
+        tl_cuda.gdc_wait()
     mean = tl.zeros((1,), dtype=tl.float32)
     rstd = tl.zeros((1,), dtype=tl.float32)
     if NORM != "":

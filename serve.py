@@ -432,8 +432,8 @@ def store_kv_kernel(k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slot_ptr,
                     HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
                     USE_PDL: tl.constexpr = False):
     if USE_PDL:                         # programmatic dependent launch: see triton_matmul.py
-        tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
+        tl_cuda.gdc_wait()
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot >= 0:                       # -1: a padded row of a CUDA-graph batch writes nothing
@@ -481,8 +481,8 @@ GREEDY_ARGMAX_BLOCK = 16384
 def greedy_argmax_kernel(logits_ptr, out_ptr, last_ptr, V, stride_row,
                          BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     if USE_PDL:
-        tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
+        tl_cuda.gdc_wait()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)

@@ -851,10 +851,27 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # per boundary, and a GPT-2 1.5B decode step has ~440 boundaries. Launched with launch_pdl=True,
 # kernel i+1 may start while kernel i still runs; it must then execute `griddepcontrol.wait`
 # (tl_cuda.gdc_wait) before touching memory kernel i writes, which blocks until kernel i has
-# completed and its writes are visible. `gdc_launch_dependents` lets kernel i+2 be launched in
-# turn. We wait first thing, so correctness never depends on what a kernel reads; what
-# overlaps is the launch, the scheduling of programs and the prologue. (Every kernel launched
-# this way waits on its predecessor, which waited on its own: the chain stays ordered.)
+# completed and its writes are visible. `gdc_launch_dependents` is the other half: once every
+# program of kernel i+1 has called it (or exited), kernel i+2 may be launched in turn. We wait
+# before touching anything an earlier kernel wrote, so correctness never depends on what
+# overlaps: the launch, the scheduling of programs, the prologue and the weight loads. (Every
+# kernel launched this way waits on its predecessor, which waited on its own: the chain stays
+# ordered, and kernel i+2's wait on i+1 also covers i, since i+1 cannot complete before i.)
+#
+# Where to call gdc_launch_dependents: before the wait, not after it. Called after the wait (as
+# this file first did), kernel i+2 could launch only once kernel i had finished, since every
+# program of i+1 sits in its wait until then: one kernel ahead at most. Called before, kernel
+# i+2 is launched as soon as all of i+1's programs are resident, and where SMs have room its
+# programs fetch their weights while i and i+1 are still running: two kernels ahead. That
+# matters after a kernel that leaves HBM idle: GPT-2 1.5B's mlp fc GEMV (20 MB) follows the
+# short attn proj GEMV, which follows the latency-bound attention kernel; with the trigger after
+# the wait it became resident only 0.5 us before its predecessor ended and added 9.5 us to every
+# layer (its bytes need 4.8 us), with it before the wait it is resident 5.9 us early and adds
+# 8.1 us (`bench.py --topic graphs` prints this breakdown). Measured (H200, 2026-11-28, two
+# processes each, alternating, same greedy tokens): GPT-2 1.5B graph step 1.496 -> 1.455 ms,
+# 701-703 -> 711-718 tok/s end to end; 124M 0.222 -> 0.211 ms, 4,458-4,493 -> 4,784-4,794 tok/s.
+# Resources are the limit: a waiting program holds its registers, so kernel i+2's programs take
+# only the room i and i+1 leave (attn proj, now sharing its SMs with them, went 1.7 -> 2.4 us).
 # serve.py's decode kernels (gemv, row_norm, store_kv, paged decode) all do it, launched
 # with model.pdl_launch_args() (one switch, model.set_pdl, for all of them).
 #
@@ -1051,8 +1068,8 @@ def gemv_kernel(
         nb_all = tl.load(norm_b_ptr + offs_k[None, :], mask=k_all, other=0.0) if HAS_NORM_BIAS else w_all
         bias_all = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0) if HAS_BIAS else offs_n
     if USE_PDL:                                # see the PDL section above
-        tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
+        tl_cuda.gdc_wait()
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     nw_ptrs = norm_w_ptr + offs_k[None, :]
@@ -1390,8 +1407,8 @@ def row_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, stride_xm, stride_ym, eps,
                     BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
                     USE_PDL: tl.constexpr = False):
     if USE_PDL:                                # see the PDL section above
-        tl_cuda.gdc_wait()
         tl_cuda.gdc_launch_dependents()
+        tl_cuda.gdc_wait()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_C)
     mask = offs < C
