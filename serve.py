@@ -514,6 +514,8 @@ def greedy_argmax_triton(logits: torch.Tensor, last_greedy: torch.Tensor) -> tor
     """greedy_argmax_reference in one kernel, one program per row. The same index for every
     row, except that a NaN logit counts as +inf here (torch.argmax returns the first NaN; this
     returns the first of the NaN and +inf logits): a row with NaN logits is lost either way."""
+    if logits.shape[0] > last_greedy.numel():
+        raise ValueError(f"{logits.shape[0]} rows of logits, last_greedy holds {last_greedy.numel()}")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     greedy = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
