@@ -1403,10 +1403,12 @@ def topic_graphs(ctx: BenchContext) -> None:
 # kernel i+1 is resident while kernel i still runs (it fetches its weights, then waits inside at
 # griddepcontrol.wait), so its "duration" includes that wait and the durations overlap. What does
 # add up is how far each kernel pushes the step's end: its end minus the previous end. Those
-# deltas sum to the step (first start to last end), and a kernel's delta is what the step would
-# save if that kernel took no time at all after its predecessor. Next to it, the time the kernel
-# would need to read its bytes once at the copy bandwidth: the difference is latency (the wait's
-# hand-off, x's round trip, reductions, the last programs draining) that no bandwidth buys back.
+# deltas sum to the step (first start to last end). A kernel's delta is an upper bound on what
+# the step would save if that kernel took no time after its predecessor (the next kernel's own
+# weight fetch might then become the critical path). Next to it, the time the kernel would need
+# to read its bytes once at the copy bandwidth: the difference is latency (the wait's hand-off,
+# x's round trip, reductions, the last programs draining) that no bandwidth buys back. It can be
+# negative: bytes fetched before the previous kernel ended are not in the delta.
 
 def critical_path(kernels):
     """kernels: [(name, start, end)] of one step, in launch order (any time unit) -> a list of
@@ -1426,21 +1428,31 @@ def critical_path(kernels):
 
 def decode_kernel_roles(names):
     """Label the kernels of one GPT-2 decode step (serve.py's fused path) by their job, from the
-    launch order alone: in each block the GEMV right before the paged-decode kernel is the qkv
-    projection, the GEMVs after it are the attention output, MLP fc and MLP proj; a GEMV after the
-    last block's MLP is the LM head. Other kernels keep their own name."""
+    launch order alone: in each block the last GEMV before the paged-decode kernel is the qkv
+    projection (a store_kv kernel may sit between them), the GEMVs after it are the attention
+    output, MLP fc and MLP proj; a GEMV after the last block's MLP is the LM head. Other kernels
+    keep their own name."""
+    is_gemv = ["gemv" in n for n in names]
+    is_attention = ["paged_decode" in n for n in names]
+    qkv = set()
+    for i, attention in enumerate(is_attention):
+        if attention:
+            j = i - 1
+            while j >= 0 and not is_gemv[j] and not is_attention[j]:
+                j -= 1
+            if j >= 0 and is_gemv[j]:
+                qkv.add(j)
     roles, after_attention = [], 0
     after = ["attn proj", "mlp fc", "mlp proj", "lm head"]
     for i, name in enumerate(names):
-        if "paged_decode" in name:
+        if is_attention[i]:
             roles.append("attention")
             after_attention = 0
-        elif "gemv" in name:
-            if i + 1 < len(names) and "paged_decode" in names[i + 1]:
-                roles.append("qkv")
-            else:
-                roles.append(after[min(after_attention, len(after) - 1)])
-                after_attention += 1
+        elif i in qkv:
+            roles.append("qkv")
+        elif is_gemv[i]:
+            roles.append(after[min(after_attention, len(after) - 1)])
+            after_attention += 1
         else:
             roles.append(short_kernel_name(name))
     return roles
@@ -1453,16 +1465,16 @@ def short_kernel_name(name):
     return base or name[:40]
 
 
-def graph_step_breakdown(model, ctx: BenchContext, context: int, steps: int = 20) -> dict:
+def graph_step_breakdown(model, ctx: BenchContext, context: int, steps: int = 20, **engine_kw) -> dict:
     """Profile `steps` batch-1 decode steps of `model` (a GPT-2 on CUDA; serve.py's engine with
     CUDA graphs and the fused kernels) at `context` tokens. Returns {"rows": per kernel role: [role,
     kernels per step, us added to the step, per kernel, MB read per kernel, us at the copy
     bandwidth, latency per kernel, us started early], "span_us": the profiled step (mean),
-    "step_ms": the same step timed back to back, "copy_gbps"}."""
+    "step_ms": the same step timed back to back, "copy_gbps"}. engine_kw: EngineConfig fields."""
     import serve as S
     from torch.profiler import ProfilerActivity, profile
     engine = _serve_engine(model, ctx, num_blocks=(context + 64) // 16 + 4, block_size=16, max_num_seqs=1,
-                           prefix_caching=False)
+                           prefix_caching=False, **engine_kw)
     engine.add_request(list(range(context)), S.SamplingParams(max_tokens=steps + 64, ignore_eos=True))
     while engine.scheduler.waiting:
         engine.step()
@@ -1492,7 +1504,7 @@ def graph_step_breakdown(model, ctx: BenchContext, context: int, steps: int = 20
     nbytes = lambda *mods: sum(p.nbytes for m in mods for p in m.parameters())   # noqa: E731
     role_bytes = {"qkv": nbytes(blk.attn.qkv, blk.norm1), "attn proj": nbytes(blk.attn.proj),
                   "mlp fc": nbytes(blk.mlp.fc, blk.norm2), "mlp proj": nbytes(blk.mlp.proj),
-                  "lm head": nbytes(model.lm_head if model.lm_head is not None else model.tok_emb, model.norm_f),
+                  "lm head": nbytes(model.lm_head if model.lm_head is not None else model.tok_emb),
                   "attention": 2 * (context + 1) * cfg.kv_heads * cfg.head_dim * model.dtype.itemsize}
     copy_gbps = measure_ceilings(ctx)["copy_gbps"]
     at_copy_us = lambda n: n / (copy_gbps * 1e9) * 1e6          # noqa: E731
@@ -1524,7 +1536,8 @@ def _graph_step_breakdown(ctx: BenchContext, size: str, context: int) -> None:
                    f"these sum to the step; the profiled step ({res['span_us']:.0f} us) may run a little "
                    f"longer than the same step timed back to back ({res['step_ms'] * 1e3:.0f} us): the "
                    f"profiler's cost. us at copy bandwidth = bytes / {res['copy_gbps']:.0f} GB/s (measured in "
-                   f"this run). latency = the rest: what a kernel costs beyond streaming its bytes. started "
+                   f"this run). latency = the rest: what a kernel costs beyond streaming its bytes (negative "
+                   f"where it fetched bytes before its predecessor ended). started "
                    f"early = how long it was resident (fetching weights, then waiting) before its "
                    f"predecessor ended.", dtype=torch.float16)
     del model

@@ -647,10 +647,11 @@ def _paged_decode_split_kernel(
     bt_row = block_table + seq.to(tl.int64) * stride_bt
     if NEW_KV:
         # With the new token coming from K_new/V_new, nothing this program reads from the cache
-        # was written by the kernel before it: lengths and block tables come from the host, the
-        # cached K/V from earlier steps. So, as the GEMV does with its weights, the first tile
-        # is asked for before the PDL wait; at batch 1 (one or two tiles per program) that is
-        # most of this kernel's memory traffic, overlapping the qkv GEMV's tail.
+        # was written by any kernel of this step (the rule in triton_matmul.py's PDL section):
+        # lengths and block tables come from the host, the cached K/V from earlier steps. So, as
+        # the GEMV does with its weights, the first tile is asked for before the PDL wait; at
+        # batch 1 (one or two tiles per program) that is most of this kernel's memory traffic,
+        # overlapping the qkv GEMV's tail.
         ctx = tl.load(context_lens + seq)
         lo = split * tokens_per_split
         hi = tl.minimum(lo + tokens_per_split, ctx)

@@ -514,6 +514,8 @@ def greedy_argmax_triton(logits: torch.Tensor, last_greedy: torch.Tensor) -> tor
     """greedy_argmax_reference in one kernel, one program per row. The same index for every
     row, except that a NaN logit counts as +inf here (torch.argmax returns the first NaN; this
     returns the first of the NaN and +inf logits): a row with NaN logits is lost either way."""
+    if logits.shape[0] > last_greedy.numel():
+        raise ValueError(f"{logits.shape[0]} rows of logits, last_greedy holds {last_greedy.numel()}")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     greedy = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -538,7 +540,7 @@ def decode_embed_kernel(ids_ptr, n_rows, last_ptr, tok_emb_ptr, pos_emb_ptr, x_p
                         HAS_POS: tl.constexpr, BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr = False):
     if USE_PDL:
         tl_cuda.gdc_launch_dependents()
-        tl_cuda.gdc_wait()                                # last_greedy: written by the step before
+        tl_cuda.gdc_wait()        # (the first kernel of a graph step: nothing before it in the chain)
     row = tl.program_id(0)
     given = tl.load(ids_ptr + row).to(tl.int64)
     pos = tl.load(ids_ptr + n_rows + row).to(tl.int64)
@@ -575,6 +577,11 @@ def decode_embed_reference(ids: torch.Tensor, last_greedy: torch.Tensor, tok_emb
 def decode_embed_triton(ids, last_greedy, tok_emb, pos_emb):
     """decode_embed_reference in one kernel, one program per row."""
     n_rows, C = ids.shape[1], tok_emb.shape[1]
+    if not tok_emb.is_contiguous() or (pos_emb is not None and not pos_emb.is_contiguous()):
+        raise ValueError("decode_embed_triton: the embedding tables must be contiguous (row stride C)")
+    if last_greedy.dtype != torch.long or ids.dtype != torch.int32:
+        raise ValueError(f"decode_embed_triton: ids int32 and last_greedy int64 expected, got {ids.dtype}, "
+                         f"{last_greedy.dtype}")
     ids = ids.contiguous()
     out_ids = torch.empty(ids.shape, dtype=torch.long, device=ids.device)
     x = torch.empty(n_rows, C, dtype=tok_emb.dtype, device=ids.device)

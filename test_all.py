@@ -822,18 +822,24 @@ def test_store_kv_padded_rows_never_touch_real_slots(store):
 def test_greedy_argmax_kernel_matches_torch(shape, dtype):
     """The graph's greedy argmax (one Triton program per row; the interpreter on CPU) returns
     torch.argmax's index, the first one on ties (the maximum planted twice: in row 0 in two
-    lanes, in row 1 twice in one lane, one chunk apart), and writes it into last_greedy too,
-    leaving the rows past B alone."""
+    lanes, in row 1 twice in one lane, one chunk apart), a unique maximum in the last, partial
+    chunk of a long row, index 0 for a row whose only finite logit is the first and for a row
+    of -inf only, and writes it into last_greedy too, leaving the rows past B alone."""
     dev = "cuda" if CUDA else "cpu"
     g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
     logits = torch.randn(shape, generator=g).to(dev, dtype)
     if shape[1] > 8:
         top = logits.max() + 1
         logits[0, shape[1] // 3] = logits[0, shape[1] - 2] = top       # a tie: the first must win
+    if shape[0] == 1 and shape[1] > S.GREEDY_ARGMAX_BLOCK:
+        logits[0, shape[1] - 1] = logits.max() + 2                     # alone in the last chunk
     if shape[0] > 2 and shape[1] > S.GREEDY_ARGMAX_BLOCK:
         chunk = S.GREEDY_ARGMAX_BLOCK
         logits[1, shape[1] - 1 - chunk] = logits[1, shape[1] - 1] = logits[1].max() + 1   # one lane, two chunks
-    logits[-1, 1:] = float("-inf")                                       # only index 0 is finite
+    if shape[0] > 1:
+        logits[-1, 1:] = float("-inf")                                   # only index 0 is finite
+    if shape[0] > 2:
+        logits[-2] = float("-inf")                                       # nothing finite: index 0
     last = torch.full((shape[0] + 2,), -7, dtype=torch.long, device=dev)
     got = S.greedy_argmax_triton(logits, last)
     want = logits.float().argmax(dim=-1)
@@ -3000,21 +3006,29 @@ def test_decode_kernel_roles_follow_the_launch_order():
     roles = bench.decode_kernel_roles(names)
     assert roles[0] == "indexSelectLargeIndex" and roles[-2:] == ["lm head", "greedy_argmax_kernel"]
     assert roles[1:16] == ["qkv", "attention", "attn proj", "mlp fc", "mlp proj"] * 3
+    # with the K/V store as its own kernel between the qkv GEMV and attention
+    layer = ["gemv_kernel", "store_kv_kernel", "_paged_decode_split_kernel", "gemv_kernel", "gemv_kernel", "gemv_kernel"]
+    roles = bench.decode_kernel_roles(layer * 2 + ["row_norm_kernel", "gemv_kernel"])
+    assert roles == ["qkv", "store_kv_kernel", "attention", "attn proj", "mlp fc", "mlp proj"] * 2 + \
+        ["row_norm_kernel", "lm head"]
 
 
 @needs_cuda
-def test_cuda_graph_step_breakdown_adds_up():
+@pytest.mark.parametrize("store_kv_in_attention", [True, False])
+def test_cuda_graph_step_breakdown_adds_up(store_kv_in_attention):
     """The breakdown bench --topic graphs prints, on a real graph step (GPT-2 tiny, fp16): one qkv,
-    attention, attn proj, mlp fc and mlp proj kernel per layer and one LM head, and the roles'
-    added times sum to the profiled step."""
+    attention, attn proj, mlp fc and mlp proj kernel per layer (also with a separate store_kv
+    kernel between qkv and attention) and one LM head, and the roles' added times sum to the
+    profiled step."""
     import bench
     model = M.load_gpt2("random:tiny", torch.float16, "cuda")
     ctx = bench.BenchContext(device=torch.device("cuda"), dtype=torch.float16, quick=True)
-    res = bench.graph_step_breakdown(model, ctx, context=40, steps=4)
+    res = bench.graph_step_breakdown(model, ctx, context=40, steps=4, store_kv_in_attention=store_kv_in_attention)
     rows = {r[0]: r for r in res["rows"]}
     for role in ("qkv", "attention", "attn proj", "mlp fc", "mlp proj"):
         assert rows[role][1] == model.cfg.n_layer, (role, res["rows"])
     assert rows["lm head"][1] == 1
+    assert ("store_kv_kernel" in rows) != store_kv_in_attention, res["rows"]
     parts = sum(r[2] for r in res["rows"] if r[0] != "whole step")
     assert res["span_us"] > 0 and math.isclose(parts, res["span_us"], rel_tol=1e-6), res["rows"]
 

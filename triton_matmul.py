@@ -861,22 +861,29 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # Where to call gdc_launch_dependents: before the wait, not after it. Called after the wait (as
 # this file first did), kernel i+2 could launch only once kernel i had finished, since every
 # program of i+1 sits in its wait until then: one kernel ahead at most. Called before, kernel
-# i+2 is launched as soon as all of i+1's programs are resident, and where SMs have room its
-# programs fetch their weights while i and i+1 are still running: two kernels ahead. That
-# matters after a kernel that leaves HBM idle: GPT-2 1.5B's mlp fc GEMV (20 MB) follows the
-# short attn proj GEMV, which follows the latency-bound attention kernel; with the trigger after
-# the wait it became resident only 0.5 us before its predecessor ended and added 9.5 us to every
-# layer (its bytes need 4.8 us), with it before the wait it is resident 5.9 us early and adds
-# 8.1 us (`bench.py --topic graphs` prints this breakdown). Measured (H200, 2026-11-28, two
-# processes each, alternating, same greedy tokens): GPT-2 1.5B graph step 1.496 -> 1.455 ms,
-# 701-703 -> 711-718 tok/s end to end; 124M 0.222 -> 0.211 ms, 4,458-4,493 -> 4,784-4,794 tok/s.
-# Resources are the limit: a waiting program holds its registers, so kernel i+2's programs take
-# only the room i and i+1 leave (attn proj, now sharing its SMs with them, went 1.7 -> 2.4 us).
+# i+2 is launched as soon as all of i+1's programs have started, i+3 as soon as all of i+2's
+# have, and so on: the lookahead has no fixed depth. It stops where the SMs have no room left,
+# or at a grid too big to be resident at once (mlp fc's 800 programs), whose last programs
+# start only when earlier ones leave. That matters after a kernel that leaves HBM idle: GPT-2
+# 1.5B's mlp fc GEMV (20 MB) follows the short attn proj GEMV, which follows the latency-bound
+# attention kernel; with the trigger after the wait it became resident only 0.5-0.6 us before
+# its predecessor ended and added 9.5 us to every layer (its bytes need 4.8 us), with it
+# before the wait it is resident 5.9 us early and adds 8.1 us (`bench.py --topic graphs`
+# prints this breakdown). Measured (H200, 2026-11-28, two processes each, alternating, same greedy tokens):
+# GPT-2 1.5B graph step 1.496 -> 1.455 ms, 701-703 -> 711-718 tok/s end to end; 124M 0.222 ->
+# 0.211 ms, 4,458-4,493 -> 4,784-4,794 tok/s. Resources are the limit: a waiting program holds
+# its registers, so later kernels' programs take only the room the running ones leave (attn
+# proj, now sharing its SMs with mlp fc programs that wait there, went 1.7 -> 2.4 us).
+# The rule this sets for every kernel of the step: what a kernel reads BEFORE its wait must be
+# written by no kernel of the step at all, not only by the one before it (with the old order,
+# data written two or more kernels back was safe to read early; now that kernel may still be
+# running). Weights, norm parameters, biases, host-written lengths and block tables, and K/V
+# cached by earlier steps qualify; x, residuals, logits and this step's K/V do not.
 # serve.py's decode kernels (gemv, row_norm, store_kv, paged decode) all do it, launched
 # with model.pdl_launch_args() (one switch, model.set_pdl, for all of them).
 #
-# Prefetch across the kernel boundary (single shot). A GEMV's weights are never written by the
-# kernel before it; only x is. So a one-row program can issue the loads of its WHOLE weight
+# Prefetch across the kernel boundary (single shot). A GEMV's weights are never written during
+# a decode step; only x is (the rule above). So a one-row program can issue the loads of its WHOLE weight
 # tile (BLOCK_N rows x all of K, e.g. 2 x 2048 fp16 = 8 KB) first, and only then wait for the
 # previous kernel (gdc_wait) and read x. Under PDL this program is already resident while the
 # previous kernel drains, so its weight stream overlaps that tail instead of starting after
