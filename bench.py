@@ -1315,11 +1315,25 @@ def _pct(sorted_xs, p):
     return sorted_xs[min(len(sorted_xs) - 1, int(round(p / 100 * (len(sorted_xs) - 1))))]
 
 
+def _repeatable_decode_step(engine, batch: int, context: int, max_tokens: int):
+    """Admit `batch` requests of `context` tokens, prefill them all and schedule one decode step;
+    returns a callable that runs that step (it rewrites the same cache slot on every call, so it
+    can be timed or profiled as often as needed)."""
+    import serve as S
+    for i in range(batch):
+        engine.add_request(list(range(i, i + context)), S.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    while engine.scheduler.waiting:                 # prefill all, first token each
+        engine.step()
+    engine.scheduler.schedule()                     # decode step's block bookkeeping
+    seqs = list(engine.scheduler.running)
+    return lambda: engine.runner.decode(seqs)
+
+
 @register("graphs")
 def topic_graphs(ctx: BenchContext) -> None:
-    """One decode step: eager vs torch.compile vs CUDA graph (vs both); launches, CPU vs GPU time."""
+    """One decode step: eager vs torch.compile vs CUDA graph (vs both); launches, CPU vs GPU time;
+    on a GPU, where a CUDA-graph step's time goes, kernel by kernel (graph_step_breakdown)."""
     import model as M
-    import serve as S
     dev, gpu = ctx.device, ctx.device.type == "cuda"
     dt = M.default_dtype(dev)
     model = M.load_gpt2("random:124M" if gpu else "random:tiny", dt, dev)
@@ -1347,13 +1361,7 @@ def topic_graphs(ctx: BenchContext) -> None:
                                        max_num_batched_tokens=max(batch * context, model.cfg.max_seq_len),
                                        cuda_graphs=graphs, compile=compiled, prefix_caching=False,
                                        fused_ops=fused)
-                for i in range(batch):
-                    engine.add_request(list(range(i, i + context)), S.SamplingParams(max_tokens=64, ignore_eos=True))
-                while engine.scheduler.waiting:                 # prefill all, first token each
-                    engine.step()
-                engine.scheduler.schedule()                     # decode step's block bookkeeping
-                seqs = list(engine.scheduler.running)
-                step = lambda: engine.runner.decode(seqs)       # noqa: E731 (rewrites one slot each call)
+                step = _repeatable_decode_step(engine, batch, context, max_tokens=64)
                 gpu_ms = time_ms(step, ctx)
                 host = []
                 for _ in range(20):                             # host time to issue one step
@@ -1366,7 +1374,7 @@ def topic_graphs(ctx: BenchContext) -> None:
                 if name == "eager" and batch == batches[0]:
                     cpu_top = top
                 rows.append([batch, name, gpu_ms, statistics.median(host), launches, tokens_per_s(batch, gpu_ms)])
-                del engine, seqs, step
+                del engine, step
                 _free_memory(gpu)
             except Exception as err:    # noqa: BLE001 (a failing variant is reported, not fatal)
                 rows.append([batch, f"{name} (failed: {type(err).__name__}: {str(err).splitlines()[0][:60]})",
@@ -1415,12 +1423,8 @@ def critical_path(kernels):
     (name, added, early): added = end - the latest end before it (the first kernel: its duration;
     never negative), so the added times sum to the step's span; early = how long before that
     previous end the kernel started (0 if it started after it): the overlap PDL bought."""
-    out, last_end = [], None
+    out, last_end = [], kernels[0][1] if kernels else 0.0     # the step starts with its first kernel
     for name, start, end in kernels:
-        if last_end is None:
-            out.append((name, end - start, 0.0))
-            last_end = end
-            continue
         out.append((name, max(0.0, end - last_end), max(0.0, last_end - start)))
         last_end = max(last_end, end)
     return out
@@ -1471,24 +1475,17 @@ def graph_step_breakdown(model, ctx: BenchContext, context: int, steps: int = 20
     kernels per step, us added to the step, per kernel, MB read per kernel, us at the copy
     bandwidth, latency per kernel, us started early], "span_us": the profiled step (mean),
     "step_ms": the same step timed back to back, "copy_gbps"}. engine_kw: EngineConfig fields."""
-    import serve as S
     from torch.profiler import ProfilerActivity, profile
     engine = _serve_engine(model, ctx, num_blocks=(context + 64) // 16 + 4, block_size=16, max_num_seqs=1,
                            prefix_caching=False, **engine_kw)
-    engine.add_request(list(range(context)), S.SamplingParams(max_tokens=steps + 64, ignore_eos=True))
-    while engine.scheduler.waiting:
-        engine.step()
-    engine.scheduler.schedule()
-    seqs = list(engine.scheduler.running)
-    step = lambda: engine.runner.decode(seqs)                  # noqa: E731 (same slot every call)
+    step = _repeatable_decode_step(engine, 1, context, max_tokens=steps + 64)
     step_ms = time_ms(step, ctx)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         ctx.sync()
-    kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                      if str(getattr(e, "device_type", "")).endswith("CUDA")
-                      and "Memcpy" not in e.name and "Memset" not in e.name), key=lambda k: k[1])
+    kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in _kernel_events(prof)),
+                     key=lambda k: k[1])
     if not kernels or len(kernels) % steps:
         raise RuntimeError(f"{len(kernels)} kernels in {steps} profiled steps: not a whole number per step")
     per_step = len(kernels) // steps
@@ -1520,7 +1517,7 @@ def graph_step_breakdown(model, ctx: BenchContext, context: int, steps: int = 20
     weights = model.decode_weight_bytes()
     rows.append(["whole step", per_step, span, float("nan"), weights / 1e6, at_copy_us(weights), float("nan"),
                  float("nan")])
-    del engine, seqs, step
+    del engine, step
     return {"rows": rows, "span_us": span, "step_ms": step_ms, "copy_gbps": copy_gbps}
 
 
@@ -2124,6 +2121,12 @@ def topic_quant(ctx: BenchContext) -> None:
                          "embedding / LM head stays fp16.", dtype=torch.float16)
 
 
+def _kernel_events(prof):
+    """The GPU kernels a torch.profiler run recorded (copies and memsets left out)."""
+    return [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")
+            and "Memcpy" not in e.name and "Memset" not in e.name]
+
+
 def _profile_step(step, ctx, n=5):
     """(GPU kernels per step, the profiler's top CPU ops table) over n steps."""
     from torch.profiler import ProfilerActivity, profile
@@ -2132,9 +2135,7 @@ def _profile_step(step, ctx, n=5):
         for _ in range(n):
             step()
         ctx.sync()
-    events = prof.events()
-    kernels = sum(1 for e in events if getattr(e, "device_type", None) is not None
-                  and str(e.device_type).endswith("CUDA") and "Memcpy" not in e.name and "Memset" not in e.name)
+    kernels = len(_kernel_events(prof))
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=40)
     return (kernels / n if ctx.device.type == "cuda" else "-"), table
 

@@ -69,10 +69,10 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol, for PDL)
 
 from attention import grouped_query_attention  # noqa: E402
 from model import HelpFormatter, is_hopper_or_later, pdl_launch_args  # noqa: E402
+import triton_matmul as tm  # noqa: E402  (pdl_signal_then_wait: the decode kernels' PDL hand-off)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -660,8 +660,7 @@ def _paged_decode_split_kernel(
                                          stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
                                          PAGE, BLOCK_N)
     if USE_PDL:
-        tl_cuda.gdc_launch_dependents()
-        tl_cuda.gdc_wait()
+        tm.pdl_signal_then_wait()
     if not NEW_KV:
         ctx = tl.load(context_lens + seq)
         lo = split * tokens_per_split

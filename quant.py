@@ -59,7 +59,6 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol: PDL)
 
 import model as M  # noqa: E402
 import triton_matmul as tm  # noqa: E402  (the norm-folding helpers its GEMV uses)
@@ -247,8 +246,7 @@ def int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, res_ptr, y_ptr, norm_w_p
     # boundary"). Configs with BLOCK_K >= K load the whole tile here: one chunk, no loop.
     w = tl.load(q_ptrs, mask=(offs_k < K)[None, :], other=0)
     if USE_PDL:
-        tl_cuda.gdc_launch_dependents()
-        tl_cuda.gdc_wait()
+        tm.pdl_signal_then_wait()
     mean = tl.zeros((1,), dtype=tl.float32)
     rstd = tl.zeros((1,), dtype=tl.float32)
     if NORM != "":

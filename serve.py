@@ -62,7 +62,6 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.language.extra import cuda as tl_cuda  # noqa: E402
 
 import model as M  # noqa: E402
 import flash_attn  # noqa: E402
@@ -432,8 +431,7 @@ def store_kv_kernel(k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slot_ptr,
                     HEAD_DIM: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
                     USE_PDL: tl.constexpr = False):
     if USE_PDL:                         # programmatic dependent launch: see triton_matmul.py
-        tl_cuda.gdc_launch_dependents()
-        tl_cuda.gdc_wait()
+        tm.pdl_signal_then_wait()
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot >= 0:                       # -1: a padded row of a CUDA-graph batch writes nothing
@@ -481,8 +479,7 @@ GREEDY_ARGMAX_BLOCK = 16384
 def greedy_argmax_kernel(logits_ptr, out_ptr, last_ptr, V, stride_row,
                          BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     if USE_PDL:
-        tl_cuda.gdc_launch_dependents()
-        tl_cuda.gdc_wait()
+        tm.pdl_signal_then_wait()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
@@ -539,8 +536,7 @@ def greedy_argmax_triton(logits: torch.Tensor, last_greedy: torch.Tensor) -> tor
 def decode_embed_kernel(ids_ptr, n_rows, last_ptr, tok_emb_ptr, pos_emb_ptr, x_ptr, ids_out_ptr, C,
                         HAS_POS: tl.constexpr, BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr = False):
     if USE_PDL:
-        tl_cuda.gdc_launch_dependents()
-        tl_cuda.gdc_wait()        # (the first kernel of a graph step: nothing before it in the chain)
+        tm.pdl_signal_then_wait()    # (the first kernel of a graph step: nothing before it in the chain)
     row = tl.program_id(0)
     given = tl.load(ids_ptr + row).to(tl.int64)
     pos = tl.load(ids_ptr + n_rows + row).to(tl.int64)

@@ -879,8 +879,19 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # data written two or more kernels back was safe to read early; now that kernel may still be
 # running). Weights, norm parameters, biases, host-written lengths and block tables, and K/V
 # cached by earlier steps qualify; x, residuals, logits and this step's K/V do not.
-# serve.py's decode kernels (gemv, row_norm, store_kv, paged decode) all do it, launched
-# with model.pdl_launch_args() (one switch, model.set_pdl, for all of them).
+# serve.py's decode kernels (gemv, row_norm, store_kv, paged decode, the greedy argmax) and
+# quant.py's int8 GEMV all do it through pdl_signal_then_wait below, launched with
+# model.pdl_launch_args() (one switch, model.set_pdl, for all of them).
+
+
+@triton.jit
+def pdl_signal_then_wait():
+    """Every decode kernel's PDL hand-off, in the order the section above explains: let the next
+    kernels launch, then wait until the previous kernel has finished and its writes are visible.
+    Call it once, after issuing only loads of what no kernel of the step writes."""
+    tl_cuda.gdc_launch_dependents()
+    tl_cuda.gdc_wait()
+
 #
 # Prefetch across the kernel boundary (single shot). A GEMV's weights are never written during
 # a decode step; only x is (the rule above). So a one-row program can issue the loads of its WHOLE weight
@@ -1075,8 +1086,7 @@ def gemv_kernel(
         nb_all = tl.load(norm_b_ptr + offs_k[None, :], mask=k_all, other=0.0) if HAS_NORM_BIAS else w_all
         bias_all = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0) if HAS_BIAS else offs_n
     if USE_PDL:                                # see the PDL section above
-        tl_cuda.gdc_launch_dependents()
-        tl_cuda.gdc_wait()
+        pdl_signal_then_wait()
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     nw_ptrs = norm_w_ptr + offs_k[None, :]
@@ -1414,8 +1424,7 @@ def row_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, C, stride_xm, stride_ym, eps,
                     BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr,
                     USE_PDL: tl.constexpr = False):
     if USE_PDL:                                # see the PDL section above
-        tl_cuda.gdc_launch_dependents()
-        tl_cuda.gdc_wait()
+        pdl_signal_then_wait()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_C)
     mask = offs < C
