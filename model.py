@@ -505,17 +505,20 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def hidden(self, tokens, positions=None, kv: AttentionBackend | None = None, ops=None):
+    def hidden(self, tokens, positions=None, kv: AttentionBackend | None = None, ops=None, embedded=None):
         """The transformer body: (B, T) token ids -> (B, T, n_embd) after the final norm.
-        ops: how linear layers and norms run (TorchOps by default; see TorchOps)."""
+        ops: how linear layers and norms run (TorchOps by default; see TorchOps). embedded: the
+        (B, T, n_embd) input embeddings (token + learned position) when the caller made them
+        already (serve.py's decode step, in one kernel)."""
         ops = ops or TorchOps
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        x = self.tok_emb(tokens)                                          # (B, T, C)
+        x = self.tok_emb(tokens) if embedded is None else embedded        # (B, T, C)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
+            if embedded is None:
+                x = x + self.pos_emb(positions)
         else:
             rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # (B,1,T,hd/2)
         for layer, block in enumerate(self.blocks):

@@ -849,6 +849,40 @@ def test_greedy_argmax_kernel_matches_torch(shape, dtype):
     assert torch.equal(S.greedy_argmax_triton(strided, last), strided.float().argmax(dim=-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,width,learned_pos", [(1, 1600, True), (5, 48, True), (3, 100, False), (7, 768, True)])
+def test_decode_embed_kernel_matches_reference(rows, width, learned_pos, dtype):
+    """The decode step's first kernel (int32 ids -> int64 ids with fed-back tokens resolved, and
+    token + position embeddings) against the PyTorch ops it replaces, bit for bit: rows that feed
+    themselves from last_greedy (prev row >= 0) and rows given their token, padding rows (token 0,
+    slot -1), widths that are not powers of two."""
+    dev = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(rows * 1000 + width)
+    vocab, max_pos = 97, 64
+    tok_emb = torch.randn(vocab, width, generator=g).to(dev, dtype)
+    pos_emb = torch.randn(max_pos, width, generator=g).to(dev, dtype) if learned_pos else None
+    last_greedy = torch.randint(0, vocab, (rows + 3,), generator=g).to(dev)
+    ids = torch.stack([torch.randint(0, vocab, (rows,), generator=g), torch.randint(0, max_pos, (rows,), generator=g),
+                       torch.randint(0, 10_000, (rows,), generator=g), torch.randint(-1, rows + 3, (rows,), generator=g)])
+    ids[:, -1] = torch.tensor([0, 0, -1, -1])                          # a padding row
+    ids = ids.to(dev, torch.int32)
+    want_ids, want_x = S.decode_embed_reference(ids, last_greedy, tok_emb, pos_emb)
+    got_ids, got_x = S.decode_embed_triton(ids, last_greedy, tok_emb, pos_emb)
+    assert got_ids.dtype == torch.long and torch.equal(got_ids, want_ids)
+    assert (got_ids[3] >= 0).any() or rows == 1                        # some rows did feed themselves
+    assert got_x.dtype == dtype
+    if dtype == torch.bfloat16 and not CUDA:
+        # the interpreter rounds fp32 -> bf16 by truncation (the GPU and PyTorch to nearest): on
+        # CPU the kernel must give exactly the fp32 sum with its low 16 bits cut off
+        exact = F.embedding(want_ids[0], tok_emb.float())
+        if pos_emb is not None:
+            exact = exact + F.embedding(want_ids[1], pos_emb.float())
+        truncated = (exact.view(torch.int32) & -65536).view(torch.float32).to(dtype)
+        assert torch.equal(got_x, truncated)
+    else:
+        assert torch.equal(got_x, want_x)
+
+
 @pytest.mark.parametrize("store_kv_in_attention", [True, False])
 def test_engine_triton_kernels_match_torch_path(tiny_model, store_kv_in_attention):
     """The GPU code path (flash_attn.py kernels, with the new K/V stored inside the decode kernel or
@@ -1252,6 +1286,9 @@ def test_gpu_kernels_compile_for_sm90():
          dict(HEAD_DIM=64, ROW=1600, BLOCK=2048, USE_PDL=True), 4, 1),
         ("serve.greedy_argmax_kernel", dict(logits_ptr=f16, out_ptr="i64", last_ptr="i64"),
          dict(V=50257, stride_row=50257), dict(BLOCK=S.GREEDY_ARGMAX_BLOCK, USE_PDL=True), 16, 1),
+        ("serve.decode_embed_kernel", dict(ids_ptr="i32", last_ptr="i64", tok_emb_ptr=f16, pos_emb_ptr=f16, x_ptr=f16,
+                                           ids_out_ptr="i64"),
+         dict(n_rows=32, C=1600), dict(HAS_POS=True, BLOCK_C=2048, USE_PDL=True), 4, 1),
     ]
     # quant.py's int8 GEMV in its GPU configs for GPT-2 1.5B's c_fc (LayerNorm folded in, GELU)
     # and its down projection (K = 6400)
