@@ -731,6 +731,28 @@ def topic_gemv(ctx: BenchContext) -> None:
                    if on_gpu else "CPU: the Triton interpreter, so these times say nothing about a GPU.",
               dtype=dt)
 
+    # v6 (Hopper): the normed one-row GEMVs with the tile in shared memory, each kernel alone
+    probe = rand(1, C)
+    if on_gpu and tm.gemv_tma_supported(probe, rand(8, C)):
+        rows = []
+        for name, N, act in (("c_attn +LayerNorm +bias", 3 * C, None), ("c_fc +LayerNorm +bias +GELU", FF, "gelu_tanh")):
+            block_n, warps = tm.gemv_tma_config(N, C, True, False)
+            norm = dict(norm="layer", norm_weight=rand(C), norm_bias=rand(C))
+            copies = max(1, min(32, -(-(128 << 20) // (N * C * 2))))
+            ws = [(rand(N, C, scale=C ** -0.5), rand(N)) for _ in range(copies)]
+            t5 = _time_graphed_ms([lambda w=w, b=b: tm.gemv(probe, w, b, act, **norm) for w, b in ws], ctx)
+            t6 = _time_graphed_ms([lambda w=w, b=b: tm.gemv_tma(probe, w, b, act, **norm, block_n=block_n,
+                                                                num_warps=warps) for w, b in ws], ctx)
+            rows.append([name, f"{C}->{N}", f"{block_n} rows x {warps} warps", t5 * 1e3, t6 * 1e3, t5 / t6,
+                         N * C * 2 / t6 / 1e6])
+            del ws
+        ctx.table("v6 (TMA into shared memory) vs v5 on the normed one-row GEMVs, each kernel alone",
+                  ["kernel", "K->N", "v6 config", "v5 us", "v6 us", "v5 / v6", "v6 GB/s"], rows,
+                  note="Alone, the two stream the same bytes and should roughly tie: v6's gain is in the whole "
+                       "decode step under PDL, where its tile waits in shared memory instead of registers while "
+                       "the kernels in front of it run (triton_matmul.py, v6; `--topic serve` measures the step).",
+                  dtype=dt)
+
     # what the compiler made of GPT-2 1.5B's one-row GEMVs: compiled for sm_90 on this machine
     # (a GPU is not needed), counted around the PDL wait; the same on any machine
     shapes = tm.GPT2_XL_DECODE_GEMVS
@@ -745,6 +767,17 @@ def topic_gemv(ctx: BenchContext) -> None:
                    "tile's loads (16-byte LDGs) come before griddepcontrol.wait (ACQBULK), so they overlap the previous "
                    "kernel under PDL; what comes after the wait (x, the norm's statistics and the cross-warp "
                    "reductions) is latency every kernel boundary pays.", dtype=torch.float16)
+    v6 = [(name, N, K, *rest) for name, N, K, *rest in shapes if tm.gemv_tma_config(N, K, rest[0] is not None, rest[3])]
+    ctx.table("v6 (Hopper): the same GEMVs with the weight tile copied by TMA into shared memory (gemv_tma, sm_90, offline)",
+              ["kernel", "K->N", "config (rule)", "regs", "shared KB", "TMA copies before the wait",
+               "after", "SASS after the wait", "loads after", "BAR.SYNC after"],
+              [[name, f"{K}->{N}", r["config"], r["n_regs"], f"{r['shared_bytes'] / 1024:.0f}",
+                r["tma_copies_before_wait"], r["tma_copies_after_wait"], r["instructions_after_wait"],
+                r["loads_after_wait"], r["barriers_after_wait"]]
+               for (name, N, K, *_), r in zip(v6, tm.gemv_sass_summary(v6, tma=True))],
+              note="One UTMALDG per 64 columns of K: the whole tile is asked for before the wait and lands in shared "
+                   "memory, so it costs no registers (v5 holds it in registers, which run out in a full decode step). "
+                   "serve.py uses it for the GEMVs with a norm folded in (gemv_tma_config).", dtype=torch.float16)
 
 
 # ---- flash_attn.py ---------------------------------------------------------------------------
@@ -1600,15 +1633,34 @@ def topic_tune(ctx: BenchContext) -> None:
             return time_ms(runner.graphs[1].graph.replay, ctx, warmup=20, reps=100)
 
         gemv_keys = [k for k in cache if k[2] == 1]                 # (N, K, BLOCK_M, ...): one row
+        # v6 (Hopper): the GEMVs the engine sends to gemv_tma, found by watching one capture
+        v6_keys, rule_v6 = [], tm.gemv_tma_config
+
+        def watching(N, K, has_norm, has_residual):
+            cfg = rule_v6(N, K, has_norm, has_residual)
+            if cfg is not None and ("v6", N, K) not in v6_keys:
+                v6_keys.append(("v6", N, K))
+            return cfg
+        tm.gemv_tma_config = watching
+        try:
+            measure()
+        finally:
+            tm.gemv_tma_config = rule_v6
+
         def rule(key):
             if key == "attention":
                 return dict(FA._SMALL_GRID_DECODE_CONFIG)
+            if key[0] == "v6":
+                return rule_v6(key[1], key[2], True, False)
             c = tm.one_row_gemv_config(key[0], key[1], dt.itemsize)
             return (c.kwargs["BLOCK_N"], c.num_warps)
 
         def candidates(key):
             if key == "attention":
                 return [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in FA._DECODE_GPU_CONFIGS]
+            if key[0] == "v6":      # rows x warps whose tile fits shared memory
+                return [(bn, w) for bn, w in ((8, 4), (16, 4), (16, 8), (32, 8), (32, 16), (64, 16))
+                        if tm.gemv_tma_shared_bytes(key[2], bn) <= tm.MAX_SHARED_BYTES]
             # 1-2 warps: every reduction stays inside a warp (shuffles; no BAR.SYNC after the PDL wait,
             # checked in the SASS), against more serial work per thread after it
             bk = triton.next_power_of_2(key[1])
@@ -1617,10 +1669,12 @@ def topic_tune(ctx: BenchContext) -> None:
         def apply(key, cand):
             if key == "attention":
                 FA._SMALL_GRID_DECODE_CONFIG = cand
+            elif key[0] == "v6":
+                tm.GEMV_TMA_OVERRIDES[key[1], key[2]] = cand
             else:
                 cache[key] = tm.one_row_gemv_config(key[0], key[1], rows=cand[0], warps=cand[1])
 
-        keys = gemv_keys + (["attention"] if M.is_hopper_or_later(ctx.device) else [])
+        keys = gemv_keys + v6_keys + (["attention"] if M.is_hopper_or_later(ctx.device) else [])
         start = {k: rule(k) for k in keys}
         rule_attention = dict(FA._SMALL_GRID_DECODE_CONFIG)
         try:
@@ -1628,6 +1682,7 @@ def topic_tune(ctx: BenchContext) -> None:
         finally:                            # leave the rules in place for whatever runs next
             for k in gemv_keys:
                 cache.pop(k, None)
+            tm.GEMV_TMA_OVERRIDES.clear()
             FA._SMALL_GRID_DECODE_CONFIG = rule_attention
 
         def name(key, cand):
@@ -1636,7 +1691,9 @@ def topic_tune(ctx: BenchContext) -> None:
             return f"{cand[0]} rows x {cand[1]} warps"
 
         def label(key):
-            return "decode attention" if key == "attention" else f"GEMV {key[1]}->{key[0]}"
+            if key == "attention":
+                return "decode attention"
+            return f"v6 GEMV {key[2]}->{key[1]}" if key[0] == "v6" else f"GEMV {key[1]}->{key[0]}"
         for k in keys:
             tried = {repr(c): ms for kk, c, ms in trials if kk == k}
             rule_trial = tried.get(repr(start[k]), float("nan"))

@@ -1271,6 +1271,22 @@ def test_gemv_sass_loads_the_weight_tile_before_the_pdl_wait():
         assert r["n_spills"] == 0 and r["n_regs"] <= 255, r
 
 
+def test_gemv_tma_sass_copies_the_weight_tile_before_the_pdl_wait():
+    """v6 (gemv_tma, Gluon): in the sm_90 machine code of the rule's qkv and mlp fc GEMVs, every
+    TMA copy of the weight tile (one per 64 columns) is issued before griddepcontrol.wait and
+    only x is loaded after it; the shared memory is the tile plus x, as gemv_tma_shared_bytes
+    says (the occupancy argument of v6 rests on it)."""
+    shapes = [tm.GPT2_XL_DECODE_GEMVS[0], tm.GPT2_XL_DECODE_GEMVS[2]]
+    summary = tm.gemv_sass_summary(shapes, tma=True)
+    assert len(summary) == 2
+    for (_, N, K, *_), r in zip(shapes, summary):
+        rows, warps = tm.gemv_tma_config(N, K, True, False)
+        assert r["tma_copies_before_wait"] == tm.triton.cdiv(K, tm.TMA_BOX_K) and r["tma_copies_after_wait"] == 0, r
+        assert r["loads_after_wait"] == 1 and r["n_spills"] == 0, r
+        assert r["shared_bytes"] == tm.gemv_tma_shared_bytes(K, rows), r
+        assert 2 * r["shared_bytes"] <= 228 * 1024, r           # two programs per SM
+
+
 def test_gpu_kernels_compile_for_sm90():
     """Every kernel the engine and bench.py launch on a GPU compiles for an H100/H200 on this
     machine, in the configs the GPU uses, without register spills where none are expected. The
@@ -1329,6 +1345,13 @@ def test_gpu_kernels_compile_for_sm90():
                      dict(GROUP=group, BLOCK_G=16, HEAD_DIM=D, PAGE=page, BLOCK_N=bn, DIRECT=direct, USE_PDL=True,
                           NEW_KV=new_kv),
                      warps, stages))
+    # v6's Gluon GEMV in the GPU tests' awkward variant (bf16, RMSNorm, GELU, residual, K = 136:
+    # 3 boxes, the last one past K) next to the rule's configs, which its SASS test compiles
+    jobs.append(("gemv_tma_kernel", dict(w_desc="tma:bf16:8", x_ptr="bf16", bias_ptr="bf16", res_ptr="bf16",
+                                         y_ptr="bf16", norm_w_ptr="bf16", norm_b_ptr="bf16"),
+                 dict(N=37, K=136, norm_eps=1e-5),
+                 dict(BLOCK_N=8, N_BOXES=3, BOXES_POW2=4, HAS_BIAS=False, ACTIVATION="gelu_tanh", HAS_RESIDUAL=True,
+                      NORM="rms", HAS_NORM_BIAS=False, USE_PDL=True), 4, 1))
     for (name, *_), r in zip(jobs, tm.compile_offline(jobs)):
         assert "error" not in r, (name, r)
         assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (name, r)
@@ -1634,6 +1657,90 @@ def test_gemv_and_row_norm_in_graph_cuda():
     torch.cuda.synchronize()
     torch.testing.assert_close(hn, tm.row_norm_reference(x, ln_w, ln_b), **_mm_tol(torch.float16))
     _gemv_check(y, hn, w, b, None, r)
+
+
+# v6: gemv_tma, the one-row GEMV whose weight tile TMA copies into shared memory (Hopper only).
+# (N, K, norm, activation, bias, residual, rows, warps)
+GEMV_TMA_CASES = [(6400, 1600, "layer", "gelu_tanh", True, False, 32, 8),   # GPT-2 1.5B's mlp fc, the rule
+                  (4800, 1600, "layer", None, True, False, 32, 8),          # its qkv
+                  (2304, 768, "layer", None, True, False, 32, 8),           # GPT-2 124M's qkv
+                  (37, 136, "rms", "gelu_tanh", False, True, 8, 4),         # ragged: 3 boxes, the last past K
+                  (1603, 6400, None, None, True, True, 4, 4),               # 100 boxes, N not a multiple of rows
+                  (100, 8, "layer", None, True, True, 16, 4)]               # K under one box
+HOPPER_GPU = MM_ON_GPU and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER_GPU, reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("case", GEMV_TMA_CASES, ids=str)
+def test_gemv_tma_matches_reference_cuda(case):
+    N, K, norm, act, has_bias, has_res, rows, warps = case
+    for dtype in (torch.float16, torch.bfloat16):
+        x, w, b, r = _gemv_inputs(1, N, K, dtype, seed=N + K, bias=has_bias, residual=has_res)
+        g = torch.Generator().manual_seed(K)
+        x = x * 3 + 1                                           # a mean and scale far from 0 and 1
+        nw = torch.randn(K, generator=g).to(MM_DEVICE, dtype) if norm else None
+        nb = torch.randn(K, generator=g).to(MM_DEVICE, dtype) if norm == "layer" else None
+        kw = dict(norm=norm, norm_weight=nw, norm_bias=nb, norm_eps=1e-5)
+        d = lambda t: None if t is None else t.double()         # noqa: E731
+        ref = tm.gemv_reference(d(x), d(w), d(b), act, d(r), acc_dtype=torch.float64, norm=norm,
+                                norm_weight=d(nw), norm_bias=d(nb))
+        y = tm.gemv_tma(x, w, b, act, r, out=_mm_poisoned(1, N, dtype), **kw, block_n=rows, num_warps=warps)
+        assert not torch.isnan(y).any()
+        torch.testing.assert_close(y.double(), ref, **_mm_tol(dtype))
+        # in a CUDA graph (serve.py's decode), replayed on a new x in the same buffer: the same
+        # bits as an eager call on it; and in place on the residual (h += proj(x))
+        out = torch.empty_like(y)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            tm.gemv_tma(x, w, b, act, r, out=out, **kw, block_n=rows, num_warps=warps)
+        x.copy_(torch.randn(x.shape, generator=g).to(MM_DEVICE, dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, tm.gemv_tma(x, w, b, act, r, **kw, block_n=rows, num_warps=warps))
+        if has_res:
+            expected = tm.gemv_tma(x, w, b, act, r, **kw, block_n=rows, num_warps=warps)
+            assert tm.gemv_tma(x, w, b, act, r, out=r, **kw, block_n=rows, num_warps=warps) is r
+            assert torch.equal(r, expected)
+
+
+@pytest.mark.skipif(not HOPPER_GPU, reason="needs a Hopper GPU (sm_90)")
+def test_engine_decode_ops_route_normed_gemvs_to_gemv_tma_cuda():
+    """serve.py's FusedDecodeOps sends a one-row linear with a norm in front to gemv_tma on
+    Hopper (gemv_tma_config), and the others (residual, the LM head's width) to v5's gemv."""
+    x, w, b, r = _gemv_inputs(1, 6400, 1600, torch.float16, seed=3)
+    ln = torch.nn.LayerNorm(1600).to(MM_DEVICE, torch.float16)
+    torch.nn.init.normal_(ln.weight), torch.nn.init.normal_(ln.bias)
+    got = S.FusedDecodeOps.linear(x, w, b, "gelu_tanh", None, ln)
+    rows, warps = tm.gemv_tma_config(6400, 1600, True, False)
+    assert torch.equal(got, tm.gemv_tma(x, w, b, "gelu_tanh", **M.norm_kernel_args(ln), block_n=rows,
+                                        num_warps=warps))
+    w2 = w[:1600, :].contiguous()
+    assert torch.equal(S.FusedDecodeOps.linear(x[:, :1600].contiguous(), w2, b[:1600], None, r[:, :1600]),
+                       tm.gemv(x[:, :1600].contiguous(), w2, b[:1600], residual=r[:, :1600]))
+
+
+def test_gemv_tma_refuses_what_it_cannot_run():
+    """Clear errors before anything is launched, on any machine: v6 is for one row of fp16/bf16
+    on a Hopper GPU with 16-byte aligned weight rows."""
+    x, w, b, _ = _gemv_inputs(1, 40, 24, torch.float16, seed=11, residual=False)
+    with pytest.raises(ValueError, match="one row"):
+        tm.gemv_tma(torch.cat([x, x]), w)
+    with pytest.raises(ValueError, match="K % 8 == 0"):
+        tm.gemv_tma(x[:, :12].contiguous(), w[:, :12].contiguous())
+    with pytest.raises(TypeError, match="fp16/bf16/fp32"):
+        tm.gemv_tma(x.to(torch.int32), w.to(torch.int32))
+    if not HOPPER_GPU:
+        assert not tm.gemv_tma_supported(x, w)
+        with pytest.raises(ValueError, match="Hopper GPU"):
+            tm.gemv_tma(x, w, b)
+    else:
+        with pytest.raises(ValueError, match="block_n"):
+            tm.gemv_tma(x, w, b, block_n=12, num_warps=8)
+        with pytest.raises(ValueError, match="shared memory"):
+            tm.gemv_tma(*_gemv_inputs(1, 64, 16384, torch.float16, seed=1, bias=False, residual=False)[:2],
+                        block_n=32, num_warps=8)
+    assert tm.gemv_tma_config(50257, 1600, False, False) is None        # the LM head stays on v5
+    assert tm.gemv_tma_config(1600, 6400, False, True) is None          # so do the residual GEMVs
 
 
 # ----------------------------------------------------------------------------------------------

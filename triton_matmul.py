@@ -54,6 +54,10 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra import cuda as tl_cuda  # noqa: E402  (griddepcontrol: PDL below)
+from triton.experimental import gluon  # noqa: E402  (v6: Hopper's TMA into shared memory)
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma  # noqa: E402
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 
 from model import pdl_launch_args, rms_norm  # noqa: E402
 
@@ -517,10 +521,13 @@ def _launch_signature(fn, tensors: dict, ints: dict, constexprs: dict):
     """(signature, constexprs, attrs) for ASTSource, as a launch with these values would make
     them for this file's GEMM and GEMV kernels: tensors name -> dtype string ("fp16"), scalars
     name -> value (a float is fp32; an int32 of 1 becomes a constant, a multiple of 16 is marked
-    divisible). Not covered, since those kernels need neither: do_not_specialize, int64 values."""
+    divisible); "tma:fp16:32" is v6's weight descriptor with 32-row boxes. Not covered, since
+    those kernels need neither: do_not_specialize, int64 values."""
     signature, consts, divisible = {}, dict(constexprs), []
     for i, name in enumerate(fn.arg_names):
-        if name in tensors:
+        if name in tensors and tensors[name].startswith("tma:"):
+            signature[name] = _tma_descriptor_type(tensors[name])
+        elif name in tensors:
             signature[name] = "*" + tensors[name]
             divisible.append((i,))                      # torch allocations are 16-byte aligned
         elif name in ints and isinstance(ints[name], float):
@@ -544,6 +551,15 @@ def _launch_signature(fn, tensors: dict, ints: dict, constexprs: dict):
     return signature, consts, {d: [["tt.divisibility", 16]] for d in divisible}
 
 
+def _tma_descriptor_type(spec):
+    """"tma:fp16:32" -> the signature type of v6's weight descriptor (the box and its shared
+    layout are part of the type; the tensor's own shape is not, so any tensor will do)."""
+    from triton.runtime.jit import mangle_type
+    _, dtype, rows = spec.split(":")
+    weight = torch.empty(int(rows), TMA_BOX_K, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    return mangle_type(_weight_descriptor(weight, int(rows)))
+
+
 HOPPER = 90            # the compute capability compiled for offline (H100 / H200)
 _OFFLINE_TIMEOUT_S = 300
 
@@ -556,14 +572,18 @@ def _compile_offline_here(jobs, sass=False):
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
     results = []
     for fn_name, tensors, ints, constexprs, num_warps, num_stages in jobs:
         module, _, fn_name = fn_name.rpartition(".")    # "flash_attn._paged_decode_split_kernel", or this file's
         fn = getattr(importlib.import_module(module), fn_name) if module else globals()[fn_name]
+        gluon_kernel = isinstance(fn, GluonJITFunction)  # v6: num_warps is one of its constexpr arguments
+        if gluon_kernel:
+            constexprs = dict(constexprs, num_warps=num_warps)
         try:
             signature, consts, attrs = _launch_signature(fn, tensors, ints, constexprs)
-            src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                            attrs=attrs)
+            src = (GluonASTSource if gluon_kernel else ASTSource)(
+                fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", HOPPER, 32),
                                       options=dict(num_warps=num_warps, num_stages=num_stages))
         except Exception as err:                # noqa: BLE001 (a job that does not compile: report it)
@@ -624,29 +644,44 @@ GPT2_XL_DECODE_GEMVS = [("c_attn +LayerNorm +bias", 4800, 1600, "layer", None, T
                         ("lm_head (no bias)", 50257, 1600, None, None, False, False)]
 
 
-def gemv_sass_summary(shapes=GPT2_XL_DECODE_GEMVS):
+def gemv_sass_summary(shapes=GPT2_XL_DECODE_GEMVS, tma=False):
     """What the compiler made of the rule's one-row GEMV (fp16, sm_90, PDL on) for each entry of
     `shapes` (as in GPT2_XL_DECODE_GEMVS): the SASS around griddepcontrol.wait (ACQBULK in SASS,
-    the PDL wait). The weight tile's loads (LDG) should all come before it, x's after. Returns
-    one dict per shape (counts before / after the wait), all compiled in one go."""
+    the PDL wait). The weight tile's loads (LDG) should all come before it, x's after. tma=True:
+    v6's kernel instead (gemv_tma, where gemv_tma_config takes the shape; the others are left
+    out), whose weight tile is one TMA box copy (UTMALDG) per 64 columns. Returns one dict per
+    shape (counts before / after the wait), all compiled in one go."""
+    ptrs = ("x_ptr", "bias_ptr", "res_ptr", "y_ptr", "norm_w_ptr", "norm_b_ptr")
     jobs, configs = [], []
     for _, N, K, norm, activation, has_bias, has_residual in shapes:
+        epilogue = dict(HAS_BIAS=has_bias, ACTIVATION=activation or "", HAS_RESIDUAL=has_residual, NORM=norm or "",
+                        HAS_NORM_BIAS=norm == "layer", USE_PDL=True)
+        if tma:
+            cfg = gemv_tma_config(N, K, norm is not None, has_residual)
+            if cfg is None:
+                continue
+            n_boxes = triton.cdiv(K, TMA_BOX_K)
+            configs.append(f"{cfg[0]} rows x {cfg[1]} warps")
+            jobs.append(("gemv_tma_kernel", dict(w_desc=f"tma:fp16:{cfg[0]}", **dict.fromkeys(ptrs, "fp16")),
+                         dict(N=N, K=K, norm_eps=1e-5),
+                         dict(BLOCK_N=cfg[0], N_BOXES=n_boxes, BOXES_POW2=triton.next_power_of_2(n_boxes), **epilogue),
+                         cfg[1], 1))
+            continue
         cfg = one_row_gemv_config(N, K, 2)
-        configs.append(cfg)
-        jobs.append(("gemv_kernel", dict(x_ptr="fp16", w_ptr="fp16", bias_ptr="fp16", res_ptr="fp16",
-                                         y_ptr="fp16", norm_w_ptr="fp16", norm_b_ptr="fp16"),
+        configs.append(f"{cfg.kwargs['BLOCK_N']} rows x {cfg.num_warps} warps")
+        jobs.append(("gemv_kernel", dict(w_ptr="fp16", **dict.fromkeys(ptrs, "fp16")),
                      dict(M=1, N=N, K=K, stride_xm=K, stride_wn=K, stride_rm=N, stride_ym=N, norm_eps=1e-5),
-                     dict(**cfg.kwargs, BLOCK_M=1, HAS_BIAS=has_bias, ACTIVATION=activation or "",
-                          HAS_RESIDUAL=has_residual, NORM=norm or "", HAS_NORM_BIAS=norm == "layer", USE_PDL=True),
-                     cfg.num_warps, cfg.num_stages))
+                     dict(**cfg.kwargs, BLOCK_M=1, **epilogue), cfg.num_warps, cfg.num_stages))
     rows = []
-    for cfg, res in zip(configs, compile_offline(jobs, sass=True)):
+    for config, res in zip(configs, compile_offline(jobs, sass=True)):
         ins = res.pop("sass")
         wait = next(i for i, x in enumerate(ins) if x.startswith("ACQBULK"))
         count = lambda part, op: sum(op in x for x in part)                    # noqa: E731
-        rows.append(dict(config=f"{cfg.kwargs['BLOCK_N']} rows x {cfg.num_warps} warps", **res,
+        rows.append(dict(config=config, **res,
                          instructions_before_wait=wait, instructions_after_wait=len(ins) - wait,
                          loads_before_wait=count(ins[:wait], "LDG"), loads_after_wait=count(ins[wait:], "LDG"),
+                         tma_copies_before_wait=count(ins[:wait], "UTMALDG"),
+                         tma_copies_after_wait=count(ins[wait:], "UTMALDG"),
                          barriers_after_wait=count(ins[wait:], "BAR.SYNC")))
     return rows
 
@@ -1484,6 +1519,221 @@ def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
 
 
 # -----------------------------------------------------------------------------
+# v6 (Hopper): the one-row GEMV with its weight tile in SHARED memory, fetched by TMA, in Gluon.
+#
+# Where v5 stops. Single shot keeps a program's prefetched weight tile in REGISTERS, and in a
+# whole GPT-2 1.5B decode step registers are what runs out. `bench.py --topic graphs` takes the
+# step apart kernel by kernel (H200, 2026-11-28): while the attention kernel runs (6.9 us a
+# layer with HBM nearly idle) the mlp fc GEMV's programs should already be streaming their
+# 20.5 MB, but each holds 8 rows x 2048 fp16 = 256 bytes per thread, so only ~264 of its 800
+# programs fit next to the running kernels, and most of the bytes are fetched after the wait:
+# it adds 8.1 us to every layer for 4.8 us of bytes. Meanwhile the 228 KB of shared memory per
+# SM sit unused by every GEMV.
+#
+# TMA (the Tensor Memory Accelerator, sm_90). One instruction asks the copy engine for a whole
+# box of a 2-D tensor (here BLOCK_N rows x 64 columns, 128 bytes a row) to be written into
+# shared memory; the bytes arrive asynchronously and an mbarrier (a counter in shared memory)
+# is told how many landed. The thread that asked holds nothing while they are in flight: no
+# registers, no load queue entries. Out-of-bounds parts of a box (rows past N, columns past K)
+# arrive as zeros, so the edges need no masks. The tensor is described once on the host
+# (base, shape, strides, box shape, swizzle: a TensorDescriptor, 128 bytes passed to the
+# kernel as a parameter); its rows must be 16-byte aligned (K a multiple of 8 in fp16).
+#
+# The program, in order:
+#   1. before the PDL wait: one TMA box per 64 columns of K for all BLOCK_N rows (GPT-2 1.5B,
+#      32 rows x 1600: 25 boxes, 100 KB), and the parameters (norm weight and bias, bias):
+#      nothing the step writes (the rule of the PDL section above);
+#   2. wait (PDL), then x: one row, its norm statistics in fp32, normalised and rounded exactly
+#      as v5 does, stored to shared memory (x is needed by every warp);
+#   3. wait on the mbarrier (the tile has usually long arrived), then BLOCK_N dot products read
+#      box by box out of shared memory: warps split the rows and a warp's lanes split a row's
+#      64 columns, so each row's reduction stays inside one warp (shuffles, no block barrier);
+#   4. bias, GELU, residual on the fp32 sums, one rounding, store.
+# With 32 rows x 8 warps a program uses ~60 registers a thread and ~106 KB of shared memory, so
+# 2 programs fit an SM: all 150 of 1.5B's qkv programs and 200 of mlp fc's are resident at once
+# and each has asked for its whole tile before the kernel in front of it ends.
+#
+# Why Gluon. Triton's tl language cannot say "into shared memory, and hold no registers": tl.load
+# lands in registers, and its tensor descriptors (tl.make_tensor_descriptor) use TMA but load
+# into registers too, with the compiler choosing the shared-memory staging. Gluon
+# (triton.experimental.gluon, shipped with Triton 3.6) is Triton's lower-level dialect: the
+# same Python syntax and compiler, but layouts, shared-memory allocations, mbarriers and TMA
+# copies are written out by the kernel, as CUDA C++ would. It is experimental: this section
+# follows Triton 3.6's API, and it has no CPU interpreter (the CPU test compiles it for sm_90
+# offline and reads the machine code instead; the GPU tests run it).
+#
+# Measured (H200, 2026-11-28, one process, the engine's graph step on the capture's inputs,
+# same greedy tokens): the normed GEMVs (qkv, mlp fc) through this kernel took GPT-2 1.5B's step
+# 1.422 -> 1.324 ms (702 -> 755 tok/s); 16 rows x 4 warps (4 programs per SM): 1.347; 32 x 8
+# with x kept in fp32: 1.500 (more shared memory per program, slower). GPT-2 124M: 0.205 ->
+# 0.203 ms. In the breakdown, mlp fc 8.06 -> 5.17 us a layer, qkv 5.34 -> 4.88.
+#
+# Importing Gluon can be done anywhere Triton 3.6 is; only a Hopper GPU runs it.
+
+@gluon.jit
+def _gl_pdl_signal_then_wait():
+    """pdl_signal_then_wait for Gluon kernels (the same two PTX instructions)."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def gemv_tma_kernel(w_desc, x_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_ptr, N, K, norm_eps,
+                    BLOCK_N: gl.constexpr, N_BOXES: gl.constexpr, BOXES_POW2: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
+                    NORM: gl.constexpr, HAS_NORM_BIAS: gl.constexpr, num_warps: gl.constexpr,
+                    USE_PDL: gl.constexpr = False):
+    BOX: gl.constexpr = w_desc.block_type.shape[1]       # 64 columns: 128 bytes, the TMA swizzle width
+    dtype: gl.constexpr = w_desc.dtype
+    row0 = gl.program_id(0) * BLOCK_N
+    # Register layouts, which Gluon makes the kernel choose. A (BLOCK_N, BOX) tile: warps split
+    # the rows, a warp's 32 lanes split its LANES_N rows x 64 columns (LANES_N = 4 for 32 rows
+    # and 8 warps: 8 lanes, 8 columns each, per row). x as (BOXES_POW2, BOX): box b is row b.
+    LANES_N: gl.constexpr = BLOCK_N // num_warps
+    tile_l: gl.constexpr = gl.BlockedLayout([1, BOX * LANES_N // 32], [LANES_N, 32 // LANES_N], [num_warps, 1], [1, 0])
+    row_l: gl.constexpr = gl.SliceLayout(1, tile_l)
+    x_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+
+    # 1. the whole weight tile into shared memory, and the parameters: before the wait
+    w_smem = gl.allocate_shared_memory(dtype, [N_BOXES, BLOCK_N, BOX], w_desc.layout)
+    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar, count=1)
+    mbarrier.expect(bar, N_BOXES * w_desc.block_type.nbytes)
+    for b in gl.static_range(N_BOXES):
+        tma.async_copy_global_to_shared(w_desc, [row0, b * BOX], bar, w_smem.index(b))
+    x_offs = gl.arange(0, BOXES_POW2, layout=gl.SliceLayout(1, x_l))[:, None] * BOX \
+        + gl.arange(0, BOX, layout=gl.SliceLayout(0, x_l))[None, :]
+    x_ok = x_offs < K
+    if NORM != "":
+        nw = gl.load(norm_w_ptr + x_offs, mask=x_ok, other=0.0).to(gl.float32)
+    if HAS_NORM_BIAS:
+        nb = gl.load(norm_b_ptr + x_offs, mask=x_ok, other=0.0).to(gl.float32)
+    rows = row0 + gl.arange(0, BLOCK_N, layout=row_l)
+    if HAS_BIAS:
+        bias = gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)
+    if USE_PDL:
+        _gl_pdl_signal_then_wait()
+
+    # 2. x, normalised as _tile_stats / _normalize do it (fp32 statistics, rounded to x's dtype)
+    xf = gl.load(x_ptr + x_offs, mask=x_ok, other=0.0).to(gl.float32)
+    if NORM == "layer":
+        mean = gl.sum(gl.sum(xf, 1), 0) / K
+        centred = gl.where(x_ok, xf - mean, 0.0)
+        rstd = gl.rsqrt(gl.sum(gl.sum(centred * centred, 1), 0) / K + norm_eps)
+        xf = (xf - mean) * rstd * nw
+        if HAS_NORM_BIAS:
+            xf += nb
+    elif NORM == "rms":
+        rstd = gl.rsqrt(gl.sum(gl.sum(xf * xf, 1), 0) / K + norm_eps)
+        xf = (xf * rstd).to(dtype).to(gl.float32) * nw
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    x_smem = gl.allocate_shared_memory(dtype, [BOXES_POW2, BOX], flat)
+    x_smem.store(xf.to(dtype))
+    x_boxes = x_smem._reinterpret(dtype, [BOXES_POW2, 1, BOX], flat)   # box b as a (1, BOX) row
+    gl.thread_barrier()                                  # every warp reads all of x
+
+    # 3. the dot products out of shared memory
+    mbarrier.wait(bar, 0)
+    acc = gl.zeros([BLOCK_N, BOX], gl.float32, layout=tile_l)
+    for b in gl.static_range(N_BOXES):
+        acc += w_smem.index(b).load(tile_l).to(gl.float32) * x_boxes.index(b).load(tile_l).to(gl.float32)
+    mbarrier.invalidate(bar)
+
+    # 4. the epilogue: v5's, on the fp32 sums
+    y = gl.sum(acc, 1)                                   # (BLOCK_N,) in row_l
+    if HAS_BIAS:
+        y += bias
+    if ACTIVATION == "gelu_tanh":                        # _gelu_tanh's formula (a Gluon kernel cannot call tl helpers)
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = y / (1.0 + gl.exp(-gl.maximum(2.0 * u, -40.0)))
+    if HAS_RESIDUAL:                                     # written earlier in the step: after the wait
+        y += gl.load(res_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)
+    gl.store(y_ptr + rows, y.to(dtype), mask=rows < N)
+
+
+TMA_BOX_K = 64                  # columns per TMA box: 128 bytes of fp16/bf16, the widest swizzle
+MAX_SHARED_BYTES = 227 * 1024   # per program on sm_90 (228 KB per SM, 1 KB kept by the system)
+_tma_descriptors = {}           # (pointer, shape, strides, dtype, rows) -> TensorDescriptor
+GEMV_TMA_OVERRIDES = {}         # (N, K) -> (BLOCK_N, num_warps): bench.py's tune tries others here
+
+
+def gemv_tma_config(N, K, has_norm, has_residual):
+    """(BLOCK_N, num_warps) for gemv_tma, or None where the engine keeps v5's GEMV. The rule
+    (measured in a whole decode step, see above): the GEMVs with a norm folded in (qkv, mlp fc)
+    take 32 rows x 8 warps; the LM head (N > 16384) stays on v5, which already streams it at
+    the copy bandwidth. The residual GEMVs (attn proj, mlp proj) stay on v5 too: through v6
+    (8-16 rows for attn proj, 4-8 for mlp proj's 6400-wide rows) the 1.5B step went 1.33 ->
+    1.34-1.48 ms (H200, same run as above): mlp proj's 20 MB no longer fit shared memory
+    beside the next kernels' tiles."""
+    if (N, K) in GEMV_TMA_OVERRIDES:
+        return GEMV_TMA_OVERRIDES[N, K]
+    if N > 16384 or not has_norm:
+        return None
+    return 32, 8
+
+
+def gemv_tma_shared_bytes(K, block_n, elem_bytes=2):
+    """Shared memory of one gemv_tma program: the weight tile and x, both padded to whole boxes."""
+    n_boxes = triton.cdiv(K, TMA_BOX_K)
+    return (block_n * n_boxes + triton.next_power_of_2(n_boxes)) * TMA_BOX_K * elem_bytes + 8
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(device):
+    return torch.cuda.get_device_capability(device)
+
+
+def gemv_tma_supported(x, weight) -> bool:
+    """Whether gemv_tma can run these tensors: a Hopper GPU (compute capability 9.x, where it was
+    measured), fp16/bf16, a contiguous (N, K) weight with 16-byte aligned rows (K % 8 == 0), and
+    a tile that fits shared memory."""
+    return (x.is_cuda and not INTERPRET and _compute_capability(x.device)[0] == 9
+            and weight.dtype in (torch.float16, torch.bfloat16) and weight.is_contiguous()
+            and weight.shape[1] % 8 == 0 and weight.data_ptr() % 16 == 0)
+
+
+def _weight_descriptor(weight, block_n):
+    """The TMA descriptor of `weight` in (block_n, 64) boxes, built once per weight: host work
+    (~10 us), which a CUDA graph does not repeat but an eager decode step would."""
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, block_n)
+    desc = _tma_descriptors.get(key)
+    if desc is None:
+        elem = gl.float16 if weight.dtype == torch.float16 else gl.bfloat16
+        layout = gl.NVMMASharedLayout.get_default_for([block_n, TMA_BOX_K], elem)
+        desc = _tma_descriptors[key] = TensorDescriptor.from_tensor(weight, [block_n, TMA_BOX_K], layout)
+    return desc
+
+
+def gemv_tma(x, weight, bias=None, activation=None, residual=None, out=None, *, norm=None, norm_weight=None,
+             norm_bias=None, norm_eps=1e-5, block_n=32, num_warps=8):
+    """gemv() for ONE row on a Hopper GPU, through gemv_tma_kernel: the same arguments and
+    result (up to fp32 summation order); block_n / num_warps as gemv_tma_config gives them."""
+    x2, res2, out2, out_shape = _check_gemv_inputs(x, weight, bias, activation, residual, out,
+                                                   norm, norm_weight, norm_bias)
+    N, K = weight.shape
+    if x2.shape[0] != 1:
+        raise ValueError(f"gemv_tma takes one row, got {x2.shape[0]}: use gemv()")
+    if not gemv_tma_supported(x, weight):
+        raise ValueError("gemv_tma needs a Hopper GPU (sm_90), fp16/bf16 and a contiguous weight with K % 8 == 0 "
+                         f"(got {x.device}, {weight.dtype}, K={K}): use gemv()")
+    if block_n % num_warps or 32 % (block_n // num_warps):
+        raise ValueError(f"block_n ({block_n}) must be num_warps ({num_warps}) x a power of two <= 32")
+    if gemv_tma_shared_bytes(K, block_n, x.element_size()) > MAX_SHARED_BYTES:
+        raise ValueError(f"a {block_n} x {K} tile does not fit shared memory: fewer rows")
+    y2 = torch.empty((1, N), device=x.device, dtype=x.dtype) if out2 is None else out2
+    n_boxes = triton.cdiv(K, TMA_BOX_K)
+    gemv_tma_kernel[(triton.cdiv(N, block_n),)](
+        _weight_descriptor(weight, block_n), x2, bias if bias is not None else y2,
+        res2 if res2 is not None else y2, y2, norm_weight if norm_weight is not None else y2,
+        norm_bias if norm_bias is not None else y2, N, K, norm_eps,
+        BLOCK_N=block_n, N_BOXES=n_boxes, BOXES_POW2=triton.next_power_of_2(n_boxes),
+        HAS_BIAS=bias is not None, ACTIVATION=activation or "", HAS_RESIDUAL=residual is not None,
+        NORM=norm or "", HAS_NORM_BIAS=norm_bias is not None, num_warps=num_warps, **pdl_launch_args())
+    return out if out is not None else y2.view(out_shape)
+
+
+# -----------------------------------------------------------------------------
 # Demo: check every version against torch and print a small table.
 
 def main():
@@ -1557,6 +1807,13 @@ def main():
                   f"before the PDL wait {r['instructions_before_wait']} instructions, {r['loads_before_wait']} loads "
                   f"(the weight tile); after it {r['instructions_after_wait']} instructions, {r['loads_after_wait']} "
                   f"loads, {r['barriers_after_wait']} BAR.SYNC")
+        shapes = GPT2_XL_DECODE_GEMVS[2:3]             # v6 takes c_fc (a norm folded in), not c_proj
+        for (_, N, K, *_), r in zip(shapes, gemv_sass_summary(shapes, tma=True)):
+            print(f"v6 GEMV {K}->{N} +LayerNorm ({r['config']}, fp16, sm_90): {r['n_regs']} regs, "
+                  f"{r['shared_bytes'] / 1024:.0f} KB of shared memory; before the PDL wait "
+                  f"{r['tma_copies_before_wait']} TMA copies (the weight tile), {r['loads_before_wait']} loads (the "
+                  f"parameters); after it {r['instructions_after_wait']} instructions, {r['loads_after_wait']} loads, "
+                  f"{r['barriers_after_wait']} BAR.SYNC")
 
 
 if __name__ == "__main__":
