@@ -748,9 +748,10 @@ def topic_gemv(ctx: BenchContext) -> None:
             del ws
         ctx.table("v6 (TMA into shared memory) vs v5 on the normed one-row GEMVs, each kernel alone",
                   ["kernel", "K->N", "v6 config", "v5 us", "v6 us", "v5 / v6", "v6 GB/s"], rows,
-                  note="Alone, the two stream the same bytes and should roughly tie: v6's gain is in the whole "
-                       "decode step under PDL, where its tile waits in shared memory instead of registers while "
-                       "the kernels in front of it run (triton_matmul.py, v6; `--topic serve` measures the step).",
+                  note="Each kernel alone, timed like the table above (CUDA graphs, weights from HBM), the norm "
+                       "folded into both. In a whole decode step under PDL v6's tile also waits in shared memory "
+                       "instead of registers while the kernels in front of it run: `--topic serve` and `--topic "
+                       "graphs` measure that (triton_matmul.py, v6).",
                   dtype=dt)
 
     # what the compiler made of GPT-2 1.5B's one-row GEMVs: compiled for sm_90 on this machine

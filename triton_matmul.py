@@ -14,7 +14,9 @@ You will learn about:
   - fusing bias + GELU into the GEMM epilogue, and profiling kernels (torch.profiler, ncu);
   - decode-shaped kernels (v5): why a 1-token GEMM is bandwidth-bound, how many bytes must be
     in flight to reach HBM speed (Little's law), a GEMV with bias + GELU + residual fused, and
-    a one-row LayerNorm/RMSNorm.
+    a one-row LayerNorm/RMSNorm;
+  - v6 (Hopper): the same one-row GEMV with its weight tile copied by TMA into shared memory,
+    written in Gluon (Triton's lower-level dialect: layouts, shared memory, mbarriers explicit).
 
 The version ladder (8192^3 fp16 on an H200, GPU time per GEMM from CUDA graphs, one run of
 `python bench.py --topic matmul`, torch 2.11 / triton 3.6):
@@ -30,6 +32,10 @@ The version ladder (8192^3 fp16 on an H200, GPU time per GEMM from CUDA graphs, 
       epilogue kernels), 1.9-2.7 TB/s for the 5-20 MB layers, 97% of copy bandwidth for the
       161 MB LM head; LayerNorm 1.7 vs 4.2 us; the norm can be folded into the GEMV. At 4
       tokens it is 0.27-0.67x cuBLAS (gemv.md), so serve.py uses it for single rows only.
+  v6  Hopper: the one-row GEMV's weight tile through TMA into shared memory before the PDL wait
+      (Gluon). Alone 1.2x v5 on the normed c_attn / c_fc; in the whole GPT-2 1.5B decode step
+      (qkv and mlp fc through it) 1.42 -> 1.32 ms, and `bench.py --topic serve` 697 -> 743 tok/s
+      (51.3% -> 54.8% of the bandwidth roofline; with the session's other changes, H200).
 
 Run:
   python triton_matmul.py                     # checks every version against torch, prints a table
@@ -1564,9 +1570,19 @@ def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
 #
 # Measured (H200, 2026-11-28, one process, the engine's graph step on the capture's inputs,
 # same greedy tokens): the normed GEMVs (qkv, mlp fc) through this kernel took GPT-2 1.5B's step
-# 1.422 -> 1.324 ms (702 -> 755 tok/s); 16 rows x 4 warps (4 programs per SM): 1.347; 32 x 8
-# with x kept in fp32: 1.500 (more shared memory per program, slower). GPT-2 124M: 0.205 ->
-# 0.203 ms. In the breakdown, mlp fc 8.06 -> 5.17 us a layer, qkv 5.34 -> 4.88.
+# 1.422 -> 1.324 ms (702 -> 755 tok/s; a second run on another H200 machine: 1.413 -> 1.331 ms,
+# 703 -> 742 tok/s); 16 rows x 4 warps (4 programs per SM): 1.347; 32 x 8 with x kept in fp32:
+# 1.500 (more shared memory per program, slower). GPT-2 124M: 0.205 -> 0.203 and 0.191 ->
+# 0.193 ms, flat. In the per-kernel breakdown at a 160-token context, mlp fc 8.05 -> 6.5 us a
+# layer for 4.85 us of bytes. Each kernel alone (`bench.py --topic gemv`, CUDA graphs): c_attn
+# 6.71 -> 5.62 us, c_fc 8.05 -> 6.72 us, 2.7-3.0 TB/s. Through `bench.py --topic serve` GPT-2
+# 1.5B decodes at 743 tok/s, 54.8% of the bandwidth roofline (697, 51.3%, before this and the
+# session's fused embedding). `bench.py --topic tune` searches its rows x warps inside the step:
+# within 0.7% of the rule (results/tune.md).
+# What v6 did not fix, in the same breakdown: qkv now becomes resident only ~1.2 us before the
+# mlp proj GEMV in front of it ends (that v5 kernel's register tiles fill the SMs), so it adds
+# 6.8 us for 3.6 us of bytes; and the attention kernel, 7.4 us a layer for 0.24 us of bytes,
+# is a quarter of the step.
 #
 # Importing Gluon can be done anywhere Triton 3.6 is; only a Hopper GPU runs it.
 
