@@ -646,7 +646,7 @@ class FusedDecodeOps(M.TorchOps):
             return M.TorchOps.linear(x, weight, bias, activation, residual, norm)
         folded = {} if norm is None else M.norm_kernel_args(norm)   # the norm in front, in the GEMV
         tma = tm.gemv_tma_supported(x, weight) and tm.gemv_tma_config(*weight.shape, norm is not None,
-                                                                       residual is not None)
+                                                                       residual is not None, weight.element_size())
         if tma:     # Hopper: the weight tile through TMA into shared memory (triton_matmul.py, v6)
             return tm.gemv_tma(x, weight, bias, activation, residual, **folded, block_n=tma[0], num_warps=tma[1])
         return tm.gemv(x, weight, bias, activation=activation, residual=residual, **folded)

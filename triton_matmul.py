@@ -655,11 +655,11 @@ def gemv_sass_summary(shapes=GPT2_XL_DECODE_GEMVS, tma=False):
     `shapes` (as in GPT2_XL_DECODE_GEMVS): the SASS around griddepcontrol.wait (ACQBULK in SASS,
     the PDL wait). The weight tile's loads (LDG) should all come before it, x's after. tma=True:
     v6's kernel instead (gemv_tma, where gemv_tma_config takes the shape; the others are left
-    out), whose weight tile is one TMA box copy (UTMALDG) per 64 columns. Returns one dict per
-    shape (counts before / after the wait), all compiled in one go."""
+    out: each row names its kernel), whose weight tile is one TMA box copy (UTMALDG) per 64
+    columns. Returns one dict per shape compiled (counts before / after the wait), all in one go."""
     ptrs = ("x_ptr", "bias_ptr", "res_ptr", "y_ptr", "norm_w_ptr", "norm_b_ptr")
-    jobs, configs = [], []
-    for _, N, K, norm, activation, has_bias, has_residual in shapes:
+    jobs, configs, names = [], [], []
+    for name, N, K, norm, activation, has_bias, has_residual in shapes:
         epilogue = dict(HAS_BIAS=has_bias, ACTIVATION=activation or "", HAS_RESIDUAL=has_residual, NORM=norm or "",
                         HAS_NORM_BIAS=norm == "layer", USE_PDL=True)
         if tma:
@@ -668,6 +668,7 @@ def gemv_sass_summary(shapes=GPT2_XL_DECODE_GEMVS, tma=False):
                 continue
             n_boxes = triton.cdiv(K, TMA_BOX_K)
             configs.append(f"{cfg[0]} rows x {cfg[1]} warps")
+            names.append(name)
             jobs.append(("gemv_tma_kernel", dict(w_desc=f"tma:fp16:{cfg[0]}", **dict.fromkeys(ptrs, "fp16")),
                          dict(N=N, K=K, norm_eps=1e-5),
                          dict(BLOCK_N=cfg[0], N_BOXES=n_boxes, BOXES_POW2=triton.next_power_of_2(n_boxes), **epilogue),
@@ -675,19 +676,21 @@ def gemv_sass_summary(shapes=GPT2_XL_DECODE_GEMVS, tma=False):
             continue
         cfg = one_row_gemv_config(N, K, 2)
         configs.append(f"{cfg.kwargs['BLOCK_N']} rows x {cfg.num_warps} warps")
+        names.append(name)
         jobs.append(("gemv_kernel", dict(w_ptr="fp16", **dict.fromkeys(ptrs, "fp16")),
                      dict(M=1, N=N, K=K, stride_xm=K, stride_wn=K, stride_rm=N, stride_ym=N, norm_eps=1e-5),
                      dict(**cfg.kwargs, BLOCK_M=1, **epilogue), cfg.num_warps, cfg.num_stages))
     rows = []
-    for config, res in zip(configs, compile_offline(jobs, sass=True)):
+    for name, config, res in zip(names, configs, compile_offline(jobs, sass=True)):
         ins = res.pop("sass")
         wait = next(i for i, x in enumerate(ins) if x.startswith("ACQBULK"))
         count = lambda part, op: sum(op in x for x in part)                    # noqa: E731
-        rows.append(dict(config=config, **res,
+        rows.append(dict(kernel=name, config=config, **res,
                          instructions_before_wait=wait, instructions_after_wait=len(ins) - wait,
                          loads_before_wait=count(ins[:wait], "LDG"), loads_after_wait=count(ins[wait:], "LDG"),
                          tma_copies_before_wait=count(ins[:wait], "UTMALDG"),
                          tma_copies_after_wait=count(ins[wait:], "UTMALDG"),
+                         barriers_before_wait=count(ins[:wait], "BAR.SYNC"),
                          barriers_after_wait=count(ins[wait:], "BAR.SYNC")))
     return rows
 
@@ -1549,14 +1552,15 @@ def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
 #   1. before the PDL wait: one TMA box per 64 columns of K for all BLOCK_N rows (GPT-2 1.5B,
 #      32 rows x 1600: 25 boxes, 100 KB), and the parameters (norm weight and bias, bias):
 #      nothing the step writes (the rule of the PDL section above);
-#   2. wait (PDL), then x: one row, its norm statistics in fp32, normalised and rounded exactly
-#      as v5 does, stored to shared memory (x is needed by every warp);
+#   2. wait (PDL), then x: one row, its norm statistics in fp32, normalised and rounded at the
+#      same points as v5 (the statistics are summed in another order, so a last bit may
+#      differ), stored to shared memory (x is needed by every warp);
 #   3. wait on the mbarrier (the tile has usually long arrived), then BLOCK_N dot products read
 #      box by box out of shared memory: warps split the rows and a warp's lanes split a row's
 #      64 columns, so each row's reduction stays inside one warp (shuffles, no block barrier);
 #   4. bias, GELU, residual on the fp32 sums, one rounding, store.
-# With 32 rows x 8 warps a program uses ~60 registers a thread and ~106 KB of shared memory, so
-# 2 programs fit an SM: all 150 of 1.5B's qkv programs and 200 of mlp fc's are resident at once
+# With 32 rows x 8 warps a program uses 64-66 registers a thread and 104 KB (106,504 bytes) of
+# shared memory at K = 1600, so 2 programs fit an SM: all 150 of 1.5B's qkv programs and 200 of mlp fc's are resident at once
 # and each has asked for its whole tile before the kernel in front of it ends.
 #
 # Why Gluon. Triton's tl language cannot say "into shared memory, and hold no registers": tl.load
@@ -1573,8 +1577,8 @@ def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
 # 1.422 -> 1.324 ms (702 -> 755 tok/s; a second run on another H200 machine: 1.413 -> 1.331 ms,
 # 703 -> 742 tok/s); 16 rows x 4 warps (4 programs per SM): 1.347; 32 x 8 with x kept in fp32:
 # 1.500 (more shared memory per program, slower). GPT-2 124M: 0.205 -> 0.203 and 0.191 ->
-# 0.193 ms, flat. In the per-kernel breakdown at a 160-token context, mlp fc 8.05 -> 6.5 us a
-# layer for 4.85 us of bytes. Each kernel alone (`bench.py --topic gemv`, CUDA graphs): c_attn
+# 0.193 ms, flat. In the second run's per-kernel breakdown at a 160-token context, mlp fc 8.05
+# -> 6.5 us a layer for 4.85 us of bytes. Each kernel alone (`bench.py --topic gemv`, CUDA graphs): c_attn
 # 6.71 -> 5.62 us, c_fc 8.05 -> 6.72 us, 2.7-3.0 TB/s. Through `bench.py --topic serve` GPT-2
 # 1.5B decodes at 743 tok/s, 54.8% of the bandwidth roofline (697, 51.3%, before this and the
 # session's fused embedding). `bench.py --topic tune` searches its rows x warps inside the step:
@@ -1631,7 +1635,8 @@ def gemv_tma_kernel(w_desc, x_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_
     if USE_PDL:
         _gl_pdl_signal_then_wait()
 
-    # 2. x, normalised as _tile_stats / _normalize do it (fp32 statistics, rounded to x's dtype)
+    # 2. x, normalised with _tile_stats / _normalize's formulas and rounding points (fp32
+    #    statistics, rounded to x's dtype; summed over a 2-D tile, so in another order)
     xf = gl.load(x_ptr + x_offs, mask=x_ok, other=0.0).to(gl.float32)
     if NORM == "layer":
         mean = gl.sum(gl.sum(xf, 1), 0) / K
@@ -1646,7 +1651,9 @@ def gemv_tma_kernel(w_desc, x_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     x_smem = gl.allocate_shared_memory(dtype, [BOXES_POW2, BOX], flat)
     x_smem.store(xf.to(dtype))
-    x_boxes = x_smem._reinterpret(dtype, [BOXES_POW2, 1, BOX], flat)   # box b as a (1, BOX) row
+    # box b as a (1, BOX) row that broadcasts over the tile (_reinterpret: a view of the same
+    # bytes with another shape; a private Gluon API in Triton 3.6, there is no public one)
+    x_boxes = x_smem._reinterpret(dtype, [BOXES_POW2, 1, BOX], flat)
     gl.thread_barrier()                                  # every warp reads all of x
 
     # 3. the dot products out of shared memory
@@ -1669,30 +1676,39 @@ def gemv_tma_kernel(w_desc, x_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_
 
 
 TMA_BOX_K = 64                  # columns per TMA box: 128 bytes of fp16/bf16, the widest swizzle
-MAX_SHARED_BYTES = 227 * 1024   # per program on sm_90 (228 KB per SM, 1 KB kept by the system)
-_tma_descriptors = {}           # (pointer, shape, strides, dtype, rows) -> TensorDescriptor
-GEMV_TMA_OVERRIDES = {}         # (N, K) -> (BLOCK_N, num_warps): bench.py's tune tries others here
-
-
-def gemv_tma_config(N, K, has_norm, has_residual):
-    """(BLOCK_N, num_warps) for gemv_tma, or None where the engine keeps v5's GEMV. The rule
-    (measured in a whole decode step, see above): the GEMVs with a norm folded in (qkv, mlp fc)
-    take 32 rows x 8 warps; the LM head (N > 16384) stays on v5, which already streams it at
-    the copy bandwidth. The residual GEMVs (attn proj, mlp proj) stay on v5 too: through v6
-    (8-16 rows for attn proj, 4-8 for mlp proj's 6400-wide rows) the 1.5B step went 1.33 ->
-    1.34-1.48 ms (H200, same run as above): mlp proj's 20 MB no longer fit shared memory
-    beside the next kernels' tiles."""
-    if (N, K) in GEMV_TMA_OVERRIDES:
-        return GEMV_TMA_OVERRIDES[N, K]
-    if N > 16384 or not has_norm:
-        return None
-    return 32, 8
+SM_SHARED_BYTES = 228 * 1024    # shared memory per SM on sm_90 ...
+PROGRAM_RESERVED_BYTES = 1024   # ... of which the system keeps 1 KB per resident program
+MAX_SHARED_BYTES = SM_SHARED_BYTES - PROGRAM_RESERVED_BYTES     # one program's most
+GEMV_TMA_OVERRIDES = {}         # (N, K) -> (BLOCK_N, num_warps) for normed GEMVs: bench.py's tune tries others here
 
 
 def gemv_tma_shared_bytes(K, block_n, elem_bytes=2):
-    """Shared memory of one gemv_tma program: the weight tile and x, both padded to whole boxes."""
+    """Shared memory of one gemv_tma program: the weight tile (whole boxes) and x (a power of two
+    of boxes, as its register tile), plus the 8-byte mbarrier."""
     n_boxes = triton.cdiv(K, TMA_BOX_K)
     return (block_n * n_boxes + triton.next_power_of_2(n_boxes)) * TMA_BOX_K * elem_bytes + 8
+
+
+def gemv_tma_config(N, K, has_norm, has_residual, elem_bytes=2):
+    """(BLOCK_N, num_warps) for gemv_tma, or None where the engine keeps v5's GEMV. The rule
+    (measured in a whole decode step, see above): the GEMVs with a norm folded in (qkv, mlp fc)
+    take 32 rows x 8 warps, or 16 / 8 rows x 4 warps where K is too wide for two 32-row programs
+    to share an SM (both ran correctly in the A/B; only GPT-2's K = 768 and 1600 were timed).
+    Wider still (K > ~6,900 at 8 rows) stays on v5: one program per SM would leave most of the
+    GPU's programs waiting for a slot, and the norm's weight and bias, held in registers across
+    the wait, grow with K. The LM head (N > 16384) stays on v5, which already streams it at the
+    copy bandwidth. The residual GEMVs (attn proj, mlp proj) stay on v5 too: through v6 (8-16
+    rows for attn proj, 4-8 for mlp proj's 6400-wide rows) the 1.5B step went 1.33 -> 1.34-1.48
+    ms (H200, same run as above): mlp proj's 20 MB no longer fit shared memory beside the next
+    kernels' tiles."""
+    if N > 16384 or not has_norm or has_residual:
+        return None
+    if (N, K) in GEMV_TMA_OVERRIDES:
+        return GEMV_TMA_OVERRIDES[N, K]
+    for rows, warps in ((32, 8), (16, 4), (8, 4)):
+        if 2 * (gemv_tma_shared_bytes(K, rows, elem_bytes) + PROGRAM_RESERVED_BYTES) <= SM_SHARED_BYTES:
+            return rows, warps
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -1700,43 +1716,61 @@ def _compute_capability(device):
     return torch.cuda.get_device_capability(device)
 
 
+def gemv_tma_unsupported(x, weight) -> str | None:
+    """Why gemv_tma cannot run these tensors (None: it can). It needs a Hopper GPU (compute
+    capability 9.x: TMA as Gluon's hopper module drives it, and where it was measured),
+    fp16/bf16, and a contiguous (N, K) weight whose rows TMA can address: 16-byte aligned
+    (K % 8 == 0) from a 16-byte aligned start."""
+    if not x.is_cuda or INTERPRET or _compute_capability(x.device)[0] != 9:
+        return f"a Hopper GPU (sm_90), got {x.device}" + (" under the Triton interpreter" if INTERPRET else "")
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        return f"fp16/bf16, got {weight.dtype}"
+    if not weight.is_contiguous():
+        return f"a contiguous weight, got strides {weight.stride()}"
+    if weight.shape[1] % 8:
+        return f"K % 8 == 0 (16-byte rows for TMA), got K={weight.shape[1]}"
+    if weight.data_ptr() % 16:
+        return "a weight starting on a 16-byte boundary"
+    return None
+
+
 def gemv_tma_supported(x, weight) -> bool:
-    """Whether gemv_tma can run these tensors: a Hopper GPU (compute capability 9.x, where it was
-    measured), fp16/bf16, a contiguous (N, K) weight with 16-byte aligned rows (K % 8 == 0), and
-    a tile that fits shared memory."""
-    return (x.is_cuda and not INTERPRET and _compute_capability(x.device)[0] == 9
-            and weight.dtype in (torch.float16, torch.bfloat16) and weight.is_contiguous()
-            and weight.shape[1] % 8 == 0 and weight.data_ptr() % 16 == 0)
+    """gemv_tma_unsupported(x, weight) is None: the engine's test before it calls gemv_tma."""
+    return gemv_tma_unsupported(x, weight) is None
 
 
 def _weight_descriptor(weight, block_n):
-    """The TMA descriptor of `weight` in (block_n, 64) boxes, built once per weight: host work
-    (~10 us), which a CUDA graph does not repeat but an eager decode step would."""
-    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, block_n)
-    desc = _tma_descriptors.get(key)
-    if desc is None:
-        elem = gl.float16 if weight.dtype == torch.float16 else gl.bfloat16
-        layout = gl.NVMMASharedLayout.get_default_for([block_n, TMA_BOX_K], elem)
-        desc = _tma_descriptors[key] = TensorDescriptor.from_tensor(weight, [block_n, TMA_BOX_K], layout)
-    return desc
+    """The TMA descriptor of `weight` in (block_n, 64) boxes. Built at every call: it is a small
+    Python object (it holds the tensor, so it is not cached: a cache would keep every weight it
+    ever saw alive), and Triton 3.6 encodes the 128-byte CUtensorMap from it at each launch
+    anyway. A CUDA graph replays the encoded one."""
+    elem = gl.float16 if weight.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, TMA_BOX_K], elem)
+    return TensorDescriptor.from_tensor(weight, [block_n, TMA_BOX_K], layout)
+
+
+def _is_power_of_two(n):
+    return n > 0 and n & (n - 1) == 0
 
 
 def gemv_tma(x, weight, bias=None, activation=None, residual=None, out=None, *, norm=None, norm_weight=None,
              norm_bias=None, norm_eps=1e-5, block_n=32, num_warps=8):
     """gemv() for ONE row on a Hopper GPU, through gemv_tma_kernel: the same arguments and
-    result (up to fp32 summation order); block_n / num_warps as gemv_tma_config gives them."""
+    result (up to fp32 summation order, the norm's statistics included); block_n / num_warps as
+    gemv_tma_config gives them."""
     x2, res2, out2, out_shape = _check_gemv_inputs(x, weight, bias, activation, residual, out,
                                                    norm, norm_weight, norm_bias)
     N, K = weight.shape
     if x2.shape[0] != 1:
         raise ValueError(f"gemv_tma takes one row, got {x2.shape[0]}: use gemv()")
-    if not gemv_tma_supported(x, weight):
-        raise ValueError("gemv_tma needs a Hopper GPU (sm_90), fp16/bf16 and a contiguous weight with K % 8 == 0 "
-                         f"(got {x.device}, {weight.dtype}, K={K}): use gemv()")
-    if block_n % num_warps or 32 % (block_n // num_warps):
-        raise ValueError(f"block_n ({block_n}) must be num_warps ({num_warps}) x a power of two <= 32")
+    why = gemv_tma_unsupported(x, weight)
+    if why:
+        raise ValueError(f"gemv_tma needs {why}: use gemv()")
+    if not (_is_power_of_two(block_n) and _is_power_of_two(num_warps) and num_warps <= block_n <= min(256, 32 * num_warps)):
+        raise ValueError(f"block_n ({block_n}) and num_warps ({num_warps}) must be powers of two with "
+                         f"num_warps <= block_n <= min(256, 32 x num_warps): warps split the rows, a TMA box has <= 256")
     if gemv_tma_shared_bytes(K, block_n, x.element_size()) > MAX_SHARED_BYTES:
-        raise ValueError(f"a {block_n} x {K} tile does not fit shared memory: fewer rows")
+        raise ValueError(f"a {block_n} x {K} tile does not fit shared memory ({MAX_SHARED_BYTES} bytes): fewer rows")
     y2 = torch.empty((1, N), device=x.device, dtype=x.dtype) if out2 is None else out2
     n_boxes = triton.cdiv(K, TMA_BOX_K)
     gemv_tma_kernel[(triton.cdiv(N, block_n),)](
