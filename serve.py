@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import gc
 import json
 import math
 import numbers
@@ -660,6 +662,25 @@ class FusedDecodeOps(M.TorchOps):
         return tm.row_norm(x, a["norm_weight"], a["norm_bias"], eps=a["norm_eps"], rms=a["norm"] == "rms")
 
 
+@contextlib.contextmanager
+def _no_garbage_collection():
+    """Python's cycle collector kept out of a CUDA-graph capture. It runs whenever enough objects
+    were allocated, and a capture allocates many; if it then frees a dead engine still caught in
+    a reference cycle, that engine's CUDA graphs are destroyed in the middle of this capture,
+    which CUDA refuses ("operation not permitted when stream is capturing", in CUDAGraph.reset)
+    and which invalidates the capture. torch.cuda.graph no longer collects before capturing
+    (torch 2.11), so we do: once before, then none during. Seen on an H200 (2026-11-28) when a
+    bench built an engine right after dropping four others."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 @dataclass
 class PagedStep:
     """Everything attention needs for one engine step (the explicit batch metadata).
@@ -1064,7 +1085,7 @@ class ModelRunner:
                 self._graph_step(inputs, self.model.cfg.max_seq_len)
             torch.cuda.synchronize()
             g.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g.graph, pool=pool):
+            with _no_garbage_collection(), torch.cuda.graph(g.graph, pool=pool):
                 g.logits, g.greedy = self._graph_step(inputs, self.model.cfg.max_seq_len)
             pool = g.graph.pool()
             self.graphs[bs] = g

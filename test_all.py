@@ -683,6 +683,41 @@ def test_engine_config_rejects_bad_values(field, value, match):
         S.EngineConfig(**{"device": "cpu", field: value})
 
 
+def test_graph_capture_keeps_the_garbage_collector_out():
+    """serve.py captures its CUDA graphs inside _no_garbage_collection: dead reference cycles
+    (an old engine and its graphs) are freed before the capture, and none during it, when
+    freeing a graph would invalidate the capture (seen on an H200)."""
+    import gc
+    events = []
+
+    class Cycle:
+        def __init__(self, name):
+            self.name, self.me = name, self
+
+        def __del__(self):
+            events.append(f"freed {self.name}")
+
+    Cycle("old engine")                           # unreachable at once, but only a collection frees it
+    was_enabled = gc.isenabled()
+    gc.enable()
+    try:
+        with S._no_garbage_collection():
+            events.append("capture")
+            assert not gc.isenabled()
+            for _ in range(100_000):              # far past the collector's allocation threshold
+                Cycle("during")
+            events.append("captured")
+        assert gc.isenabled()
+        assert events[:3] == ["freed old engine", "capture", "captured"], events[:4]
+        gc.disable()
+        with S._no_garbage_collection():
+            pass
+        assert not gc.isenabled()                 # left as it was found
+    finally:
+        gc.collect()
+        (gc.enable if was_enabled else gc.disable)()
+
+
 def test_engine_config_refuses_cuda_without_a_gpu():
     assert S.EngineConfig(device=torch.device("cpu")).device == "cpu"     # a torch.device is fine too
     if torch.cuda.is_available():
