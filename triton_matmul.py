@@ -1838,6 +1838,17 @@ def main():
         err = ((y.float() - ref).abs() / (1 + ref.abs())).max().item()
         tol = {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2)
         print(f"| {f'3 x {Kd}':>16} | {name} | {err:.2e} | {'yes' if err < tol else 'NO'} |")
+    # v6 (Hopper GPUs, fp16/bf16): one row, LayerNorm folded in, through TMA and shared memory
+    x1, w1 = x[:1].contiguous(), torch.randn(Nd, Kd, device=device, dtype=dtype) / math.sqrt(Kd)
+    if gemv_tma_supported(x1, w1):
+        b1, ln = torch.randn(Nd, device=device, dtype=dtype), dict(norm="layer", norm_weight=w, norm_bias=bias)
+        rows_warps = gemv_tma_config(Nd, Kd, True, False)
+        y = gemv_tma(x1, w1, b1, "gelu_tanh", **ln, block_n=rows_warps[0], num_warps=rows_warps[1])
+        ref = gemv_reference(x1.float(), w1.float(), b1.float(), "gelu_tanh", norm="layer", norm_weight=w.float(),
+                             norm_bias=bias.float())
+        err = ((y.float() - ref).abs() / (1 + ref.abs())).max().item()
+        tol = {torch.float16: 2e-3}.get(dtype, 1e-2)
+        print(f"| {f'1 x {Kd} x {Nd}':>16} | v6 gemv_tma +LN +b +gelu | {err:.2e} | {'yes' if err < tol else 'NO'} |")
     if on_gpu:
         a = torch.randn(s, s, device=device, dtype=dtype)
         cfg = _prune_configs(AUTOTUNE_CONFIGS, dict(M=s, N=s, a_ptr=a))[0]   # first that fits
