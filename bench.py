@@ -768,16 +768,16 @@ def topic_gemv(ctx: BenchContext) -> None:
                    "tile's loads (16-byte LDGs) come before griddepcontrol.wait (ACQBULK), so they overlap the previous "
                    "kernel under PDL; what comes after the wait (x, the norm's statistics and the cross-warp "
                    "reductions) is latency every kernel boundary pays.", dtype=torch.float16)
-    v6 = [(name, N, K, *rest) for name, N, K, *rest in shapes if tm.gemv_tma_config(N, K, rest[0] is not None, rest[3])]
+    n_k = {name: (N, K) for name, N, K, *_ in shapes}
     ctx.table("v6 (Hopper): the same GEMVs with the weight tile copied by TMA into shared memory (gemv_tma, sm_90, offline)",
               ["kernel", "K->N", "config (rule)", "regs", "shared KB", "TMA copies before the wait",
                "SASS before", "BAR.SYNC before", "TMA copies after", "SASS after the wait", "loads after",
                "BAR.SYNC after"],
-              [[name, f"{K}->{N}", r["config"], r["n_regs"], f"{r['shared_bytes'] / 1024:.0f}",
-                r["tma_copies_before_wait"], r["instructions_before_wait"], r["barriers_before_wait"],
-                r["tma_copies_after_wait"], r["instructions_after_wait"], r["loads_after_wait"],
-                r["barriers_after_wait"]]
-               for r in tm.gemv_sass_summary(v6, tma=True) for name, N, K, *_ in v6 if name == r["kernel"]],
+              [[r["kernel"], "{1}->{0}".format(*n_k[r["kernel"]]), r["config"], r["n_regs"],
+                f"{r['shared_bytes'] / 1024:.0f}", r["tma_copies_before_wait"], r["instructions_before_wait"],
+                r["barriers_before_wait"], r["tma_copies_after_wait"], r["instructions_after_wait"],
+                r["loads_after_wait"], r["barriers_after_wait"]]
+               for r in tm.gemv_sass_summary(shapes, tma=True)],          # (only the shapes v6 takes)
               note="One UTMALDG per 64 columns of K: the whole tile is asked for before the wait and lands in shared "
                    "memory, so it costs no registers (v5 holds it in registers, which run out in a full decode step). "
                    "The compiler puts a block-wide barrier (BAR.SYNC) after each copy, all before the wait: they "
@@ -1638,25 +1638,18 @@ def topic_tune(ctx: BenchContext) -> None:
             return time_ms(runner.graphs[1].graph.replay, ctx, warmup=20, reps=100)
 
         gemv_keys = [k for k in cache if k[2] == 1]                 # (N, K, BLOCK_M, ...): one row
-        # v6 (Hopper): the GEMVs the engine sends to gemv_tma, found by watching one capture
-        v6_keys, rule_v6 = [], tm.gemv_tma_config
-
-        def watching(N, K, has_norm, has_residual):
-            cfg = rule_v6(N, K, has_norm, has_residual)
-            if cfg is not None and ("v6", N, K) not in v6_keys:
-                v6_keys.append(("v6", N, K))
-            return cfg
-        tm.gemv_tma_config = watching
-        try:
-            measure()
-        finally:
-            tm.gemv_tma_config = rule_v6
+        # v6 (Hopper): the GEMVs the engine sends to gemv_tma, by FusedDecodeOps's own test: the
+        # linears with a norm in front (qkv, mlp fc), where gemv_tma runs and its rule takes them
+        blk = model.blocks[0]
+        v6_keys = [("v6", *lin.weight.shape) for lin in (blk.attn.qkv, blk.mlp.fc)
+                   if tm.gemv_tma_supported(lin.weight, lin.weight)     # (x only says which device)
+                   and tm.gemv_tma_config(*lin.weight.shape, True, False) is not None]
 
         def rule(key):
             if key == "attention":
                 return dict(FA._SMALL_GRID_DECODE_CONFIG)
             if key[0] == "v6":
-                return rule_v6(key[1], key[2], True, False)
+                return tm.gemv_tma_config(key[1], key[2], True, False)
             c = tm.one_row_gemv_config(key[0], key[1], dt.itemsize)
             return (c.kwargs["BLOCK_N"], c.num_warps)
 

@@ -516,11 +516,10 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.tok_emb(tokens) if embedded is None else embedded        # (B, T, C)
         rope = None
-        if self.pos_emb is not None:
-            if embedded is None:
-                x = x + self.pos_emb(positions)
-        else:
+        if self.pos_emb is None:
             rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # (B,1,T,hd/2)
+        elif embedded is None:
+            x = x + self.pos_emb(positions)
         for layer, block in enumerate(self.blocks):
             x = block(x, layer, positions, rope, kv, ops)
         return ops.norm(x, self.norm_f)
