@@ -34,8 +34,8 @@ The version ladder (8192^3 fp16 on an H200, GPU time per GEMM from CUDA graphs, 
       tokens it is 0.27-0.67x cuBLAS (gemv.md), so serve.py uses it for single rows only.
   v6  Hopper: the one-row GEMV's weight tile through TMA into shared memory before the PDL wait
       (Gluon). Alone 1.2x v5 on the normed c_attn / c_fc; in the whole GPT-2 1.5B decode step
-      (qkv and mlp fc through it) 1.42 -> 1.32 ms, and `bench.py --topic serve` 697 -> 743 tok/s
-      (51.3% -> 54.8% of the bandwidth roofline; with the session's other changes, H200).
+      (qkv and mlp fc through it) 1.42 -> 1.32 ms in one A/B run (H200); `bench.py --topic serve`
+      then measured 743 tok/s, 54.8% of the bandwidth roofline measured in the same run.
 
 Run:
   python triton_matmul.py                     # checks every version against torch, prints a table
@@ -1580,8 +1580,8 @@ def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
 # 0.193 ms, flat. In the second run's per-kernel breakdown at a 160-token context, mlp fc 8.05
 # -> 6.5 us a layer for 4.85 us of bytes. Each kernel alone (`bench.py --topic gemv`, CUDA graphs): c_attn
 # 6.71 -> 5.62 us, c_fc 8.05 -> 6.72 us, 2.7-3.0 TB/s. Through `bench.py --topic serve` GPT-2
-# 1.5B decodes at 743 tok/s, 54.8% of the bandwidth roofline (697, 51.3%, before this and the
-# session's fused embedding). `bench.py --topic tune` searches its rows x warps inside the step:
+# 1.5B then decoded at 743 tok/s, 54.8% of the bandwidth roofline measured in that run (an
+# earlier session's run, on another H200 machine and without v6, had measured 51.3%). `bench.py --topic tune` searches its rows x warps inside the step:
 # within 0.7% of the rule (results/tune.md).
 # What v6 did not fix, in the same breakdown: qkv now becomes resident only ~1.2 us before the
 # mlp proj GEMV in front of it ends (that v5 kernel's register tiles fill the SMs), so it adds
