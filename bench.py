@@ -27,6 +27,7 @@ never lose where it was measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -1437,9 +1438,10 @@ def topic_graphs(ctx: BenchContext) -> None:
                 _graph_step_breakdown(ctx, size, context=160)
             except Exception as err:    # noqa: BLE001 (reported, and the other size still runs)
                 ctx.note(f"(GPT-2 {size} breakdown failed: {type(err).__name__}: {err})")
+        _graph_step_ablation(ctx, "1.5B")
     else:
         ctx.note("(CPU: where a graph step's time goes needs CUDA kernel timestamps; on a GPU this topic "
-                 "also prints that breakdown for GPT-2 124M and 1.5B)")
+                 "also prints that breakdown for GPT-2 124M and 1.5B, and what leaving one kernel out saves)")
 
 
 # ---- where one decode graph step's time goes, under PDL ---------------------------------------
@@ -1449,9 +1451,10 @@ def topic_graphs(ctx: BenchContext) -> None:
 # kernel i+1 is resident while kernel i still runs (it fetches its weights, then waits inside at
 # griddepcontrol.wait), so its "duration" includes that wait and the durations overlap. What does
 # add up is how far each kernel pushes the step's end: its end minus the previous end. Those
-# deltas sum to the step (first start to last end). A kernel's delta is an upper bound on what
-# the step would save if that kernel took no time after its predecessor (the next kernel's own
-# weight fetch might then become the critical path). Next to it, the time the kernel would need
+# deltas sum to the step (first start to last end). A kernel's delta is NOT what the kernel costs
+# the step: it also decides when the kernels after it can become resident and start fetching
+# (graph_step_ablation below measures that directly: GPT-2 1.5B's mlp proj adds ~5 us a layer
+# but leaving it out saves ~7.5). Next to the delta, the time the kernel would need
 # to read its bytes once at the copy bandwidth: the difference is latency (the wait's hand-off,
 # x's round trip, reductions, the last programs draining) that no bandwidth buys back. It can be
 # negative: bytes fetched before the previous kernel ended are not in the delta.
@@ -1575,6 +1578,99 @@ def _graph_step_breakdown(ctx: BenchContext, size: str, context: int) -> None:
                    f"where it fetched bytes before its predecessor ended). started "
                    f"early = how long it was resident (fetching weights, then waiting) before its "
                    f"predecessor ended.", dtype=torch.float16)
+    del model
+    _free_memory(True)
+
+# ---- what leaving one kernel out saves ------------------------------------------------------
+#
+# The direct answer to "what does this kernel cost the step": capture the same step without it
+# and time that. The kernel's output is replaced by its input (attention returns q, a residual
+# GEMV returns its residual), so shapes and dependencies stay and only the numbers are wrong.
+# The per-layer saving is then comparable with the kernel's bytes at the copy bandwidth: what
+# it costs beyond those bytes is latency and lost overlap. H200, eleventh session, GPT-2 1.5B
+# (one run; results/graphs.md has this topic's own): leaving attention out saved 2.9 us a layer
+# at a 100-token context and 5.2 at 200 (for 0.2-0.3 us of K/V bytes), attn proj 1.6 / 2.4 (1.2
+# of bytes), mlp proj 7.4 / 8.1 (4.8 of bytes; its 800 programs fill the register file in two
+# waves, so the next layer's qkv cannot become resident and fetch its weights early).
+
+ABLATABLE_KERNELS = ("attention", "attn proj", "mlp proj")
+
+
+@contextlib.contextmanager
+def leave_out(model, kernel: str):
+    """Engines built inside this block capture decode steps without one of `model`'s kernels (one
+    of ABLATABLE_KERNELS): "attention" (the K/V store and the attention kernel; the output is q),
+    "attn proj" or "mlp proj" (the one-row GEMV; the output is its residual input). For timing
+    only: the tokens are garbage. Patches serve.py's PagedStep and FusedDecodeOps, restored after."""
+    import serve as S
+    if kernel not in ABLATABLE_KERNELS:
+        raise ValueError(f"kernel {kernel!r}: one of {ABLATABLE_KERNELS}")
+    attend, linear = S.PagedStep.attend, S.FusedDecodeOps.__dict__["linear"]
+    skipped = {(b.attn if kernel == "attn proj" else b.mlp).proj.weight.data_ptr() for b in model.blocks}
+
+    def attend_without(self, layer, q, k, v, positions):
+        return q if self.kind == "decode" else attend(self, layer, q, k, v, positions)
+
+    def linear_without(x, weight, bias=None, activation=None, residual=None, norm=None):
+        if x.numel() == x.shape[-1] and weight.data_ptr() in skipped:
+            return residual
+        return linear.__func__(x, weight, bias, activation, residual, norm)
+
+    if kernel == "attention":
+        S.PagedStep.attend = attend_without
+    else:
+        S.FusedDecodeOps.linear = staticmethod(linear_without)
+    try:
+        yield
+    finally:
+        S.PagedStep.attend, S.FusedDecodeOps.linear = attend, linear
+
+
+def graph_step_ablation(model, ctx: BenchContext, contexts=(100, 200)) -> dict:
+    """Batch-1 CUDA-graph decode step of `model` (GPU) timed back to back at each context, whole
+    and with each of ABLATABLE_KERNELS left out (leave_out). Returns {"rows": [kernel or "none",
+    step ms per context..., us saved per layer per context..., us of its bytes per layer at the
+    copy bandwidth], "copy_gbps"}."""
+    cfg, blk = model.cfg, model.blocks[0]
+    copy_gbps = measure_ceilings(ctx)["copy_gbps"]
+    kv_bytes = 2 * cfg.kv_heads * cfg.head_dim * model.dtype.itemsize       # per token of context
+    bytes_us = {"attention": [kv_bytes * c / copy_gbps / 1e3 for c in contexts],
+                "attn proj": [blk.attn.proj.weight.nbytes / copy_gbps / 1e3] * len(contexts),
+                "mlp proj": [blk.mlp.proj.weight.nbytes / copy_gbps / 1e3] * len(contexts)}
+    rows, whole = [], None
+    for kernel in (None, *ABLATABLE_KERNELS):
+        with leave_out(model, kernel) if kernel else contextlib.nullcontext():
+            engine = _serve_engine(model, ctx, num_blocks=max(contexts) // 16 + 8, block_size=16, max_num_seqs=1,
+                                   prefix_caching=False)
+        times = []
+        for c in contexts:
+            times.append(time_ms(_repeatable_decode_step(engine, 1, c, max_tokens=64), ctx))
+            for request_id in list(engine.seqs):
+                engine.abort(request_id)
+        del engine
+        _free_memory(True)
+        if kernel is None:
+            whole = times
+            rows.append(["none (the whole step)", *times, *[float("nan")] * len(contexts), float("nan")])
+        else:
+            saved = [(w - t) * 1e3 / cfg.n_layer for w, t in zip(whole, times)]
+            rows.append([kernel, *times, *saved, bytes_us[kernel][-1]])
+    return {"rows": rows, "copy_gbps": copy_gbps}
+
+
+def _graph_step_ablation(ctx: BenchContext, size: str, contexts=(100, 200)) -> None:
+    import model as M
+    model = M.load_gpt2(f"random:{size}", torch.float16, ctx.device)
+    res = graph_step_ablation(model, ctx, contexts)
+    ctx.table(f"What leaving one kernel out saves: GPT-2 {size}, batch 1, float16, CUDA graph + PDL",
+              ["kernel left out", *[f"step ms, context {c}" for c in contexts],
+               *[f"saved us per layer, context {c}" for c in contexts],
+               f"its bytes per layer at copy bandwidth us (context {contexts[-1]})"], res["rows"],
+              note=f"Each row is its own engine, whose captured step leaves that kernel out (its output is its "
+                   f"input: attention returns q, a residual GEMV its residual; bench.leave_out), timed back to "
+                   f"back. saved = (whole step - this step) / {model.cfg.n_layer} layers. Compare with the "
+                   f"breakdown's 'adds' column: a kernel also delays when the next kernels can become resident. "
+                   f"Bytes at {res['copy_gbps']:.0f} GB/s (measured in this run).", dtype=torch.float16)
     del model
     _free_memory(True)
 

@@ -3210,6 +3210,58 @@ def test_cuda_graph_step_breakdown_adds_up(store_kv_in_attention):
     assert res["span_us"] > 0 and math.isclose(parts, res["span_us"], rel_tol=1e-6), res["rows"]
 
 
+def test_leave_out_replaces_one_kernel_and_restores_serve():
+    """bench.leave_out (what --topic graphs's leave-one-out table builds its engines under): inside,
+    a decode step's attention returns q and the chosen residual GEMV returns its residual while the
+    other GEMVs still compute; afterwards (also after an error inside) serve.py is as before."""
+    import bench
+    model = perturb(M.load_gpt2("random:tiny"), std=0.3).to(FA_DEVICE)   # the GEMV runs where Triton can
+    attend, linear = S.PagedStep.attend, S.FusedDecodeOps.__dict__["linear"]
+    blk, g = model.blocks[1], torch.Generator().manual_seed(3)
+    C = model.cfg.n_embd
+    x, res, x2 = (torch.randn(1, 1, n, generator=g).to(FA_DEVICE) for n in (4 * C, C, C))
+    want = M.TorchOps.linear(x, blk.mlp.proj.weight, blk.mlp.proj.bias, residual=res)
+    want2 = M.TorchOps.linear(x2, blk.attn.proj.weight, blk.attn.proj.bias, residual=res)
+    with bench.leave_out(model, "mlp proj"):
+        assert S.FusedDecodeOps.linear(x, blk.mlp.proj.weight, blk.mlp.proj.bias, residual=res) is res
+        got2 = S.FusedDecodeOps.linear(x2, blk.attn.proj.weight, blk.attn.proj.bias, residual=res)
+        torch.testing.assert_close(got2, want2, rtol=1e-4, atol=1e-4)          # attn proj still computed
+    assert S.FusedDecodeOps.__dict__["linear"] is linear and S.PagedStep.attend is attend
+    torch.testing.assert_close(S.FusedDecodeOps.linear(x, blk.mlp.proj.weight, blk.mlp.proj.bias, residual=res),
+                               want, rtol=1e-4, atol=1e-4)
+    q = torch.randn(1, 4, 1, 8, generator=g)
+    step = S.PagedStep("decode", *[None] * 5)
+    with pytest.raises(RuntimeError, match="inside"), bench.leave_out(model, "attention"):
+        assert S.PagedStep.attend(step, 0, q, q, q, None) is q
+        raise RuntimeError("an error inside")
+    assert S.PagedStep.attend is attend
+    with pytest.raises(ValueError, match="one of"), bench.leave_out(model, "qkv"):
+        pass
+
+
+@needs_cuda
+def test_cuda_engines_built_inside_leave_out_capture_the_step_without_the_kernel():
+    """On a GPU the leave-one-out engines differ where it matters, in their captured graphs: each
+    kernel left out changes the greedy tokens, and an engine built after the block matches the
+    first whole one again."""
+    import bench
+    model = perturb(M.load_gpt2("random:tiny", torch.float16, "cuda"), std=0.3)
+    ctx = bench.BenchContext(device=torch.device("cuda"), dtype=torch.float16, quick=True)
+    prompt, params = [list(range(100, 140))], S.SamplingParams(max_tokens=24, ignore_eos=True)
+
+    def tokens():
+        engine = bench._serve_engine(model, ctx, num_blocks=64, max_num_seqs=1, prefix_caching=False)
+        assert engine.runner.graphs, "expected CUDA graphs"
+        return engine.generate(prompt, params)[0].tokens
+
+    whole = tokens()
+    for kernel in bench.ABLATABLE_KERNELS:
+        with bench.leave_out(model, kernel):
+            changed = tokens()
+        assert changed != whole, kernel
+    assert tokens() == whole
+
+
 def test_open_loop_accounts_for_every_request(tiny_model):
     import bench
     engine = _engine(tiny_model)
