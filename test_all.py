@@ -1309,7 +1309,7 @@ def test_gemv_sass_loads_the_weight_tile_before_the_pdl_wait():
 def test_gemv_tma_sass_copies_the_weight_tile_before_the_pdl_wait():
     """v6 (gemv_tma, Gluon): in the sm_90 machine code of the rule's qkv and mlp fc GEMVs, every
     TMA copy of the weight tile (one per 64 columns) is issued before griddepcontrol.wait and
-    only x is loaded after it; the shared memory is the tile plus x, as gemv_tma_shared_bytes
+    only x is loaded after it (one or two 16-byte loads a thread); the shared memory is the tile plus x, as gemv_tma_shared_bytes
     says (the occupancy argument of v6 rests on it)."""
     shapes = [tm.GPT2_XL_DECODE_GEMVS[0], tm.GPT2_XL_DECODE_GEMVS[2]]
     summary = tm.gemv_sass_summary(shapes, tma=True)
@@ -1317,7 +1317,9 @@ def test_gemv_tma_sass_copies_the_weight_tile_before_the_pdl_wait():
     for (_, N, K, *_), r in zip(shapes, summary):
         rows, warps = tm.gemv_tma_config(N, K, True, False)
         assert r["tma_copies_before_wait"] == tm.triton.cdiv(K, tm.TMA_BOX_K) and r["tma_copies_after_wait"] == 0, r
-        assert r["loads_after_wait"] == 1 and r["n_spills"] == 0, r
+        # x after the wait, in 16-byte loads: its power-of-two boxes over 32 * warps threads
+        x_loads = max(1, tm.triton.next_power_of_2(tm.triton.cdiv(K, tm.TMA_BOX_K)) * tm.TMA_BOX_K // (8 * 32 * warps))
+        assert r["loads_after_wait"] == x_loads and r["n_spills"] == 0, r
         assert r["shared_bytes"] == tm.gemv_tma_shared_bytes(K, rows), r
         assert 2 * (r["shared_bytes"] + tm.PROGRAM_RESERVED_BYTES) <= tm.SM_SHARED_BYTES, r   # two programs per SM
 
@@ -1802,8 +1804,11 @@ def test_gemv_tma_refuses_what_it_cannot_run():
         with pytest.raises(ValueError, match="shared memory"):
             tm.gemv_tma(*_gemv_inputs(1, 64, 16384, torch.float16, seed=1, bias=False, residual=False)[:2],
                         block_n=32, num_warps=8)
-    # the rule: two programs per SM or v5
+    # the rule: two programs per SM or v5; a wide model's qkv projection (N <= 3K, K > 1024) at 8 x 4
     assert tm.gemv_tma_config(6400, 1600, True, False) == (32, 8)
+    assert tm.gemv_tma_config(4800, 1600, True, False) == (8, 4)         # GPT-2 1.5B's qkv
+    assert tm.gemv_tma_config(2304, 768, True, False) == (32, 8)         # GPT-2 124M's qkv
+    assert tm.gemv_tma_config(960, 576, True, False) == (32, 8)          # SmolLM2's q, k and v: 576 + 2 x 192
     assert tm.gemv_tma_config(8192, 2048, True, False) == (16, 4)        # 32 rows of 2048 would be 1 per SM
     assert tm.gemv_tma_config(12288, 4096, True, False) == (8, 4)
     assert tm.gemv_tma_config(4096, 8192, True, False) is None             # not even 8 rows fit twice

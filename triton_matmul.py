@@ -1587,6 +1587,11 @@ def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
 # mlp proj GEMV in front of it ends (that v5 kernel's register tiles fill the SMs), so it adds
 # 6.8 us for 3.6 us of bytes; and the attention kernel, 7.4 us a layer for 0.24 us of bytes,
 # is a quarter of the step.
+# A smaller qkv program fits those gaps sooner: since the eleventh session, wide models' qkv
+# takes 8 rows x 4 warps (128 threads, 53 registers, 30 KB; gemv_tma_config), 742-743 -> 753-754
+# tok/s at 1.5B in a one-process A/B. Leaving mlp proj's register room for a 32 x 8 qkv instead
+# (mlp proj capped at 56 registers with ptxas's maxnreg) lost: mlp proj slowed more than qkv
+# gained (1.265 -> 1.288 ms at 100 tokens; with 8 x 4 qkv on top, 1.272).
 #
 # Importing Gluon can be done anywhere Triton 3.6 is; only a Hopper GPU runs it.
 
@@ -1700,12 +1705,22 @@ def gemv_tma_config(N, K, has_norm, has_residual, elem_bytes=2):
     copy bandwidth. The residual GEMVs (attn proj, mlp proj) stay on v5 too: through v6 (8-16
     rows for attn proj, 4-8 for mlp proj's 6400-wide rows) the 1.5B step went 1.33 -> 1.34-1.48
     ms (H200, same run as above): mlp proj's 20 MB no longer fit shared memory beside the next
-    kernels' tiles."""
+    kernels' tiles.
+    Exception: a wide model's qkv projection (N <= 3K: an MLP's fc is 4K in GPT-2, ~5.3K as
+    Llama's gate and up; K > 1024) takes 8 rows x 4 warps. It runs right after mlp proj, whose
+    v5 programs at GPT-2 1.5B's width (800 of them, 2 rows x 6400) hold the register file in two
+    waves; a small qkv program (128 threads x 53 registers, 30 KB) becomes resident in the gaps
+    sooner. H200, eleventh session, two A/Bs in one process each (graph step at 100 / 200 tokens
+    of context, then tok/s): 1.5B 1.270-1.273 -> 1.243-1.245 ms and 1.375-1.379 -> 1.358 ms,
+    742-743 -> 753-754 tok/s, same tokens (bench tune had picked 8 x 4 for qkv too). At GPT-2
+    124M's K = 768 mlp proj's 192 programs fit one wave, and 8 x 4 lost a little there (0.199 ->
+    0.200-0.203 ms at 200 tokens), so narrower models keep 32 x 8."""
     if N > 16384 or not has_norm or has_residual:
         return None
     if (N, K) in GEMV_TMA_OVERRIDES:
         return GEMV_TMA_OVERRIDES[N, K]
-    for rows, warps in ((32, 8), (16, 4), (8, 4)):
+    shapes = ((8, 4),) if N <= 3 * K and K > 1024 else ((32, 8), (16, 4), (8, 4))
+    for rows, warps in shapes:
         if 2 * (gemv_tma_shared_bytes(K, rows, elem_bytes) + PROGRAM_RESERVED_BYTES) <= SM_SHARED_BYTES:
             return rows, warps
     return None
