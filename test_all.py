@@ -1808,6 +1808,8 @@ def test_gemv_tma_refuses_what_it_cannot_run():
     assert tm.gemv_tma_config(6400, 1600, True, False) == (32, 8)
     assert tm.gemv_tma_config(4800, 1600, True, False) == (8, 4)         # GPT-2 1.5B's qkv
     assert tm.gemv_tma_config(2304, 768, True, False) == (32, 8)         # GPT-2 124M's qkv
+    assert tm.gemv_tma_config(3072, 1024, True, False) == (32, 8)        # GPT-2 medium's: K = 1024 is not wide
+    assert tm.gemv_tma_config(6144, 2048, True, False) == (8, 4)         # SmolLM2-1.7B's (16 x 4 before)
     assert tm.gemv_tma_config(960, 576, True, False) == (32, 8)          # SmolLM2's q, k and v: 576 + 2 x 192
     assert tm.gemv_tma_config(8192, 2048, True, False) == (16, 4)        # 32 rows of 2048 would be 1 per SM
     assert tm.gemv_tma_config(12288, 4096, True, False) == (8, 4)
@@ -3218,53 +3220,96 @@ def test_cuda_graph_step_breakdown_adds_up(store_kv_in_attention):
 def test_leave_out_replaces_one_kernel_and_restores_serve():
     """bench.leave_out (what --topic graphs's leave-one-out table builds its engines under): inside,
     a decode step's attention returns q and the chosen residual GEMV returns its residual while the
-    other GEMVs still compute; afterwards (also after an error inside) serve.py is as before."""
+    other GEMVs, several-row calls and prefill attention still compute; afterwards (also after an
+    error inside) serve.py is as before."""
     import bench
     model = perturb(M.load_gpt2("random:tiny"), std=0.3).to(FA_DEVICE)   # the GEMV runs where Triton can
     attend, linear = S.PagedStep.attend, S.FusedDecodeOps.__dict__["linear"]
     blk, g = model.blocks[1], torch.Generator().manual_seed(3)
     C = model.cfg.n_embd
-    x, res, x2 = (torch.randn(1, 1, n, generator=g).to(FA_DEVICE) for n in (4 * C, C, C))
-    want = M.TorchOps.linear(x, blk.mlp.proj.weight, blk.mlp.proj.bias, residual=res)
-    want2 = M.TorchOps.linear(x2, blk.attn.proj.weight, blk.attn.proj.bias, residual=res)
-    with bench.leave_out(model, "mlp proj"):
-        assert S.FusedDecodeOps.linear(x, blk.mlp.proj.weight, blk.mlp.proj.bias, residual=res) is res
-        got2 = S.FusedDecodeOps.linear(x2, blk.attn.proj.weight, blk.attn.proj.bias, residual=res)
-        torch.testing.assert_close(got2, want2, rtol=1e-4, atol=1e-4)          # attn proj still computed
-    assert S.FusedDecodeOps.__dict__["linear"] is linear and S.PagedStep.attend is attend
-    torch.testing.assert_close(S.FusedDecodeOps.linear(x, blk.mlp.proj.weight, blk.mlp.proj.bias, residual=res),
-                               want, rtol=1e-4, atol=1e-4)
+    x_fc, x_attn, res = (torch.randn(1, 1, n, generator=g).to(FA_DEVICE) for n in (4 * C, C, C))
+    calls = {"mlp proj": (x_fc, blk.mlp.proj), "attn proj": (x_attn, blk.attn.proj)}
+    want = {k: M.TorchOps.linear(x, lin.weight, lin.bias, residual=res) for k, (x, lin) in calls.items()}
+    two_rows = torch.randn(1, 2, 4 * C, generator=g).to(FA_DEVICE)
+    want_two = M.TorchOps.linear(two_rows, blk.mlp.proj.weight, blk.mlp.proj.bias, residual=res.expand(1, 2, C))
+    for kernel, other in (("mlp proj", "attn proj"), ("attn proj", "mlp proj")):
+        with pytest.raises(RuntimeError, match="inside"), bench.leave_out(model, kernel):
+            x, lin = calls[kernel]
+            assert S.FusedDecodeOps.linear(x, lin.weight, lin.bias, residual=res) is res
+            x, lin = calls[other]                                                   # still computed
+            torch.testing.assert_close(S.FusedDecodeOps.linear(x, lin.weight, lin.bias, residual=res), want[other],
+                                       rtol=1e-4, atol=1e-4)
+            with pytest.raises(ValueError, match="no residual"):
+                S.FusedDecodeOps.linear(calls[kernel][0], calls[kernel][1].weight)
+            if kernel == "mlp proj":                                                # several rows: computed
+                got = S.FusedDecodeOps.linear(two_rows, blk.mlp.proj.weight, blk.mlp.proj.bias,
+                                              residual=res.expand(1, 2, C))
+                torch.testing.assert_close(got, want_two, rtol=1e-4, atol=1e-4)
+            raise RuntimeError("an error inside")
+        assert S.FusedDecodeOps.__dict__["linear"] is linear and S.PagedStep.attend is attend
+    for kernel, (x, lin) in calls.items():                                         # restored: computed again
+        torch.testing.assert_close(S.FusedDecodeOps.linear(x, lin.weight, lin.bias, residual=res), want[kernel],
+                                   rtol=1e-4, atol=1e-4)
     q = torch.randn(1, 4, 1, 8, generator=g)
-    step = S.PagedStep("decode", *[None] * 5)
-    with pytest.raises(RuntimeError, match="inside"), bench.leave_out(model, "attention"):
-        assert S.PagedStep.attend(step, 0, q, q, q, None) is q
-        raise RuntimeError("an error inside")
-    assert S.PagedStep.attend is attend
+    seen = []
+    S.PagedStep.attend = lambda self, layer, q, k, v, positions: seen.append(self.kind) or "attended"
+    try:                      # a stand-in for the real attend: leave_out must hand prefill steps to it
+        with pytest.raises(RuntimeError, match="inside"), bench.leave_out(model, "attention"):
+            assert S.PagedStep.attend(S.PagedStep("decode", *[None] * 5), 0, q, q, q, None) is q
+            assert S.PagedStep.attend(S.PagedStep("prefill", *[None] * 5), 0, q, q, q, None) == "attended"
+            raise RuntimeError("an error inside")
+        assert seen == ["prefill"]
+    finally:
+        S.PagedStep.attend = attend
     with pytest.raises(ValueError, match="one of"), bench.leave_out(model, "qkv"):
         pass
 
 
+def test_graph_step_ablation_table_on_cpu():
+    """The leave-one-out table's bookkeeping, run where there is no graph (CPU, GPT-2 tiny): the
+    whole step first and last, one row per kernel left out with its saving per layer against the
+    mean of the two whole-step timings, and the kernel's bytes at the copy bandwidth."""
+    import bench
+    model = perturb(M.load_gpt2("random:tiny"), std=0.3)
+    ctx = bench.BenchContext(device=torch.device("cpu"), dtype=torch.float32, quick=True)
+    res = bench.graph_step_ablation(model, ctx, contexts=(20, 40))
+    rows = res["rows"]
+    assert [r[0] for r in rows] == ["none (the whole step)", *bench.ABLATABLE_KERNELS, "none again (drift)"]
+    whole = [(a + b) / 2 for a, b in zip(rows[0][1:3], rows[-1][1:3])]
+    for name, t20, t40, s20, s40, bytes_us in rows[1:-1]:
+        assert t20 > 0 and t40 > 0, rows
+        assert math.isclose(s20, (whole[0] - t20) * 1e3 / model.cfg.n_layer, rel_tol=1e-9), rows
+        assert math.isclose(s40, (whole[1] - t40) * 1e3 / model.cfg.n_layer, rel_tol=1e-9), rows
+        assert bytes_us > 0 and math.isfinite(bytes_us), rows
+    assert math.isclose(rows[3][5], model.blocks[0].mlp.proj.weight.nbytes / res["copy_gbps"] / 1e3, rel_tol=1e-9)
+    assert all(math.isnan(v) for v in rows[0][3:]) and rows[0][1] > 0, rows
+
+
 @needs_cuda
 def test_cuda_engines_built_inside_leave_out_capture_the_step_without_the_kernel():
-    """On a GPU the leave-one-out engines differ where it matters, in their captured graphs: each
-    kernel left out changes the greedy tokens, and an engine built after the block matches the
-    first whole one again."""
+    """On a GPU the leave-one-out engines differ where it matters, in their captured graphs, after
+    the block has restored serve.py (as bench.graph_step_ablation times them): each kernel left out
+    changes the greedy tokens, each differently, and an engine built after matches the first."""
     import bench
     model = perturb(M.load_gpt2("random:tiny", torch.float16, "cuda"), std=0.3)
     ctx = bench.BenchContext(device=torch.device("cuda"), dtype=torch.float16, quick=True)
     prompt, params = [list(range(100, 140))], S.SamplingParams(max_tokens=24, ignore_eos=True)
 
-    def tokens():
-        engine = bench._serve_engine(model, ctx, num_blocks=64, max_num_seqs=1, prefix_caching=False)
-        assert engine.runner.graphs, "expected CUDA graphs"
-        return engine.generate(prompt, params)[0].tokens
+    def engine():
+        e = bench._serve_engine(model, ctx, num_blocks=64, max_num_seqs=1, prefix_caching=False)
+        assert e.runner.graphs, "expected CUDA graphs"
+        return e
 
-    whole = tokens()
+    whole = engine().generate(prompt, params)[0].tokens
+    tokens = {}
     for kernel in bench.ABLATABLE_KERNELS:
         with bench.leave_out(model, kernel):
-            changed = tokens()
-        assert changed != whole, kernel
-    assert tokens() == whole
+            e = engine()
+        tokens[kernel] = e.generate(prompt, params)[0].tokens                # replayed after the block
+        del e
+    assert all(t != whole for t in tokens.values()), tokens
+    assert len({tuple(t) for t in tokens.values()}) == len(tokens), tokens
+    assert engine().generate(prompt, params)[0].tokens == whole
 
 
 def test_open_loop_accounts_for_every_request(tiny_model):

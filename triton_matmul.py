@@ -1560,7 +1560,8 @@ def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
 #      64 columns, so each row's reduction stays inside one warp (shuffles, no block barrier);
 #   4. bias, GELU, residual on the fp32 sums, one rounding, store.
 # With 32 rows x 8 warps a program uses 64-66 registers a thread and 104 KB (106,504 bytes) of
-# shared memory at K = 1600, so 2 programs fit an SM: all 150 of 1.5B's qkv programs and 200 of mlp fc's are resident at once
+# shared memory at K = 1600, so 2 programs fit an SM: all 200 of 1.5B's mlp fc programs (and,
+# until the eleventh session moved qkv to 8 x 4 rows, its 150 qkv programs) are resident at once
 # and each has asked for its whole tile before the kernel in front of it ends.
 #
 # Why Gluon. Triton's tl language cannot say "into shared memory, and hold no registers": tl.load
@@ -1699,7 +1700,7 @@ def gemv_tma_config(N, K, has_norm, has_residual, elem_bytes=2):
     (measured in a whole decode step, see above): the GEMVs with a norm folded in (qkv, mlp fc)
     take 32 rows x 8 warps, or 16 / 8 rows x 4 warps where K is too wide for two 32-row programs
     to share an SM (both ran correctly in the A/B; only GPT-2's K = 768 and 1600 were timed).
-    Wider still (K > ~6,900 at 8 rows) stays on v5: one program per SM would leave most of the
+    Wider still (K > 6,144 at 8 rows) stays on v5: one program per SM would leave most of the
     GPU's programs waiting for a slot, and the norm's weight and bias, held in registers across
     the wait, grow with K. The LM head (N > 16384) stays on v5, which already streams it at the
     copy bandwidth. The residual GEMVs (attn proj, mlp proj) stay on v5 too: through v6 (8-16
@@ -1714,7 +1715,11 @@ def gemv_tma_config(N, K, has_norm, has_residual, elem_bytes=2):
     of context, then tok/s): 1.5B 1.270-1.273 -> 1.243-1.245 ms and 1.375-1.379 -> 1.358 ms,
     742-743 -> 753-754 tok/s, same tokens (bench tune had picked 8 x 4 for qkv too). At GPT-2
     124M's K = 768 mlp proj's 192 programs fit one wave, and 8 x 4 lost a little there (0.199 ->
-    0.200-0.203 ms at 200 tokens), so narrower models keep 32 x 8."""
+    0.200-0.203 ms at 200 tokens), so narrower models keep 32 x 8. "K > 1024" stands in for the
+    real condition (the v5 mlp proj in front needs two waves: at 4K = 6400 it takes 2-row tiles,
+    800 programs for 528 slots on 132 SMs), which holds for GPT-2's 4x MLP on an H100/H200; the
+    rule also moves shapes nobody has timed (GPT-2 774M's qkv, 3840 x 1280; a wide GQA model's,
+    e.g. SmolLM2-1.7B's 6144 x 2048, from 16 x 4): bench.py --topic tune checks a model's pick."""
     if N > 16384 or not has_norm or has_residual:
         return None
     if (N, K) in GEMV_TMA_OVERRIDES:
