@@ -1565,10 +1565,20 @@ def graph_step_breakdown(model, ctx: BenchContext, context: int, steps: int = 20
     return {"rows": rows, "span_us": span, "step_ms": step_ms, "copy_gbps": copy_gbps}
 
 
-def _graph_step_breakdown(ctx: BenchContext, size: str, context: int) -> None:
+def _on_random_gpt2(ctx: BenchContext, size: str, measure):
+    """measure(model) on a GPT-2 of `size` with seeded random fp16 weights on the bench device; the
+    model is freed after (also when measure fails), so that the next table has the memory."""
     import model as M
     model = M.load_gpt2(f"random:{size}", torch.float16, ctx.device)
-    res = graph_step_breakdown(model, ctx, context)
+    try:
+        return measure(model)
+    finally:
+        del model
+        _free_memory(True)
+
+
+def _graph_step_breakdown(ctx: BenchContext, size: str, context: int) -> None:
+    res = _on_random_gpt2(ctx, size, lambda model: graph_step_breakdown(model, ctx, context))
     ctx.table(f"Where one decode graph step goes: GPT-2 {size}, batch 1, context {context}, float16, PDL on "
               f"(us; mean of the profiled steps)",
               ["kernel", "per step", "adds to the step us", "per kernel us", "MB read per kernel",
@@ -1581,8 +1591,6 @@ def _graph_step_breakdown(ctx: BenchContext, size: str, context: int) -> None:
                    f"where it fetched bytes before its predecessor ended). started "
                    f"early = how long it was resident (fetching weights, then waiting) before its "
                    f"predecessor ended.", dtype=torch.float16)
-    del model
-    _free_memory(True)
 
 # ---- what leaving one kernel out saves ------------------------------------------------------
 #
@@ -1641,10 +1649,9 @@ def graph_step_ablation(model, ctx: BenchContext, contexts=(100, 200)) -> dict:
     time); the savings are against the mean of the two, and the last row shows the drift."""
     cfg, blk = model.cfg, model.blocks[0]
     copy_gbps = measure_ceilings(ctx)["copy_gbps"]
-    kv_bytes = 2 * cfg.kv_heads * cfg.head_dim * model.dtype.itemsize       # per token of context
-    bytes_us = {"attention": [kv_bytes * c / copy_gbps / 1e3 for c in contexts],
-                "attn proj": [blk.attn.proj.weight.nbytes / copy_gbps / 1e3] * len(contexts),
-                "mlp proj": [blk.mlp.proj.weight.nbytes / copy_gbps / 1e3] * len(contexts)}
+    kv_bytes = 2 * contexts[-1] * cfg.kv_heads * cfg.head_dim * model.dtype.itemsize    # at the last context
+    nbytes = {"attention": kv_bytes, "attn proj": blk.attn.proj.weight.nbytes, "mlp proj": blk.mlp.proj.weight.nbytes}
+
     def step_ms(kernel):
         with leave_out(model, kernel) if kernel else contextlib.nullcontext():
             engine = _serve_engine(model, ctx, num_blocks=max(contexts) // 16 + 8, block_size=16, max_num_seqs=1,
@@ -1668,20 +1675,14 @@ def graph_step_ablation(model, ctx: BenchContext, contexts=(100, 200)) -> dict:
     rows = [["none (the whole step)", *first, *nan, float("nan")]]
     for kernel, times in without.items():
         saved = [(w - t) * 1e3 / cfg.n_layer for w, t in zip(whole, times)]
-        rows.append([kernel, *times, *saved, bytes_us[kernel][-1]])
+        rows.append([kernel, *times, *saved, nbytes[kernel] / copy_gbps / 1e3])
     rows.append(["none again (drift)", *last, *nan, float("nan")])
     return {"rows": rows, "copy_gbps": copy_gbps}
 
 
 def _graph_step_ablation(ctx: BenchContext, size: str, contexts=(100, 200)) -> None:
-    import model as M
-    model = M.load_gpt2(f"random:{size}", torch.float16, ctx.device)
-    try:
-        res = graph_step_ablation(model, ctx, contexts)
-        n_layer = model.cfg.n_layer
-    finally:
-        del model
-        _free_memory(True)
+    res, n_layer = _on_random_gpt2(ctx, size, lambda model: (graph_step_ablation(model, ctx, contexts),
+                                                              model.cfg.n_layer))
     ctx.table(f"What leaving one kernel out saves: GPT-2 {size}, batch 1, float16, CUDA graph + PDL",
               ["kernel left out", *[f"step ms, context {c}" for c in contexts],
                *[f"saved us per layer, context {c}" for c in contexts],
