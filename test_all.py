@@ -1394,25 +1394,42 @@ def test_gpu_kernels_compile_for_sm90():
         assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (name, r)
 
 
+def _paged_decode_sm90(tokens_per_split=256, **constexprs):
+    """The decode kernel as GPT-2 1.5B's batch-1 engine launches it (16-token pages, the small-grid
+    config, 25 heads of 64), compiled offline for sm_90: (SASS instructions, index of the PDL wait)."""
+    D, page, bn, warps, stages = 64, 16, 128, 8, 3
+    job = ("flash_attn._paged_decode_split_kernel",
+           dict(Q="fp16", K_cache="fp16", V_cache="fp16", block_table="i32", context_lens="i32", O_part="fp32",
+                LSE_part="fp32", Out="fp16", Counters="i32", K_new="fp16", V_new="fp16", slot_mapping="i64"),
+           dict(qk_scale=0.18, tokens_per_split=tokens_per_split, split_bucket=tokens_per_split,
+                stride_qb=25 * D, stride_qh=D, stride_kblk=page * 25 * D, stride_kpos=25 * D, stride_kh=D,
+                stride_vblk=page * 25 * D, stride_vpos=25 * D, stride_vh=D, stride_bt=64, stride_pb=25 * 4,
+                stride_ph=4, stride_ps=1, stride_ob=25 * D, stride_oh=D, stride_nkb=75 * D, stride_nkh=D,
+                stride_nvb=75 * D, stride_nvh=D),
+           dict(GROUP=1, BLOCK_G=16, HEAD_DIM=D, PAGE=page, BLOCK_N=bn, USE_PDL=True, **constexprs), warps, stages)
+    sass = tm.compile_offline([job], sass=True)[0]["sass"]
+    return sass, next(i for i, x in enumerate(sass) if x.startswith("ACQBULK"))
+
+
 def test_paged_decode_new_kv_loads_its_first_tile_before_the_pdl_wait():
     """With new_kv, nothing the decode kernel reads from the cache comes from the previous
     kernel, so its first cached K/V tile is requested before griddepcontrol.wait (ACQBULK in
     the sm_90 SASS); without new_kv nothing may be (the new token is in the cache then)."""
-    D, page, bn, warps, stages = 64, 16, 128, 8, 3             # GPT-2 1.5B's batch-1 engine config
-    jobs = [("flash_attn._paged_decode_split_kernel",
-             dict(Q="fp16", K_cache="fp16", V_cache="fp16", block_table="i32", context_lens="i32", O_part="fp32",
-                  LSE_part="fp32", Out="fp16", Counters="i32", K_new="fp16", V_new="fp16", slot_mapping="i64"),
-             dict(qk_scale=0.18, tokens_per_split=256, split_bucket=256, stride_qb=25 * D, stride_qh=D,
-                  stride_kblk=page * 25 * D, stride_kpos=25 * D, stride_kh=D, stride_vblk=page * 25 * D,
-                  stride_vpos=25 * D, stride_vh=D, stride_bt=64, stride_pb=25 * 4, stride_ph=4, stride_ps=1,
-                  stride_ob=25 * D, stride_oh=D, stride_nkb=75 * D, stride_nkh=D, stride_nvb=75 * D, stride_nvh=D),
-             dict(GROUP=1, BLOCK_G=16, HEAD_DIM=D, PAGE=page, BLOCK_N=bn, USE_PDL=True, NEW_KV=new_kv), warps, stages)
-            for new_kv in (True, False)]
-    tile_loads = 2 * bn * D * 2 // (32 * warps * 16)          # K and V, 16-byte loads per thread
-    for new_kv, r in zip((True, False), tm.compile_offline(jobs, sass=True)):
-        wait = next(i for i, x in enumerate(r["sass"]) if x.startswith("ACQBULK"))
-        loads_before = sum("LDG" in x for x in r["sass"][:wait])
+    tile_loads = 2 * 128 * 64 * 2 // (32 * 8 * 16)          # K and V, 16-byte loads per thread
+    for new_kv in (True, False):
+        sass, wait = _paged_decode_sm90(NEW_KV=new_kv)
+        loads_before = sum("LDG" in x for x in sass[:wait])
         assert (loads_before >= tile_loads) if new_kv else (loads_before == 0), (new_kv, loads_before)
+
+
+def test_paged_decode_empty_split_exits_before_the_pdl_wait():
+    """EXIT_IF_EMPTY (one-tile splits, e.g. GPT-2 124M's batch-1 graph): a split past the context
+    leaves before griddepcontrol.wait, a predicated EXIT ahead of ACQBULK; without it no program
+    leaves before the wait."""
+    for flag in (True, False):
+        sass, wait = _paged_decode_sm90(tokens_per_split=128, NEW_KV=True, EXIT_IF_EMPTY=flag)
+        exits = [x for x in sass[:wait] if x.split()[-1] == "EXIT"]
+        assert len(exits) == flag and all(x.startswith("@") for x in exits), (flag, exits)
 
 
 def test_matmul_occupancy_offline_for_sm90():
@@ -1950,11 +1967,12 @@ def test_flash_paged_decode_splits(num_splits, dtype):
 
 
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
-@pytest.mark.parametrize("block_size,config", [(16, None), (32, None), (16, dict(BLOCK_N=32))])
+@pytest.mark.parametrize("block_size,config", [(16, None), (32, None), (16, dict(BLOCK_N=32)), (16, dict(BLOCK_N=128))])
 def test_flash_paged_decode_stores_the_new_token(num_splits, block_size, config):
     # the new token (position ctx-1) falls in the first, a middle or the last split, alone in
     # its split (ctx 257 with 128-token splits), or is the whole context (ctx 1); BLOCK_N=32 over
-    # 16-token pages takes the per-token gather
+    # 16-token pages takes the per-token gather; BLOCK_N=128 with 3 splits (128 tokens each) makes
+    # one-tile splits, whose empty ones exit before the wait (EXIT_IF_EMPTY)
     _fa_check_paged_new_kv([1, 45, 300, 257, 17], 6, 2, 32, block_size, torch.float16, num_splits, config)
 
 
@@ -2134,6 +2152,13 @@ def test_flash_cuda_paged_decode_stores_the_new_token(block_size, heads, head_di
     tile loaded before the PDL wait, the new token stored by the split that holds it)."""
     _fa_check_paged_new_kv([1, 17, 4097, 300, 1000], heads[0], heads[1], head_dim, block_size, torch.float16,
                            num_splits)
+
+
+@needs_cuda
+def test_flash_cuda_paged_decode_one_tile_splits_exit_when_empty():
+    """GPT-2 124M's heads at a few sequences: 3 one-tile splits of 128 tokens, the small-grid rule's
+    config, so the empty splits (2 of context 1's, 1 of context 100's) exit before the PDL wait."""
+    _fa_check_paged_new_kv([1, 100, 300], 12, 12, 64, 16, torch.float16)
 
 
 @needs_cuda
