@@ -1784,7 +1784,7 @@ def topic_tune(ctx: BenchContext) -> None:
             return (c.kwargs["BLOCK_N"], c.num_warps)
 
         def candidates(key):
-            if key == "attention":
+            if key == "attention":   # (timed at the full context: no split is empty, so EXIT_IF_EMPTY is moot)
                 return [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in FA._DECODE_GPU_CONFIGS]
             if key[0] == "v6":      # rows x warps whose tile fits shared memory
                 return [(bn, w) for bn, w in ((8, 4), (16, 4), (16, 8), (32, 8), (32, 16), (64, 16))

@@ -805,8 +805,10 @@ _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # each; results/perf_notes.md): MHA scores on the FMA units instead of a 16-row padded tl.dot
 # (1.375 -> 1.549 ms: more barriers after the wait), one 256-token tile per split (faster at
 # 129-256 tokens, slower at <= 128 and past 256: 746 -> 738 tok/s), and 8 one-tile splits of 128
-# (within 1% everywhere). At batch 1 this kernel is latency after the PDL wait: leaving it out
-# of the step saves 2.9 us a layer at 100 tokens and 5.1 at 200 (bench.py --topic graphs).
+# (within 1% everywhere); a twelfth-session one lost too: a split's second tile also loaded
+# before the wait (1.236 -> 1.300 ms at 100 tokens, 1.351 -> 1.386 at 200). At batch 1 this kernel
+# is latency after the PDL wait: leaving it out of the step saves 3.5 us a layer at 100 tokens and
+# 5.9 at 200 (bench.py --topic graphs, twelfth session; 2.9 and 5.1 in the eleventh session's run).
 _SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 # Programmatic dependent launch (Hopper+; explained in triton_matmul.py, next to its GEMV): the
 # decode kernels may be launched while the previous kernel still runs, and wait for it first
@@ -957,7 +959,7 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     if INTERPRET or config is not None:
         config = config or _INTERPRET_DECODE_CONFIG
         # one-tile splits leave early when empty (measured faster there only: see the kernel)
-        meta["EXIT_IF_EMPTY"] = new_kv is not None and tokens_per_split == config.get("BLOCK_N")
+        meta["EXIT_IF_EMPTY"] = new_kv is not None and not direct and tokens_per_split == config.get("BLOCK_N")
         _paged_decode_split_kernel[grid](*args, **meta, **config)
     else:
         _decode_launcher()[grid](*args, **meta)

@@ -1971,8 +1971,9 @@ def test_flash_paged_decode_splits(num_splits, dtype):
 def test_flash_paged_decode_stores_the_new_token(num_splits, block_size, config):
     # the new token (position ctx-1) falls in the first, a middle or the last split, alone in
     # its split (ctx 257 with 128-token splits), or is the whole context (ctx 1); BLOCK_N=32 over
-    # 16-token pages takes the per-token gather; BLOCK_N=128 with 3 splits (128 tokens each) makes
-    # one-tile splits, whose empty ones exit before the wait (EXIT_IF_EMPTY)
+    # 16-token pages takes the per-token gather; BLOCK_N=128 with num_splits=3 (128 tokens each; the
+    # other counts give one 384-token split) makes one-tile splits, whose empty ones exit before the
+    # wait (EXIT_IF_EMPTY)
     _fa_check_paged_new_kv([1, 45, 300, 257, 17], 6, 2, 32, block_size, torch.float16, num_splits, config)
 
 
@@ -2156,9 +2157,11 @@ def test_flash_cuda_paged_decode_stores_the_new_token(block_size, heads, head_di
 
 @needs_cuda
 def test_flash_cuda_paged_decode_one_tile_splits_exit_when_empty():
-    """GPT-2 124M's heads at a few sequences: 3 one-tile splits of 128 tokens, the small-grid rule's
-    config, so the empty splits (2 of context 1's, 1 of context 100's) exit before the PDL wait."""
-    _fa_check_paged_new_kv([1, 100, 300], 12, 12, 64, 16, torch.float16)
+    """GPT-2 124M's heads at a few sequences: 3 one-tile splits of 128 tokens with the small-grid
+    rule's config (passed, so any GPU takes this path), so the empty splits (2 of context 1's, 2 of
+    context 100's) exit before the PDL wait."""
+    _fa_check_paged_new_kv([1, 100, 300], 12, 12, 64, 16, torch.float16, num_splits=3,
+                           config=dict(fa._SMALL_GRID_DECODE_CONFIG))
 
 
 @needs_cuda
