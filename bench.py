@@ -1598,9 +1598,10 @@ def _graph_step_breakdown(ctx: BenchContext, size: str, context: int) -> None:
               ["kernel", "per step", "adds to the step us", "per kernel us", "MB read per kernel",
                "us at copy bandwidth", "latency per kernel us", "started early us (median)"], res["rows"],
               note=f"adds = each kernel's end minus the previous kernel's end (critical_path in bench.py): "
-                   f"these sum to the step; the profiled step ({res['span_us']:.0f} us) may run a little "
-                   f"longer than the same step timed back to back ({res['step_ms'] * 1e3:.0f} us): the "
-                   f"profiler's cost. us at copy bandwidth = bytes / {res['copy_gbps']:.0f} GB/s (measured in "
+                   f"these sum to the step. The profiled step ({res['span_us']:.0f} us) and the same step timed "
+                   f"with CUDA events around each call ({res['step_ms'] * 1e3:.0f} us) differ by the profiler's "
+                   f"cost and, where the host takes longer to issue a step (input copies, the replay) than the "
+                   f"GPU to run it, by host time inside the events. us at copy bandwidth = bytes / {res['copy_gbps']:.0f} GB/s (measured in "
                    f"this run). latency = the rest: what a kernel costs beyond streaming its bytes (negative "
                    f"where it fetched bytes before its predecessor ended). started "
                    f"early = how long it was resident (fetching weights, then waiting) before its "
