@@ -801,14 +801,14 @@ _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # measured (GPT-2 1.5B fp16 and bf16, 124M fp16): 1.680 vs 1.719 ms for 128/4/3 and 1.843 for
 # 32/4/3 at 1.5B fp16. So such launches take it by rule on Hopper and later (where it was
 # measured, and where its shared memory fits); bigger grids and older GPUs are autotuned.
-# Three alternatives lost inside the same step (H200, eleventh session, GPT-2 1.5B, one process
-# each; results/perf_notes.md): MHA scores on the FMA units instead of a 16-row padded tl.dot
-# (1.375 -> 1.549 ms: more barriers after the wait), one 256-token tile per split (faster at
-# 129-256 tokens, slower at <= 128 and past 256: 746 -> 738 tok/s), and 8 one-tile splits of 128
-# (within 1% everywhere); a twelfth-session one lost too: a split's second tile also loaded
-# before the wait (1.236 -> 1.300 ms at 100 tokens, 1.351 -> 1.386 at 200). At batch 1 this kernel
-# is latency after the PDL wait: leaving it out of the step saves 3.5 us a layer at 100 tokens and
-# 5.9 at 200 (bench.py --topic graphs, twelfth session; 2.9 and 5.1 in the eleventh session's run).
+# Four alternatives lost inside the same step (H200, GPT-2 1.5B, one process each; eleventh and
+# twelfth sessions in results/perf_notes.md): MHA scores on the FMA units instead of a 16-row
+# padded tl.dot (1.375 -> 1.549 ms: more barriers after the wait), one 256-token tile per split
+# (faster at 129-256 tokens, slower at <= 128 and past 256: 746 -> 738 tok/s), 8 one-tile splits
+# of 128 (within 1% everywhere), and a split's second 128-token tile also loaded before the wait
+# (1.236 -> 1.300 ms at 100 tokens, 1.351 -> 1.386 at 200). At batch 1 this kernel is latency
+# after the PDL wait: leaving it out of the step saves 3.5 us a layer at 100 tokens and 5.9 at
+# 200 (bench.py --topic graphs, twelfth session; 2.9 and 5.1 in the eleventh session's run).
 _SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 # Programmatic dependent launch (Hopper+; explained in triton_matmul.py, next to its GEMV): the
 # decode kernels may be launched while the previous kernel still runs, and wait for it first
