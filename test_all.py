@@ -3151,6 +3151,26 @@ def test_bench_new_topics_run_on_cpu(tmp_path):
         assert 0 < ttft < e2e and 0 < tpot < e2e, r
 
 
+def test_bench_decode_rate_takes_the_median_pair(monkeypatch):
+    """bench._decode_rate on a fake clock: n tokens take 1 + 2n ms (a fixed cost, then 2 ms a
+    token), and one of the ten runs stalls 40 ms. One pair whose 1-token run stalled overstates
+    the rate; the median of 5 pairs gives the true 500 tok/s, and the median prefill 3 ms."""
+    import bench
+    now, calls = [0.0], []
+
+    def run(n):
+        calls.append(n)
+        now[0] += (1 + 2 * n) / 1e3 + (0.040 if len(calls) == 3 else 0.0)   # the 2nd pair's 1-token run
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    rate, prefill_ms = bench._decode_rate(run, 101, repeats=5)
+    assert calls == [1, 101] * 5
+    assert rate == pytest.approx(500.0) and prefill_ms == pytest.approx(3.0)
+    now[0], calls[:] = 0.0, [0, 0]                  # one pair, its 1-token run the stalled call
+    rate, _ = bench._decode_rate(run, 101)
+    assert rate == pytest.approx(100 / (0.203 - 0.043))
+
+
 def test_bench_on_cpu_never_writes_into_results(tmp_path, monkeypatch):
     """--md / --json without --outdir: results/ (the committed GPU tables) on a GPU, out/ on a CPU."""
     import bench
