@@ -1471,7 +1471,7 @@ def topic_graphs(ctx: BenchContext) -> None:
 # deltas sum to the step (first start to last end). A kernel's delta is NOT what the kernel costs
 # the step: it also decides when the kernels after it can become resident and start fetching
 # (graph_step_ablation below measures that directly: GPT-2 1.5B's mlp proj adds ~5 us a layer
-# but leaving it out saves ~7.5). Next to the delta, the time the kernel would need
+# but leaving it out saves 6.4-8.0, H200, results/graphs.md and perf_notes.md). Next to the delta, the time the kernel would need
 # to read its bytes once at the copy bandwidth: the difference is latency (the wait's hand-off,
 # x's round trip, reductions, the last programs draining) that no bandwidth buys back. It can be
 # negative: bytes fetched before the previous kernel ended are not in the delta.

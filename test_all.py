@@ -1366,22 +1366,9 @@ def test_gpu_kernels_compile_for_sm90():
                      warps, stages))
     # paged decode: GPT-2 1.5B at batch 1 (16-token pages, the small-grid config, split + merge),
     # and 32 x 8k GQA on 256-token pages (one split: DIRECT)
-    small_grid = tuple(fa._SMALL_GRID_DECODE_CONFIG[k] for k in ("BLOCK_N", "num_warps", "num_stages"))
-    for D, group, page, direct, new_kv, (bn, warps, stages) in ((64, 1, 16, False, False, small_grid),
-                                                                (64, 1, 16, False, True, small_grid),
-                                                                (128, 4, 256, True, False, fa._DECODE_GPU_CONFIGS[0]),
-                                                                (128, 4, 256, True, True, fa._DECODE_GPU_CONFIGS[0])):
-        jobs.append(("flash_attn._paged_decode_split_kernel",
-                     dict(Q=f16, K_cache=f16, V_cache=f16, block_table="i32", context_lens="i32", O_part="fp32",
-                          LSE_part="fp32", Out=f16, Counters="i32", K_new=f16, V_new=f16, slot_mapping="i64"),
-                     dict(qk_scale=0.18, tokens_per_split=256, split_bucket=256, stride_qb=32 * D, stride_qh=D,
-                          stride_kblk=page * 8 * D, stride_kpos=8 * D, stride_kh=D, stride_vblk=page * 8 * D,
-                          stride_vpos=8 * D, stride_vh=D, stride_bt=64, stride_pb=32 * 4, stride_ph=4, stride_ps=1,
-                          stride_ob=32 * D, stride_oh=D, stride_nkb=24 * D, stride_nkh=D, stride_nvb=24 * D,
-                          stride_nvh=D),
-                     dict(GROUP=group, BLOCK_G=16, HEAD_DIM=D, PAGE=page, BLOCK_N=bn, DIRECT=direct, USE_PDL=True,
-                          NEW_KV=new_kv),
-                     warps, stages))
+    for new_kv in (False, True):
+        jobs.append(_paged_decode_job(64, 25, 1, 16, new_kv=new_kv))
+        jobs.append(_paged_decode_job(128, 8, 4, 256, config=fa._DECODE_GPU_CONFIGS[0], new_kv=new_kv, DIRECT=True))
     # v6's Gluon GEMV in the GPU tests' awkward variant (bf16, RMSNorm, GELU, residual, K = 136:
     # 3 boxes, the last one past K) next to the rule's configs, which its SASS test compiles
     jobs.append(("gemv_tma_kernel", dict(w_desc="tma:bf16:8", x_ptr="bf16", bias_ptr="bf16", res_ptr="bf16",
@@ -1394,20 +1381,31 @@ def test_gpu_kernels_compile_for_sm90():
         assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (name, r)
 
 
+def _paged_decode_job(head_dim, n_kv_heads, group, page, config=None, tokens_per_split=256, new_kv=False,
+                      **constexprs):
+    """A compile_offline job for the paged decode kernel: fp16, PDL on, n_kv_heads x group query
+    heads whose q/k/v come from one fused qkv row (as the engine's do), 4 splits of partials;
+    config (BLOCK_N, num_warps, num_stages), by default the small-grid rule's."""
+    D, H = head_dim, n_kv_heads * group
+    bn, warps, stages = config or tuple(fa._SMALL_GRID_DECODE_CONFIG[k] for k in ("BLOCK_N", "num_warps", "num_stages"))
+    return ("flash_attn._paged_decode_split_kernel",
+            dict(Q="fp16", K_cache="fp16", V_cache="fp16", block_table="i32", context_lens="i32", O_part="fp32",
+                 LSE_part="fp32", Out="fp16", Counters="i32", K_new="fp16", V_new="fp16", slot_mapping="i64"),
+            dict(qk_scale=0.18, tokens_per_split=tokens_per_split, split_bucket=tokens_per_split,
+                 stride_qb=H * D, stride_qh=D, stride_kblk=page * n_kv_heads * D, stride_kpos=n_kv_heads * D,
+                 stride_kh=D, stride_vblk=page * n_kv_heads * D, stride_vpos=n_kv_heads * D, stride_vh=D,
+                 stride_bt=64, stride_pb=H * 4, stride_ph=4, stride_ps=1, stride_ob=H * D, stride_oh=D,
+                 stride_nkb=(H + 2 * n_kv_heads) * D, stride_nkh=D, stride_nvb=(H + 2 * n_kv_heads) * D,
+                 stride_nvh=D),
+            dict(GROUP=group, BLOCK_G=max(16, group), HEAD_DIM=D, PAGE=page, BLOCK_N=bn, USE_PDL=True,
+                 NEW_KV=new_kv, **constexprs), warps, stages)
+
+
 def _paged_decode_sm90(tokens_per_split=256, **constexprs):
     """The decode kernel as GPT-2 1.5B's batch-1 engine launches it (16-token pages, the small-grid
     config, 25 heads of 64), compiled offline for sm_90: (SASS instructions, index of the PDL wait)."""
-    D, page, bn, warps, stages = 64, 16, 128, 8, 3
-    job = ("flash_attn._paged_decode_split_kernel",
-           dict(Q="fp16", K_cache="fp16", V_cache="fp16", block_table="i32", context_lens="i32", O_part="fp32",
-                LSE_part="fp32", Out="fp16", Counters="i32", K_new="fp16", V_new="fp16", slot_mapping="i64"),
-           dict(qk_scale=0.18, tokens_per_split=tokens_per_split, split_bucket=tokens_per_split,
-                stride_qb=25 * D, stride_qh=D, stride_kblk=page * 25 * D, stride_kpos=25 * D, stride_kh=D,
-                stride_vblk=page * 25 * D, stride_vpos=25 * D, stride_vh=D, stride_bt=64, stride_pb=25 * 4,
-                stride_ph=4, stride_ps=1, stride_ob=25 * D, stride_oh=D, stride_nkb=75 * D, stride_nkh=D,
-                stride_nvb=75 * D, stride_nvh=D),
-           dict(GROUP=1, BLOCK_G=16, HEAD_DIM=D, PAGE=page, BLOCK_N=bn, USE_PDL=True, **constexprs), warps, stages)
-    sass = tm.compile_offline([job], sass=True)[0]["sass"]
+    sass = tm.compile_offline([_paged_decode_job(64, 25, 1, 16, tokens_per_split=tokens_per_split, **constexprs)],
+                              sass=True)[0]["sass"]
     return sass, next(i for i, x in enumerate(sass) if x.startswith("ACQBULK"))
 
 
@@ -1417,7 +1415,7 @@ def test_paged_decode_new_kv_loads_its_first_tile_before_the_pdl_wait():
     the sm_90 SASS); without new_kv nothing may be (the new token is in the cache then)."""
     tile_loads = 2 * 128 * 64 * 2 // (32 * 8 * 16)          # K and V, 16-byte loads per thread
     for new_kv in (True, False):
-        sass, wait = _paged_decode_sm90(NEW_KV=new_kv)
+        sass, wait = _paged_decode_sm90(new_kv=new_kv)
         loads_before = sum("LDG" in x for x in sass[:wait])
         assert (loads_before >= tile_loads) if new_kv else (loads_before == 0), (new_kv, loads_before)
 
@@ -1427,7 +1425,7 @@ def test_paged_decode_empty_split_exits_before_the_pdl_wait():
     leaves before griddepcontrol.wait, a predicated EXIT ahead of ACQBULK; without it no program
     leaves before the wait."""
     for flag in (True, False):
-        sass, wait = _paged_decode_sm90(tokens_per_split=128, NEW_KV=True, EXIT_IF_EMPTY=flag)
+        sass, wait = _paged_decode_sm90(tokens_per_split=128, new_kv=True, EXIT_IF_EMPTY=flag)
         exits = [x for x in sass[:wait] if x.split()[-1] == "EXIT"]
         assert len(exits) == flag and all(x.startswith("@") for x in exits), (flag, exits)
 
