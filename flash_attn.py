@@ -72,7 +72,7 @@ import triton.language as tl  # noqa: E402
 
 from attention import grouped_query_attention  # noqa: E402
 from model import HelpFormatter, is_hopper_or_later, pdl_launch_args  # noqa: E402
-import triton_matmul as tm  # noqa: E402  (pdl_signal_then_wait: the decode kernels' PDL hand-off)
+import triton_matmul as tm  # noqa: E402  (pdl_signal, pdl_wait: the decode kernel's PDL hand-off)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -618,10 +618,10 @@ def _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale):
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["tokens_per_split", "split_bucket"])
+@triton.jit(do_not_specialize=["tokens_per_split", "split_bucket", "programs_per_sm"])
 def _paged_decode_split_kernel(
     Q, K_cache, V_cache, block_table, context_lens, O_part, LSE_part, qk_scale, tokens_per_split,
-    split_bucket,                          # unused; the autotuner's key (power of two)
+    split_bucket, programs_per_sm,         # unused; the autotuner's keys (see _decode_launcher)
     stride_qb, stride_qh,
     stride_kblk, stride_kpos, stride_kh,
     stride_vblk, stride_vpos, stride_vh,
@@ -646,6 +646,16 @@ def _paged_decode_split_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     bt_row = block_table + seq.to(tl.int64) * stride_bt
+    if USE_PDL:
+        # Let the next kernels launch before anything else, even before the loads of the context
+        # length and of the first tile's block ids below: those are two dependent round trips
+        # (~1 us each), and a signal placed after them (as at first, with the wait) kept attn
+        # proj and mlp fc from becoming resident, and from starting their weight streams, for
+        # that long. Measured (H200, thirteenth session, one process, ABAB, same greedy tokens):
+        # GPT-2 1.5B graph step 1.349/1.350 -> 1.312/1.300 ms at 200 tokens, 1.379/1.382 ->
+        # 1.338/1.330 at 280, within noise at 100; 759/760 -> 772/775 tok/s. GPT-2 124M: within
+        # 2% either way. (Signalling after the wait instead: within noise.)
+        tm.pdl_signal()
     if NEW_KV:
         # With the new token coming from K_new/V_new, nothing this program reads from the cache
         # was written by any kernel of this step (the rule in triton_matmul.py's PDL section):
@@ -675,7 +685,7 @@ def _paged_decode_split_kernel(
                                          stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
                                          PAGE, BLOCK_N)
     if USE_PDL:
-        tm.pdl_signal_then_wait()
+        tm.pdl_wait()               # signalled at the top
     if not NEW_KV:
         ctx = tl.load(context_lens + seq)
         lo = split * tokens_per_split
@@ -791,7 +801,11 @@ def _paged_decode_split_kernel(
 # The tuner times eagerly, so it cannot see this; the engine's decode (16-token pages, a GEMV
 # between two attention calls) showed no such loss, PDL saved time there.
 # Each row is (BLOCK_N, num_warps, num_stages); BLOCK_N <= 128 (splits start on 128 edges).
-_DECODE_GPU_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (128, 8, 4), (32, 4, 3)]
+# (64, 2, 3) came in on the H200 (thirteenth session): at 32 x 8k with 32/32 heads (1,024
+# one-split programs) it ran 0.954 ms = 0.995x SDPA, where the best of the others, 128/4/2,
+# ran 0.980 (0.969x); two warps make the programs small enough to fit more of them per SM.
+_DECODE_GPU_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (128, 8, 4), (32, 4, 3),
+                       (64, 2, 3)]
 _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # Fewer programs than SMs (a batch-1 engine step: 1 x 25 KV heads x 4 splits = 100 programs for
 # GPT-2 1.5B) is a latency-bound launch of ~5 us, and timed alone the configs differ by less
@@ -817,8 +831,13 @@ _SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 @functools.cache     # built on first use, then shared
 def _decode_launcher():
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _DECODE_GPU_CONFIGS]
-    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "DIRECT", "NEW_KV"])(
-        _paged_decode_split_kernel)
+    # The grid is part of the key (programs_per_sm, rounded up): the best config depends on how the
+    # programs fill the SMs. Without it, batch 64 x 8k (32/8 heads, 512 programs) reused the pick
+    # made for batch 32 (256): 0.566 ms, 0.85x SDPA, where 64 x 4 warps x 2 stages ran 0.481 ms,
+    # 1.003x (H200, thirteenth session, one process). The engine, whose graphs share one key
+    # across batch sizes otherwise, tunes once per programs-per-SM count.
+    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "programs_per_sm",
+                                                 "DIRECT", "NEW_KV"])(_paged_decode_split_kernel)
 
 
 @functools.cache      # the one costly part of default_num_splits (a driver query)
@@ -946,7 +965,8 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         lse_part = torch.empty(batch, n_heads, num_splits, dtype=torch.float32, device=q.device)
     part_strides = (0, 0, 0) if direct else tuple(st // head_dim for st in o_part.stride()[:3])
     args = (q, k_cache, v_cache, block_table, context_lens, o_part, lse_part, scale * LOG2E,
-            tokens_per_split, triton.next_power_of_2(tokens_per_split), q.stride(0), q.stride(1),
+            tokens_per_split, triton.next_power_of_2(tokens_per_split),
+            triton.cdiv(batch * n_kv_heads * num_splits, _num_sms(q.device)), q.stride(0), q.stride(1),
             *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0), *part_strides,
             out, out.stride(0), out.stride(1), _counters(q.device, batch * n_kv_heads), *new_args)
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,

@@ -1391,7 +1391,7 @@ def _paged_decode_job(head_dim, n_kv_heads, group, page, config=None, tokens_per
     return ("flash_attn._paged_decode_split_kernel",
             dict(Q="fp16", K_cache="fp16", V_cache="fp16", block_table="i32", context_lens="i32", O_part="fp32",
                  LSE_part="fp32", Out="fp16", Counters="i32", K_new="fp16", V_new="fp16", slot_mapping="i64"),
-            dict(qk_scale=0.18, tokens_per_split=tokens_per_split, split_bucket=tokens_per_split,
+            dict(qk_scale=0.18, tokens_per_split=tokens_per_split, split_bucket=tokens_per_split, programs_per_sm=1,
                  stride_qb=H * D, stride_qh=D, stride_kblk=page * n_kv_heads * D, stride_kpos=n_kv_heads * D,
                  stride_kh=D, stride_vblk=page * n_kv_heads * D, stride_vpos=n_kv_heads * D, stride_vh=D,
                  stride_bt=64, stride_pb=H * 4, stride_ph=4, stride_ps=1, stride_ob=H * D, stride_oh=D,
@@ -1418,6 +1418,18 @@ def test_paged_decode_new_kv_loads_its_first_tile_before_the_pdl_wait():
         sass, wait = _paged_decode_sm90(new_kv=new_kv)
         loads_before = sum("LDG" in x for x in sass[:wait])
         assert (loads_before >= tile_loads) if new_kv else (loads_before == 0), (new_kv, loads_before)
+
+
+def test_paged_decode_signals_its_dependents_before_its_first_load():
+    """The decode kernel lets the next kernels launch (griddepcontrol.launch_dependents: PREEXIT
+    in the sm_90 SASS) before its first global load, the context length, so the dependent loads
+    of lengths and block ids do not delay attn proj's launch; and, with or without new_kv, once
+    and before its wait (ACQBULK)."""
+    for new_kv in (True, False):
+        sass, wait = _paged_decode_sm90(new_kv=new_kv)
+        signals = [i for i, x in enumerate(sass) if x.split()[-1] == "PREEXIT"]
+        first_load = next(i for i, x in enumerate(sass) if "LDG" in x)
+        assert len(signals) == 1 and signals[0] < min(first_load, wait), (new_kv, signals, first_load, wait)
 
 
 def test_paged_decode_empty_split_exits_before_the_pdl_wait():

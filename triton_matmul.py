@@ -923,9 +923,10 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # data written two or more kernels back was safe to read early; now that kernel may still be
 # running). Weights, norm parameters, biases, host-written lengths and block tables, and K/V
 # cached by earlier steps qualify; x, residuals, logits and this step's K/V do not.
-# serve.py's decode kernels (gemv, row_norm, store_kv, paged decode, the greedy argmax) and
-# quant.py's int8 GEMV all do it through pdl_signal_then_wait below, launched with
-# model.pdl_launch_args() (one switch, model.set_pdl, for all of them).
+# serve.py's decode kernels (gemv, row_norm, store_kv, the greedy argmax) and quant.py's int8
+# GEMV all do it through pdl_signal_then_wait below; paged decode signals at its very top and
+# waits later (pdl_signal, pdl_wait: its loads before the wait depend on one another, see
+# flash_attn.py). All are launched with model.pdl_launch_args() (one switch, model.set_pdl).
 
 
 @triton.jit
@@ -934,6 +935,18 @@ def pdl_signal_then_wait():
     kernels launch, then wait until the previous kernel has finished and its writes are visible.
     Call it once, after issuing only loads of what no kernel of the step writes."""
     tl_cuda.gdc_launch_dependents()
+    tl_cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_signal():
+    """The two halves apart, for a kernel whose loads before the wait depend on each other (paged
+    decode: the context length, then block ids): signal first, issue them, then pdl_wait."""
+    tl_cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait():
     tl_cuda.gdc_wait()
 
 #
