@@ -49,6 +49,9 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               down to one wave -> on SDPA's own tensors 0.990-0.998x SDPA at batch 32 x 8k-16k
               (0.245 ms = 4.4 TB/s at 8k), 0.994x at batch 4 x 32k; the engine's random 16-token
               pages: 92.5-103% of the measured copy bandwidth (4.25 TB/s, read+write)
+  decode  v4  (thirteenth session) the autotuner keyed by programs per SM, a 2-warp config for
+              MHA -> in GPU time (CUDA-graph replay) 0.99x SDPA at 32/8 heads, 0.994x at 32/32
+              (was 0.97x), 0.979x at batch 4 x 32k; batch 64 x 8k 0.85x -> 1.00x
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
