@@ -48,10 +48,13 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               num_stages; the merge done by the last split inside the kernel; splits rounded
               down to one wave -> on SDPA's own tensors 0.990-0.998x SDPA at batch 32 x 8k-16k
               (0.245 ms = 4.4 TB/s at 8k), 0.994x at batch 4 x 32k; the engine's random 16-token
-              pages: 92.5-103% of the measured copy bandwidth (4.25 TB/s, read+write)
-  decode  v4  (thirteenth session) the autotuner keyed by programs per SM, a 2-warp config for
-              MHA -> in GPU time (CUDA-graph replay) 0.99x SDPA at 32/8 heads, 0.994x at 32/32
-              (was 0.97x), 0.979x at batch 4 x 32k; batch 64 x 8k 0.85x -> 1.00x
+              pages: 92.5-103% of the measured copy bandwidth (4.25 TB/s, read+write). (Timed
+              eagerly, back to back, in an earlier run; the thirteenth session's eager sweep on
+              another host had 32/32 heads at 0.97x, and the short 4 x 32k call host-bound.)
+  decode  v4  (thirteenth session) the autotuner keyed by programs launched per SM, a 2-warp
+              config for MHA -> in GPU time (CUDA-graph replay) ~0.99x SDPA at 32/8 heads, 0.994x
+              at 32/32, 0.979x at batch 4 x 32k; batch 64 x 8k 0.85x -> 1.00x. At batch 1 the
+              kernel also lets the next kernels launch before its first load (GPT-2 1.5B +2%).
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -621,10 +624,10 @@ def _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale):
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["tokens_per_split", "split_bucket", "programs_per_sm"])
+@triton.jit(do_not_specialize=["tokens_per_split", "split_bucket", "grid_per_sm"])
 def _paged_decode_split_kernel(
     Q, K_cache, V_cache, block_table, context_lens, O_part, LSE_part, qk_scale, tokens_per_split,
-    split_bucket, programs_per_sm,         # unused; the autotuner's keys (see _decode_launcher)
+    split_bucket, grid_per_sm,             # unused; the autotuner's keys (see _decode_launcher)
     stride_qb, stride_qh,
     stride_kblk, stride_kpos, stride_kh,
     stride_vblk, stride_vpos, stride_vh,
@@ -652,12 +655,14 @@ def _paged_decode_split_kernel(
     if USE_PDL:
         # Let the next kernels launch before anything else, even before the loads of the context
         # length and of the first tile's block ids below: those are two dependent round trips
-        # (~1 us each), and a signal placed after them (as at first, with the wait) kept attn
-        # proj and mlp fc from becoming resident, and from starting their weight streams, for
-        # that long. Measured (H200, thirteenth session, one process, ABAB, same greedy tokens):
-        # GPT-2 1.5B graph step 1.349/1.350 -> 1.312/1.300 ms at 200 tokens, 1.379/1.382 ->
-        # 1.338/1.330 at 280, within noise at 100; 759/760 -> 772/775 tok/s. GPT-2 124M: within
-        # 2% either way. (Signalling after the wait instead: within noise.)
+        # (~1 us each), and the signal placed after them (as before: pdl_signal_then_wait, just
+        # ahead of the wait) kept attn proj and mlp fc from becoming resident, and from starting
+        # their weight streams, for that long. Measured (H200, thirteenth session, one process,
+        # ABAB, same greedy tokens): GPT-2 1.5B graph step 1.349/1.350 -> 1.312/1.300 ms at 200
+        # tokens, 1.379/1.382 -> 1.338/1.330 at 280, within noise at 100; 759/760 -> 772/775
+        # tok/s. GPT-2 124M: step times within 2% either way (decode rate 5,057/5,043 -> 4,797
+        # then 5,052). Signalling after the wait instead, measured against the old placement
+        # in the same process, was within noise (758 -> 754 tok/s).
         tm.pdl_signal()
     if NEW_KV:
         # With the new token coming from K_new/V_new, nothing this program reads from the cache
@@ -805,8 +810,9 @@ def _paged_decode_split_kernel(
 # between two attention calls) showed no such loss, PDL saved time there.
 # Each row is (BLOCK_N, num_warps, num_stages); BLOCK_N <= 128 (splits start on 128 edges).
 # (64, 2, 3) came in on the H200 (thirteenth session): at 32 x 8k with 32/32 heads (1,024
-# one-split programs) it ran 0.954 ms = 0.995x SDPA, where the best of the others, 128/4/2,
-# ran 0.980 (0.969x); two warps make the programs small enough to fit more of them per SM.
+# one-split programs) it ran 0.9544 ms against SDPA's 0.9496-0.9507 (0.995x) in a sweep, where
+# the best of the others, 128/4/2, ran 0.9786 (0.970x); bench flash then measured 0.994x. Our
+# explanation (not measured): two warps make a program small enough to fit more of them per SM.
 _DECODE_GPU_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (128, 8, 4), (32, 4, 3),
                        (64, 2, 3)]
 _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
@@ -834,12 +840,13 @@ _SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 @functools.cache     # built on first use, then shared
 def _decode_launcher():
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _DECODE_GPU_CONFIGS]
-    # The grid is part of the key (programs_per_sm, rounded up): the best config depends on how the
-    # programs fill the SMs. Without it, batch 64 x 8k (32/8 heads, 512 programs) reused the pick
-    # made for batch 32 (256): 0.566 ms, 0.85x SDPA, where 64 x 4 warps x 2 stages ran 0.481 ms,
-    # 1.003x (H200, thirteenth session, one process). The engine, whose graphs share one key
-    # across batch sizes otherwise, tunes once per programs-per-SM count.
-    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "programs_per_sm",
+    # The grid is part of the key (grid_per_sm: programs launched / SMs, rounded up): the best
+    # config depends on how the programs fill the SMs. Without it, batch 64 x 8k (32/8 heads, 512 programs) reused the pick
+    # made for batch 32 (256): 0.566 ms, 0.85x SDPA (H200, thirteenth session), where a sweep
+    # found 64 tokens x 4 warps x 2 stages at 0.4814 ms against SDPA's 0.4828 (1.003x, one
+    # process); keyed, the tuner's own pick ran 0.4818 ms (1.002x, a later process). The engine,
+    # whose graphs share one key across batch sizes otherwise, tunes once per value.
+    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "grid_per_sm",
                                                  "DIRECT", "NEW_KV"])(_paged_decode_split_kernel)
 
 

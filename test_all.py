@@ -1391,7 +1391,7 @@ def _paged_decode_job(head_dim, n_kv_heads, group, page, config=None, tokens_per
     return ("flash_attn._paged_decode_split_kernel",
             dict(Q="fp16", K_cache="fp16", V_cache="fp16", block_table="i32", context_lens="i32", O_part="fp32",
                  LSE_part="fp32", Out="fp16", Counters="i32", K_new="fp16", V_new="fp16", slot_mapping="i64"),
-            dict(qk_scale=0.18, tokens_per_split=tokens_per_split, split_bucket=tokens_per_split, programs_per_sm=1,
+            dict(qk_scale=0.18, tokens_per_split=tokens_per_split, split_bucket=tokens_per_split, grid_per_sm=1,
                  stride_qb=H * D, stride_qh=D, stride_kblk=page * n_kv_heads * D, stride_kpos=n_kv_heads * D,
                  stride_kh=D, stride_vblk=page * n_kv_heads * D, stride_vpos=n_kv_heads * D, stride_vh=D,
                  stride_bt=64, stride_pb=H * 4, stride_ph=4, stride_ps=1, stride_ob=H * D, stride_oh=D,

@@ -947,6 +947,7 @@ def pdl_signal():
 
 @triton.jit
 def pdl_wait():
+    """Wait until the previous kernel has finished and its writes are visible (after pdl_signal)."""
     tl_cuda.gdc_wait()
 
 #
