@@ -954,7 +954,8 @@ def topic_flash(ctx: BenchContext) -> None:
               ["B x ctx", "H/Hkv", f"ours on SDPA's tensors (page {page})", "GB/s",
                f"ours (B, T, Hkv, D) (page {page})", "SDPA default", "SDPA FA2", "ours vs best SDPA (x)",
                f"ours paged, random {engine_page}-token blocks", "GB/s", "% of copy BW"], rows,
-              note="GPU time: 4 calls captured in a CUDA graph (PDL off), replayed back to back; SDPA default "
+              note=("GPU time: 4 calls captured in a CUDA graph (PDL off), replayed back to back; " if gpu else
+                    "CPU: eager time of one call (no graphs); ") + "SDPA default "
                    "timed twice (before and after ours), the better kept. "
                    "GB/s = K+V (+q, out) bytes / time. 'ours on SDPA's tensors' = the paged kernel reading "
                    "SDPA's own (B, Hkv, T, D) K/V through a block table (contiguous_as_paged of k.transpose(1, 2), no copy); "

@@ -3161,6 +3161,20 @@ def test_bench_new_topics_run_on_cpu(tmp_path):
         assert 0 < ttft < e2e and 0 < tpot < e2e, r
 
 
+def test_bench_flash_runs_on_cpu(tmp_path):
+    """bench --topic flash on a CPU (quick shapes, kernels under the interpreter): its four tables
+    have rows of finite, positive timings, and the decode table says how it was timed."""
+    import bench
+    assert bench.main(["--topic", "flash", "--device", "cpu", "--json", "--outdir", str(tmp_path)]) == 0
+    tables = [t for t in json.loads((tmp_path / "flash.json").read_text())["tables"] if t.get("rows")]
+    assert len(tables) == 4, [t["title"] for t in tables]     # causal and non-causal prefill, decode, long
+    decode = next(t for t in tables if t["title"].startswith("Decode attention"))
+    assert "CPU: eager time" in decode["note"] and "GPU time" not in decode["note"]
+    for row in decode["rows"]:        # ours x3, SDPA x2, the ratio: all measured
+        cells = [row[i] for i in (2, 4, 5, 6, 7, 8)]
+        assert all(math.isfinite(x) and x > 0 for x in cells), row
+
+
 def test_bench_decode_rate_takes_the_median_pair(monkeypatch):
     """bench._decode_rate on a fake clock: n tokens take 1 + 2n ms (a fixed cost, then 2 ms a
     token), and one of the ten runs stalls 40 ms. One pair whose 1-token run stalled overstates
