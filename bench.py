@@ -801,9 +801,12 @@ def _sdpa(backend, q, k, v, is_causal):
     return run
 
 
-def _try_time(fn, ctx, **kw):
-    """Milliseconds, or None when this peer cannot run the shape (backend missing on CPU, OOM)."""
+def _try_time(fn, ctx, graphed=False, **kw):
+    """Milliseconds, or None when this peer cannot run the shape (backend missing on CPU, OOM).
+    graphed: GPU time of 4 calls replayed from one CUDA graph (_time_graphed_ms) instead."""
     try:
+        if graphed:
+            return _time_graphed_ms([fn] * 4, ctx)
         return time_ms(fn, ctx, **kw)      # its untimed warm-up calls compile / autotune first
     except Exception as err:   # noqa: BLE001  (one failing peer must not end the whole topic)
         ctx.note(f"(skipped a peer: {type(err).__name__}: {str(err).splitlines()[0][:120]})")
@@ -902,10 +905,7 @@ def topic_flash(ctx: BenchContext) -> None:
         pdl_was_on = bool(M.pdl_launch_args())
         M.set_pdl(False)
         try:
-            return _time_graphed_ms([fn] * 4, ctx)
-        except Exception as err:   # noqa: BLE001  (one failing peer must not end the whole topic)
-            ctx.note(f"(skipped a peer: {type(err).__name__}: {str(err).splitlines()[0][:120]})")
-            return None
+            return _try_time(fn, ctx, graphed=True)
         finally:
             M.set_pdl(pdl_was_on)
 

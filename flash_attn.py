@@ -841,11 +841,11 @@ _SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 def _decode_launcher():
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _DECODE_GPU_CONFIGS]
     # The grid is part of the key (grid_per_sm: programs launched / SMs, rounded up): the best
-    # config depends on how the programs fill the SMs. Without it, batch 64 x 8k (32/8 heads, 512 programs) reused the pick
-    # made for batch 32 (256): 0.566 ms, 0.85x SDPA (H200, thirteenth session), where a sweep
-    # found 64 tokens x 4 warps x 2 stages at 0.4814 ms against SDPA's 0.4828 (1.003x, one
-    # process); keyed, the tuner's own pick ran 0.4818 ms (1.002x, a later process). The engine,
-    # whose graphs share one key across batch sizes otherwise, tunes once per value.
+    # config depends on how the programs fill the SMs. Without it, batch 64 x 8k (32/8 heads,
+    # 512 programs) reused the pick made for batch 32 (256 programs): 0.566 ms, 0.85x SDPA, where
+    # 64 tokens x 4 warps x 3 stages ran 0.481 ms, 1.006x, in the same process (H200, thirteenth
+    # session); keyed, the tuner's own pick ran 1.002x SDPA in a later process. The engine, whose
+    # graphs share one key across batch sizes otherwise, tunes once per value.
     return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "PAGE", "split_bucket", "grid_per_sm",
                                                  "DIRECT", "NEW_KV"])(_paged_decode_split_kernel)
 
@@ -974,17 +974,17 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         o_part = torch.empty(batch, n_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(batch, n_heads, num_splits, dtype=torch.float32, device=q.device)
     part_strides = (0, 0, 0) if direct else tuple(st // head_dim for st in o_part.stride()[:3])
+    n_programs, sms = batch * n_kv_heads * num_splits, _num_sms(q.device)
     args = (q, k_cache, v_cache, block_table, context_lens, o_part, lse_part, scale * LOG2E,
-            tokens_per_split, triton.next_power_of_2(tokens_per_split),
-            triton.cdiv(batch * n_kv_heads * num_splits, _num_sms(q.device)), q.stride(0), q.stride(1),
+            tokens_per_split, triton.next_power_of_2(tokens_per_split), triton.cdiv(n_programs, sms),
+            q.stride(0), q.stride(1),
             *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0), *part_strides,
             out, out.stride(0), out.stride(1), _counters(q.device, batch * n_kv_heads), *new_args)
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                 PAGE=block_size, DIRECT=direct, NEW_KV=new_kv is not None, **pdl_launch_args())
     grid = (batch, n_kv_heads, num_splits)
     # fewer programs than SMs, on Hopper or later: a config by rule (_SMALL_GRID_DECODE_CONFIG)
-    if (config is None and not INTERPRET and batch * n_kv_heads * num_splits <= _num_sms(q.device)
-            and is_hopper_or_later(q.device)):
+    if config is None and not INTERPRET and n_programs <= sms and is_hopper_or_later(q.device):
         config = _SMALL_GRID_DECODE_CONFIG
     if INTERPRET or config is not None:
         config = config or _INTERPRET_DECODE_CONFIG

@@ -930,25 +930,26 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 
 
 @triton.jit
-def pdl_signal_then_wait():
-    """Every decode kernel's PDL hand-off, in the order the section above explains: let the next
-    kernels launch, then wait until the previous kernel has finished and its writes are visible.
-    Call it once, after issuing only loads of what no kernel of the step writes."""
-    tl_cuda.gdc_launch_dependents()
-    tl_cuda.gdc_wait()
-
-
-@triton.jit
 def pdl_signal():
-    """The two halves apart, for a kernel whose loads before the wait depend on each other (paged
-    decode: the context length, then block ids): signal first, issue them, then pdl_wait."""
+    """Let the next kernels launch (griddepcontrol.launch_dependents). Alone, for a kernel whose
+    loads before the wait depend on each other (paged decode: the context length, then block
+    ids): signal first, issue them, then pdl_wait."""
     tl_cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def pdl_wait():
-    """Wait until the previous kernel has finished and its writes are visible (after pdl_signal)."""
+    """Wait until the previous kernel has finished and its writes are visible (griddepcontrol.wait)."""
     tl_cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_signal_then_wait():
+    """Every other decode kernel's PDL hand-off, in the order the section above explains: let the
+    next kernels launch, then wait until the previous kernel has finished and its writes are
+    visible. Call it once, after issuing only loads of what no kernel of the step writes."""
+    pdl_signal()
+    pdl_wait()
 
 #
 # Prefetch across the kernel boundary (single shot). A GEMV's weights are never written during
@@ -1820,6 +1821,12 @@ def gemv_tma(x, weight, bias=None, activation=None, residual=None, out=None, *, 
 # -----------------------------------------------------------------------------
 # Demo: check every version against torch and print a small table.
 
+def _print_check(shape, name, y, ref, tol):
+    """One row of main()'s table: the max error relative to (1 + |ref|), ref computed in fp32."""
+    err = ((y.float() - ref).abs() / (1 + ref.abs())).max().item()
+    print(f"| {shape:>16} | {name} | {err:.2e} | {'yes' if err < tol else 'NO'} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1848,9 +1855,8 @@ def main():
                     ("v3", matmul(a, b), None), ("v4", matmul_bias_gelu(a, b, bias), "gelu_tanh")]
         for name, c, act in versions:   # error relative to (1 + |ref|), ref computed in fp32
             ref = matmul_reference(a.float(), b.float(), bias.float() if act else None, act)
-            err = ((c.float() - ref).abs() / (1 + ref.abs())).max().item()
             tol = {torch.float32: 4e-3 if on_gpu else 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2)  # tf32 on GPU
-            print(f"| {f'{M} x {K} x {N}':>16} | {name} | {err:.2e} | {'yes' if err < tol else 'NO'} |")
+            _print_check(f"{M} x {K} x {N}", name, c, ref, tol)
     # v5: decode-shaped GEMV with each epilogue, and the one-row norms
     Kd, Nd = (1600, 4800) if on_gpu else (100, 37)
     for M in (1, 5):
@@ -1861,17 +1867,14 @@ def main():
                              ("v5 gemv +b +res", None, res)]:
             y = gemv(x, w, bias, act, r)
             ref = gemv_reference(x.float(), w.float(), bias.float(), act, None if r is None else r.float())
-            err = ((y.float() - ref).abs() / (1 + ref.abs())).max().item()
             tol = {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2)  # CUDA cores: no tf32
-            print(f"| {f'{M} x {Kd} x {Nd}':>16} | {name} | {err:.2e} | {'yes' if err < tol else 'NO'} |")
+            _print_check(f"{M} x {Kd} x {Nd}", name, y, ref, tol)
     x = torch.randn(3, Kd, device=device, dtype=dtype) * 2 + 1
     w, bias = torch.randn(Kd, device=device, dtype=dtype), torch.randn(Kd, device=device, dtype=dtype)
     for name, rms in [("v5 LayerNorm", False), ("v5 RMSNorm", True)]:
         y = row_norm(x, w, None if rms else bias, rms=rms)
         ref = row_norm_reference(x.float(), w.float(), None if rms else bias.float(), rms=rms)
-        err = ((y.float() - ref).abs() / (1 + ref.abs())).max().item()
-        tol = {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2)
-        print(f"| {f'3 x {Kd}':>16} | {name} | {err:.2e} | {'yes' if err < tol else 'NO'} |")
+        _print_check(f"3 x {Kd}", name, y, ref, {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2))
     # v6 (Hopper GPUs, fp16/bf16): one row, LayerNorm folded in, through TMA and shared memory
     x1, w1 = x[:1].contiguous(), torch.randn(Nd, Kd, device=device, dtype=dtype) / math.sqrt(Kd)
     if gemv_tma_supported(x1, w1):
@@ -1880,9 +1883,7 @@ def main():
         y = gemv_tma(x1, w1, b1, "gelu_tanh", **ln, block_n=rows_warps[0], num_warps=rows_warps[1])
         ref = gemv_reference(x1.float(), w1.float(), b1.float(), "gelu_tanh", norm="layer", norm_weight=w.float(),
                              norm_bias=bias.float())
-        err = ((y.float() - ref).abs() / (1 + ref.abs())).max().item()
-        tol = {torch.float16: 2e-3}.get(dtype, 1e-2)
-        print(f"| {f'1 x {Kd} x {Nd}':>16} | v6 gemv_tma +LN +b +gelu | {err:.2e} | {'yes' if err < tol else 'NO'} |")
+        _print_check(f"1 x {Kd} x {Nd}", "v6 gemv_tma +LN +b +gelu", y, ref, {torch.float16: 2e-3}.get(dtype, 1e-2))
     if on_gpu:
         a = torch.randn(s, s, device=device, dtype=dtype)
         cfg = _prune_configs(AUTOTUNE_CONFIGS, dict(M=s, N=s, a_ptr=a))[0]   # first that fits
