@@ -643,6 +643,7 @@ def _paged_decode_split_kernel(
     USE_PDL: tl.constexpr = False,         # programmatic dependent launch (see below)
     NEW_KV: tl.constexpr = False,          # the new token from K_new/V_new, stored here (see below)
     EXIT_IF_EMPTY: tl.constexpr = False,   # NEW_KV: a split past the context exits before the wait
+    PRELOAD_SECOND_TILE: tl.constexpr = False,   # NEW_KV: the second tile is also asked for before the wait
 ):
     # splits start at multiples of 128 tokens (paged_decode), so a tile never straddles a split
     tl.static_assert(128 % BLOCK_N == 0)
@@ -692,6 +693,19 @@ def _paged_decode_split_kernel(
         k0, v0, valid0 = _decode_kv_tile(K_cache, V_cache, bt_row, lo, cached_hi, kv_head, offs_n, offs_d,
                                          stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
                                          PAGE, BLOCK_N)
+        if PRELOAD_SECOND_TILE:
+            # GPT-2 1.5B's batch-1 graph has 256-token splits: two tiles, the second of which
+            # used to be asked for only after the wait, one more dependent round trip (block
+            # ids, then K/V) on the step's critical path. Asked for here, it overlaps qkv too.
+            # Measured (H200, fourteenth session, one process, 3 interleaved rounds, same greedy
+            # tokens): graph step 1.307-1.315 -> 1.286-1.288 ms at 200 tokens, 1.337-1.338 ->
+            # 1.319-1.320 at 280, within noise at 100 (one tile used); decode 765-773 -> 775-779
+            # tok/s. The same change lost in the twelfth session (756 -> 733 tok/s), when the
+            # PDL signal still came after these loads and they delayed attn proj's launch.
+            # (A tile past cached_hi is fully masked: no memory traffic, nothing to add.)
+            k1, v1, valid1 = _decode_kv_tile(K_cache, V_cache, bt_row, lo + BLOCK_N, cached_hi, kv_head, offs_n,
+                                             offs_d, stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos,
+                                             stride_vh, PAGE, BLOCK_N)
     if USE_PDL:
         tm.pdl_wait()               # signalled at the top
     if not NEW_KV:
@@ -710,6 +724,10 @@ def _paged_decode_split_kernel(
         if lo < cached_hi:
             m_i, l_i, acc = _decode_tile_update(q, k0, v0, valid0, m_i, l_i, acc, qk_scale)
         loop_lo = lo + BLOCK_N
+        if PRELOAD_SECOND_TILE:
+            if lo + BLOCK_N < cached_hi:
+                m_i, l_i, acc = _decode_tile_update(q, k1, v1, valid1, m_i, l_i, acc, qk_scale)
+            loop_lo = lo + 2 * BLOCK_N
     for start in tl.range(loop_lo, cached_hi, BLOCK_N):
         k, v, valid = _decode_kv_tile(K_cache, V_cache, bt_row, start, cached_hi, kv_head, offs_n, offs_d,
                                       stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
@@ -988,8 +1006,10 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         config = _SMALL_GRID_DECODE_CONFIG
     if INTERPRET or config is not None:
         config = config or _INTERPRET_DECODE_CONFIG
-        # one-tile splits leave early when empty (measured faster there only: see the kernel)
+        # one-tile splits leave early when empty, splits of two or more tiles ask for their first
+        # two before the wait (each measured faster in that case only: see the kernel)
         meta["EXIT_IF_EMPTY"] = new_kv is not None and not direct and tokens_per_split == config.get("BLOCK_N")
+        meta["PRELOAD_SECOND_TILE"] = new_kv is not None and tokens_per_split >= 2 * config.get("BLOCK_N")
         _paged_decode_split_kernel[grid](*args, **meta, **config)
     else:
         _decode_launcher()[grid](*args, **meta)

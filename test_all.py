@@ -1366,8 +1366,8 @@ def test_gpu_kernels_compile_for_sm90():
                      warps, stages))
     # paged decode: GPT-2 1.5B at batch 1 (16-token pages, the small-grid config, split + merge),
     # and 32 x 8k GQA on 256-token pages (one split: DIRECT)
-    for new_kv in (False, True):
-        jobs.append(_paged_decode_job(64, 25, 1, 16, new_kv=new_kv))
+    for new_kv in (False, True):   # with new_kv the engine's two-tile splits preload their second tile
+        jobs.append(_paged_decode_job(64, 25, 1, 16, new_kv=new_kv, PRELOAD_SECOND_TILE=new_kv))
         jobs.append(_paged_decode_job(128, 8, 4, 256, config=fa._DECODE_GPU_CONFIGS[0], new_kv=new_kv, DIRECT=True))
     # v6's Gluon GEMV in the GPU tests' awkward variant (bf16, RMSNorm, GELU, residual, K = 136:
     # 3 boxes, the last one past K) next to the rule's configs, which its SASS test compiles
@@ -1418,6 +1418,17 @@ def test_paged_decode_new_kv_loads_its_first_tile_before_the_pdl_wait():
         sass, wait = _paged_decode_sm90(new_kv=new_kv)
         loads_before = sum("LDG" in x for x in sass[:wait])
         assert (loads_before >= tile_loads) if new_kv else (loads_before == 0), (new_kv, loads_before)
+
+
+def test_paged_decode_two_tile_splits_load_their_second_tile_before_the_pdl_wait():
+    """PRELOAD_SECOND_TILE (GPT-2 1.5B's batch-1 graph: 256-token splits of two 128-token tiles):
+    the second tile's K/V are requested before griddepcontrol.wait too, i.e. at least two tiles'
+    loads precede ACQBULK; without it fewer than two tiles' do."""
+    tile_loads = 2 * 128 * 64 * 2 // (32 * 8 * 16)          # K and V, 16-byte loads per thread
+    for flag in (True, False):
+        sass, wait = _paged_decode_sm90(new_kv=True, PRELOAD_SECOND_TILE=flag)
+        loads_before = sum("LDG" in x for x in sass[:wait])
+        assert (loads_before >= 2 * tile_loads) == flag, (flag, loads_before)
 
 
 def test_paged_decode_signals_its_dependents_before_its_first_load():
