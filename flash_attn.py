@@ -55,6 +55,8 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               config for MHA -> in GPU time (CUDA-graph replay) ~0.99x SDPA at 32/8 heads, 0.994x
               at 32/32, 0.979x at batch 4 x 32k; batch 64 x 8k 0.85x -> 1.00x. At batch 1 the
               kernel also lets the next kernels launch before its first load (GPT-2 1.5B +2%).
+              (fourteenth session: 0.987x / 0.992x / 1.00x / 0.971x in a rerun with SDPA timed
+              twice; two-tile splits also ask for their second tile before the wait: +1%.)
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
