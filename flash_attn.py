@@ -31,7 +31,8 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               -> 315-500 TFLOP/s; with the better of v2/v3 per shape (what bench reports):
                  1.27-1.57x the FA2 backend everywhere, vs cuDNN 0.87-0.96x at D=64 and
                  0.72-0.88x at D=128 (0.79x at T=4096, 0.77x at T=8192; the gap is discussed at
-                 the end of Part 3)
+                 the end of Part 3). Fourteenth session's run: 1.27-1.54x FA2, 0.785x / 0.80x
+                 cuDNN at D=128, T=4096 / 8192
   prefill v3  same kernel with use_tma=True (tiles moved by Hopper's TMA engine through
               device-side tensor descriptors) -> within -26%..+3% of v2; it wins only at D=128,
               T=2k-4k, so v2 (pointer loads) stays the default
@@ -56,7 +57,8 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               at 32/32, 0.979x at batch 4 x 32k; batch 64 x 8k 0.85x -> 1.00x. At batch 1 the
               kernel also lets the next kernels launch before its first load (GPT-2 1.5B +2%).
               (fourteenth session: 0.987x / 0.992x / 1.00x / 0.971x in a rerun with SDPA timed
-              twice; two-tile splits also ask for their second tile before the wait: +1%.)
+              twice. Two-tile splits also ask for their second tile before the wait: GPT-2 1.5B
+              batch-1 decode +1%; bench flash's calls carry no new token, so not these rows.)
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -649,6 +651,7 @@ def _paged_decode_split_kernel(
 ):
     # splits start at multiples of 128 tokens (paged_decode), so a tile never straddles a split
     tl.static_assert(128 % BLOCK_N == 0)
+    tl.static_assert(NEW_KV or not (EXIT_IF_EMPTY or PRELOAD_SECOND_TILE))   # both act before the wait
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_g = tl.arange(0, BLOCK_G)             # query heads of this KV head (padded to 16)
     heads = kv_head * GROUP + offs_g
@@ -849,7 +852,8 @@ _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # padded tl.dot (1.375 -> 1.549 ms: more barriers after the wait), one 256-token tile per split
 # (faster at 129-256 tokens, slower at <= 128 and past 256: 746 -> 738 tok/s), 8 one-tile splits
 # of 128 (within 1% everywhere), and a split's second 128-token tile also loaded before the wait
-# (1.236 -> 1.300 ms at 100 tokens, 1.351 -> 1.386 at 200). At batch 1 this kernel is latency
+# (1.236 -> 1.300 ms at 100 tokens, 1.351 -> 1.386 at 200; that one won in the fourteenth
+# session, once the PDL signal had moved first: PRELOAD_SECOND_TILE in the kernel). At batch 1 this kernel is latency
 # after the PDL wait: leaving it out of the step saves 3.5 us a layer at 100 tokens and 5.9 at
 # 200 (bench.py --topic graphs, twelfth session; 2.9 and 5.1 in the eleventh session's run).
 _SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
@@ -1008,10 +1012,10 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         config = _SMALL_GRID_DECODE_CONFIG
     if INTERPRET or config is not None:
         config = config or _INTERPRET_DECODE_CONFIG
-        # one-tile splits leave early when empty, splits of two or more tiles ask for their first
-        # two before the wait (each measured faster in that case only: see the kernel)
+        # one-tile splits leave early when empty; two-tile splits also ask for their second tile
+        # before the wait (each measured faster in that case only: see the kernel)
         meta["EXIT_IF_EMPTY"] = new_kv is not None and not direct and tokens_per_split == config.get("BLOCK_N")
-        meta["PRELOAD_SECOND_TILE"] = new_kv is not None and tokens_per_split >= 2 * config.get("BLOCK_N")
+        meta["PRELOAD_SECOND_TILE"] = new_kv is not None and tokens_per_split == 2 * config.get("BLOCK_N")
         _paged_decode_split_kernel[grid](*args, **meta, **config)
     else:
         _decode_launcher()[grid](*args, **meta)
