@@ -892,7 +892,10 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # Programmatic dependent launch (PDL, Hopper and later). Kernels in one stream (or one CUDA
 # graph) normally run strictly one after another: kernel i+1 is launched, its programs are
 # scheduled and run their prologue only once kernel i has fully drained, ~1-2 us of idle SMs
-# per boundary, and a GPT-2 1.5B decode step has ~440 boundaries. Launched with launch_pdl=True,
+# per boundary, and a GPT-2 1.5B decode step has ~440 boundaries. (Measured on an H200, one
+# process: a CUDA graph of tiny kernels, each reading what the previous one wrote, takes
+# 1.00-1.35 us a kernel for 25-800 programs; with PDL as below, 0.65-1.22 us. That is the
+# floor; what a real kernel does after its wait comes on top.) Launched with launch_pdl=True,
 # kernel i+1 may start while kernel i still runs; it must then execute `griddepcontrol.wait`
 # (tl_cuda.gdc_wait) before touching memory kernel i writes, which blocks until kernel i has
 # completed and its writes are visible. `gdc_launch_dependents` is the other half: once every
