@@ -1494,10 +1494,11 @@ def topic_graphs(ctx: BenchContext) -> None:
 # deltas sum to the step (first start to last end). A kernel's delta is NOT what the kernel costs
 # the step: it also decides when the kernels after it can become resident and start fetching
 # (graph_step_ablation below measures that directly: GPT-2 1.5B's mlp proj adds ~5 us a layer
-# but leaving it out saves 6.4-8.0, H200, results/graphs.md and perf_notes.md). Next to the delta, the time the kernel would need
-# to read its bytes once at the copy bandwidth: the difference is latency (the wait's hand-off,
-# x's round trip, reductions, the last programs draining) that no bandwidth buys back. It can be
-# negative: bytes fetched before the previous kernel ended are not in the delta.
+# but leaving it out saves 6.4-8.0, H200, results/graphs.md and perf_notes.md). Next to the
+# delta, the time the kernel would need to read its bytes once at the copy bandwidth: the
+# difference is latency (the wait's hand-off, x's round trip, reductions, the last programs
+# draining) that no bandwidth buys back. It can be negative: bytes fetched before the previous
+# kernel ended are not in the delta.
 
 def critical_path(kernels):
     """kernels: [(name, start, end)] of one step, in launch order (any time unit) -> a list of
@@ -1808,7 +1809,9 @@ def topic_tune(ctx: BenchContext) -> None:
             return (c.kwargs["BLOCK_N"], c.num_warps)
 
         def candidates(key):
-            if key == "attention":   # (timed at the full context: no split is empty, so EXIT_IF_EMPTY is moot)
+            # attention's candidates reach paged_decode as config=, so its pre-wait flags apply as in
+            # the engine (timed at the full context, where no split is empty)
+            if key == "attention":
                 return [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in FA._DECODE_GPU_CONFIGS]
             if key[0] == "v6":      # rows x warps whose tile fits shared memory
                 return [(bn, w) for bn, w in ((8, 4), (16, 4), (16, 8), (32, 8), (32, 16), (64, 16))

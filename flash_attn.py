@@ -853,9 +853,10 @@ _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # (faster at 129-256 tokens, slower at <= 128 and past 256: 746 -> 738 tok/s), 8 one-tile splits
 # of 128 (within 1% everywhere), and a split's second 128-token tile also loaded before the wait
 # (1.236 -> 1.300 ms at 100 tokens, 1.351 -> 1.386 at 200; that one won in the fourteenth
-# session, once the PDL signal had moved first: PRELOAD_SECOND_TILE in the kernel). At batch 1 this kernel is latency
-# after the PDL wait: leaving it out of the step saves 3.5 us a layer at 100 tokens and 5.9 at
-# 200 (bench.py --topic graphs, twelfth session; 2.9 and 5.1 in the eleventh session's run).
+# session, once the PDL signal had moved first: PRELOAD_SECOND_TILE in the kernel). At batch 1
+# this kernel is latency after the PDL wait: leaving it out of the step saves 3.5 us a layer at
+# 100 tokens and 5.9 at 200 (bench.py --topic graphs, twelfth session; 2.9 and 5.1 in the
+# eleventh session's run).
 _SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
 # Programmatic dependent launch (Hopper+; explained in triton_matmul.py, next to its GEMV): the
 # decode kernels may be launched while the previous kernel still runs, and wait for it first
@@ -1014,8 +1015,9 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         config = config or _INTERPRET_DECODE_CONFIG
         # one-tile splits leave early when empty; two-tile splits also ask for their second tile
         # before the wait (each measured faster in that case only: see the kernel)
-        meta["EXIT_IF_EMPTY"] = new_kv is not None and not direct and tokens_per_split == config.get("BLOCK_N")
-        meta["PRELOAD_SECOND_TILE"] = new_kv is not None and tokens_per_split == 2 * config.get("BLOCK_N")
+        tiles_per_split = tokens_per_split // config["BLOCK_N"] if new_kv is not None else 0
+        meta["EXIT_IF_EMPTY"] = tiles_per_split == 1 and not direct
+        meta["PRELOAD_SECOND_TILE"] = tiles_per_split == 2
         _paged_decode_split_kernel[grid](*args, **meta, **config)
     else:
         _decode_launcher()[grid](*args, **meta)

@@ -1309,8 +1309,8 @@ def test_gemv_sass_loads_the_weight_tile_before_the_pdl_wait():
 def test_gemv_tma_sass_copies_the_weight_tile_before_the_pdl_wait():
     """v6 (gemv_tma, Gluon): in the sm_90 machine code of the rule's qkv and mlp fc GEMVs, every
     TMA copy of the weight tile (one per 64 columns) is issued before griddepcontrol.wait and
-    only x is loaded after it (one or two 16-byte loads a thread); the shared memory is the tile plus x, as gemv_tma_shared_bytes
-    says (the occupancy argument of v6 rests on it)."""
+    only x is loaded after it (one or two 16-byte loads a thread); the shared memory is the tile
+    plus x, as gemv_tma_shared_bytes says (the occupancy argument of v6 rests on it)."""
     shapes = [tm.GPT2_XL_DECODE_GEMVS[0], tm.GPT2_XL_DECODE_GEMVS[2]]
     summary = tm.gemv_sass_summary(shapes, tma=True)
     assert [r["kernel"] for r in summary] == [name for name, *_ in shapes]
@@ -1409,27 +1409,32 @@ def _paged_decode_sm90(tokens_per_split=256, **constexprs):
     return sass, next(i for i, x in enumerate(sass) if x.startswith("ACQBULK"))
 
 
+def _paged_decode_loads_before_wait(**constexprs):
+    """How many global loads _paged_decode_sm90's kernel issues before its PDL wait."""
+    sass, wait = _paged_decode_sm90(**constexprs)
+    return sum("LDG" in x for x in sass[:wait])
+
+
+# one K/V tile of that kernel (128 tokens x 64 values x 2 bytes, K and V) in 16-byte loads over 8 warps
+_PAGED_DECODE_TILE_LOADS = 2 * 128 * 64 * 2 // (32 * 8 * 16)
+
+
 def test_paged_decode_new_kv_loads_its_first_tile_before_the_pdl_wait():
     """With new_kv, nothing the decode kernel reads from the cache comes from the previous
     kernel, so its first cached K/V tile is requested before griddepcontrol.wait (ACQBULK in
     the sm_90 SASS); without new_kv nothing may be (the new token is in the cache then)."""
-    tile_loads = 2 * 128 * 64 * 2 // (32 * 8 * 16)          # K and V, 16-byte loads per thread
     for new_kv in (True, False):
-        sass, wait = _paged_decode_sm90(new_kv=new_kv)
-        loads_before = sum("LDG" in x for x in sass[:wait])
-        assert (loads_before >= tile_loads) if new_kv else (loads_before == 0), (new_kv, loads_before)
+        loads_before = _paged_decode_loads_before_wait(new_kv=new_kv)
+        assert (loads_before >= _PAGED_DECODE_TILE_LOADS) if new_kv else (loads_before == 0), (new_kv, loads_before)
 
 
 def test_paged_decode_two_tile_splits_load_their_second_tile_before_the_pdl_wait():
     """PRELOAD_SECOND_TILE (GPT-2 1.5B's batch-1 graph: 256-token splits of two 128-token tiles):
     the second tile's K/V are requested before griddepcontrol.wait too, i.e. at least one more
     tile's worth of loads precedes ACQBULK than without it."""
-    tile_loads = 2 * 128 * 64 * 2 // (32 * 8 * 16)          # K and V, 16-byte loads per thread
-    loads_before = {}
-    for flag in (True, False):
-        sass, wait = _paged_decode_sm90(new_kv=True, PRELOAD_SECOND_TILE=flag)
-        loads_before[flag] = sum("LDG" in x for x in sass[:wait])
-    assert loads_before[True] - loads_before[False] >= tile_loads, loads_before
+    loads_before = {flag: _paged_decode_loads_before_wait(new_kv=True, PRELOAD_SECOND_TILE=flag)
+                    for flag in (True, False)}
+    assert loads_before[True] - loads_before[False] >= _PAGED_DECODE_TILE_LOADS, loads_before
 
 
 def test_paged_decode_signals_its_dependents_before_its_first_load():
