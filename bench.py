@@ -1811,8 +1811,9 @@ def topic_tune(ctx: BenchContext) -> None:
         def candidates(key):
             # attention's candidates reach paged_decode as config=, so its pre-wait flags apply as in
             # the engine (timed at the full context, where no split is empty)
-            if key == "attention":
-                return [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in FA._DECODE_GPU_CONFIGS]
+            if key == "attention":      # the rule's own (one stage: no tile loop runs) and the tuner's
+                return [rule_attention] + [dict(BLOCK_N=n, num_warps=w, num_stages=st)
+                                           for n, w, st in FA._DECODE_GPU_CONFIGS]
             if key[0] == "v6":      # rows x warps whose tile fits shared memory
                 return [(bn, w) for bn, w in ((8, 4), (16, 4), (16, 8), (32, 8), (32, 16), (64, 16))
                         if tm.gemv_tma_shared_bytes(key[2], bn) <= tm.MAX_SHARED_BYTES]

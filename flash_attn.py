@@ -676,8 +676,10 @@ def _paged_decode_split_kernel(
         # lengths and block tables come from the host, the cached K/V from earlier steps. So, as
         # the GEMV does with its weights, the first tile is asked for before the PDL wait; at
         # batch 1 (one or two tiles per program) that is most of this kernel's memory traffic,
-        # overlapping the qkv GEMV's tail.
+        # overlapping the qkv GEMV's tail. The new token's cache slot is host-written too (the
+        # engine passes the copied inputs, not a kernel's copy of them), so it is read here as well.
         ctx = tl.load(context_lens + seq)
+        slot = tl.load(slot_mapping + seq)
         lo = split * tokens_per_split
         hi = tl.minimum(lo + tokens_per_split, ctx)
         cached_hi = tl.minimum(hi, ctx - 1)   # the cache holds tokens 0..ctx-2; ctx-1 is new
@@ -720,10 +722,39 @@ def _paged_decode_split_kernel(
         cached_hi = hi
     q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=offs_g[:, None] < GROUP, other=0.0)
-
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    if NEW_KV:
+        # The split that holds position ctx-1 takes the new token from K_new/V_new and writes its
+        # K/V row to the cache for the next steps. This replaces the separate store kernel that
+        # ran before attention (one launch, and one kernel boundary, fewer per layer: GPT-2 1.5B's
+        # graph step 1.704 -> 1.638 ms, H200, one A/B run). No other program reads that slot: the
+        # other splits cover other positions. The new K/V are asked for together with q, right
+        # after the wait (one round trip through L2 for all three), stored at once, and the new
+        # token is the first term of the online softmax: m = its score, l = 2^0 = 1, acc = its V
+        # (the order of the terms does not matter; Part 2's algebra). Done after the cached tiles,
+        # as before, its loads were one more round trip after the tiles' math and the slot's load
+        # another before the store, all on the step's critical path. Measured (H200, fifteenth
+        # session, two processes, same greedy tokens, both with one stage; the store early in
+        # both): GPT-2 1.5B graph step 1.234-1.242 -> 1.209-1.226 ms at 100 tokens, 1.280-1.290
+        # -> 1.254-1.259 at 200, but 1.290-1.302 -> 1.314-1.319 at 280 (a merge of two splits;
+        # not understood: loading the new K/V only in the split that holds the token changed
+        # nothing there), 780-787 -> 794-804 tok/s; GPT-2 124M 0.173-0.174 -> 0.169-0.171 ms at
+        # 100 tokens, 0.190 -> 0.184-0.185 at 200, 0.195 -> 0.190-0.192 at 280.
+        k_new = tl.load(K_new + seq * stride_nkb + kv_head * stride_nkh + offs_d)
+        v_new = tl.load(V_new + seq * stride_nvb + kv_head * stride_nvh + offs_d)
+        holds_new = (lo <= ctx - 1) & (ctx - 1 < hi)
+        if holds_new & (slot >= 0):          # -1: a padded row of a CUDA-graph batch stores nothing
+            blk = (slot // PAGE).to(tl.int64)
+            pos = slot % PAGE
+            tl.store(K_cache + blk * stride_kblk + pos * stride_kpos + kv_head * stride_kh + offs_d, k_new)
+            tl.store(V_cache + blk * stride_vblk + pos * stride_vpos + kv_head * stride_vh + offs_d, v_new)
+        # its score per query head: a dot product of length D, no tensor cores needed
+        s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale   # (BLOCK_G,)
+        m_i = tl.where(holds_new, s_new, m_i)
+        l_i = tl.where(holds_new, 1.0, l_i)
+        acc = tl.where(holds_new, acc + v_new.to(tl.float32)[None, :], acc)
     loop_lo = lo
     if NEW_KV:
         if lo < cached_hi:
@@ -738,29 +769,6 @@ def _paged_decode_split_kernel(
                                       stride_kblk, stride_kpos, stride_kh, stride_vblk, stride_vpos, stride_vh,
                                       PAGE, BLOCK_N)
         m_i, l_i, acc = _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale)
-    if NEW_KV:
-        # The split that holds position ctx-1 adds the new token (one more step of the online
-        # softmax, a score per query head: a dot product of length D, no tensor cores needed)
-        # and writes its K/V row to the cache for the next steps. This replaces the separate
-        # store kernel that ran before attention (one launch, and one kernel boundary, fewer per
-        # layer: GPT-2 1.5B's graph step 1.704 -> 1.638 ms, H200, one A/B run). No other program
-        # reads that slot: the other splits cover other positions.
-        if (lo <= ctx - 1) & (ctx - 1 < hi):
-            k_new = tl.load(K_new + seq * stride_nkb + kv_head * stride_nkh + offs_d)
-            v_new = tl.load(V_new + seq * stride_nvb + kv_head * stride_nvh + offs_d)
-            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale   # (BLOCK_G,)
-            m_new = tl.maximum(m_i, s_new)
-            alpha = tl.math.exp2(m_i - m_new)
-            p_new = tl.math.exp2(s_new - m_new)
-            l_i = l_i * alpha + p_new
-            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
-            m_i = m_new
-            slot = tl.load(slot_mapping + seq)
-            if slot >= 0:                  # -1: a padded row of a CUDA-graph batch stores nothing
-                blk = (slot // PAGE).to(tl.int64)
-                pos = slot % PAGE
-                tl.store(K_cache + blk * stride_kblk + pos * stride_kpos + kv_head * stride_kh + offs_d, k_new)
-                tl.store(V_cache + blk * stride_vblk + pos * stride_vpos + kv_head * stride_vh + offs_d, v_new)
     # An empty split (lo >= ctx) leaves l_i = 0, m_i = -inf: we store o = 0, lse = -inf, which
     # the merge weighs with 2^-inf = 0.
     empty = l_i == 0.0
@@ -857,7 +865,33 @@ _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # this kernel is latency after the PDL wait: leaving it out of the step saves 3.5 us a layer at
 # 100 tokens and 5.9 at 200 (bench.py --topic graphs, twelfth session; 2.9 and 5.1 in the
 # eleventh session's run).
-_SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=3)
+# One stage, not three, when every tile of a split is asked for before the wait (new_kv with one
+# or two tiles per split: the default splits of every small grid, since they hold 128 or 256
+# tokens). With num_stages=3 Triton software-pipelines the tile loop, and the loop's prologue
+# runs even when the loop has no iteration left (its bounds are runtime values): in the sm_90
+# SASS, cp.async of the next tiles' block ids and a wait on them, after the PDL wait, on the
+# step's critical path (28 LDGSTS in the binary; none with one stage). Measured (H200, fifteenth
+# session, two processes, each with both configs twice, 3 rounds each, same greedy tokens), graph
+# step ms at 100 / 200 / 280 tokens and decode tok/s (median of rounds), 3 stages -> 1 stage:
+#   GPT-2 124M: 0.180-0.181 / 0.196-0.197 / 0.202-0.204 -> 0.173-0.174 / 0.190-0.191 / 0.195-0.197,
+#               4,986-5,098 -> 5,248-5,281 tok/s;
+#   GPT-2 1.5B: 1.246-1.250 / 1.290-1.295 / 1.314-1.318 -> 1.232-1.243 / 1.278-1.290 / 1.286-1.300,
+#               777-780 -> 784-788 tok/s.
+# Two stages: between the two for 124M, slower than three for 1.5B at 100 and 200 tokens. Four
+# warps with one stage: 124M a little faster again, 1.5B slower at 200 and 280 tokens (not taken). A split with more tiles runs the loop, which keeps
+# the three stages that pipeline it (_SMALL_GRID_LOOP_STAGES).
+_SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=1)
+_SMALL_GRID_LOOP_STAGES = 3
+
+
+def small_grid_decode_config(tokens_per_split, new_kv):
+    """The rule's config for a launch of fewer programs than SMs (on Hopper or later): one stage
+    when every tile of a split is loaded before the PDL wait (new_kv, at most two tiles), so no
+    tile loop runs; otherwise the loop's pipelining stages."""
+    config = _SMALL_GRID_DECODE_CONFIG
+    if not new_kv or tokens_per_split > 2 * config["BLOCK_N"]:
+        config = dict(config, num_stages=_SMALL_GRID_LOOP_STAGES)
+    return config
 # Programmatic dependent launch (Hopper+; explained in triton_matmul.py, next to its GEMV): the
 # decode kernels may be launched while the previous kernel still runs, and wait for it first
 # thing (griddepcontrol.wait). In a CUDA-graph decode step this hides part of the ~1-2 us gap
@@ -936,7 +970,10 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     new_kv: (k_new, v_new, slot_mapping), each sequence's new token's K and V (B, Hkv, D) and the
     cache slot (B,) it goes to (block * block_size + offset; -1 = store nothing, a padded row).
     The cache then holds only positions 0..context_lens-2; the kernel takes the new token from
-    k_new/v_new and also writes it to its slot, in place of a separate store before the call."""
+    k_new/v_new and also writes it to its slot, in place of a separate store before the call.
+    With PDL on (model.set_pdl), context_lens, block_table, the cached K/V and new_kv's
+    slot_mapping are read before the kernel waits for its predecessor: no kernel of the same
+    PDL chain may write them (serve.py passes its host-copied inputs)."""
     if upcast := _interpreter_bf16_workaround(q, k_cache, v_cache):
         up_new = None if new_kv is None else (new_kv[0].float(), new_kv[1].float(), new_kv[2])
         res = paged_decode(*upcast, block_table, context_lens, scale, num_splits, max_context, config=config,
@@ -1008,9 +1045,9 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                 PAGE=block_size, DIRECT=direct, NEW_KV=new_kv is not None, **pdl_launch_args())
     grid = (batch, n_kv_heads, num_splits)
-    # fewer programs than SMs, on Hopper or later: a config by rule (_SMALL_GRID_DECODE_CONFIG)
+    # fewer programs than SMs, on Hopper or later: a config by rule (small_grid_decode_config)
     if config is None and not INTERPRET and n_programs <= sms and is_hopper_or_later(q.device):
-        config = _SMALL_GRID_DECODE_CONFIG
+        config = small_grid_decode_config(tokens_per_split, new_kv is not None)
     if INTERPRET or config is not None:
         config = config or _INTERPRET_DECODE_CONFIG
         # one-tile splits leave early when empty; two-tile splits also ask for their second tile

@@ -1100,7 +1100,10 @@ class ModelRunner:
         pos_emb = model.pos_emb.weight if model.pos_emb is not None else None
         # (4, bs) int64: tokens (fed-back rows resolved), positions, slots, prev rows; x (bs, C)
         ids, x = self.decode_embed(inputs["ids"], self.last_greedy, model.tok_emb.weight, pos_emb)
-        step = self._step("decode", ids[2], inputs["block_tables"], inputs["seq_lens"],
+        # the fused decode attention reads each row's slot before its PDL wait, so it gets them from
+        # the host-copied inputs (written by no kernel of the step), not from decode_embed's copy
+        slots = inputs["ids"][2] if self.new_kv_in_decode else ids[2]
+        step = self._step("decode", slots, inputs["block_tables"], inputs["seq_lens"],
                           max_seqlen_k=max_seqlen_k)
         logits = self.decode_forward(ids[0][:, None], ids[1][:, None], step, x[:, None])
         greedy = self.greedy_argmax(logits, self.last_greedy)   # also what the next step may feed itself

@@ -1387,7 +1387,8 @@ def _paged_decode_job(head_dim, n_kv_heads, group, page, config=None, tokens_per
     heads whose q/k/v come from one fused qkv row (as the engine's do), 4 splits of partials;
     config (BLOCK_N, num_warps, num_stages), by default the small-grid rule's."""
     D, H = head_dim, n_kv_heads * group
-    bn, warps, stages = config or tuple(fa._SMALL_GRID_DECODE_CONFIG[k] for k in ("BLOCK_N", "num_warps", "num_stages"))
+    rule = fa.small_grid_decode_config(tokens_per_split, new_kv)
+    bn, warps, stages = config or tuple(rule[k] for k in ("BLOCK_N", "num_warps", "num_stages"))
     return ("flash_attn._paged_decode_split_kernel",
             dict(Q="fp16", K_cache="fp16", V_cache="fp16", block_table="i32", context_lens="i32", O_part="fp32",
                  LSE_part="fp32", Out="fp16", Counters="i32", K_new="fp16", V_new="fp16", slot_mapping="i64"),
@@ -1401,11 +1402,12 @@ def _paged_decode_job(head_dim, n_kv_heads, group, page, config=None, tokens_per
                  NEW_KV=new_kv, **constexprs), warps, stages)
 
 
-def _paged_decode_sm90(tokens_per_split=256, **constexprs):
+def _paged_decode_sm90(tokens_per_split=256, config=None, **constexprs):
     """The decode kernel as GPT-2 1.5B's batch-1 engine launches it (16-token pages, the small-grid
-    config, 25 heads of 64), compiled offline for sm_90: (SASS instructions, index of the PDL wait)."""
-    sass = tm.compile_offline([_paged_decode_job(64, 25, 1, 16, tokens_per_split=tokens_per_split, **constexprs)],
-                              sass=True)[0]["sass"]
+    config unless given, 25 heads of 64), compiled offline for sm_90: (SASS instructions, index of
+    the PDL wait)."""
+    job = _paged_decode_job(64, 25, 1, 16, config=config, tokens_per_split=tokens_per_split, **constexprs)
+    sass = tm.compile_offline([job], sass=True)[0]["sass"]
     return sass, next(i for i, x in enumerate(sass) if x.startswith("ACQBULK"))
 
 
@@ -1435,6 +1437,35 @@ def test_paged_decode_two_tile_splits_load_their_second_tile_before_the_pdl_wait
     loads_before = {flag: _paged_decode_loads_before_wait(new_kv=True, PRELOAD_SECOND_TILE=flag)
                     for flag in (True, False)}
     assert loads_before[True] - loads_before[False] >= _PAGED_DECODE_TILE_LOADS, loads_before
+
+
+def test_small_grid_decode_rule_uses_one_stage_only_when_no_tile_loop_runs():
+    """The small-grid rule: with new_kv and one or two tiles per split every tile is loaded before
+    the PDL wait and the kernel's tile loop never runs, so one stage; a longer split, or a cache
+    that already holds the new token (the loop does all the tiles), keeps the pipelining stages.
+    Block size and warps are the rule's either way."""
+    bn = fa._SMALL_GRID_DECODE_CONFIG["BLOCK_N"]
+    for tokens_per_split, new_kv, stages in ((bn, True, 1), (2 * bn, True, 1), (3 * bn, True, 3),
+                                             (8 * bn, True, 3), (bn, False, 3), (2 * bn, False, 3)):
+        cfg = fa.small_grid_decode_config(tokens_per_split, new_kv)
+        want = dict(fa._SMALL_GRID_DECODE_CONFIG, num_stages=fa._SMALL_GRID_LOOP_STAGES if stages == 3 else 1)
+        assert cfg == want, (tokens_per_split, new_kv, cfg)
+
+
+def test_paged_decode_rule_config_compiles_no_loop_prologue():
+    """Why one stage when no tile loop runs: with three, Triton pipelines the loop and its prologue
+    (cp.async of the next tiles' block ids: LDGSTS in the sm_90 SASS) is in the binary even where
+    the loop has no iteration; with the rule's one stage there is none. GPT-2 1.5B's two-tile and
+    124M's one-tile splits, as the engine launches them."""
+    bn, warps = (fa._SMALL_GRID_DECODE_CONFIG[k] for k in ("BLOCK_N", "num_warps"))
+    for tokens_per_split, flags in ((2 * bn, dict(PRELOAD_SECOND_TILE=True)), (bn, dict(EXIT_IF_EMPTY=True))):
+        rule = fa.small_grid_decode_config(tokens_per_split, True)
+        assert rule["num_stages"] == 1, rule
+        cp_async = {}
+        for stages in (rule["num_stages"], fa._SMALL_GRID_LOOP_STAGES):
+            sass, _ = _paged_decode_sm90(tokens_per_split, config=(bn, warps, stages), new_kv=True, **flags)
+            cp_async[stages] = sum("LDGSTS" in x for x in sass)
+        assert cp_async[1] == 0 < cp_async[fa._SMALL_GRID_LOOP_STAGES], (tokens_per_split, cp_async)
 
 
 def test_paged_decode_signals_its_dependents_before_its_first_load():
@@ -2185,12 +2216,16 @@ def test_flash_cuda_paged_decode_stores_the_new_token(block_size, heads, head_di
 
 
 @needs_cuda
-def test_flash_cuda_paged_decode_one_tile_splits_exit_when_empty():
-    """GPT-2 124M's heads at a few sequences: 3 one-tile splits of 128 tokens with the small-grid
-    rule's config (passed, so any GPU takes this path), so the empty splits (2 of context 1's, 2 of
-    context 100's) exit before the PDL wait."""
-    _fa_check_paged_new_kv([1, 100, 300], 12, 12, 64, 16, torch.float16, num_splits=3,
-                           config=dict(fa._SMALL_GRID_DECODE_CONFIG))
+@pytest.mark.parametrize("ctx,num_splits,tokens_per_split", [([1, 100, 300], 3, 128), ([1, 100, 300, 500], 2, 256)])
+def test_flash_cuda_paged_decode_small_grid_rule_configs(ctx, num_splits, tokens_per_split):
+    """The small-grid rule's one-stage config (passed, so any GPU takes this path) at GPT-2 124M's
+    and 1.5B's head shapes: 3 one-tile splits of 128 tokens, whose empty splits (2 of context 1's,
+    2 of context 100's) exit before the PDL wait, and 2 two-tile splits of 256, which load their
+    second tile before it (context 300 ends in the second split's first tile, 500 in its second)."""
+    heads = 12 if tokens_per_split == 128 else 25
+    config = fa.small_grid_decode_config(tokens_per_split, True)
+    assert config["num_stages"] == 1
+    _fa_check_paged_new_kv(ctx, heads, heads, 64, 16, torch.float16, num_splits=num_splits, config=config)
 
 
 @needs_cuda
