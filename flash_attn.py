@@ -59,6 +59,10 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               (fourteenth session: 0.987x / 0.992x / 1.00x / 0.971x in a rerun with SDPA timed
               twice. Two-tile splits also ask for their second tile before the wait: GPT-2 1.5B
               batch-1 decode +1%; bench flash's calls carry no new token, so not these rows.)
+  decode  v5  (fifteenth session) small grids compiled with one pipelining stage where no tile
+              loop runs, and the new token's K/V loaded with q and first in the online softmax
+              -> GPT-2 1.5B batch-1 decode 777-780 -> 794-804 tok/s, 124M steps ~5% shorter
+              (one-process A/Bs); bench's batch-32 rows use the autotuned configs: unchanged.
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
