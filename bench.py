@@ -1809,7 +1809,8 @@ def topic_tune(ctx: BenchContext) -> None:
             return (c.kwargs["BLOCK_N"], c.num_warps)
 
         def candidates(key):
-            # attention's candidates reach paged_decode as config=, so its pre-wait flags apply as in
+            # attention's candidates become the small-grid rule's config (used as they are, but a
+            # one-stage one gets the loop's stages where a loop runs), so its pre-wait flags apply as in
             # the engine (timed at the full context, where no split is empty)
             if key == "attention":      # the rule's own (one stage: no tile loop runs) and the tuner's
                 return [rule_attention] + [dict(BLOCK_N=n, num_warps=w, num_stages=st)

@@ -60,9 +60,10 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               twice. Two-tile splits also ask for their second tile before the wait: GPT-2 1.5B
               batch-1 decode +1%; bench flash's calls carry no new token, so not these rows.)
   decode  v5  (fifteenth session) small grids compiled with one pipelining stage where no tile
-              loop runs, and the new token's K/V loaded with q and first in the online softmax
-              -> GPT-2 1.5B batch-1 decode 777-780 -> 794-804 tok/s, 124M steps ~5% shorter
-              (one-process A/Bs); bench's batch-32 rows use the autotuned configs: unchanged.
+              loop runs (GPT-2 1.5B batch-1 decode +0.5-1.4%, 124M steps 3-4% shorter), and the
+              new token's K/V loaded with q and first in the online softmax (1.5B +1-2%, slower
+              at 280 tokens; 124M steps 2-3% shorter), each in its own one-process A/B; bench's
+              batch-32 rows use the autotuned configs: unchanged.
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -740,12 +741,16 @@ def _paged_decode_split_kernel(
         # (the order of the terms does not matter; Part 2's algebra). Done after the cached tiles,
         # as before, its loads were one more round trip after the tiles' math and the slot's load
         # another before the store, all on the step's critical path. Measured (H200, fifteenth
-        # session, two processes, same greedy tokens, both with one stage; the store early in
-        # both): GPT-2 1.5B graph step 1.234-1.242 -> 1.209-1.226 ms at 100 tokens, 1.280-1.290
-        # -> 1.254-1.259 at 200, but 1.290-1.302 -> 1.314-1.319 at 280 (a merge of two splits;
-        # not understood: loading the new K/V only in the split that holds the token changed
-        # nothing there), 780-787 -> 794-804 tok/s; GPT-2 124M 0.173-0.174 -> 0.169-0.171 ms at
-        # 100 tokens, 0.190 -> 0.184-0.185 at 200, 0.195 -> 0.190-0.192 at 280.
+        # session, one process, two engines of each, 3 rounds, same greedy tokens; both with one
+        # stage, against the new token loaded, added and stored after the tiles): GPT-2 1.5B graph
+        # step 1.234-1.242 -> 1.209-1.226 ms at 100 tokens, 1.280-1.290 -> 1.254-1.259 at 200, but
+        # 1.290-1.302 -> 1.314-1.319 at 280 (a merge of two splits; not understood: loading the
+        # new K/V only in the split that holds the token changed nothing there), 783/786 ->
+        # 794/800 tok/s (medians); GPT-2 124M 0.173-0.174 -> 0.169-0.171 ms at 100 tokens,
+        # 0.190-0.191 -> 0.184-0.185 at 200, 0.195 -> 0.190-0.192 at 280. Of that, putting the
+        # new token first rather than last (its loads early either way) is the smaller part:
+        # 1.5B 1.266-1.267 -> 1.254-1.259 ms at 200 tokens, within 1% at 100 and 280; it also
+        # keeps k_new and v_new from living across the tiles' registers.
         k_new = tl.load(K_new + seq * stride_nkb + kv_head * stride_nkh + offs_d)
         v_new = tl.load(V_new + seq * stride_nvb + kv_head * stride_nvh + offs_d)
         holds_new = (lo <= ctx - 1) & (ctx - 1 < hi)
@@ -875,7 +880,7 @@ _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # runs even when the loop has no iteration left (its bounds are runtime values): in the sm_90
 # SASS, cp.async of the next tiles' block ids and a wait on them, after the PDL wait, on the
 # step's critical path (28 LDGSTS in the binary; none with one stage). Measured (H200, fifteenth
-# session, two processes, each with both configs twice, 3 rounds each, same greedy tokens), graph
+# session, two processes with both configs, 3 rounds each, same greedy tokens), graph
 # step ms at 100 / 200 / 280 tokens and decode tok/s (median of rounds), 3 stages -> 1 stage:
 #   GPT-2 124M: 0.180-0.181 / 0.196-0.197 / 0.202-0.204 -> 0.173-0.174 / 0.190-0.191 / 0.195-0.197,
 #               4,986-5,098 -> 5,248-5,281 tok/s;
@@ -891,9 +896,10 @@ _SMALL_GRID_LOOP_STAGES = 3
 def small_grid_decode_config(tokens_per_split, new_kv):
     """The rule's config for a launch of fewer programs than SMs (on Hopper or later): one stage
     when every tile of a split is loaded before the PDL wait (new_kv, at most two tiles), so no
-    tile loop runs; otherwise the loop's pipelining stages."""
+    tile loop runs; otherwise the loop's pipelining stages. (A config with more stages, which
+    bench.py's tune may set, is used as it is.)"""
     config = _SMALL_GRID_DECODE_CONFIG
-    if not new_kv or tokens_per_split > 2 * config["BLOCK_N"]:
+    if config["num_stages"] == 1 and (not new_kv or tokens_per_split > 2 * config["BLOCK_N"]):
         config = dict(config, num_stages=_SMALL_GRID_LOOP_STAGES)
     return config
 # Programmatic dependent launch (Hopper+; explained in triton_matmul.py, next to its GEMV): the

@@ -531,8 +531,10 @@ def greedy_argmax_triton(logits: torch.Tensor, last_greedy: torch.Tensor) -> tor
 # token's and the position's embedding rows and add them. In PyTorch that is 8 small kernels,
 # which `bench.py --topic graphs` measured adding 16.5 us to a GPT-2 1.5B step and 16 us to
 # 124M's (H200; 7% of the 124M step), for a few KB of data. One program per row does it all
-# here: it writes the int64 ids the rest of the step reads (positions and slots: the paged
-# kernels take int64 slots, whose offsets can pass 2^31 in an 80 GB pool) and the embedded row,
+# here: it writes the int64 ids the rest of the step reads (positions and slots: the KV store
+# kernel takes int64 slots, whose offsets can pass 2^31 in an 80 GB pool; the fused decode
+# attention takes the copied int32 row instead, since it reads it before its PDL wait, and
+# widens the block index before the address arithmetic) and the embedded row,
 # summed in fp32 and rounded once, as PyTorch's half-precision add does.
 # Measured (H200, one process per tree, alternating twice, same greedy tokens): the 124M graph
 # step 0.211 -> 0.199 ms (4,550-4,783 -> 5,055-5,140 tok/s), the 1.5B step 1.458 -> 1.452 ms.

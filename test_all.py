@@ -934,6 +934,42 @@ def test_engine_triton_kernels_match_torch_path(tiny_model, store_kv_in_attentio
     assert [o.tokens for o in outs] == want
 
 
+@pytest.mark.parametrize("store_kv_in_attention", [True, False])
+def test_engine_decode_slots_for_attention_come_from_the_copied_inputs(tiny_model, monkeypatch,
+                                                                       store_kv_in_attention):
+    """The fused decode attention reads each row's slot before its PDL wait, so the engine must
+    hand it the host-copied int32 slot row (written by no kernel of the step), not decode_embed's
+    int64 copy (a kernel of the same PDL chain: a race on the GPU that no CPU run would show).
+    The separate store kernel, which reads after its wait, keeps the int64 slots."""
+    model = tiny_model.to("cuda") if CUDA else tiny_model
+    engine = _engine(model, kernels="triton", prefix_caching=False, cuda_graphs=False,
+                     store_kv_in_attention=store_kv_in_attention)
+    seen, graph_step, attend = [], S.ModelRunner._graph_step, S.PagedStep.attend
+
+    def graph_step_recording(self, inputs, max_seqlen_k):
+        seen.append(("inputs", inputs["ids"][2]))
+        return graph_step(self, inputs, max_seqlen_k)
+
+    def attend_recording(self, layer, q, k, v, positions):
+        if self.kind == "decode":
+            seen.append(("slots", self.slot_mapping))
+        return attend(self, layer, q, k, v, positions)
+
+    monkeypatch.setattr(S.ModelRunner, "_graph_step", graph_step_recording)
+    monkeypatch.setattr(S.PagedStep, "attend", attend_recording)
+    engine.generate([list(range(10, 27))], S.SamplingParams(max_tokens=3, ignore_eos=True))
+    tiny_model.to("cpu")
+    decode_steps = [(seen[i][1], seen[i + 1][1]) for i in range(len(seen) - 1)
+                    if seen[i][0] == "inputs" and seen[i + 1][0] == "slots"]
+    assert len(decode_steps) == 2, seen
+    for copied, slots in decode_steps:
+        assert torch.equal(slots.long(), copied.long())
+        if store_kv_in_attention:
+            assert slots.dtype == torch.int32 and slots.data_ptr() == copied.data_ptr()
+        else:
+            assert slots.dtype == torch.int64 and slots.data_ptr() != copied.data_ptr()
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
 def test_engine_fused_decode_ops_batch1_match_generate(preset):
     """One request at a time, so every decode step has one row: the linears go through
@@ -1391,7 +1427,7 @@ def _paged_decode_job(head_dim, n_kv_heads, group, page, config=None, tokens_per
     bn, warps, stages = config or tuple(rule[k] for k in ("BLOCK_N", "num_warps", "num_stages"))
     return ("flash_attn._paged_decode_split_kernel",
             dict(Q="fp16", K_cache="fp16", V_cache="fp16", block_table="i32", context_lens="i32", O_part="fp32",
-                 LSE_part="fp32", Out="fp16", Counters="i32", K_new="fp16", V_new="fp16", slot_mapping="i64"),
+                 LSE_part="fp32", Out="fp16", Counters="i32", K_new="fp16", V_new="fp16", slot_mapping="i32"),
             dict(qk_scale=0.18, tokens_per_split=tokens_per_split, split_bucket=tokens_per_split, grid_per_sm=1,
                  stride_qb=H * D, stride_qh=D, stride_kblk=page * n_kv_heads * D, stride_kpos=n_kv_heads * D,
                  stride_kh=D, stride_vblk=page * n_kv_heads * D, stride_vpos=n_kv_heads * D, stride_vh=D,
@@ -1439,17 +1475,22 @@ def test_paged_decode_two_tile_splits_load_their_second_tile_before_the_pdl_wait
     assert loads_before[True] - loads_before[False] >= _PAGED_DECODE_TILE_LOADS, loads_before
 
 
-def test_small_grid_decode_rule_uses_one_stage_only_when_no_tile_loop_runs():
+def test_small_grid_decode_rule_uses_one_stage_only_when_no_tile_loop_runs(monkeypatch):
     """The small-grid rule: with new_kv and one or two tiles per split every tile is loaded before
     the PDL wait and the kernel's tile loop never runs, so one stage; a longer split, or a cache
     that already holds the new token (the loop does all the tiles), keeps the pipelining stages.
-    Block size and warps are the rule's either way."""
+    Block size and warps are the rule's either way. A config with more stages (bench.py tune's
+    candidates) is used as it is."""
     bn = fa._SMALL_GRID_DECODE_CONFIG["BLOCK_N"]
     for tokens_per_split, new_kv, stages in ((bn, True, 1), (2 * bn, True, 1), (3 * bn, True, 3),
                                              (8 * bn, True, 3), (bn, False, 3), (2 * bn, False, 3)):
         cfg = fa.small_grid_decode_config(tokens_per_split, new_kv)
         want = dict(fa._SMALL_GRID_DECODE_CONFIG, num_stages=fa._SMALL_GRID_LOOP_STAGES if stages == 3 else 1)
         assert cfg == want, (tokens_per_split, new_kv, cfg)
+    candidate = dict(BLOCK_N=64, num_warps=4, num_stages=2)
+    monkeypatch.setattr(fa, "_SMALL_GRID_DECODE_CONFIG", candidate)
+    for tokens_per_split, new_kv in ((64, True), (256, True), (256, False)):
+        assert fa.small_grid_decode_config(tokens_per_split, new_kv) == candidate
 
 
 def test_paged_decode_rule_config_compiles_no_loop_prologue():

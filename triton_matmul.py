@@ -924,8 +924,8 @@ def profile_matmul(M=4096, N=4096, K=4096, dtype=torch.float16, device=None, rep
 # The rule this sets for every kernel of the step: what a kernel reads BEFORE its wait must be
 # written by no kernel of the step at all, not only by the one before it (with the old order,
 # data written two or more kernels back was safe to read early; now that kernel may still be
-# running). Weights, norm parameters, biases, host-written lengths and block tables, and K/V
-# cached by earlier steps qualify; x, residuals, logits and this step's K/V do not.
+# running). Weights, norm parameters, biases, host-written lengths, block tables and slots, and
+# K/V cached by earlier steps qualify; x, residuals, logits and this step's K/V do not.
 # serve.py's decode kernels (gemv, row_norm, store_kv, the greedy argmax) and quant.py's int8
 # GEMV all do it through pdl_signal_then_wait below; paged decode signals at its very top and
 # waits later (pdl_signal, pdl_wait: its loads before the wait depend on one another, see
