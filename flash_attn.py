@@ -730,6 +730,7 @@ def _paged_decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    loop_lo = lo
     if NEW_KV:
         # The split that holds position ctx-1 takes the new token from K_new/V_new and writes its
         # K/V row to the cache for the next steps. This replaces the separate store kernel that
@@ -764,8 +765,7 @@ def _paged_decode_split_kernel(
         m_i = tl.where(holds_new, s_new, m_i)
         l_i = tl.where(holds_new, 1.0, l_i)
         acc = tl.where(holds_new, acc + v_new.to(tl.float32)[None, :], acc)
-    loop_lo = lo
-    if NEW_KV:
+        # then the tiles asked for before the wait; the loop below takes the rest
         if lo < cached_hi:
             m_i, l_i, acc = _decode_tile_update(q, k0, v0, valid0, m_i, l_i, acc, qk_scale)
         loop_lo = lo + BLOCK_N
@@ -887,8 +887,9 @@ _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 #   GPT-2 1.5B: 1.246-1.250 / 1.290-1.295 / 1.314-1.318 -> 1.232-1.243 / 1.278-1.290 / 1.286-1.300,
 #               777-780 -> 784-788 tok/s.
 # Two stages: between the two for 124M, slower than three for 1.5B at 100 and 200 tokens. Four
-# warps with one stage: 124M a little faster again, 1.5B slower at 200 and 280 tokens (not taken). A split with more tiles runs the loop, which keeps
-# the three stages that pipeline it (_SMALL_GRID_LOOP_STAGES).
+# warps with one stage: 124M a little faster again, 1.5B slower at 200 and 280 tokens (not
+# taken). A split with more tiles runs the loop, which keeps the three stages that pipeline it
+# (_SMALL_GRID_LOOP_STAGES).
 _SMALL_GRID_DECODE_CONFIG = dict(BLOCK_N=128, num_warps=8, num_stages=1)
 _SMALL_GRID_LOOP_STAGES = 3
 

@@ -1482,10 +1482,10 @@ def test_small_grid_decode_rule_uses_one_stage_only_when_no_tile_loop_runs(monke
     Block size and warps are the rule's either way. A config with more stages (bench.py tune's
     candidates) is used as it is."""
     bn = fa._SMALL_GRID_DECODE_CONFIG["BLOCK_N"]
-    for tokens_per_split, new_kv, stages in ((bn, True, 1), (2 * bn, True, 1), (3 * bn, True, 3),
-                                             (8 * bn, True, 3), (bn, False, 3), (2 * bn, False, 3)):
+    for tokens_per_split, new_kv, loop_runs in ((bn, True, False), (2 * bn, True, False), (3 * bn, True, True),
+                                                (8 * bn, True, True), (bn, False, True), (2 * bn, False, True)):
         cfg = fa.small_grid_decode_config(tokens_per_split, new_kv)
-        want = dict(fa._SMALL_GRID_DECODE_CONFIG, num_stages=fa._SMALL_GRID_LOOP_STAGES if stages == 3 else 1)
+        want = dict(fa._SMALL_GRID_DECODE_CONFIG, num_stages=fa._SMALL_GRID_LOOP_STAGES if loop_runs else 1)
         assert cfg == want, (tokens_per_split, new_kv, cfg)
     candidate = dict(BLOCK_N=64, num_warps=4, num_stages=2)
     monkeypatch.setattr(fa, "_SMALL_GRID_DECODE_CONFIG", candidate)
