@@ -638,7 +638,8 @@ class FusedDecodeOps(M.TorchOps):
     to 1.86 ms (triton_matmul.py, "Prefetch across the kernel boundary").
     On a Hopper GPU the single-row linears with a norm folded in (qkv, mlp fc) take v6's
     gemv_tma instead (its weight tile in shared memory through TMA: GPT-2 1.5B's step 1.42 ->
-    1.32 ms on the H200; triton_matmul.gemv_tma_config says which).
+    1.32 ms on the H200; triton_matmul.gemv_tma_config says which; mlp fc applies its norm
+    after the dot products, gemv_tma_defers_norm).
     Only single-row linears take the GEMV: its several-row path (an M x N x K product tile per step) made a batch-8 step 7x slower than cuBLAS (20.6 vs 3.0 ms), so more
     rows go to PyTorch, where cuBLAS's tiled GEMMs win. Norms likewise take the kernel for one
     row (the case measured: 4.3 -> 2.2 us for LayerNorm, gemv.md)."""

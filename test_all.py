@@ -1356,8 +1356,14 @@ def test_gemv_tma_sass_copies_the_weight_tile_before_the_pdl_wait():
         # x after the wait, in 16-byte loads: its power-of-two boxes over 32 * warps threads
         x_loads = max(1, tm.triton.next_power_of_2(tm.triton.cdiv(K, tm.TMA_BOX_K)) * tm.TMA_BOX_K // (8 * 32 * warps))
         assert r["loads_after_wait"] == x_loads and r["n_spills"] == 0, r
-        assert r["shared_bytes"] == tm.gemv_tma_shared_bytes(K, rows), r
+        deferred = "layer" if tm.gemv_tma_defers_norm(N, K) else ""
+        assert r["shared_bytes"] == tm.gemv_tma_shared_bytes(K, rows, 2, deferred), r
         assert 2 * (r["shared_bytes"] + tm.PROGRAM_RESERVED_BYTES) <= tm.SM_SHARED_BYTES, r   # two programs per SM
+    # the point of deferring the norm (mlp fc): between the PDL wait and the dots, one block
+    # barrier (x into shared memory) instead of the statistics' cross-warp reductions (qkv)
+    qkv, fc = summary
+    assert "deferred" in fc["config"] and "deferred" not in qkv["config"]
+    assert fc["barriers_before_tile_wait"] == 1 < qkv["barriers_before_tile_wait"], summary
 
 
 def test_gpu_kernels_compile_for_sm90():
@@ -1407,11 +1413,13 @@ def test_gpu_kernels_compile_for_sm90():
         jobs.append(_paged_decode_job(128, 8, 4, 256, config=fa._DECODE_GPU_CONFIGS[0], new_kv=new_kv, DIRECT=True))
     # v6's Gluon GEMV in the GPU tests' awkward variant (bf16, RMSNorm, GELU, residual, K = 136:
     # 3 boxes, the last one past K) next to the rule's configs, which its SASS test compiles
-    jobs.append(("gemv_tma_kernel", dict(w_desc="tma:bf16:8", x_ptr="bf16", bias_ptr="bf16", res_ptr="bf16",
-                                         y_ptr="bf16", norm_w_ptr="bf16", norm_b_ptr="bf16"),
-                 dict(N=37, K=136, norm_eps=1e-5),
-                 dict(BLOCK_N=8, N_BOXES=3, BOXES_POW2=4, HAS_BIAS=False, ACTIVATION="gelu_tanh", HAS_RESIDUAL=True,
-                      NORM="rms", HAS_NORM_BIAS=False, USE_PDL=True), 4, 1))
+    # (with the norm deferred or not)
+    for defer in (False, True):
+        jobs.append(("gemv_tma_kernel", dict(w_desc="tma:bf16:8", x_ptr="bf16", bias_ptr="bf16", res_ptr="bf16",
+                                             y_ptr="bf16", norm_w_ptr="bf16", norm_b_ptr="bf16", row_gain_ptr="fp32"),
+                     dict(N=37, K=136, norm_eps=1e-5, gain_scale=1.0),
+                     dict(BLOCK_N=8, N_BOXES=3, BOXES_POW2=4, HAS_BIAS=False, ACTIVATION="gelu_tanh", HAS_RESIDUAL=True,
+                          NORM="rms", HAS_NORM_BIAS=False, DEFER_NORM=defer, USE_PDL=True), 4, 1))
     for (name, *_), r in zip(jobs, tm.compile_offline(jobs)):
         assert "error" not in r, (name, r)
         assert 0 < r["n_regs"] <= 255 and r["n_spills"] == 0, (name, r)
@@ -1837,9 +1845,11 @@ def test_gemv_tma_matches_reference_cuda(case):
         d = lambda t: None if t is None else t.double()         # noqa: E731
         ref = tm.gemv_reference(d(x), d(w), d(b), act, d(r), acc_dtype=torch.float64, norm=norm,
                                 norm_weight=d(nw), norm_bias=d(nb))
-        y = tm.gemv_tma(x, w, b, act, r, out=_mm_poisoned(1, N, dtype), **kw, block_n=rows, num_warps=warps)
-        assert not torch.isnan(y).any()
-        torch.testing.assert_close(y.double(), ref, **_mm_tol(dtype))
+        for defer in (False, True) if norm else (False,):     # the norm after the dots, or x normalised first
+            y = tm.gemv_tma(x, w, b, act, r, out=_mm_poisoned(1, N, dtype), **kw, block_n=rows, num_warps=warps,
+                            defer_norm=defer)
+            assert not torch.isnan(y).any()
+            torch.testing.assert_close(y.double(), ref, **_mm_tol(dtype))
         # in a CUDA graph (serve.py's decode), replayed on a new x in the same buffer: the same
         # bits as an eager call on it; and in place on the residual (h += proj(x))
         out = torch.empty_like(y)
@@ -1892,6 +1902,53 @@ def test_gemv_tma_normalises_like_row_norm_cuda():
         ulp = torch.finfo(dtype).eps * ref.float().abs()
         assert ((y.float() - ref.float()).abs() <= ulp + 1e-6).all()
         assert (y == ref).float().mean() > 0.95          # most elements bit-identical
+
+
+@pytest.mark.skipif(not HOPPER_GPU, reason="needs a Hopper GPU (sm_90)")
+def test_gemv_tma_deferred_norm_needs_no_fp16_headroom_and_an_eager_first_call_cuda():
+    """Deferred, the kernel rounds x * g to fp16 where x is the raw residual: here 3000 x 40 =
+    120,000, past fp16's 65,504. The gain's power-of-two scale keeps it in range (g / 64 here).
+    And its constants come from torch ops, which a CUDA graph must not capture: a capture that
+    needs them refuses, with the way out in the message."""
+    N, K = 640, 136
+    x, w, b, _ = _gemv_inputs(1, N, K, torch.float16, seed=5, residual=False)
+    x[0, ::7] = 3000.0                                     # a few huge residual entries, as in GPT-2's
+    g = torch.Generator().manual_seed(6)
+    nw = (torch.randn(K, generator=g) * 5).to(MM_DEVICE, torch.float16)
+    nw[::7] = 40.0
+    nb = torch.randn(K, generator=g).to(MM_DEVICE, torch.float16)
+    d = lambda t: t.double()                               # noqa: E731
+    ref = tm.gemv_reference(d(x), d(w), d(b), None, None, acc_dtype=torch.float64, norm="layer",
+                            norm_weight=d(nw), norm_bias=d(nb))
+    y = tm.gemv_tma(x, w, b, norm="layer", norm_weight=nw, norm_bias=nb, block_n=32, num_warps=8, defer_norm=True)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), ref, **_mm_tol(torch.float16))
+    w2 = w.clone()                                         # a weight never seen eagerly
+    with pytest.raises(RuntimeError, match="eagerly before a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            tm.gemv_tma(x, w2, b, norm="layer", norm_weight=nw, norm_bias=nb, defer_norm=True)
+
+
+def test_deferred_norm_constants_exact_gain_and_kept_until_a_parameter_changes():
+    """gemv_tma's deferred norm, its host half: g' x scale is g to the last bit (scale a power of
+    two, at or above max |g|, below 2 max |g|), W g and W b + bias as fp32 sums, one computation
+    per weight until a parameter is replaced or changed in place. Pure torch: runs anywhere."""
+    g = torch.Generator().manual_seed(9)
+    for dtype in (torch.float16, torch.bfloat16):
+        w = (torch.randn(48, 40, generator=g) / 7).to(dtype)
+        b, nw, nb = (torch.randn(n, generator=g).to(dtype) for n in (48, 40, 40))
+        nw[3] = -37.5                                      # max |g|: the scale is 64
+        gain, scale, row_gain, fused = tm.deferred_norm_constants(w, b, nw, nb)
+        assert scale == 64.0 and gain.dtype == dtype and torch.equal(gain.double() * scale, nw.double())
+        torch.testing.assert_close(row_gain.double(), w.double() @ nw.double(), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(fused.double(), w.double() @ nb.double() + b.double(), rtol=1e-6, atol=1e-5)
+        assert tm.deferred_norm_constants(w, b, nw, nb)[2] is row_gain          # kept
+        nw.mul_(0.5)                                                        # in place: its version moves
+        gain2, scale2, row_gain2, _ = tm.deferred_norm_constants(w, b, nw, nb)
+        assert scale2 == 32.0 and row_gain2 is not row_gain
+        torch.testing.assert_close(row_gain2.double(), w.double() @ nw.double(), rtol=1e-6, atol=1e-5)
+        assert tm.deferred_norm_constants(w, None, nw, None)[3] is None          # RMSNorm, no bias: none to add
+        torch.testing.assert_close(tm.deferred_norm_constants(w, b, nw, None)[3], b.float())
 
 
 def test_gemv_tma_refuses_what_it_cannot_run():

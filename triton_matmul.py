@@ -51,6 +51,7 @@ import math
 import os
 
 import torch
+import torch.utils.weak
 
 # No GPU and no explicit choice: run Triton kernels in its CPU interpreter. This must happen
 # before `import triton`, which reads the variable when it is imported.
@@ -667,11 +668,14 @@ def gemv_sass_summary(shapes=GPT2_XL_DECODE_GEMVS, tma=False):
             if cfg is None:
                 continue
             n_boxes = triton.cdiv(K, TMA_BOX_K)
-            configs.append(f"{cfg[0]} rows x {cfg[1]} warps")
+            defer = norm is not None and gemv_tma_defers_norm(N, K)   # then the bias is fp32 (W b + bias)
+            configs.append(f"{cfg[0]} rows x {cfg[1]} warps" + (", norm deferred" if defer else ""))
             names.append(name)
-            jobs.append(("gemv_tma_kernel", dict(w_desc=f"tma:fp16:{cfg[0]}", **dict.fromkeys(ptrs, "fp16")),
-                         dict(N=N, K=K, norm_eps=1e-5),
-                         dict(BLOCK_N=cfg[0], N_BOXES=n_boxes, BOXES_POW2=triton.next_power_of_2(n_boxes), **epilogue),
+            jobs.append(("gemv_tma_kernel", dict(w_desc=f"tma:fp16:{cfg[0]}", **dict.fromkeys(ptrs, "fp16"))
+                         | dict(row_gain_ptr="fp32", **(dict(bias_ptr="fp32") if defer else {})),
+                         dict(N=N, K=K, norm_eps=1e-5, gain_scale=1.0),
+                         dict(BLOCK_N=cfg[0], N_BOXES=n_boxes, BOXES_POW2=triton.next_power_of_2(n_boxes),
+                              **dict(epilogue, HAS_NORM_BIAS=epilogue["HAS_NORM_BIAS"] and not defer), DEFER_NORM=defer),
                          cfg[1], 1))
             continue
         cfg = one_row_gemv_config(N, K, 2)
@@ -685,7 +689,9 @@ def gemv_sass_summary(shapes=GPT2_XL_DECODE_GEMVS, tma=False):
         ins = res.pop("sass")
         wait = next(i for i, x in enumerate(ins) if x.startswith("ACQBULK"))
         count = lambda part, op: sum(op in x for x in part)                    # noqa: E731
-        rows.append(dict(kernel=name, config=config, **res,
+        # v6: up to its wait on the weight tile's mbarrier (SYNCS...TRYWAIT), i.e. x's preparation
+        tile_wait = next((i for i in range(wait, len(ins)) if ins[i].startswith("SYNCS.PHASECHK")), wait)
+        rows.append(dict(kernel=name, config=config, **res, barriers_before_tile_wait=count(ins[wait:tile_wait], "BAR.SYNC"),
                          instructions_before_wait=wait, instructions_after_wait=len(ins) - wait,
                          loads_before_wait=count(ins[:wait], "LDG"), loads_after_wait=count(ins[wait:], "LDG"),
                          tma_copies_before_wait=count(ins[:wait], "UTMALDG"),
@@ -1572,13 +1578,16 @@ def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
 #      nothing the step writes (the rule of the PDL section above);
 #   2. wait (PDL), then x: one row, its norm statistics in fp32, normalised and rounded at the
 #      same points as v5 (the statistics are summed in another order, so a last bit may
-#      differ), stored to shared memory (x is needed by every warp);
+#      differ), stored to shared memory (x is needed by every warp); for an MLP's up projection
+#      the norm is deferred instead (below: only x * g and two sums here, the norm at step 4);
 #   3. wait on the mbarrier (the tile has usually long arrived), then BLOCK_N dot products read
 #      box by box out of shared memory: warps split the rows and a warp's lanes split a row's
 #      64 columns, so each row's reduction stays inside one warp (shuffles, no block barrier);
-#   4. bias, GELU, residual on the fp32 sums, one rounding, store.
+#   4. (deferred norm only) the statistics, applied to the BLOCK_N sums;
+#   5. bias, GELU, residual on the fp32 sums, one rounding, store.
 # With 32 rows x 8 warps a program uses 64-66 registers a thread and 104 KB (106,504 bytes) of
-# shared memory at K = 1600, so 2 programs fit an SM: all 200 of 1.5B's mlp fc programs (and,
+# shared memory at K = 1600 (with the norm deferred, as mlp fc now runs: 38 and 106,760), so 2
+# programs fit an SM: all 200 of 1.5B's mlp fc programs (and,
 # until the eleventh session moved qkv to 8 x 4 rows, its 150 qkv programs) are resident at once
 # and each has asked for its whole tile before the kernel in front of it ends.
 #
@@ -1612,6 +1621,37 @@ def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
 # (mlp proj capped at 56 registers with ptxas's maxnreg) lost: mlp proj slowed more than qkv
 # gained (1.265 -> 1.288 ms at 100 tokens; with 8 x 4 qkv on top, 1.272).
 #
+# Deferring the norm (mlp fc). With the weight tile already in shared memory, what v6 does after
+# its wait is a chain of dependent steps, and the norm is most of it: the mean of x, then the
+# variance around it, then x normalised, then x to shared memory for every warp; the mean and the
+# variance are each a reduction across the program's warps (shared memory and block barriers).
+# The SASS of GPT-2 1.5B's qkv has 7 BAR.SYNC between the PDL wait and the first dot product.
+# But the norm is linear in x once its two statistics are known, so it can be applied AFTER the
+# dot products. For LayerNorm (gain g, bias b) in front of y = W x + bias, mean mu, 1/std r:
+#     y = W (g * (x - mu) * r + b) + bias = r * (W (g * x) - mu * (W g)) + (W b + bias)
+# W g and W b + bias (N values each) depend on parameters only and are computed once on the host
+# (deferred_norm_constants). After the wait the program then needs x * g for the dots and two
+# sums, of x and of x^2, per 64-column box (summed inside a warp, since x_l's warps split the
+# boxes), written to shared memory next to x * g: one barrier. The statistics come last, when
+# every thread adds the boxes' sums itself: mu = sum x / K, r = 1 / sqrt(sum x^2 / K - mu^2 + eps).
+# (RMSNorm: no mu, no W g.) One BAR.SYNC before the dots instead of 7.
+# Rounding: x * g is rounded to the weight's dtype for shared memory, where the normalised x used
+# to be (an fp32 copy was slower: 2.74 against 2.42 us for GPT-2 124M's qkv alone). In fp16, x * g
+# can overflow (a residual entry of 3,000 times a gain of 40), so the host divides g by the power
+# of two at or above max |g| (exact) and the kernel multiplies the sums by it in fp32. The variance
+# as E[x^2] - mu^2 loses digits only where |mu| is many times the standard deviation, which
+# activations entering a norm do not show (the tests use x * 3 + 1).
+# Measured (H200, sixteenth session). Each kernel alone in a CUDA graph (its weight reused, so in
+# L2: the chain after the wait, not the stream): mlp fc of 1.5B 4.91 -> 4.44 us, 124M's qkv 2.42
+# -> 1.61 us. In the engine (one process, 3-4 interleaved rounds, same greedy tokens; three
+# calls), deferring mlp fc's norm only: GPT-2 1.5B 799-803 -> 809-812, 801-804 -> 804-809 and
+# 799-804 -> 804-808 tok/s, graph step at 200 tokens 1.253-1.256 -> 1.238-1.246 ms, within 0.5%
+# at 100 and 280; GPT-2 124M 5,234-5,362 -> 5,419-5,447 and 5,384-5,429 -> 5,426-5,473 tok/s.
+# Deferring qkv's norm as well gained nothing more at 1.5B (and lost at 200 and 280 tokens in one
+# of three calls) and cost GPT-2 124M 9% (5,400 -> 4,900 tok/s; both deferred GEMVs ~0.8 us
+# slower inside the step, though each alone is faster; not understood: giving the new version
+# the old one's registers across the wait did not change it). Hence gemv_tma_defers_norm.
+#
 # Importing Gluon can be done anywhere Triton 3.6 is; only a Hopper GPU runs it.
 
 @gluon.jit
@@ -1623,11 +1663,12 @@ def _gl_pdl_signal_then_wait():
 
 
 @gluon.jit
-def gemv_tma_kernel(w_desc, x_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_ptr, N, K, norm_eps,
-                    BLOCK_N: gl.constexpr, N_BOXES: gl.constexpr, BOXES_POW2: gl.constexpr,
+def gemv_tma_kernel(w_desc, x_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_ptr, row_gain_ptr, N, K, norm_eps,
+                    gain_scale, BLOCK_N: gl.constexpr, N_BOXES: gl.constexpr, BOXES_POW2: gl.constexpr,
                     HAS_BIAS: gl.constexpr, ACTIVATION: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
-                    NORM: gl.constexpr, HAS_NORM_BIAS: gl.constexpr, num_warps: gl.constexpr,
-                    USE_PDL: gl.constexpr = False):
+                    NORM: gl.constexpr, HAS_NORM_BIAS: gl.constexpr, DEFER_NORM: gl.constexpr,
+                    num_warps: gl.constexpr, USE_PDL: gl.constexpr = False):
+    gl.static_assert(NORM != "" or not DEFER_NORM)
     BOX: gl.constexpr = w_desc.block_type.shape[1]       # 64 columns: 128 bytes, the TMA swizzle width
     dtype: gl.constexpr = w_desc.dtype
     row0 = gl.program_id(0) * BLOCK_N
@@ -1651,18 +1692,31 @@ def gemv_tma_kernel(w_desc, x_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_
     x_ok = x_offs < K
     if NORM != "":
         nw = gl.load(norm_w_ptr + x_offs, mask=x_ok, other=0.0).to(gl.float32)
-    if HAS_NORM_BIAS:
+    if HAS_NORM_BIAS:                                    # (deferred: inside the bias)
         nb = gl.load(norm_b_ptr + x_offs, mask=x_ok, other=0.0).to(gl.float32)
     rows = row0 + gl.arange(0, BLOCK_N, layout=row_l)
     if HAS_BIAS:
         bias = gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)
+    if DEFER_NORM and NORM == "layer":
+        row_gain = gl.load(row_gain_ptr + rows, mask=rows < N, other=0.0)
     if USE_PDL:
         _gl_pdl_signal_then_wait()
 
-    # 2. x, normalised with _tile_stats / _normalize's formulas and rounding points (fp32
-    #    statistics, rounded to x's dtype; summed over a 2-D tile, so in another order)
+    # 2. x, and what the norm needs of it
     xf = gl.load(x_ptr + x_offs, mask=x_ok, other=0.0).to(gl.float32)
-    if NORM == "layer":
+    if DEFER_NORM:
+        # (see "Deferring the norm" above) each box's sum of x and of x^2, summed inside a warp
+        # (x_l's warps split the boxes), to shared memory for later; x * g' for the dots
+        one_d: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        squares_smem = gl.allocate_shared_memory(gl.float32, [BOXES_POW2], one_d)
+        squares_smem.store(gl.sum(xf * xf, 1))
+        if NORM == "layer":
+            sums_smem = gl.allocate_shared_memory(gl.float32, [BOXES_POW2], one_d)
+            sums_smem.store(gl.sum(xf, 1))
+        xf = xf * nw
+    elif NORM == "layer":
+        # normalised with _tile_stats / _normalize's formulas and rounding points (fp32
+        # statistics, rounded to x's dtype; summed over a 2-D tile, so in another order)
         mean = gl.sum(gl.sum(xf, 1), 0) / K
         centred = gl.where(x_ok, xf - mean, 0.0)
         rstd = gl.rsqrt(gl.sum(gl.sum(centred * centred, 1), 0) / K + norm_eps)
@@ -1686,9 +1740,21 @@ def gemv_tma_kernel(w_desc, x_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_
     for b in gl.static_range(N_BOXES):
         acc += w_smem.index(b).load(tile_l).to(gl.float32) * x_boxes.index(b).load(tile_l).to(gl.float32)
     mbarrier.invalidate(bar)
-
-    # 4. the epilogue: v5's, on the fp32 sums
     y = gl.sum(acc, 1)                                   # (BLOCK_N,) in row_l
+
+    # 4. deferred: the norm's statistics, each thread summing the boxes' sums itself (all_l gives
+    #    every thread all of them: no barrier), then the algebra of "Deferring the norm"
+    if DEFER_NORM:
+        all_l: gl.constexpr = gl.BlockedLayout([BOXES_POW2], [32], [num_warps], [0])
+        mean_square = gl.sum(squares_smem.load(all_l), 0) / K
+        if NORM == "layer":
+            mean = gl.sum(sums_smem.load(all_l), 0) / K
+            rstd = gl.rsqrt(gl.maximum(mean_square - mean * mean, 0.0) + norm_eps)
+            y = (y * gain_scale - mean * row_gain) * rstd
+        else:
+            y = y * gain_scale * gl.rsqrt(mean_square + norm_eps)
+
+    # 5. the epilogue: v5's, on the fp32 sums
     if HAS_BIAS:
         y += bias
     if ACTIVATION == "gelu_tanh":                        # _gelu_tanh's formula (a Gluon kernel cannot call tl helpers)
@@ -1706,11 +1772,21 @@ MAX_SHARED_BYTES = SM_SHARED_BYTES - PROGRAM_RESERVED_BYTES     # one program's 
 GEMV_TMA_OVERRIDES = {}         # (N, K) -> (BLOCK_N, num_warps) for normed GEMVs: bench.py's tune tries others here
 
 
-def gemv_tma_shared_bytes(K, block_n, elem_bytes=2):
+def gemv_tma_defers_norm(N, K) -> bool:
+    """Whether gemv_tma applies the norm in front of an (N, K) weight after its dot products
+    (DEFER_NORM, "Deferring the norm" above) rather than normalising x first: for an MLP's up
+    projection (N > 3K; GPT-2's fc is 4K), the case measured to win. The qkv projection keeps
+    normalising first (measured: no gain at GPT-2 1.5B, a loss at 124M)."""
+    return N > 3 * K
+
+
+def gemv_tma_shared_bytes(K, block_n, elem_bytes=2, deferred_norm=""):
     """Shared memory of one gemv_tma program: the weight tile (whole boxes) and x (a power of two
-    of boxes, as its register tile), plus the 8-byte mbarrier."""
+    of boxes, as its register tile), plus the 8-byte mbarrier; with the norm deferred
+    (deferred_norm "layer" or "rms"), the per-box sums of x (LayerNorm) and of x^2, in fp32."""
     n_boxes = triton.cdiv(K, TMA_BOX_K)
-    return (block_n * n_boxes + triton.next_power_of_2(n_boxes)) * TMA_BOX_K * elem_bytes + 8
+    sums = {"": 0, "rms": 1, "layer": 2}[deferred_norm] * triton.next_power_of_2(n_boxes) * 4
+    return (block_n * n_boxes + triton.next_power_of_2(n_boxes)) * TMA_BOX_K * elem_bytes + sums + 8
 
 
 def gemv_tma_config(N, K, has_norm, has_residual, elem_bytes=2):
@@ -1743,8 +1819,9 @@ def gemv_tma_config(N, K, has_norm, has_residual, elem_bytes=2):
     if (N, K) in GEMV_TMA_OVERRIDES:
         return GEMV_TMA_OVERRIDES[N, K]
     shapes = ((8, 4),) if N <= 3 * K and K > 1024 else ((32, 8), (16, 4), (8, 4))
+    sums = "layer" if gemv_tma_defers_norm(N, K) else ""          # (the larger of the two norms' sums)
     for rows, warps in shapes:
-        if 2 * (gemv_tma_shared_bytes(K, rows, elem_bytes) + PROGRAM_RESERVED_BYTES) <= SM_SHARED_BYTES:
+        if 2 * (gemv_tma_shared_bytes(K, rows, elem_bytes, sums) + PROGRAM_RESERVED_BYTES) <= SM_SHARED_BYTES:
             return rows, warps
     return None
 
@@ -1791,11 +1868,44 @@ def _is_power_of_two(n):
     return n > 0 and n & (n - 1) == 0
 
 
+_DEFERRED_NORM_CACHE = torch.utils.weak.WeakIdKeyDictionary()    # weight -> (versions, constants)
+
+
+def deferred_norm_constants(weight, bias, norm_weight, norm_bias):
+    """What gemv_tma needs to apply a norm after its dot products, from parameters alone:
+    (g', scale, W g, W b + bias). g' = g / scale in the weight's dtype, scale the power of two at
+    or above max |g| (so x * g' fits fp16, and g' is g to the last bit); W g and W b + bias in
+    fp32 (None where there is no norm bias and no bias; W g unused by RMSNorm). Computed once
+    per weight with torch ops, then kept (weakly: a dropped weight drops its entry) until a
+    parameter is replaced or changed in place (data pointer or version counter). A CUDA graph
+    cannot compute them during its capture: the ops would be captured too and rerun at every
+    replay. So gemv_tma must have run once eagerly first, as any Triton kernel must before a
+    capture (to compile), and a capture that would need them raises."""
+    params = (weight, bias, norm_weight, norm_bias)
+    versions = tuple(None if t is None else (t.data_ptr(), t._version) for t in params)
+    hit = _DEFERRED_NORM_CACHE.get(weight)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    if weight.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("gemv_tma with a norm runs once eagerly before a CUDA graph captures it: "
+                           "the deferred norm's constants are computed then (deferred_norm_constants)")
+    w, g = weight.float(), norm_weight.float()
+    max_gain = g.abs().max().item()
+    scale = 2.0 ** math.ceil(math.log2(max_gain)) if max_gain > 0 else 1.0
+    fused_bias = None if bias is None else bias.float()
+    if norm_bias is not None:
+        fused_bias = w @ norm_bias.float() + (0.0 if fused_bias is None else fused_bias)
+    constants = ((g / scale).to(weight.dtype), scale, w @ g, fused_bias)
+    _DEFERRED_NORM_CACHE[weight] = (versions, constants)
+    return constants
+
+
 def gemv_tma(x, weight, bias=None, activation=None, residual=None, out=None, *, norm=None, norm_weight=None,
-             norm_bias=None, norm_eps=1e-5, block_n=32, num_warps=8):
+             norm_bias=None, norm_eps=1e-5, block_n=32, num_warps=8, defer_norm=None):
     """gemv() for ONE row on a Hopper GPU, through gemv_tma_kernel: the same arguments and
-    result (up to fp32 summation order, the norm's statistics included); block_n / num_warps as
-    gemv_tma_config gives them."""
+    result (up to fp32 summation order, the norm's statistics included, and with the norm
+    deferred, up to where x is rounded); block_n / num_warps as gemv_tma_config gives them;
+    defer_norm None: as gemv_tma_defers_norm says (True / False: deferred or not)."""
     x2, res2, out2, out_shape = _check_gemv_inputs(x, weight, bias, activation, residual, out,
                                                    norm, norm_weight, norm_bias)
     N, K = weight.shape
@@ -1807,17 +1917,23 @@ def gemv_tma(x, weight, bias=None, activation=None, residual=None, out=None, *, 
     if not (_is_power_of_two(block_n) and _is_power_of_two(num_warps) and num_warps <= block_n <= min(256, 32 * num_warps)):
         raise ValueError(f"block_n ({block_n}) and num_warps ({num_warps}) must be powers of two with "
                          f"num_warps <= block_n <= min(256, 32 x num_warps): warps split the rows, a TMA box has <= 256")
-    if gemv_tma_shared_bytes(K, block_n, x.element_size()) > MAX_SHARED_BYTES:
+    defer = bool(norm) and (gemv_tma_defers_norm(N, K) if defer_norm is None else defer_norm)
+    if gemv_tma_shared_bytes(K, block_n, x.element_size(), norm if defer else "") > MAX_SHARED_BYTES:
         raise ValueError(f"a {block_n} x {K} tile does not fit shared memory ({MAX_SHARED_BYTES} bytes): fewer rows")
     y2 = torch.empty((1, N), device=x.device, dtype=x.dtype) if out2 is None else out2
+    gain_scale, row_gain = 1.0, None
+    if defer:       # g' for g, the norm's bias inside the bias
+        norm_weight, gain_scale, row_gain, bias = deferred_norm_constants(weight, bias, norm_weight, norm_bias)
+        norm_bias = None
     n_boxes = triton.cdiv(K, TMA_BOX_K)
     gemv_tma_kernel[(triton.cdiv(N, block_n),)](
         _weight_descriptor(weight, block_n), x2, bias if bias is not None else y2,
         res2 if res2 is not None else y2, y2, norm_weight if norm_weight is not None else y2,
-        norm_bias if norm_bias is not None else y2, N, K, norm_eps,
-        BLOCK_N=block_n, N_BOXES=n_boxes, BOXES_POW2=triton.next_power_of_2(n_boxes),
+        norm_bias if norm_bias is not None else y2, row_gain if row_gain is not None else y2, N, K, norm_eps,
+        gain_scale, BLOCK_N=block_n, N_BOXES=n_boxes, BOXES_POW2=triton.next_power_of_2(n_boxes),
         HAS_BIAS=bias is not None, ACTIVATION=activation or "", HAS_RESIDUAL=residual is not None,
-        NORM=norm or "", HAS_NORM_BIAS=norm_bias is not None, num_warps=num_warps, **pdl_launch_args())
+        NORM=norm or "", HAS_NORM_BIAS=norm_bias is not None, DEFER_NORM=defer, num_warps=num_warps,
+        **pdl_launch_args())
     return out if out is not None else y2.view(out_shape)
 
 
