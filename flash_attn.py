@@ -954,16 +954,17 @@ _retired_counters = []    # outgrown buffers: CUDA graphs captured earlier still
 
 
 def _counters(device, n):
-    """The (sequence, KV head) arrival counters of the in-kernel merge, shared by every call on
-    the device (so: one stream at a time). Allocated once (a fresh torch.zeros per call would
+    """The arrival counters of the in-kernel merges: per (sequence, KV head) here, per row in
+    serve.py's greedy argmax; shared by every call on the device (so: one stream at a time; each
+    kernel touches them only after its PDL wait and leaves them zeroed). Allocated once (a fresh torch.zeros per call would
     be one more kernel per step), at least 64K pairs. Growing it during CUDA-graph capture is
     refused (run one eager step at the largest batch first); an outgrown buffer is kept alive,
     since graphs captured with it still write to it on every replay."""
     buf = _split_counters.get(device)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("paged_decode: run one eager step at the largest batch before capturing "
-                               "a CUDA graph (the split counters must be allocated outside the capture)")
+            raise RuntimeError("paged_decode / greedy argmax: run one eager step at the largest batch before "
+                               "capturing a CUDA graph (the merge counters must be allocated outside the capture)")
         if buf is not None:
             _retired_counters.append(buf)
         buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)

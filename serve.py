@@ -465,41 +465,59 @@ def store_kv_triton(k_pool, v_pool, k, v, slot_mapping):
 # then a copy of the result into last_greedy (where step n+1 takes its input ids). PyTorch runs the
 # argmax as its generic reduction: for one row that is one block working alone, measured 15.7 us
 # per GPT-2 1.5B step on an H200 (torch.profiler inside the graph), ~1% of the 1.5B step and ~6%
-# of 124M's, for 100 KB of logits that sit in L2. One Triton program per row reads the row in
-# 16,384-wide chunks (16 warps: each thread has 32 independent loads in flight, so GPT-2's row
-# takes 4 rounds of L2 latency; at 4,096 it took 13, and 8 warps with 16,384 spill), keeps a
-# running maximum and its index per lane, then reduces the lanes once; it writes both the result
-# and last_greedy (the copy kernel goes too), and under programmatic dependent launch it is
-# resident while the LM head drains. sm_90: 128 registers, no spills.
-# Measured (H200, 2026-11-28, one A/B process, graph replay, same greedy tokens): GPT-2 124M
-# batch 1 0.2312 -> 0.2224 ms per step (4,305 -> 4,483 tok/s end to end), batch 32 0.707 -> 0.698
-# ms; GPT-2 1.5B 1.524 -> 1.513 ms (690 -> 695 tok/s). The predicted 12-15 us came out as 9-11.
-GREEDY_ARGMAX_BLOCK = 16384
+# of 124M's, for 100 KB of logits that sit in L2. Our kernel writes both the result and
+# last_greedy (the copy kernel goes too), and under programmatic dependent launch it is resident
+# while the LM head drains.
+# First version: one Triton program per row, reading the row in 16,384-wide chunks (16 warps: 4
+# rounds of L2 latency for GPT-2's row), a running maximum and its index per lane, the lanes
+# reduced once. Measured (H200, one A/B process, graph replay, same greedy tokens): GPT-2 124M
+# batch 1 0.2312 -> 0.2224 ms per step against PyTorch's, GPT-2 1.5B 1.524 -> 1.513 ms. It still
+# added 7.0-7.1 us to every step (bench.py --topic graphs, sixteenth session), most of it those
+# rounds of latency in series on one SM.
+# Now: the row is cut into 2,048-logit chunks, one program each (25 for GPT-2, 4 warps, one round
+# of loads); each writes its chunk's maximum and first index, and the last program of the row to
+# arrive (an arrival counter, as in flash_attn.py's split merge, whose counter buffer it shares:
+# each user leaves it zeroed, and both touch it only after their PDL wait) reduces the partials.
+# Measured (H200, sixteenth session, one process, 3 rounds, same greedy tokens): GPT-2 124M graph
+# step 0.1706-0.1722 -> 0.1665-0.1693 ms at 100 tokens, 0.1915-0.1931 -> 0.1886-0.1891 at 280,
+# 5,301-5,366 -> 5,401-5,489 tok/s; GPT-2 1.5B 1.3036-1.3055 -> 1.3009-1.3027 ms at 280 tokens,
+# -0.2% at 100 and 200 (its tok/s rounds too noisy to resolve that: 789-810 -> 803-817).
+GREEDY_ARGMAX_CHUNK = 2048
 
 
 @triton.jit
-def greedy_argmax_kernel(logits_ptr, out_ptr, last_ptr, V, stride_row,
-                         BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+def greedy_argmax_kernel(logits_ptr, out_ptr, last_ptr, part_top_ptr, part_at_ptr, counters_ptr, V, stride_row,
+                         BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr, USE_PDL: tl.constexpr = False):
     if USE_PDL:
         tm.pdl_signal_then_wait()
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    best_at = tl.zeros([BLOCK], dtype=tl.int32)
-    for start in range(0, V, BLOCK):
-        v = tl.load(logits_ptr + row * stride_row + start + offs, mask=start + offs < V,
-                    other=float("-inf")).to(tl.float32)
-        v = tl.where(v != v, float("inf"), v)          # NaN wins, as in torch.argmax (see below)
-        better = v > best                              # strict: a lane keeps its first maximum
-        best = tl.where(better, v, best)
-        best_at = tl.where(better, start + offs, best_at)
-    top = tl.max(best, axis=0)
-    # the first index among the lanes that hold the maximum: torch.argmax's tie rule. A lane
-    # that saw nothing but -inf (a row of -inf, or lanes past V) keeps index 0, which is what
-    # argmax returns for an all -inf row too.
-    first = tl.min(tl.where(best == top, best_at, V), axis=0)
-    tl.store(out_ptr + row, first.to(tl.int64))
-    tl.store(last_ptr + row, first.to(tl.int64))
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(logits_ptr + row * stride_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    v = tl.where(v != v, float("inf"), v)              # NaN wins, as in torch.argmax (see below)
+    top = tl.max(v, axis=0)
+    # the first index that holds the maximum: torch.argmax's tie rule. A chunk of -inf only
+    # (an all -inf row, or lanes past V) gives its first index, so such a row gives 0, as
+    # argmax does.
+    first = tl.min(tl.where(v == top, offs, V), axis=0)
+    part = row * CHUNKS_POW2 + chunk
+    tl.store(part_top_ptr + part, top)
+    tl.store(part_at_ptr + part, first)
+    # the last of the row's chunks to finish reduces the partials (flash_attn.py's merge explains
+    # the barrier, the acq_rel atomic and the .cg loads); chunks cover increasing indices, so
+    # the smallest index among the chunks holding the maximum is the row's first one
+    counter = counters_ptr + row
+    tl.debug_barrier()
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_chunks - 1:
+        lanes = tl.arange(0, CHUNKS_POW2)
+        ok = lanes < n_chunks
+        tops = tl.load(part_top_ptr + row * CHUNKS_POW2 + lanes, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        ats = tl.load(part_at_ptr + row * CHUNKS_POW2 + lanes, mask=ok, other=V, cache_modifier=".cg")
+        top = tl.max(tops, axis=0)
+        first = tl.min(tl.where(tops == top, ats, V), axis=0)
+        tl.store(out_ptr + row, first.to(tl.int64))
+        tl.store(last_ptr + row, first.to(tl.int64))
+        tl.store(counter, 0)                           # zeroed again for the next user
 
 
 def greedy_argmax_reference(logits: torch.Tensor, last_greedy: torch.Tensor) -> torch.Tensor:
@@ -510,16 +528,24 @@ def greedy_argmax_reference(logits: torch.Tensor, last_greedy: torch.Tensor) -> 
 
 
 def greedy_argmax_triton(logits: torch.Tensor, last_greedy: torch.Tensor) -> torch.Tensor:
-    """greedy_argmax_reference in one kernel, one program per row. The same index for every
-    row, except that a NaN logit counts as +inf here (torch.argmax returns the first NaN; this
-    returns the first of the NaN and +inf logits): a row with NaN logits is lost either way."""
+    """greedy_argmax_reference in one kernel, a program per 2,048 logits of a row. The same index
+    for every row, except that a NaN logit counts as +inf here (torch.argmax returns the first
+    NaN; this returns the first of the NaN and +inf logits): a row with NaN logits is lost either
+    way. Like paged_decode, it needs its counters allocated before a CUDA graph captures it."""
     if logits.shape[0] > last_greedy.numel():
         raise ValueError(f"{logits.shape[0]} rows of logits, last_greedy holds {last_greedy.numel()}")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    greedy = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    greedy_argmax_kernel[(logits.shape[0],)](logits, greedy, last_greedy, logits.shape[1], logits.stride(0),
-                                             BLOCK=GREEDY_ARGMAX_BLOCK, num_warps=16, **M.pdl_launch_args())
+    rows, V = logits.shape
+    chunks = triton.cdiv(V, GREEDY_ARGMAX_CHUNK)
+    pow2 = triton.next_power_of_2(chunks)
+    greedy = torch.empty(rows, dtype=torch.long, device=logits.device)
+    part_top = torch.empty(rows * pow2, dtype=torch.float32, device=logits.device)   # (no kernel: free in a graph)
+    part_at = torch.empty(rows * pow2, dtype=torch.int32, device=logits.device)
+    greedy_argmax_kernel[(rows, chunks)](logits, greedy, last_greedy, part_top, part_at,
+                                         flash_attn._counters(logits.device, rows), V, logits.stride(0),
+                                         BLOCK=GREEDY_ARGMAX_CHUNK, CHUNKS_POW2=pow2, num_warps=4,
+                                         **M.pdl_launch_args())
     return greedy
 
 

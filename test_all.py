@@ -855,21 +855,23 @@ def test_store_kv_padded_rows_never_touch_real_slots(store):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 50257), (3, 1000), (2, 7), (3, 20000)], ids=str)
 def test_greedy_argmax_kernel_matches_torch(shape, dtype):
-    """The graph's greedy argmax (one Triton program per row; the interpreter on CPU) returns
-    torch.argmax's index, the first one on ties (the maximum planted twice: in row 0 in two
-    lanes, in row 1 twice in one lane, one chunk apart), a unique maximum in the last, partial
-    chunk of a long row, index 0 for a row whose only finite logit is the first and for a row
-    of -inf only, and writes it into last_greedy too, leaving the rows past B alone."""
+    """The graph's greedy argmax (a Triton program per chunk of a row, the last to finish merging
+    them; the interpreter on CPU) returns torch.argmax's index, the first one on ties (the
+    maximum planted twice: in row 0 a third of the row apart, in row 1 one chunk apart, so in
+    two programs), a unique maximum in the last, partial chunk of a long row, index 0 for a row
+    whose only finite logit is the first and for a row of -inf only, and writes it into
+    last_greedy too, leaving the rows past B alone; and leaves its arrival counters at zero
+    for the next call (the second call below would merge nothing otherwise)."""
     dev = "cuda" if CUDA else "cpu"
     g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
     logits = torch.randn(shape, generator=g).to(dev, dtype)
     if shape[1] > 8:
         top = logits.max() + 1
         logits[0, shape[1] // 3] = logits[0, shape[1] - 2] = top       # a tie: the first must win
-    if shape[0] == 1 and shape[1] > S.GREEDY_ARGMAX_BLOCK:
+    if shape[0] == 1 and shape[1] > S.GREEDY_ARGMAX_CHUNK:
         logits[0, shape[1] - 1] = logits.max() + 2                     # alone in the last chunk
-    if shape[0] > 2 and shape[1] > S.GREEDY_ARGMAX_BLOCK:
-        chunk = S.GREEDY_ARGMAX_BLOCK
+    if shape[0] > 2 and shape[1] > S.GREEDY_ARGMAX_CHUNK:
+        chunk = S.GREEDY_ARGMAX_CHUNK
         logits[1, shape[1] - 1 - chunk] = logits[1, shape[1] - 1] = logits[1].max() + 1   # one lane, two chunks
     if shape[0] > 1:
         logits[-1, 1:] = float("-inf")                                   # only index 0 is finite
@@ -880,6 +882,7 @@ def test_greedy_argmax_kernel_matches_torch(shape, dtype):
     want = logits.float().argmax(dim=-1)
     assert got.dtype == torch.long and torch.equal(got, want)
     assert torch.equal(last[:shape[0]], want) and (last[shape[0]:] == -7).all()
+    assert (S.flash_attn._counters(logits.device, shape[0])[:shape[0]] == 0).all()   # (shared with paged_decode)
     strided = torch.randn(shape[1], shape[0], generator=g).to(dev, dtype).t()   # columns: copied first
     assert torch.equal(S.greedy_argmax_triton(strided, last), strided.float().argmax(dim=-1))
 
@@ -1379,8 +1382,9 @@ def test_gpu_kernels_compile_for_sm90():
         ("serve.store_kv_kernel", dict(k_ptr=f16, v_ptr=f16, k_pool_ptr=f16, v_pool_ptr=f16, slot_ptr="i64"),
          dict(stride_kt=4800, stride_kh=64, stride_vt=4800, stride_vh=64, stride_slot=1600),
          dict(HEAD_DIM=64, ROW=1600, BLOCK=2048, USE_PDL=True), 4, 1),
-        ("serve.greedy_argmax_kernel", dict(logits_ptr=f16, out_ptr="i64", last_ptr="i64"),
-         dict(V=50257, stride_row=50257), dict(BLOCK=S.GREEDY_ARGMAX_BLOCK, USE_PDL=True), 16, 1),
+        ("serve.greedy_argmax_kernel", dict(logits_ptr=f16, out_ptr="i64", last_ptr="i64", part_top_ptr="fp32",
+                                            part_at_ptr="i32", counters_ptr="i32"),
+         dict(V=50257, stride_row=50257), dict(BLOCK=S.GREEDY_ARGMAX_CHUNK, CHUNKS_POW2=32, USE_PDL=True), 4, 1),
         ("serve.decode_embed_kernel", dict(ids_ptr="i32", last_ptr="i64", tok_emb_ptr=f16, pos_emb_ptr=f16, x_ptr=f16,
                                            ids_out_ptr="i64"),
          dict(n_rows=32, C=1600), dict(HAS_POS=True, BLOCK_C=2048, USE_PDL=True), 4, 1),
