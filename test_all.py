@@ -1887,6 +1887,7 @@ def test_engine_decode_ops_route_normed_gemvs_to_gemv_tma_cuda(monkeypatch):
     head = torch.randn(50257, 1600, device=MM_DEVICE, dtype=torch.float16) / 40
     S.FusedDecodeOps.linear(ln(x), head)                                           # LM head
     assert calls == ["gemv_tma", "gemv", "gemv"]
+    assert w in tm._DEFERRED_NORM_CACHE                       # mlp fc's norm went after its dots
     _gemv_check(got, ln(x), w, b, "gelu_tanh")
 
 
@@ -1933,26 +1934,36 @@ def test_gemv_tma_deferred_norm_needs_no_fp16_headroom_and_an_eager_first_call_c
             tm.gemv_tma(x, w2, b, norm="layer", norm_weight=nw, norm_bias=nb, defer_norm=True)
 
 
-def test_deferred_norm_constants_exact_gain_and_kept_until_a_parameter_changes():
-    """gemv_tma's deferred norm, its host half: g' x scale is g to the last bit (scale a power of
-    two, at or above max |g|, below 2 max |g|), W g and W b + bias as fp32 sums, one computation
-    per weight until a parameter is replaced or changed in place. Pure torch: runs anywhere."""
+def test_deferred_norm_constants_kept_until_a_parameter_changes():
+    """gemv_tma's deferred norm, its host half: the gain's scale (fp16: the power of two at or
+    above max |g|, below 2 max |g|; bf16, or a gain that is not finite: 1), W g (LayerNorm only)
+    and W b + bias as fp32 sums; computed once per weight, again when a parameter is changed in
+    place or replaced, then written into the same buffers (CUDA graphs captured with them read
+    the new values). Pure torch: runs anywhere."""
     g = torch.Generator().manual_seed(9)
+    close = lambda got, want: torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)  # noqa: E731
     for dtype in (torch.float16, torch.bfloat16):
         w = (torch.randn(48, 40, generator=g) / 7).to(dtype)
         b, nw, nb = (torch.randn(n, generator=g).to(dtype) for n in (48, 40, 40))
-        nw[3] = -37.5                                      # max |g|: the scale is 64
-        gain, scale, row_gain, fused = tm.deferred_norm_constants(w, b, nw, nb)
-        assert scale == 64.0 and gain.dtype == dtype and torch.equal(gain.double() * scale, nw.double())
-        torch.testing.assert_close(row_gain.double(), w.double() @ nw.double(), rtol=1e-6, atol=1e-5)
-        torch.testing.assert_close(fused.double(), w.double() @ nb.double() + b.double(), rtol=1e-6, atol=1e-5)
-        assert tm.deferred_norm_constants(w, b, nw, nb)[2] is row_gain          # kept
-        nw.mul_(0.5)                                                        # in place: its version moves
-        gain2, scale2, row_gain2, _ = tm.deferred_norm_constants(w, b, nw, nb)
-        assert scale2 == 32.0 and row_gain2 is not row_gain
-        torch.testing.assert_close(row_gain2.double(), w.double() @ nw.double(), rtol=1e-6, atol=1e-5)
-        assert tm.deferred_norm_constants(w, None, nw, None)[3] is None          # RMSNorm, no bias: none to add
-        torch.testing.assert_close(tm.deferred_norm_constants(w, b, nw, None)[3], b.float())
+        nw[3] = -37.5                                      # max |g|: the fp16 scale is 64
+        scale, row_gain, fused = tm.deferred_norm_constants(w, b, "layer", nw, nb)
+        assert scale == (64.0 if dtype == torch.float16 else 1.0)
+        close(row_gain, w.double() @ nw.double())
+        close(fused, w.double() @ nb.double() + b.double())
+        assert tm.deferred_norm_constants(w, b, "layer", nw, nb)[1] is row_gain          # kept
+        nw.mul_(0.5)                                                                     # in place
+        scale2, row_gain2, fused2 = tm.deferred_norm_constants(w, b, "layer", nw, nb)
+        assert scale2 == (32.0 if dtype == torch.float16 else 1.0)
+        assert row_gain2 is row_gain and fused2 is fused                                 # same buffers,
+        close(row_gain, w.double() @ nw.double())                                        # new values
+        nb2 = nb * 3                                                                     # replaced
+        close(tm.deferred_norm_constants(w, b, "layer", nw, nb2)[2], w.double() @ nb2.double() + b.double())
+        close(tm.deferred_norm_constants(w, None, "layer", nw, nb2)[2], w.double() @ nb2.double())
+    w2 = torch.randn(8, 16, generator=g).half()
+    nw2 = torch.randn(16, generator=g).half()
+    assert tm.deferred_norm_constants(w2, None, "rms", nw2, None)[1:] == (None, None)   # RMSNorm, no bias
+    nw2[0] = float("inf")
+    assert tm.deferred_norm_constants(w2, None, "rms", nw2, None)[0] == 1.0            # (the output is inf)
 
 
 def test_gemv_tma_refuses_what_it_cannot_run():
@@ -1975,6 +1986,8 @@ def test_gemv_tma_refuses_what_it_cannot_run():
             tm.gemv_tma(x.float(), w.float())
         with pytest.raises(ValueError, match="contiguous weight"):
             tm.gemv_tma(x[:, :8].contiguous(), w[:, :8])
+        with pytest.raises(ValueError, match="needs a norm"):
+            tm.gemv_tma(x, w, b, defer_norm=True)
         for block_n, warps in ((12, 4), (0, 4), (32, 6), (4, 8), (512, 16)):
             with pytest.raises(ValueError, match="powers of two"):
                 tm.gemv_tma(x, w, b, block_n=block_n, num_warps=warps)

@@ -49,6 +49,7 @@ import argparse
 import functools
 import math
 import os
+import weakref
 
 import torch
 import torch.utils.weak
@@ -689,7 +690,7 @@ def gemv_sass_summary(shapes=GPT2_XL_DECODE_GEMVS, tma=False):
         ins = res.pop("sass")
         wait = next(i for i, x in enumerate(ins) if x.startswith("ACQBULK"))
         count = lambda part, op: sum(op in x for x in part)                    # noqa: E731
-        # v6: up to its wait on the weight tile's mbarrier (SYNCS...TRYWAIT), i.e. x's preparation
+        # v6: up to its wait on the weight tile's mbarrier (SYNCS.PHASECHK...TRYWAIT), i.e. x's preparation
         tile_wait = next((i for i in range(wait, len(ins)) if ins[i].startswith("SYNCS.PHASECHK")), wait)
         rows.append(dict(kernel=name, config=config, **res, barriers_before_tile_wait=count(ins[wait:tile_wait], "BAR.SYNC"),
                          instructions_before_wait=wait, instructions_after_wait=len(ins) - wait,
@@ -1636,19 +1637,23 @@ def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
 # every thread adds the boxes' sums itself: mu = sum x / K, r = 1 / sqrt(sum x^2 / K - mu^2 + eps).
 # (RMSNorm: no mu, no W g.) One BAR.SYNC before the dots instead of 7.
 # Rounding: x * g is rounded to the weight's dtype for shared memory, where the normalised x used
-# to be (an fp32 copy was slower: 2.74 against 2.42 us for GPT-2 124M's qkv alone). In fp16, x * g
-# can overflow (a residual entry of 3,000 times a gain of 40), so the host divides g by the power
-# of two at or above max |g| (exact) and the kernel multiplies the sums by it in fp32. The variance
-# as E[x^2] - mu^2 loses digits only where |mu| is many times the standard deviation, which
-# activations entering a norm do not show (the tests use x * 3 + 1).
+# to be (an fp32 copy was slower: 2.74 us for GPT-2 124M's qkv alone, against 1.61 rounded and
+# 2.42 normalising first). In fp16, x * g can overflow (a residual entry of 3,000 times a gain of
+# 40), so g is divided by the power of two at or above max |g| (exact, in fp32, before the wait)
+# and the sums multiplied by it. The price of the new order: x is rounded BEFORE its mean is
+# taken out, so the error relative to the output grows like 2^-11 |mu| / std (fp16) instead of
+# 2^-11. Activations entering a norm have |mu| of the order of std or less (the tests use
+# x * 3 + 1: mu / std = 1/3); at mu / std = 10 a torch imitation of the kernel was 6e-3 off in
+# fp16 (normalising first: 3e-3). The one-pass variance E[x^2] - mu^2 costs far less (2^-24
+# (mu / std)^2).
 # Measured (H200, sixteenth session). Each kernel alone in a CUDA graph (its weight reused, so in
 # L2: the chain after the wait, not the stream): mlp fc of 1.5B 4.91 -> 4.44 us, 124M's qkv 2.42
 # -> 1.61 us. In the engine (one process, 3-4 interleaved rounds, same greedy tokens; three
 # calls), deferring mlp fc's norm only: GPT-2 1.5B 799-803 -> 809-812, 801-804 -> 804-809 and
 # 799-804 -> 804-808 tok/s, graph step at 200 tokens 1.253-1.256 -> 1.238-1.246 ms, within 0.5%
 # at 100 and 280; GPT-2 124M 5,234-5,362 -> 5,419-5,447 and 5,384-5,429 -> 5,426-5,473 tok/s.
-# Deferring qkv's norm as well gained nothing more at 1.5B (and lost at 200 and 280 tokens in one
-# of three calls) and cost GPT-2 124M 9% (5,400 -> 4,900 tok/s; both deferred GEMVs ~0.8 us
+# Deferring qkv's norm as well gained nothing more at 1.5B (it lost at 280 tokens in all three
+# calls, at 200 in one) and cost GPT-2 124M 9% (5,400 -> 4,900 tok/s; both deferred GEMVs ~0.8 us
 # slower inside the step, though each alone is faster; not understood: giving the new version
 # the old one's registers across the wait did not change it). Hence gemv_tma_defers_norm.
 #
@@ -1669,6 +1674,7 @@ def gemv_tma_kernel(w_desc, x_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_
                     NORM: gl.constexpr, HAS_NORM_BIAS: gl.constexpr, DEFER_NORM: gl.constexpr,
                     num_warps: gl.constexpr, USE_PDL: gl.constexpr = False):
     gl.static_assert(NORM != "" or not DEFER_NORM)
+    gl.static_assert(not (DEFER_NORM and HAS_NORM_BIAS))    # deferred, the norm's bias is in the bias
     BOX: gl.constexpr = w_desc.block_type.shape[1]       # 64 columns: 128 bytes, the TMA swizzle width
     dtype: gl.constexpr = w_desc.dtype
     row0 = gl.program_id(0) * BLOCK_N
@@ -1692,6 +1698,8 @@ def gemv_tma_kernel(w_desc, x_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_
     x_ok = x_offs < K
     if NORM != "":
         nw = gl.load(norm_w_ptr + x_offs, mask=x_ok, other=0.0).to(gl.float32)
+        if DEFER_NORM:
+            nw = nw / gain_scale                         # a power of two: exact
     if HAS_NORM_BIAS:                                    # (deferred: inside the bias)
         nb = gl.load(norm_b_ptr + x_offs, mask=x_ok, other=0.0).to(gl.float32)
     rows = row0 + gl.arange(0, BLOCK_N, layout=row_l)
@@ -1706,7 +1714,7 @@ def gemv_tma_kernel(w_desc, x_ptr, bias_ptr, res_ptr, y_ptr, norm_w_ptr, norm_b_
     xf = gl.load(x_ptr + x_offs, mask=x_ok, other=0.0).to(gl.float32)
     if DEFER_NORM:
         # (see "Deferring the norm" above) each box's sum of x and of x^2, summed inside a warp
-        # (x_l's warps split the boxes), to shared memory for later; x * g' for the dots
+        # (x_l's warps split the boxes), to shared memory for later; x * g / scale for the dots
         one_d: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         squares_smem = gl.allocate_shared_memory(gl.float32, [BOXES_POW2], one_d)
         squares_smem.store(gl.sum(xf * xf, 1))
@@ -1775,7 +1783,8 @@ GEMV_TMA_OVERRIDES = {}         # (N, K) -> (BLOCK_N, num_warps) for normed GEMV
 def gemv_tma_defers_norm(N, K) -> bool:
     """Whether gemv_tma applies the norm in front of an (N, K) weight after its dot products
     (DEFER_NORM, "Deferring the norm" above) rather than normalising x first: for an MLP's up
-    projection (N > 3K; GPT-2's fc is 4K), the case measured to win. The qkv projection keeps
+    projection (N > 3K; GPT-2's fc is 4K), the case measured to win (on GPT-2; a Llama-style
+    fused gate and up projection, also N > 3K, takes it untimed). The qkv projection keeps
     normalising first (measured: no gain at GPT-2 1.5B, a loss at 124M)."""
     return N > 3 * K
 
@@ -1795,8 +1804,8 @@ def gemv_tma_config(N, K, has_norm, has_residual, elem_bytes=2):
     take 32 rows x 8 warps, or 16 / 8 rows x 4 warps where K is too wide for two 32-row programs
     to share an SM (both ran correctly in the A/B; only GPT-2's K = 768 and 1600 were timed).
     Wider still (K > 6,144 at 8 rows) stays on v5: one program per SM would leave most of the
-    GPU's programs waiting for a slot, and the norm's weight and bias, held in registers across
-    the wait, grow with K. The LM head (N > 16384) stays on v5, which already streams it at the
+    GPU's programs waiting for a slot, and the norm's weight (and bias, unless the norm is
+    deferred), held in registers across the wait, grow with K. The LM head (N > 16384) stays on v5, which already streams it at the
     copy bandwidth. The residual GEMVs (attn proj, mlp proj) stay on v5 too: through v6 (8-16
     rows for attn proj, 4-8 for mlp proj's 6400-wide rows) the 1.5B step went 1.33 -> 1.34-1.48
     ms (H200, same run as above): mlp proj's 20 MB no longer fit shared memory beside the next
@@ -1868,35 +1877,56 @@ def _is_power_of_two(n):
     return n > 0 and n & (n - 1) == 0
 
 
-_DEFERRED_NORM_CACHE = torch.utils.weak.WeakIdKeyDictionary()    # weight -> (versions, constants)
+_DEFERRED_NORM_CACHE = torch.utils.weak.WeakIdKeyDictionary()    # weight -> (the other parameters, constants)
 
 
-def deferred_norm_constants(weight, bias, norm_weight, norm_bias):
-    """What gemv_tma needs to apply a norm after its dot products, from parameters alone:
-    (g', scale, W g, W b + bias). g' = g / scale in the weight's dtype, scale the power of two at
-    or above max |g| (so x * g' fits fp16, and g' is g to the last bit); W g and W b + bias in
-    fp32 (None where there is no norm bias and no bias; W g unused by RMSNorm). Computed once
-    per weight with torch ops, then kept (weakly: a dropped weight drops its entry) until a
-    parameter is replaced or changed in place (data pointer or version counter). A CUDA graph
-    cannot compute them during its capture: the ops would be captured too and rerun at every
-    replay. So gemv_tma must have run once eagerly first, as any Triton kernel must before a
-    capture (to compile), and a capture that would need them raises."""
-    params = (weight, bias, norm_weight, norm_bias)
-    versions = tuple(None if t is None else (t.data_ptr(), t._version) for t in params)
+def _identity(t):
+    """What says a parameter is still the one a cached constant was computed from: the tensor
+    itself (weakly), its data pointer and its version counter (inference tensors have none; a
+    write through .data bypasses it too)."""
+    return None if t is None else (weakref.ref(t), t.data_ptr(), 0 if t.is_inference() else t._version)
+
+
+def _same(identity, t):
+    return identity is None if t is None else (identity is not None and identity[0]() is t
+                                                and identity[1:] == _identity(t)[1:])
+
+
+def deferred_norm_constants(weight, bias, norm, norm_weight, norm_bias):
+    """What gemv_tma needs to apply a norm ("layer" or "rms") after its dot products, from the
+    parameters alone: (scale, W g, W b + bias). scale: for an fp16 weight the power of two at or
+    above max |g| (the kernel multiplies x by g / scale, exact, so that x * g fits fp16 when it
+    is rounded; then the sums by scale), else 1. W g (LayerNorm only, else None) and W b + bias
+    (None where both are absent) in fp32. Computed once per weight with torch ops, then kept
+    (weakly: a dropped weight drops its entry) until a parameter is replaced or changed in place;
+    a recomputation writes into the same buffers, so CUDA graphs captured before it read the new
+    values. A capture cannot compute them (the ops would be captured too, and rerun at every
+    replay): gemv_tma must have run once eagerly first, as any Triton kernel must (to compile),
+    and a capture that would need them raises. Keyed by the weight alone: one weight used with
+    two different norms recomputes at every switch."""
+    others = (bias, norm_weight, norm_bias)
     hit = _DEFERRED_NORM_CACHE.get(weight)
-    if hit is not None and hit[0] == versions:
+    if hit is not None and all(_same(i, t) for i, t in zip(hit[0], (weight, *others))):
         return hit[1]
     if weight.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("gemv_tma with a norm runs once eagerly before a CUDA graph captures it: "
                            "the deferred norm's constants are computed then (deferred_norm_constants)")
     w, g = weight.float(), norm_weight.float()
     max_gain = g.abs().max().item()
-    scale = 2.0 ** math.ceil(math.log2(max_gain)) if max_gain > 0 else 1.0
+    scale = 1.0
+    if weight.dtype == torch.float16 and 0 < max_gain < math.inf:
+        scale = 2.0 ** math.ceil(math.log2(max_gain))
+    row_gain = w @ g if norm == "layer" else None
     fused_bias = None if bias is None else bias.float()
     if norm_bias is not None:
         fused_bias = w @ norm_bias.float() + (0.0 if fused_bias is None else fused_bias)
-    constants = ((g / scale).to(weight.dtype), scale, w @ g, fused_bias)
-    _DEFERRED_NORM_CACHE[weight] = (versions, constants)
+    if hit is not None:     # the old buffers: graphs captured with them see the new values
+        old_gain, old_bias = hit[1][1], hit[1][2]
+        if (old_gain is None) == (row_gain is None) and (old_bias is None) == (fused_bias is None):
+            row_gain = row_gain if old_gain is None else old_gain.copy_(row_gain)
+            fused_bias = fused_bias if old_bias is None else old_bias.copy_(fused_bias)
+    constants = (scale, row_gain, fused_bias)
+    _DEFERRED_NORM_CACHE[weight] = (tuple(_identity(t) for t in (weight, *others)), constants)
     return constants
 
 
@@ -1917,13 +1947,15 @@ def gemv_tma(x, weight, bias=None, activation=None, residual=None, out=None, *, 
     if not (_is_power_of_two(block_n) and _is_power_of_two(num_warps) and num_warps <= block_n <= min(256, 32 * num_warps)):
         raise ValueError(f"block_n ({block_n}) and num_warps ({num_warps}) must be powers of two with "
                          f"num_warps <= block_n <= min(256, 32 x num_warps): warps split the rows, a TMA box has <= 256")
+    if defer_norm and not norm:
+        raise ValueError("defer_norm=True needs a norm to defer")
     defer = bool(norm) and (gemv_tma_defers_norm(N, K) if defer_norm is None else defer_norm)
     if gemv_tma_shared_bytes(K, block_n, x.element_size(), norm if defer else "") > MAX_SHARED_BYTES:
         raise ValueError(f"a {block_n} x {K} tile does not fit shared memory ({MAX_SHARED_BYTES} bytes): fewer rows")
     y2 = torch.empty((1, N), device=x.device, dtype=x.dtype) if out2 is None else out2
     gain_scale, row_gain = 1.0, None
-    if defer:       # g' for g, the norm's bias inside the bias
-        norm_weight, gain_scale, row_gain, bias = deferred_norm_constants(weight, bias, norm_weight, norm_bias)
+    if defer:       # the norm's bias goes inside the bias
+        gain_scale, row_gain, bias = deferred_norm_constants(weight, bias, norm, norm_weight, norm_bias)
         norm_bias = None
     n_boxes = triton.cdiv(K, TMA_BOX_K)
     gemv_tma_kernel[(triton.cdiv(N, block_n),)](
