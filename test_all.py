@@ -1936,32 +1936,37 @@ def test_gemv_tma_deferred_norm_needs_no_fp16_headroom_and_an_eager_first_call_c
 
 def test_deferred_norm_constants_kept_until_a_parameter_changes():
     """gemv_tma's deferred norm, its host half: the gain's scale (fp16: the power of two at or
-    above max |g|, below 2 max |g|; bf16, or a gain that is not finite: 1), W g (LayerNorm only)
-    and W b + bias as fp32 sums; computed once per weight, again when a parameter is changed in
-    place or replaced, then written into the same buffers (CUDA graphs captured with them read
-    the new values). Pure torch: runs anywhere."""
+    above max |g|, below 2 max |g|; bf16, or a gain that is not finite: 1), g / scale in the
+    weight's dtype (exact for gains above scale x 2^-14), W g (LayerNorm only) and W b + bias as fp32 sums;
+    computed once per weight, again when a parameter is changed in place or replaced, then
+    written into the same buffers (CUDA graphs captured with them read the new values). Pure
+    torch: runs anywhere."""
     g = torch.Generator().manual_seed(9)
     close = lambda got, want: torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)  # noqa: E731
     for dtype in (torch.float16, torch.bfloat16):
         w = (torch.randn(48, 40, generator=g) / 7).to(dtype)
         b, nw, nb = (torch.randn(n, generator=g).to(dtype) for n in (48, 40, 40))
         nw[3] = -37.5                                      # max |g|: the fp16 scale is 64
-        scale, row_gain, fused = tm.deferred_norm_constants(w, b, "layer", nw, nb)
+        scale, gain, row_gain, fused = tm.deferred_norm_constants(w, b, "layer", nw, nb)
         assert scale == (64.0 if dtype == torch.float16 else 1.0)
+        big = nw.abs() >= scale * 2 ** -14                 # (fp16 keeps smaller ones in subnormal steps)
+        assert gain.dtype == dtype and torch.equal(gain[big].double() * scale, nw[big].double())
+        assert ((gain.double() * scale - nw.double()).abs() <= scale * 2 ** -25).all()
         close(row_gain, w.double() @ nw.double())
         close(fused, w.double() @ nb.double() + b.double())
-        assert tm.deferred_norm_constants(w, b, "layer", nw, nb)[1] is row_gain          # kept
+        assert tm.deferred_norm_constants(w, b, "layer", nw, nb)[2] is row_gain          # kept
         nw.mul_(0.5)                                                                     # in place
-        scale2, row_gain2, fused2 = tm.deferred_norm_constants(w, b, "layer", nw, nb)
+        scale2, gain2, row_gain2, fused2 = tm.deferred_norm_constants(w, b, "layer", nw, nb)
         assert scale2 == (32.0 if dtype == torch.float16 else 1.0)
-        assert row_gain2 is row_gain and fused2 is fused                                 # same buffers,
+        assert gain2 is gain and row_gain2 is row_gain and fused2 is fused               # same buffers,
         close(row_gain, w.double() @ nw.double())                                        # new values
+        assert ((gain.double() * scale2 - nw.double()).abs() <= scale2 * 2 ** -25).all()
         nb2 = nb * 3                                                                     # replaced
-        close(tm.deferred_norm_constants(w, b, "layer", nw, nb2)[2], w.double() @ nb2.double() + b.double())
-        close(tm.deferred_norm_constants(w, None, "layer", nw, nb2)[2], w.double() @ nb2.double())
+        close(tm.deferred_norm_constants(w, b, "layer", nw, nb2)[3], w.double() @ nb2.double() + b.double())
+        close(tm.deferred_norm_constants(w, None, "layer", nw, nb2)[3], w.double() @ nb2.double())
     w2 = torch.randn(8, 16, generator=g).half()
     nw2 = torch.randn(16, generator=g).half()
-    assert tm.deferred_norm_constants(w2, None, "rms", nw2, None)[1:] == (None, None)   # RMSNorm, no bias
+    assert tm.deferred_norm_constants(w2, None, "rms", nw2, None)[2:] == (None, None)   # RMSNorm, no bias
     nw2[0] = float("inf")
     assert tm.deferred_norm_constants(w2, None, "rms", nw2, None)[0] == 1.0            # (the output is inf)
 
