@@ -1937,10 +1937,10 @@ def test_gemv_tma_deferred_norm_needs_no_fp16_headroom_and_an_eager_first_call_c
 def test_deferred_norm_constants_kept_until_a_parameter_changes():
     """gemv_tma's deferred norm, its host half: the gain's scale (fp16: the power of two at or
     above max |g|, below 2 max |g|; bf16, or a gain that is not finite: 1), g / scale in the
-    weight's dtype (exact for gains above scale x 2^-14), W g (LayerNorm only) and W b + bias as fp32 sums;
-    computed once per weight, again when a parameter is changed in place or replaced, then
-    written into the same buffers (CUDA graphs captured with them read the new values). Pure
-    torch: runs anywhere."""
+    weight's dtype (exact for gains above scale x 2^-14), W g (LayerNorm only) and W b + bias as
+    fp32 sums; computed once per weight, again when a parameter is changed in place or replaced,
+    then, with the same scale, written into the same buffers (CUDA graphs captured with them
+    compute with the new values), unless a gain outgrew the scale. Pure torch: runs anywhere."""
     g = torch.Generator().manual_seed(9)
     close = lambda got, want: torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)  # noqa: E731
     for dtype in (torch.float16, torch.bfloat16):
@@ -1957,10 +1957,15 @@ def test_deferred_norm_constants_kept_until_a_parameter_changes():
         assert tm.deferred_norm_constants(w, b, "layer", nw, nb)[2] is row_gain          # kept
         nw.mul_(0.5)                                                                     # in place
         scale2, gain2, row_gain2, fused2 = tm.deferred_norm_constants(w, b, "layer", nw, nb)
-        assert scale2 == (32.0 if dtype == torch.float16 else 1.0)
+        assert scale2 == scale                                                           # same scale,
         assert gain2 is gain and row_gain2 is row_gain and fused2 is fused               # same buffers,
         close(row_gain, w.double() @ nw.double())                                        # new values
-        assert ((gain.double() * scale2 - nw.double()).abs() <= scale2 * 2 ** -25).all()
+        assert ((gain.double() * scale - nw.double()).abs() <= scale * 2 ** -25).all()
+        nw.mul_(4.0)                                                                     # max |g| 75
+        scale3, gain3, row_gain3, _ = tm.deferred_norm_constants(w, b, "layer", nw, nb)
+        if dtype == torch.float16:                                                       # past the scale:
+            assert scale3 == 128.0 and gain3 is not gain and row_gain3 is not row_gain   # new buffers
+        close(row_gain3, w.double() @ nw.double())
         nb2 = nb * 3                                                                     # replaced
         close(tm.deferred_norm_constants(w, b, "layer", nw, nb2)[3], w.double() @ nb2.double() + b.double())
         close(tm.deferred_norm_constants(w, None, "layer", nw, nb2)[3], w.double() @ nb2.double())

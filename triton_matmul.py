@@ -1640,9 +1640,9 @@ def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
 # to be (an fp32 copy was slower: 2.74 us for GPT-2 124M's qkv alone, against 1.61 rounded and
 # 2.42 normalising first). In fp16, x * g can overflow (a residual entry of 3,000 times a gain of
 # 40), so g is divided by the power of two at or above max |g| (on the host; exact but for gains
-# under 2^-14 of it) and the sums multiplied by it. The price of the new order: x is rounded BEFORE its mean is
-# taken out, so the error relative to the output grows like 2^-11 |mu| / std (fp16) instead of
-# 2^-11. Activations entering a norm have |mu| of the order of std or less (the tests use
+# under 2^-14 of it) and the sums multiplied by it. The price of the new order: x is rounded
+# BEFORE its mean is taken out, so the error relative to the output grows like 2^-11 |mu| / std
+# (fp16) instead of 2^-11. Activations entering a norm have |mu| of the order of std or less (the tests use
 # x * 3 + 1: mu / std = 1/3); at mu / std = 10 a torch imitation of the kernel was 6e-3 off in
 # fp16 (normalising first: 3e-3). The one-pass variance E[x^2] - mu^2 costs far less (2^-24
 # (mu / std)^2).
@@ -1876,6 +1876,7 @@ def _is_power_of_two(n):
 
 
 _DEFERRED_NORM_CACHE = torch.utils.weak.WeakIdKeyDictionary()    # weight -> (the other parameters, constants)
+_RETIRED_DEFERRED_NORM_CONSTANTS = []   # replaced ones: CUDA graphs captured earlier still read them
 
 
 def _identity(t):
@@ -1897,13 +1898,17 @@ def deferred_norm_constants(weight, bias, norm, norm_weight, norm_bias):
     is rounded, and the sums by scale), else 1; g / scale in the weight's dtype, exact except for
     gains below scale x 2^-14, which fp16 keeps in subnormal steps of scale x 2^-24 (an error far
     below the rounding of x * g / scale itself; fp32 here took 15 more registers a thread in the
-    kernel). W g (LayerNorm only, else None) and W b + bias (None where both are absent) in fp32. Computed once per weight with torch ops, then kept
-    (weakly: a dropped weight drops its entry) until a parameter is replaced or changed in place;
-    a recomputation writes into the same buffers, so CUDA graphs captured before it read the new
-    values. A capture cannot compute them (the ops would be captured too, and rerun at every
-    replay): gemv_tma must have run once eagerly first, as any Triton kernel must (to compile),
-    and a capture that would need them raises. Keyed by the weight alone: one weight used with
-    two different norms recomputes at every switch."""
+    kernel). W g (LayerNorm only, else None) and W b + bias (None where both are absent) in fp32.
+    Computed once per weight with torch ops, then kept (weakly: a dropped weight drops its entry)
+    until a parameter is replaced or changed in place. A recomputation keeps the scale and writes
+    into the same buffers where it can, so that CUDA graphs captured before it (which hold the
+    scale as a launch argument and the buffers' addresses) compute with the new parameters; where
+    it cannot (a gain grown past the scale, a bias added or dropped) the old buffers are kept
+    alive and such graphs must be captured again. A capture cannot compute the constants (the
+    ops would be captured too, and rerun at every replay): gemv_tma must have run once eagerly
+    first, as any Triton kernel must (to compile), and a capture that would need them raises.
+    Keyed by the weight alone: one weight used with two different norms recomputes at every
+    switch."""
     others = (bias, norm_weight, norm_bias)
     hit = _DEFERRED_NORM_CACHE.get(weight)
     if hit is not None and all(_same(i, t) for i, t in zip(hit[0], (weight, *others))):
@@ -1916,17 +1921,20 @@ def deferred_norm_constants(weight, bias, norm, norm_weight, norm_bias):
     scale = 1.0
     if weight.dtype == torch.float16 and 0 < max_gain < math.inf:
         scale = 2.0 ** math.ceil(math.log2(max_gain))
-    scaled_gain = (g / scale).to(weight.dtype)
     row_gain = w @ g if norm == "layer" else None
     fused_bias = None if bias is None else bias.float()
     if norm_bias is not None:
         fused_bias = w @ norm_bias.float() + (0.0 if fused_bias is None else fused_bias)
-    new = [scaled_gain, row_gain, fused_bias]
-    if hit is not None:     # into the old buffers: graphs captured with them see the new values
-        for i, (old, value) in enumerate(zip(hit[1][1:], new)):
-            if old is not None and value is not None and old.shape == value.shape:
-                new[i] = old.copy_(value)
-    constants = (scale, *new)
+    old = None if hit is None else hit[1]
+    if old is not None and ((old[2] is None) != (row_gain is None) or (old[3] is None) != (fused_bias is None)
+                            or (weight.dtype == torch.float16 and not max_gain <= old[0])):
+        _RETIRED_DEFERRED_NORM_CONSTANTS.append(old)
+        old = None
+    if old is None:
+        constants = (scale, (g / scale).to(weight.dtype), row_gain, fused_bias)
+    else:                                        # the old scale is still safe: it and the old buffers
+        constants = (old[0], old[1].copy_(g / old[0]), None if row_gain is None else old[2].copy_(row_gain),
+                     None if fused_bias is None else old[3].copy_(fused_bias))
     _DEFERRED_NORM_CACHE[weight] = (tuple(_identity(t) for t in (weight, *others)), constants)
     return constants
 
