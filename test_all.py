@@ -1934,6 +1934,32 @@ def test_gemv_tma_deferred_norm_needs_no_fp16_headroom_and_an_eager_first_call_c
             tm.gemv_tma(x, w2, b, norm="layer", norm_weight=nw, norm_bias=nb, defer_norm=True)
 
 
+@pytest.mark.skipif(not HOPPER_GPU, reason="needs a Hopper GPU (sm_90)")
+def test_gemv_tma_deferred_norm_graph_follows_an_in_place_change_cuda():
+    """A CUDA graph captured with the deferred norm holds its constants' addresses and scale; after
+    the norm's gain and bias change in place and one eager call recomputes them (same scale, same
+    buffers), a replay computes with the new parameters: the same bits as an eager call."""
+    N, K = 256, 136
+    x, w, b, _ = _gemv_inputs(1, N, K, torch.float16, seed=7, residual=False)
+    g = torch.Generator().manual_seed(8)
+    nw, nb = (torch.randn(K, generator=g).to(MM_DEVICE, torch.float16) for _ in range(2))
+    kw = dict(norm="layer", norm_weight=nw, norm_bias=nb, block_n=32, num_warps=8, defer_norm=True)
+    out = torch.empty(1, N, device=MM_DEVICE, dtype=torch.float16)
+    tm.gemv_tma(x, w, b, out=out, **kw)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tm.gemv_tma(x, w, b, out=out, **kw)
+    nw.mul_(0.75), nb.add_(0.5)                            # max |g| shrinks: the scale still fits
+    expected = tm.gemv_tma(x, w, b, **kw)                  # eager: recomputes the constants
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+    d = lambda t: t.double()                               # noqa: E731
+    ref = tm.gemv_reference(d(x), d(w), d(b), None, None, acc_dtype=torch.float64, norm="layer",
+                            norm_weight=d(nw), norm_bias=d(nb))
+    torch.testing.assert_close(out.double(), ref, **_mm_tol(torch.float16))
+
+
 def test_deferred_norm_constants_kept_until_a_parameter_changes():
     """gemv_tma's deferred norm, its host half: the gain's scale (fp16: the power of two at or
     above max |g|, below 2 max |g|; bf16, or a gain that is not finite: 1), g / scale in the
