@@ -1817,8 +1817,7 @@ def topic_tune(ctx: BenchContext) -> None:
                                            for n, w, st in FA._DECODE_GPU_CONFIGS]
             if key[0] == "v6":      # rows x warps whose tile fits shared memory
                 return [(bn, w) for bn, w in ((8, 4), (16, 4), (16, 8), (32, 8), (32, 16), (64, 16))
-                        if tm.gemv_tma_shared_bytes(key[2], bn, 2, "layer" if tm.gemv_tma_defers_norm(*key[1:]) else "")
-                        <= tm.MAX_SHARED_BYTES]
+                        if tm.normed_gemv_tma_shared_bytes(key[1], key[2], bn) <= tm.MAX_SHARED_BYTES]
             # 1-2 warps: every reduction stays inside a warp (shuffles; no BAR.SYNC after the PDL wait,
             # checked in the SASS), against more serial work per thread after it
             bk = triton.next_power_of_2(key[1])

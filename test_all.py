@@ -1359,8 +1359,7 @@ def test_gemv_tma_sass_copies_the_weight_tile_before_the_pdl_wait():
         # x after the wait, in 16-byte loads: its power-of-two boxes over 32 * warps threads
         x_loads = max(1, tm.triton.next_power_of_2(tm.triton.cdiv(K, tm.TMA_BOX_K)) * tm.TMA_BOX_K // (8 * 32 * warps))
         assert r["loads_after_wait"] == x_loads and r["n_spills"] == 0, r
-        deferred = "layer" if tm.gemv_tma_defers_norm(N, K) else ""
-        assert r["shared_bytes"] == tm.gemv_tma_shared_bytes(K, rows, 2, deferred), r
+        assert r["shared_bytes"] == tm.normed_gemv_tma_shared_bytes(N, K, rows), r
         assert 2 * (r["shared_bytes"] + tm.PROGRAM_RESERVED_BYTES) <= tm.SM_SHARED_BYTES, r   # two programs per SM
     # the point of deferring the norm (mlp fc): between the PDL wait and the dots, one block
     # barrier (x into shared memory) instead of the statistics' cross-warp reductions (qkv)

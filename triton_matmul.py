@@ -1796,6 +1796,12 @@ def gemv_tma_shared_bytes(K, block_n, elem_bytes=2, deferred_norm=""):
     return (block_n * n_boxes + triton.next_power_of_2(n_boxes)) * TMA_BOX_K * elem_bytes + sums + 8
 
 
+def normed_gemv_tma_shared_bytes(N, K, block_n, elem_bytes=2):
+    """gemv_tma_shared_bytes of an (N, K) GEMV with a LayerNorm in front, as gemv_tma runs it by
+    default (the norm deferred or not, as gemv_tma_defers_norm says)."""
+    return gemv_tma_shared_bytes(K, block_n, elem_bytes, "layer" if gemv_tma_defers_norm(N, K) else "")
+
+
 def gemv_tma_config(N, K, has_norm, has_residual, elem_bytes=2):
     """(BLOCK_N, num_warps) for gemv_tma, or None where the engine keeps v5's GEMV. The rule
     (measured in a whole decode step, see above): the GEMVs with a norm folded in (qkv, mlp fc)
@@ -1826,9 +1832,8 @@ def gemv_tma_config(N, K, has_norm, has_residual, elem_bytes=2):
     if (N, K) in GEMV_TMA_OVERRIDES:
         return GEMV_TMA_OVERRIDES[N, K]
     shapes = ((8, 4),) if N <= 3 * K and K > 1024 else ((32, 8), (16, 4), (8, 4))
-    sums = "layer" if gemv_tma_defers_norm(N, K) else ""          # (the larger of the two norms' sums)
-    for rows, warps in shapes:
-        if 2 * (gemv_tma_shared_bytes(K, rows, elem_bytes, sums) + PROGRAM_RESERVED_BYTES) <= SM_SHARED_BYTES:
+    for rows, warps in shapes:      # (a deferred LayerNorm's sums: the larger of the two norms')
+        if 2 * (normed_gemv_tma_shared_bytes(N, K, rows, elem_bytes) + PROGRAM_RESERVED_BYTES) <= SM_SHARED_BYTES:
             return rows, warps
     return None
 
@@ -1879,16 +1884,23 @@ _DEFERRED_NORM_CACHE = torch.utils.weak.WeakIdKeyDictionary()    # weight -> (th
 _RETIRED_DEFERRED_NORM_CONSTANTS = []   # replaced ones: CUDA graphs captured earlier still read them
 
 
+def _version(t):
+    """A tensor's in-place write counter (inference tensors have none; a write through .data
+    bypasses it too)."""
+    return 0 if t.is_inference() else t._version
+
+
 def _identity(t):
     """What says a parameter is still the one a cached constant was computed from: the tensor
-    itself (weakly), its data pointer and its version counter (inference tensors have none; a
-    write through .data bypasses it too)."""
-    return None if t is None else (weakref.ref(t), t.data_ptr(), 0 if t.is_inference() else t._version)
+    itself (weakly), its data pointer and its version counter."""
+    return None if t is None else (weakref.ref(t), t.data_ptr(), _version(t))
 
 
 def _same(identity, t):
-    return identity is None if t is None else (identity is not None and identity[0]() is t
-                                                and identity[1:] == _identity(t)[1:])
+    """_identity(t) would equal identity (without making a weak reference on every call)."""
+    if t is None or identity is None:
+        return t is None and identity is None
+    return identity[0]() is t and identity[1] == t.data_ptr() and identity[2] == _version(t)
 
 
 def deferred_norm_constants(weight, bias, norm, norm_weight, norm_bias):
