@@ -84,6 +84,8 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.experimental import gluon  # noqa: E402  (the batch-1 multi-head decode kernel)
+from triton.experimental.gluon import language as gl  # noqa: E402
 
 from attention import grouped_query_attention  # noqa: E402
 from model import HelpFormatter, is_hopper_or_later, pdl_launch_args  # noqa: E402
@@ -623,13 +625,21 @@ def _decode_kv_tile(K_cache, V_cache, bt_row, start, end, kv_head, offs_n, offs_
 def _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale):
     """The online softmax of Part 2 for one tile, all GROUP query heads at once. The tile's first
     token is valid, so m_new is finite."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale                       # (BLOCK_G, BLOCK_N)
+    # fp32 K/V: exact products ("ieee"; tl.dot's default would round them to TF32's 10-bit
+    # mantissa on the GPU, an error of ~2e-3 of the output's scale, measured on an H200)
+    if q.dtype == tl.float32:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale    # (BLOCK_G, BLOCK_N)
+    else:
+        s = tl.dot(q, tl.trans(k)) * qk_scale
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    if q.dtype == tl.float32:
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -831,6 +841,170 @@ def _paged_decode_split_kernel(
             tl.store(counter, 0)          # zero again for the next call (and graph replay)
 
 
+# -----------------------------------------------------------------------------
+# Batch-1 multi-head decode without tensor cores or block-wide reductions (Gluon).
+#
+# The kernel above is built for GQA: a KV head's GROUP query heads are the M side of a tl.dot,
+# padded to 16 rows. With plain multi-head attention (GPT-2: GROUP = 1) one of those 16 rows is
+# real, and at batch 1 nothing is bandwidth: GPT-2 1.5B's split reads 2 x 256 x 64 x 2 B = 64 KB
+# of K/V, asked for before the PDL wait. What costs is the chain after the wait, and in the
+# sm_90 SASS of that kernel the chain is mostly block barriers: per 128-token tile, the QK^T
+# dot, a cross-warp max (its partials through shared memory, a barrier on each side), a
+# cross-warp sum (the same), P converted to the dot's operand layout (through shared memory
+# again) and the PV dot. bench.py --topic graphs puts the whole kernel at ~6 us a layer inside
+# GPT-2 1.5B's step (0.24 us of it bytes), a quarter of the step.
+#
+# The algebra of Part 2 does not care which tokens are summed first. So let every WARP run its
+# own online softmax over its own tokens, and combine the warps once at the end, exactly as the
+# split-K merge combines programs:
+#   warp w:   m_w = max_j s_j,  l_w = sum_j 2^(s_j - m_w),  o_w = sum_j 2^(s_j - m_w) v_j
+#   combine:  M = max_w m_w,    l = sum_w 2^(m_w - M) l_w,  o = sum_w 2^(m_w - M) o_w / l
+# With a register layout where a warp's lanes split D (8 lanes x 8 values of 64) and its tokens
+# (4 lanes, then registers), every reduction up to the combine stays inside one warp: the score
+# is 8 FMAs and 3 shuffles, the warp's max and sum are in-thread plus 2 shuffles, o_w in-thread
+# plus 2 shuffles. The combine is the one block barrier: each warp writes (m_w, l_w, o_w) to
+# shared memory, and after the barrier every thread reads all of them and finishes alone.
+# The FMA units do the math (GPT-2 1.5B: 256 tokens x 64 x 2 = 32K FMAs per head, 128 a
+# thread), which at one query row is no slower than a 16-row MMA that is 15/16 padding.
+# Tried before in plain Triton (eleventh session, GROUP == 1 on the FMA units with tl.sum): the
+# compiler chose layouts whose reductions crossed warps, 40 barriers after the wait instead of
+# 32, slower. Gluon makes the layout the kernel's choice, hence this kernel.
+#
+# Scope, as the engine uses it: GROUP == 1, 16-bit K/V, the new token from K_new / V_new (as
+# NEW_KV above: stored here, first term of the softmax), every token of a split asked for before
+# the PDL wait (splits of up to TILE = 256 tokens), the same partials and in-kernel merge as
+# the kernel above when a context spans several splits. paged_decode picks it (mha_decode_rule).
+
+@gluon.jit
+def _paged_decode_mha_kernel(
+    Q, K_cache, V_cache, block_table, context_lens, O_part, LSE_part, qk_scale, tokens_per_split,
+    stride_qb, stride_qh,
+    stride_kblk, stride_kpos, stride_kh,
+    stride_vblk, stride_vpos, stride_vh,
+    stride_bt,
+    stride_pb, stride_ph, stride_ps,       # O_part (B, H, n_splits, D); LSE_part (B, H, n_splits)
+    Out, stride_ob, stride_oh,
+    Counters,                              # int32 zeros: splits finished per (seq, head)
+    K_new, V_new, slot_mapping,            # the new token's K/V (B, H, D) and its cache slot (B,)
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+    HEAD_DIM: gl.constexpr, PAGE: gl.constexpr, TILE: gl.constexpr,
+    DIRECT: gl.constexpr, EXIT_IF_EMPTY: gl.constexpr, num_warps: gl.constexpr, USE_PDL: gl.constexpr = False,
+):
+    # (warp, token, d): lanes split d (8 values each) and tokens; warps split the tokens
+    LANES_D: gl.constexpr = HEAD_DIM // 8
+    LANES_T: gl.constexpr = 32 // LANES_D
+    PER_WARP: gl.constexpr = TILE // num_warps
+    gl.static_assert(PER_WARP >= LANES_T)
+    kv_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, LANES_T, LANES_D], [num_warps, 1, 1], [2, 1, 0])
+    tok_l: gl.constexpr = gl.SliceLayout(2, kv_l)                   # (warp, token): scores
+    d_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, kv_l))  # (d,): q, the new K/V
+    warp_d_l: gl.constexpr = gl.SliceLayout(1, kv_l)                # (warp, d): o_w
+    seq, head, split = gl.program_id(0), gl.program_id(1), gl.program_id(2)
+    if USE_PDL:
+        tm.gl_pdl_signal()             # first thing, as the kernel above (its comment says why)
+    # before the wait: what no kernel of this step writes (lengths, table, cached K/V, the slot)
+    ctx = gl.load(context_lens + seq)
+    slot = gl.load(slot_mapping + seq)
+    lo = split * tokens_per_split
+    hi = gl.minimum(lo + tokens_per_split, ctx)
+    cached_hi = gl.minimum(hi, ctx - 1)           # the cache holds tokens 0..ctx-2; ctx-1 is new
+    if EXIT_IF_EMPTY:                             # (the kernel above says when this pays)
+        if lo >= ctx:
+            return
+    warp_ids = gl.arange(0, num_warps, layout=gl.SliceLayout(1, tok_l))
+    tok = lo + warp_ids[:, None] * PER_WARP + gl.arange(0, PER_WARP, layout=gl.SliceLayout(0, tok_l))[None, :]
+    valid = tok < cached_hi
+    bt_row = block_table + seq.to(gl.int64) * stride_bt
+    block = gl.load(bt_row + tok // PAGE, mask=valid, other=0).to(gl.int64)
+    pos = tok % PAGE
+    d = gl.arange(0, HEAD_DIM, layout=d_l)
+    k_rows = block * stride_kblk + pos * stride_kpos + head * stride_kh
+    v_rows = block * stride_vblk + pos * stride_vpos + head * stride_vh
+    k = gl.load(K_cache + k_rows[:, :, None] + d[None, None, :], mask=valid[:, :, None], other=0.0)
+    v = gl.load(V_cache + v_rows[:, :, None] + d[None, None, :], mask=valid[:, :, None], other=0.0)
+    if USE_PDL:
+        tm.gl_pdl_wait()
+    # after it: q and the new token (one round trip for the three), the new K/V stored at once
+    q = gl.load(Q + seq * stride_qb + head * stride_qh + d).to(gl.float32)
+    k_new = gl.load(K_new + seq * stride_nkb + head * stride_nkh + d)
+    v_new = gl.load(V_new + seq * stride_nvb + head * stride_nvh + d)
+    holds_new = (lo <= ctx - 1) & (ctx - 1 < hi)
+    if holds_new & (slot >= 0):                   # -1: a padded row of a CUDA-graph batch
+        new_blk = (slot // PAGE).to(gl.int64)
+        new_pos = slot % PAGE
+        gl.store(K_cache + new_blk * stride_kblk + new_pos * stride_kpos + head * stride_kh + d, k_new)
+        gl.store(V_cache + new_blk * stride_vblk + new_pos * stride_vpos + head * stride_vh + d, v_new)
+    # each warp's online softmax over its tokens (every reduction inside the warp)
+    s = gl.sum(k.to(gl.float32) * q[None, None, :], axis=2) * qk_scale          # (warp, token)
+    s = gl.where(valid, s, float("-inf"))
+    s_new = gl.sum(q * k_new.to(gl.float32), axis=0) * qk_scale                # the new token's score
+    m_w = gl.max(s, axis=1)
+    m_w = gl.where(holds_new, gl.maximum(m_w, s_new), m_w)   # every warp's max covers the new token
+    m_ref = gl.where(m_w == float("-inf"), 0.0, m_w)          # a warp with no token: p = 0, l = o = 0
+    p = gl.exp2(s - m_ref[:, None])
+    l_w = gl.sum(p, axis=1)
+    o_w = gl.sum(p[:, :, None] * v.to(gl.float32), axis=1)                      # (warp, d)
+    # the new token, once: warp 0 adds it
+    p_new = gl.where(holds_new & (warp_ids == 0), gl.exp2(s_new - m_ref), 0.0)
+    l_w += p_new
+    p_new_d = gl.convert_layout(p_new, gl.SliceLayout(1, warp_d_l))
+    o_w += p_new_d[:, None] * v_new.to(gl.float32)[None, :]
+    # the combine: the one block barrier after the wait
+    flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    one_d: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    o_smem = gl.allocate_shared_memory(gl.float32, [num_warps, HEAD_DIM], flat)
+    m_smem = gl.allocate_shared_memory(gl.float32, [num_warps], one_d)
+    l_smem = gl.allocate_shared_memory(gl.float32, [num_warps], one_d)
+    o_smem.store(o_w)
+    m_smem.store(m_w)
+    l_smem.store(l_w)
+    gl.thread_barrier()
+    fin_l: gl.constexpr = gl.BlockedLayout([num_warps, 1], [1, 32], [1, num_warps], [0, 1])   # a column's warps in one thread
+    w_l: gl.constexpr = gl.SliceLayout(1, fin_l)
+    m_all = m_smem.load(w_l)
+    l_all = l_smem.load(w_l)
+    o_all = o_smem.load(fin_l)
+    m_max = gl.max(m_all, axis=0)
+    m_top = gl.where(m_max == float("-inf"), 0.0, m_max)
+    alpha = gl.exp2(m_all - m_top)                            # 0 for a warp with no token
+    l_sum = gl.sum(alpha * l_all, axis=0)
+    o_sum = gl.sum(alpha[:, None] * o_all, axis=0)            # (d,)
+    # An empty split (no token: l = 0) stores o = 0, lse = -inf, which the merge weighs with 0.
+    empty = l_sum == 0.0
+    o = gl.where(empty, 0.0, o_sum / gl.where(empty, 1.0, l_sum))
+    lse = gl.where(empty, float("-inf"), m_top + gl.log2(gl.where(empty, 1.0, l_sum)))
+    d_out = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, fin_l))
+    out_ptrs = Out + seq * stride_ob + head * stride_oh + d_out
+    n_used = gl.minimum(gl.cdiv(ctx, tokens_per_split), gl.num_programs(2))   # (the kernel above: why)
+    if DIRECT:
+        gl.store(out_ptrs, o.to(Out.dtype.element_ty))
+    elif n_used == 1:
+        if split == 0:
+            gl.store(out_ptrs, o.to(Out.dtype.element_ty))
+    elif split < n_used:
+        # partials, then the last of the used splits merges: the kernel above's protocol
+        first = seq * stride_pb + head * stride_ph
+        gl.store(O_part + (first + split * stride_ps) * HEAD_DIM + d_out, o)
+        gl.store(LSE_part + first + split * stride_ps, lse)
+        counter = Counters + seq * gl.num_programs(1) + head
+        gl.thread_barrier()
+        if gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == n_used - 1:
+            # every used split holds tokens, so every lse is finite; split 0 starts the sums
+            m_run = gl.load(LSE_part + first, cache_modifier=".cg")
+            merged = gl.load(O_part + first * HEAD_DIM + d_out, cache_modifier=".cg")
+            w_sum = gl.exp2(m_run - m_run)
+            for i in range(1, n_used):
+                lse_i = gl.load(LSE_part + first + i * stride_ps, cache_modifier=".cg")
+                o_i = gl.load(O_part + (first + i * stride_ps) * HEAD_DIM + d_out, cache_modifier=".cg")
+                m_new = gl.maximum(m_run, lse_i)
+                rescale, w = gl.exp2(m_run - m_new), gl.exp2(lse_i - m_new)
+                merged = merged * rescale + w * o_i
+                w_sum = w_sum * rescale + w
+                m_run = m_new
+            gl.store(out_ptrs, (merged / w_sum).to(Out.dtype.element_ty))
+            gl.store(counter, 0)
+
+
 # Decode tiles: BLOCK_N tokens per step (64 K rows + 64 V rows at D=128 = 32 KB per stage).
 # Memory-bound, so what matters is bytes in flight: enough programs, and (when a tile sits in
 # one page) num_stages tiles of loads queued ahead. With the per-token gather num_stages does
@@ -972,6 +1146,40 @@ def _counters(device, n):
     return buf
 
 
+MHA_DECODE = True           # paged_decode may take _paged_decode_mha_kernel (mha_decode_applies)
+MHA_DECODE_TOKENS_PER_WARP = 32
+MHA_DECODE_MAX_TOKENS = 512   # a split's tokens, all in registers before the wait (32 K/V values a thread at D = 64)
+MHA_DECODE_SPLIT_TOKENS = None   # None: mha_decode_split_tokens decides; else the multi-head kernel's splits hold this many
+MHA_DECODE_EXIT_IF_EMPTY = None  # None: empty splits leave before the wait in 128-token splits only
+
+
+def mha_decode_split_tokens(batch, n_heads, max_context, device):
+    """Tokens per split for the multi-head kernel: the larger of 512 and 256 whose launch still
+    has at least a third of the SMs' worth of programs (and at most one per SM), else None
+    (default_num_splits). Fitted to two models (H200, seventeenth session, one process, graph
+    step at 100 / 200 / 280 tokens): GPT-2 1.5B (25 heads) with 512 1.162 / 1.177 / 1.184 ms
+    against 256's 1.161 / 1.183 / 1.281 (257-512 tokens without a merge: 50 programs); GPT-2 124M
+    (12 heads) with 256 0.159 / 0.160 / 0.175 against 128's 0.150 / 0.172 / 0.181 and 512's
+    0.174 / 0.174 / 0.174 (24 programs: slower at every context)."""
+    sms = _num_sms(device)
+    for tokens in (512, 256):
+        programs = batch * n_heads * triton.cdiv(max_context, tokens)
+        if sms <= 3 * programs <= 3 * sms:
+            return tokens
+    return None
+
+
+def mha_decode_applies(q, group, new_kv, tokens_per_split, n_programs) -> bool:
+    """Whether paged_decode takes the multi-head Gluon kernel: one query head per KV head, the new
+    token passed in (the engine's decode), 16-bit, splits of at most MHA_DECODE_MAX_TOKENS, and
+    a launch of at most one program per SM (batch-1 decode, the case it was built and measured
+    for) on a Hopper GPU (Gluon has no CPU interpreter: on the CPU the kernel above runs)."""
+    return (MHA_DECODE and not INTERPRET and group == 1 and new_kv is not None and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16) and tokens_per_split <= MHA_DECODE_MAX_TOKENS
+            and tokens_per_split & (tokens_per_split - 1) == 0
+            and n_programs <= _num_sms(q.device) and is_hopper_or_later(q.device))
+
+
 def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num_splits=None,
                  max_context=None, out=None, config=None, new_kv=None):
     """One decode step of attention over a paged KV cache (layout contract above).
@@ -1033,14 +1241,20 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         max_context = int(context_lens.max())
     if max_context < 1:
         raise ValueError(f"max_context must be >= 1 (every context holds at least the new token), got {max_context}")
+    group = n_heads // n_kv_heads
+    split_tokens = None         # the multi-head kernel's own split size, where it takes the launch
     if num_splits is None:
-        num_splits = default_num_splits(batch, n_kv_heads, max_context, q.device)
-    if num_splits < 1:
+        split_tokens = MHA_DECODE_SPLIT_TOKENS or mha_decode_split_tokens(batch, n_heads, max_context, q.device)
+        if not (split_tokens and mha_decode_applies(q, group, new_kv, split_tokens,
+                                                    batch * n_kv_heads * triton.cdiv(max_context, split_tokens))):
+            split_tokens = None
+            num_splits = default_num_splits(batch, n_kv_heads, max_context, q.device)
+    if split_tokens is None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     # tokens per split rounded up to 128 (the largest BLOCK_N) so splits start on tile edges
-    tokens_per_split = triton.cdiv(triton.cdiv(max_context, num_splits), 128) * 128
+    # (taken as they are from the multi-head rule: 1024 tokens in splits of 512, not 2 x 384 of 700)
+    tokens_per_split = split_tokens or triton.cdiv(triton.cdiv(max_context, num_splits), 128) * 128
     num_splits = triton.cdiv(max_context, tokens_per_split)
-    group = n_heads // n_kv_heads
     direct = num_splits == 1    # the only split's result is final: no partials, no merge
     if direct:
         o_part = lse_part = out                 # unused by the kernel
@@ -1057,6 +1271,13 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                 PAGE=block_size, DIRECT=direct, NEW_KV=new_kv is not None, **pdl_launch_args())
     grid = (batch, n_kv_heads, num_splits)
+    if config is None and mha_decode_applies(q, group, new_kv, tokens_per_split, n_programs):
+        _paged_decode_mha_kernel[grid](
+            *args[:9], *args[11:], HEAD_DIM=head_dim, PAGE=block_size, TILE=tokens_per_split, DIRECT=direct,
+            EXIT_IF_EMPTY=(tokens_per_split == 128 if MHA_DECODE_EXIT_IF_EMPTY is None else MHA_DECODE_EXIT_IF_EMPTY)
+            and not direct,
+            num_warps=tokens_per_split // MHA_DECODE_TOKENS_PER_WARP, **pdl_launch_args())
+        return out
     # fewer programs than SMs, on Hopper or later: a config by rule (small_grid_decode_config)
     if config is None and not INTERPRET and n_programs <= sms and is_hopper_or_later(q.device):
         config = small_grid_decode_config(tokens_per_split, new_kv is not None)

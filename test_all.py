@@ -1542,6 +1542,46 @@ def test_paged_decode_empty_split_exits_before_the_pdl_wait():
         assert len(exits) == flag and all(x.startswith("@") for x in exits), (flag, exits)
 
 
+def _paged_decode_mha_sm90(tokens_per_split=256, num_warps=8, head_dim=64, **constexprs):
+    """The multi-head Gluon decode kernel as GPT-2 1.5B's batch-1 engine launches it (16-token
+    pages, 25 heads of 64 unless given), compiled offline for sm_90: (SASS, index of the PDL wait)."""
+    _, tensors, ints, _, _, _ = _paged_decode_job(head_dim, 25, 1, 16, tokens_per_split=tokens_per_split, new_kv=True)
+    ints = {k: v for k, v in ints.items() if k not in ("split_bucket", "grid_per_sm")}
+    job = ("flash_attn._paged_decode_mha_kernel", tensors, ints,
+           dict(dict(HEAD_DIM=head_dim, PAGE=16, TILE=tokens_per_split, DIRECT=False, EXIT_IF_EMPTY=False,
+                     USE_PDL=True), **constexprs), num_warps, 1)
+    res = tm.compile_offline([job], sass=True)[0]
+    assert "error" not in res and res["n_spills"] == 0, res
+    return res["sass"], next(i for i, x in enumerate(res["sass"]) if x.startswith("ACQBULK"))
+
+
+def test_mha_decode_split_tokens_rule(monkeypatch):
+    """The multi-head kernel's splits on a 132-SM GPU: 512 tokens where that still launches a third
+    of the SMs' worth of programs (GPT-2 1.5B's 25 heads x 2 at a 1024-token graph), else 256
+    (124M's 12 heads x 4), else the default splits (a short context, or more programs than SMs)."""
+    monkeypatch.setattr(fa, "_num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert fa.mha_decode_split_tokens(1, 25, 1024, cpu) == 512
+    assert fa.mha_decode_split_tokens(1, 12, 1024, cpu) == 256
+    assert fa.mha_decode_split_tokens(2, 12, 1024, cpu) == 512       # 48 programs
+    assert fa.mha_decode_split_tokens(1, 12, 300, cpu) is None       # 12 or 24 programs
+    assert fa.mha_decode_split_tokens(4, 25, 1024, cpu) is None      # 200 or 400: more than the SMs
+
+
+def test_paged_decode_mha_kernel_has_one_barrier_and_all_loads_before_the_wait():
+    """The multi-head kernel's point, in its sm_90 SASS: a split's whole K/V (256 tokens x 64 x 2
+    bytes, K and V, in 16-byte loads over 8 warps) is requested before griddepcontrol.wait, and
+    between the wait and the output's store there is ONE block barrier (the warps' combine), where
+    the tensor-core kernel has dozens. (DIRECT: one split, no merge after the store.)"""
+    sass, wait = _paged_decode_mha_sm90(DIRECT=True)
+    loads_before = sum("LDG" in x for x in sass[:wait])
+    assert loads_before >= 2 * 256 * 64 * 2 // (32 * 8 * 16), loads_before
+    first_out = next(i for i in range(wait, len(sass)) if sass[i].startswith("STG.E.U16"))
+    assert sum("BAR.SYNC" in x for x in sass[wait:first_out]) == 1, sass[wait:first_out]
+    old, old_wait = _paged_decode_sm90(new_kv=True, PRELOAD_SECOND_TILE=True, DIRECT=True)
+    assert sum("BAR.SYNC" in x for x in old[old_wait:]) > 10     # what it replaces
+
+
 def test_matmul_occupancy_offline_for_sm90():
     """Compiled for an H100/H200 on any machine (no GPU needed): registers from the cubin, the shared
     memory of the pipelined A/B tiles, and the occupancy those allow; an fp32 tile too big for
@@ -2189,6 +2229,38 @@ def test_flash_paged_decode_stores_the_new_token(num_splits, block_size, config)
 
 def test_flash_paged_decode_stores_the_new_token_bf16_mha():
     _fa_check_paged_new_kv([100, 3, 129], 4, 4, 64, 16, torch.bfloat16, num_splits=2)
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel (kernel[grid](...)) and records the grids it was launched on."""
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.skipif(not HOPPER_GPU, reason="needs a Hopper GPU (sm_90): Gluon has no CPU interpreter")
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 32), (32, 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flash_paged_decode_mha_kernel_cuda(monkeypatch, head_dim, block_size, dtype):
+    """The multi-head Gluon kernel (GROUP == 1 with new_kv on a small grid) against the reference,
+    on contexts 1, 17, 200, 256, 257 and 700: with the rule's splits (mha_decode_split_tokens),
+    with 256-token splits (one split, the edge, two and three splits merged in the kernel), and
+    with 128-token splits on contexts 129, 1, 17, 128, 300 (empty splits exit before the wait;
+    300 spans three). The second sequence is a padded row (slot -1); the new rows are stored."""
+    spy = _LaunchSpy(fa._paged_decode_mha_kernel)
+    monkeypatch.setattr(fa, "_paged_decode_mha_kernel", spy)
+    contexts = [1, 17, 200, 256, 257, 700]
+    _fa_check_paged_new_kv(contexts, 4, 4, head_dim, block_size, dtype)
+    monkeypatch.setattr(fa, "MHA_DECODE_SPLIT_TOKENS", 256)
+    _fa_check_paged_new_kv(contexts, 4, 4, head_dim, block_size, dtype)
+    _fa_check_paged_new_kv([129, 1, 17, 128, 300], 4, 4, head_dim, block_size, dtype, num_splits=3)
+    assert [grid[:2] for grid in spy.grids] == [(6, 4), (6, 4), (5, 4)]      # every call took it
+    rule = fa.mha_decode_split_tokens(6, 4, 700, FA_DEVICE)                  # 512 on an H100 / H200
+    assert spy.grids[0][2] == -(-700 // (rule or 256)), (rule, spy.grids)    # the rule's size, as it is
+    assert spy.grids[1][2] == 3 and spy.grids[2][2] == 3                     # 256- and 128-token splits
 
 
 def test_flash_paged_decode_new_kv_rejects_bad_shapes():

@@ -1660,11 +1660,23 @@ def row_norm_reference(x, weight, bias=None, eps=1e-5, rms=False):
 # Importing Gluon can be done anywhere Triton 3.6 is; only a Hopper GPU runs it.
 
 @gluon.jit
-def _gl_pdl_signal_then_wait():
-    """pdl_signal_then_wait for Gluon kernels (the same two PTX instructions)."""
+def gl_pdl_signal():
+    """pdl_signal for Gluon kernels (the same PTX instruction)."""
     gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                               is_pure=False, pack=1)
+
+
+@gluon.jit
+def gl_pdl_wait():
+    """pdl_wait for Gluon kernels."""
     gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gl_pdl_signal_then_wait():
+    """pdl_signal_then_wait for Gluon kernels (the same two PTX instructions)."""
+    gl_pdl_signal()
+    gl_pdl_wait()
 
 
 @gluon.jit
