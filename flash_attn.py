@@ -871,9 +871,27 @@ def _paged_decode_split_kernel(
 # 32, slower. Gluon makes the layout the kernel's choice, hence this kernel.
 #
 # Scope, as the engine uses it: GROUP == 1, 16-bit K/V, the new token from K_new / V_new (as
-# NEW_KV above: stored here, first term of the softmax), every token of a split asked for before
-# the PDL wait (splits of up to TILE = 256 tokens), the same partials and in-kernel merge as
-# the kernel above when a context spans several splits. paged_decode picks it (mha_decode_rule).
+# NEW_KV above: stored here, then added once, by warp 0), every token of a split asked for before
+# the PDL wait (splits of up to TILE = 512 tokens, 32 per warp), the same partials and in-kernel
+# merge as the kernel above when a context spans several splits. paged_decode picks it
+# (mha_decode_applies) with its own split size (mha_decode_split_tokens): with every token in
+# registers before the wait a longer split costs little, while a merge is a round trip through
+# L2 after it.
+# What the compiler made of it (sm_90 SASS, GPT-2 1.5B's launch: a test checks the first two):
+# between the wait and the output's store 1 BAR.SYNC and 695 instructions (the kernel above, with
+# its two 128-token tiles: 43 BAR.SYNC and 1,479 instructions after its wait); the split's 512
+# K and 512 V rows are all requested before the wait.
+# Measured (H200, seventeenth session, one process each, every variant its own engine and CUDA
+# graph, 3 interleaved rounds, the same 300 greedy tokens as the tensor-core kernel), graph step
+# at 100 / 200 / 280 tokens of context and decode tok/s:
+#   GPT-2 1.5B, 512-token splits: 1.169-1.173 / 1.240-1.247 / 1.299-1.302 -> 1.120-1.121 /
+#     1.120-1.121 / 1.122-1.123 ms, 816-820 -> 887-891 tok/s (+8.6%); with 256-token splits
+#     (another call) 837-841 tok/s, and at 280 tokens (two splits merged) 1.281 ms.
+#   GPT-2 124M, 256-token splits: 0.166-0.169 / 0.183-0.184 / 0.188 -> 0.159-0.160 / 0.160 / 0.174
+#     ms, 5,423-5,600 -> 5,828-6,014 tok/s (+7%).
+# In bench.py --topic graphs (160 tokens) attention adds 4.05 us a layer to 1.5B's step, 6.27 in
+# the run before. Empty splits leaving before the wait (EXIT_IF_EMPTY) lost here with 256- and
+# 512-token splits (1.5B 887-891 -> 864-867 tok/s), so only 128-token splits take it, as above.
 
 @gluon.jit
 def _paged_decode_mha_kernel(
@@ -1047,7 +1065,8 @@ _INTERPRET_DECODE_CONFIG = dict(BLOCK_N=16)
 # session, once the PDL signal had moved first: PRELOAD_SECOND_TILE in the kernel). At batch 1
 # this kernel is latency after the PDL wait: leaving it out of the step saves 3.5 us a layer at
 # 100 tokens and 5.9 at 200 (bench.py --topic graphs, twelfth session; 2.9 and 5.1 in the
-# eleventh session's run).
+# eleventh session's run). Since the seventeenth session multi-head models (GPT-2) take the Gluon
+# kernel above for those launches, which has the FMA units' math without the block barriers.
 # One stage, not three, when every tile of a split is asked for before the wait (new_kv with one
 # or two tiles per split: the default splits of every small grid, since they hold 128 or 256
 # tokens). With num_stages=3 Triton software-pipelines the tile loop, and the loop's prologue

@@ -1542,7 +1542,7 @@ def test_paged_decode_empty_split_exits_before_the_pdl_wait():
         assert len(exits) == flag and all(x.startswith("@") for x in exits), (flag, exits)
 
 
-def _paged_decode_mha_sm90(tokens_per_split=256, num_warps=8, head_dim=64, **constexprs):
+def _paged_decode_mha_sm90(tokens_per_split=512, num_warps=16, head_dim=64, **constexprs):
     """The multi-head Gluon decode kernel as GPT-2 1.5B's batch-1 engine launches it (16-token
     pages, 25 heads of 64 unless given), compiled offline for sm_90: (SASS, index of the PDL wait)."""
     _, tensors, ints, _, _, _ = _paged_decode_job(head_dim, 25, 1, 16, tokens_per_split=tokens_per_split, new_kv=True)
@@ -1569,13 +1569,13 @@ def test_mha_decode_split_tokens_rule(monkeypatch):
 
 
 def test_paged_decode_mha_kernel_has_one_barrier_and_all_loads_before_the_wait():
-    """The multi-head kernel's point, in its sm_90 SASS: a split's whole K/V (256 tokens x 64 x 2
-    bytes, K and V, in 16-byte loads over 8 warps) is requested before griddepcontrol.wait, and
+    """The multi-head kernel's point, in its sm_90 SASS: a split's whole K/V (512 tokens x 64 x 2
+    bytes, K and V, in 16-byte loads over 16 warps) is requested before griddepcontrol.wait, and
     between the wait and the output's store there is ONE block barrier (the warps' combine), where
     the tensor-core kernel has dozens. (DIRECT: one split, no merge after the store.)"""
     sass, wait = _paged_decode_mha_sm90(DIRECT=True)
     loads_before = sum("LDG" in x for x in sass[:wait])
-    assert loads_before >= 2 * 256 * 64 * 2 // (32 * 8 * 16), loads_before
+    assert loads_before >= 2 * 512 * 64 * 2 // (32 * 16 * 16), loads_before
     first_out = next(i for i in range(wait, len(sass)) if sass[i].startswith("STG.E.U16"))
     assert sum("BAR.SYNC" in x for x in sass[wait:first_out]) == 1, sass[wait:first_out]
     old, old_wait = _paged_decode_sm90(new_kv=True, PRELOAD_SECOND_TILE=True, DIRECT=True)
