@@ -1800,9 +1800,14 @@ def topic_tune(ctx: BenchContext) -> None:
                    if tm.gemv_tma_supported(lin.weight, lin.weight)     # (x only says which device)
                    and tm.gemv_tma_config(*lin.weight.shape, True, False) is not None]
 
+        # a multi-head model's batch-1 attention is flash_attn's Gluon kernel, whose knob is its split size
+        cfg = model.cfg
+        mha_tokens = FA.mha_decode_split_tokens(1, cfg.n_head, cfg.max_seq_len, ctx.device, cfg.head_dim)
+        mha = FA.MHA_DECODE and cfg.kv_heads == cfg.n_head and mha_tokens is not None
+
         def rule(key):
             if key == "attention":
-                return dict(FA._SMALL_GRID_DECODE_CONFIG)
+                return mha_tokens if mha else dict(FA._SMALL_GRID_DECODE_CONFIG)
             if key[0] == "v6":
                 return tm.gemv_tma_config(key[1], key[2], True, False)
             c = tm.one_row_gemv_config(key[0], key[1], dt.itemsize)
@@ -1812,6 +1817,8 @@ def topic_tune(ctx: BenchContext) -> None:
             # attention's candidates become the small-grid rule's config (used as they are, but a
             # one-stage one gets the loop's stages where a loop runs), so its pre-wait flags apply as in
             # the engine (timed at the full context, where no split is empty)
+            if key == "attention" and mha:      # the multi-head kernel's split sizes (its rule's first)
+                return [mha_tokens] + [t for t in (128, 256, 512) if t != mha_tokens]
             if key == "attention":      # the rule's own (one stage: no tile loop runs) and the tuner's
                 return [rule_attention] + [dict(BLOCK_N=n, num_warps=w, num_stages=st)
                                            for n, w, st in FA._DECODE_GPU_CONFIGS]
@@ -1824,7 +1831,9 @@ def topic_tune(ctx: BenchContext) -> None:
             return [(bn, w) for w in (1, 2, 4, 8) for bn in (1, 2, 4, 8, 16) if bn * bk <= 128 * 32 * w]
 
         def apply(key, cand):
-            if key == "attention":
+            if key == "attention" and mha:
+                FA.MHA_DECODE_SPLIT_TOKENS = cand
+            elif key == "attention":
                 FA._SMALL_GRID_DECODE_CONFIG = cand
             elif key[0] == "v6":
                 tm.GEMV_TMA_OVERRIDES[key[1], key[2]] = cand
@@ -1841,8 +1850,11 @@ def topic_tune(ctx: BenchContext) -> None:
                 cache.pop(k, None)
             tm.GEMV_TMA_OVERRIDES.clear()
             FA._SMALL_GRID_DECODE_CONFIG = rule_attention
+            FA.MHA_DECODE_SPLIT_TOKENS = None
 
         def name(key, cand):
+            if key == "attention" and mha:
+                return f"multi-head kernel, {cand}-token splits"
             if key == "attention":
                 return f"{cand['BLOCK_N']} tokens, {cand['num_warps']} warps, {cand['num_stages']} stages"
             return f"{cand[0]} rows x {cand[1]} warps"

@@ -626,7 +626,9 @@ def _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale):
     """The online softmax of Part 2 for one tile, all GROUP query heads at once. The tile's first
     token is valid, so m_new is finite."""
     # fp32 K/V: exact products ("ieee"; tl.dot's default would round them to TF32's 10-bit
-    # mantissa on the GPU, an error of ~2e-3 of the output's scale, measured on an H200)
+    # mantissa on the GPU, an error of ~2e-3 of the output's scale, measured on an H200). The
+    # price, accepted for a dtype kept for checking rather than speed: FMA-unit dots that spill
+    # registers in the larger tiles (sm_90: the small-grid 128 x 8-warp config at head_dim 128).
     if q.dtype == tl.float32:
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale    # (BLOCK_G, BLOCK_N)
     else:
@@ -1167,12 +1169,14 @@ def _counters(device, n):
 
 MHA_DECODE = True           # paged_decode may take _paged_decode_mha_kernel (mha_decode_applies)
 MHA_DECODE_TOKENS_PER_WARP = 32
-MHA_DECODE_MAX_TOKENS = 512   # a split's tokens, all in registers before the wait (32 K/V values a thread at D = 64)
+MHA_DECODE_MAX_TOKENS = 512   # a split's tokens, all in registers before the wait
+MHA_DECODE_MAX_VALUES = 64 * 512   # head_dim x tokens: a thread then holds 8 tokens x 8 values of K and of V
+                                   # (64 registers); at head_dim 128 x 512 tokens ptxas spills (sm_90)
 MHA_DECODE_SPLIT_TOKENS = None   # None: mha_decode_split_tokens decides; else the multi-head kernel's splits hold this many
 MHA_DECODE_EXIT_IF_EMPTY = None  # None: empty splits leave before the wait in 128-token splits only
 
 
-def mha_decode_split_tokens(batch, n_heads, max_context, device):
+def mha_decode_split_tokens(batch, n_heads, max_context, device, head_dim=64):
     """Tokens per split for the multi-head kernel: the larger of 512 and 256 whose launch still
     has at least a third of the SMs' worth of programs (and at most one per SM), else None
     (default_num_splits). Fitted to two models (H200, seventeenth session, one process, graph
@@ -1183,19 +1187,20 @@ def mha_decode_split_tokens(batch, n_heads, max_context, device):
     sms = _num_sms(device)
     for tokens in (512, 256):
         programs = batch * n_heads * triton.cdiv(max_context, tokens)
-        if sms <= 3 * programs <= 3 * sms:
+        if sms <= 3 * programs <= 3 * sms and head_dim * tokens <= MHA_DECODE_MAX_VALUES:
             return tokens
     return None
 
 
 def mha_decode_applies(q, group, new_kv, tokens_per_split, n_programs) -> bool:
     """Whether paged_decode takes the multi-head Gluon kernel: one query head per KV head, the new
-    token passed in (the engine's decode), 16-bit, splits of at most MHA_DECODE_MAX_TOKENS, and
-    a launch of at most one program per SM (batch-1 decode, the case it was built and measured
-    for) on a Hopper GPU (Gluon has no CPU interpreter: on the CPU the kernel above runs)."""
+    token passed in (the engine's decode), 16-bit, splits of a power of two of at most
+    MHA_DECODE_MAX_TOKENS (and MHA_DECODE_MAX_VALUES / head_dim), and a launch of at most one
+    program per SM (a small grid: batch-1 decode is the case it was built and measured for) on a
+    Hopper GPU (Gluon has no CPU interpreter: on the CPU the kernel above runs)."""
     return (MHA_DECODE and not INTERPRET and group == 1 and new_kv is not None and q.is_cuda
             and q.dtype in (torch.float16, torch.bfloat16) and tokens_per_split <= MHA_DECODE_MAX_TOKENS
-            and tokens_per_split & (tokens_per_split - 1) == 0
+            and tokens_per_split & (tokens_per_split - 1) == 0 and q.shape[-1] * tokens_per_split <= MHA_DECODE_MAX_VALUES
             and n_programs <= _num_sms(q.device) and is_hopper_or_later(q.device))
 
 
@@ -1262,16 +1267,18 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         raise ValueError(f"max_context must be >= 1 (every context holds at least the new token), got {max_context}")
     group = n_heads // n_kv_heads
     split_tokens = None         # the multi-head kernel's own split size, where it takes the launch
-    if num_splits is None:
-        split_tokens = MHA_DECODE_SPLIT_TOKENS or mha_decode_split_tokens(batch, n_heads, max_context, q.device)
+    if num_splits is None and config is None:
+        split_tokens = (MHA_DECODE_SPLIT_TOKENS
+                        or mha_decode_split_tokens(batch, n_heads, max_context, q.device, head_dim))
         if not (split_tokens and mha_decode_applies(q, group, new_kv, split_tokens,
                                                     batch * n_kv_heads * triton.cdiv(max_context, split_tokens))):
             split_tokens = None
-            num_splits = default_num_splits(batch, n_kv_heads, max_context, q.device)
+    if num_splits is None and split_tokens is None:
+        num_splits = default_num_splits(batch, n_kv_heads, max_context, q.device)
     if split_tokens is None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     # tokens per split rounded up to 128 (the largest BLOCK_N) so splits start on tile edges
-    # (taken as they are from the multi-head rule: 1024 tokens in splits of 512, not 2 x 384 of 700)
+    # (the multi-head rule's size is taken as it is: 700 tokens in two splits of 512, not of 384)
     tokens_per_split = split_tokens or triton.cdiv(triton.cdiv(max_context, num_splits), 128) * 128
     num_splits = triton.cdiv(max_context, tokens_per_split)
     direct = num_splits == 1    # the only split's result is final: no partials, no merge

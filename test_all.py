@@ -1542,17 +1542,34 @@ def test_paged_decode_empty_split_exits_before_the_pdl_wait():
         assert len(exits) == flag and all(x.startswith("@") for x in exits), (flag, exits)
 
 
-def _paged_decode_mha_sm90(tokens_per_split=512, num_warps=16, head_dim=64, **constexprs):
-    """The multi-head Gluon decode kernel as GPT-2 1.5B's batch-1 engine launches it (16-token
-    pages, 25 heads of 64 unless given), compiled offline for sm_90: (SASS, index of the PDL wait)."""
+def _paged_decode_mha_job(tokens_per_split=512, head_dim=64, **constexprs):
+    """A compile_offline job for the multi-head Gluon decode kernel as paged_decode launches it
+    (16-token pages, 25 heads; by default GPT-2 1.5B's batch-1 launch: 512 tokens, 16 warps)."""
     _, tensors, ints, _, _, _ = _paged_decode_job(head_dim, 25, 1, 16, tokens_per_split=tokens_per_split, new_kv=True)
     ints = {k: v for k, v in ints.items() if k not in ("split_bucket", "grid_per_sm")}
-    job = ("flash_attn._paged_decode_mha_kernel", tensors, ints,
-           dict(dict(HEAD_DIM=head_dim, PAGE=16, TILE=tokens_per_split, DIRECT=False, EXIT_IF_EMPTY=False,
-                     USE_PDL=True), **constexprs), num_warps, 1)
-    res = tm.compile_offline([job], sass=True)[0]
+    return ("flash_attn._paged_decode_mha_kernel", tensors, ints,
+            dict(dict(HEAD_DIM=head_dim, PAGE=16, TILE=tokens_per_split, DIRECT=False, EXIT_IF_EMPTY=False,
+                      USE_PDL=True), **constexprs), tokens_per_split // fa.MHA_DECODE_TOKENS_PER_WARP, 1)
+
+
+def _paged_decode_mha_sm90(**constexprs):
+    """_paged_decode_mha_job's kernel compiled offline for sm_90: (SASS, index of the PDL wait)."""
+    res = tm.compile_offline([_paged_decode_mha_job(**constexprs)], sass=True)[0]
     assert "error" not in res and res["n_spills"] == 0, res
     return res["sass"], next(i for i, x in enumerate(res["sass"]) if x.startswith("ACQBULK"))
+
+
+def test_paged_decode_mha_kernel_compiles_without_spills_wherever_paged_decode_takes_it():
+    """Every (head_dim, split tokens) that mha_decode_applies lets through compiles for sm_90
+    without spilling (its K/V wait in registers across the PDL wait), and the pair just past the
+    limit is refused by the rule (head_dim 128 x 512 tokens spills)."""
+    pairs = [(d, t) for d in fa.SUPPORTED_HEAD_DIMS for t in (128, 256, 512) if d * t <= fa.MHA_DECODE_MAX_VALUES]
+    assert (128, 512) not in pairs and len(pairs) == 11
+    jobs = [_paged_decode_mha_job(t, d) for d, t in pairs]
+    for (d, t), res in zip(pairs, tm.compile_offline(jobs)):
+        assert "error" not in res and res["n_spills"] == 0 and res["n_regs"] <= 255, (d, t, res)
+    spills = tm.compile_offline([_paged_decode_mha_job(512, 128)])[0]
+    assert spills.get("n_spills", 0) > 0, spills        # why the limit is where it is (as measured offline)
 
 
 def test_mha_decode_split_tokens_rule(monkeypatch):
@@ -1566,6 +1583,7 @@ def test_mha_decode_split_tokens_rule(monkeypatch):
     assert fa.mha_decode_split_tokens(2, 12, 1024, cpu) == 512       # 48 programs
     assert fa.mha_decode_split_tokens(1, 12, 300, cpu) is None       # 12 or 24 programs
     assert fa.mha_decode_split_tokens(4, 25, 1024, cpu) is None      # 200 or 400: more than the SMs
+    assert fa.mha_decode_split_tokens(1, 25, 1024, cpu, head_dim=128) == 256   # 512 x 128 would spill
 
 
 def test_paged_decode_mha_kernel_has_one_barrier_and_all_loads_before_the_wait():
@@ -1574,8 +1592,9 @@ def test_paged_decode_mha_kernel_has_one_barrier_and_all_loads_before_the_wait()
     between the wait and the output's store there is ONE block barrier (the warps' combine), where
     the tensor-core kernel has dozens. (DIRECT: one split, no merge after the store.)"""
     sass, wait = _paged_decode_mha_sm90(DIRECT=True)
-    loads_before = sum("LDG" in x for x in sass[:wait])
-    assert loads_before >= 2 * 512 * 64 * 2 // (32 * 16 * 16), loads_before
+    wide = [sum("LDG.E.128" in x for x in part) for part in (sass[:wait], sass[wait:])]
+    assert wide[0] == 2 * 512 * 64 * 2 // (32 * 16 * 16), wide     # every K/V load, in 16 bytes
+    assert wide[1] <= 3, wide                                     # q, k_new, v_new after it
     first_out = next(i for i in range(wait, len(sass)) if sass[i].startswith("STG.E.U16"))
     assert sum("BAR.SYNC" in x for x in sass[wait:first_out]) == 1, sass[wait:first_out]
     old, old_wait = _paged_decode_sm90(new_kv=True, PRELOAD_SECOND_TILE=True, DIRECT=True)
@@ -2242,7 +2261,7 @@ class _LaunchSpy:
 
 
 @pytest.mark.skipif(not HOPPER_GPU, reason="needs a Hopper GPU (sm_90): Gluon has no CPU interpreter")
-@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 32), (32, 16)])
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 32), (32, 16), (16, 16)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_flash_paged_decode_mha_kernel_cuda(monkeypatch, head_dim, block_size, dtype):
     """The multi-head Gluon kernel (GROUP == 1 with new_kv on a small grid) against the reference,
@@ -2258,8 +2277,8 @@ def test_flash_paged_decode_mha_kernel_cuda(monkeypatch, head_dim, block_size, d
     _fa_check_paged_new_kv(contexts, 4, 4, head_dim, block_size, dtype)
     _fa_check_paged_new_kv([129, 1, 17, 128, 300], 4, 4, head_dim, block_size, dtype, num_splits=3)
     assert [grid[:2] for grid in spy.grids] == [(6, 4), (6, 4), (5, 4)]      # every call took it
-    rule = fa.mha_decode_split_tokens(6, 4, 700, FA_DEVICE)                  # 512 on an H100 / H200
-    assert spy.grids[0][2] == -(-700 // (rule or 256)), (rule, spy.grids)    # the rule's size, as it is
+    rule = fa.mha_decode_split_tokens(6, 4, 700, FA_DEVICE, head_dim)        # 512 (256 at 128) on an H100 / H200
+    assert rule is None or spy.grids[0][2] == -(-700 // rule), (rule, spy.grids)   # the rule's size, as it is
     assert spy.grids[1][2] == 3 and spy.grids[2][2] == 3                     # 256- and 128-token splits
 
 
