@@ -10,6 +10,9 @@ What you will learn:
     packed variable-length batches (the layout a serving engine's batched prefill uses)
   - flash-decoding: one new token per sequence against a *paged* KV cache, with the sequence
     split across programs (split-K) and the pieces merged by whichever program finishes last
+  - when a kernel is latency, not bandwidth: batch-1 multi-head decode written in Gluon (Triton's
+    lower-level dialect) with a layout where each warp runs its own online softmax on the FMA
+    units and one block barrier combines the warps, instead of a padded tensor-core tile
   - the roofline: prefill is compute bound (intensity ~ T/4 FLOP/byte causal, T/2 not), decode is memory
     bound (intensity ~ n_heads/n_kv_heads FLOP/byte), and what that means for each kernel
 
@@ -64,6 +67,10 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               new token's K/V loaded with q and first in the online softmax (1.5B +1-2%, slower
               at 280 tokens; 124M steps 2-3% shorter), each in its own one-process A/B; bench's
               batch-32 rows use the autotuned configs: unchanged.
+  decode  v6  (seventeenth session) multi-head models at small grids (the engine's batch 1):
+              _paged_decode_mha_kernel in Gluon, a softmax per warp and 1 block barrier after the
+              PDL wait instead of 43, splits of up to 512 tokens -> GPT-2 1.5B batch-1 decode
+              +8.6%, 124M +7% (one-process A/B); bench's rows (GQA, no new token): unchanged.
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -1434,6 +1441,20 @@ def main():
         out = paged_decode(q, kc, vc, table, cl, num_splits=2)
         err = _max_rel_err(out, paged_decode_reference(q, kc, vc, table, cl))
         rows.append((f"paged decode bs={block_size}", f"ctx={ctx} H=6 Hkv=2 D=64", err))
+    # the engine's decode step: one sequence, multi-head, its new token's K/V passed in and stored by
+    # the kernel (on a Hopper GPU: the Gluon kernel of "Batch-1 multi-head decode")
+    ctx = [100] if INTERPRET else [700]
+    kc, vc, table = random_paged_cache(ctx, 12, 64, 16, dtype, device)
+    cl = torch.tensor(ctx, dtype=torch.int32, device=device)
+    q, k_new, v_new = (torch.randn(1, 12, 64, dtype=dtype, device=device) for _ in range(3))
+    slot = table[:, (ctx[0] - 1) // 16] * 16 + (ctx[0] - 1) % 16
+    k_ref, v_ref = kc.clone(), vc.clone()
+    k_ref.view(-1, 12, 64)[slot.long()], v_ref.view(-1, 12, 64)[slot.long()] = k_new, v_new
+    out = paged_decode(q, kc, vc, table, cl, new_kv=(k_new, v_new, slot.to(torch.int32)))
+    err = max(_max_rel_err(out, paged_decode_reference(q, k_ref, v_ref, table, cl)),
+              _max_rel_err(kc.view(-1, 12, 64)[slot.long()], k_new))
+    gluon = not INTERPRET and is_hopper_or_later(device)       # (mha_decode_applies holds for this shape)
+    rows.append((f"paged decode + new K/V{' (Gluon)' if gluon else ''}", f"ctx={ctx} H=Hkv=12 D=64", err))
     print("| kernel | shape | max rel err vs reference |\n| --- | --- | --- |")
     for name, shape, err in rows:
         print(f"| {name} | {shape} | {err:.2e} |")
