@@ -632,23 +632,18 @@ def _decode_kv_tile(K_cache, V_cache, bt_row, start, end, kv_head, offs_n, offs_
 def _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale):
     """The online softmax of Part 2 for one tile, all GROUP query heads at once. The tile's first
     token is valid, so m_new is finite."""
-    # fp32 K/V: exact products ("ieee"; tl.dot's default would round them to TF32's 10-bit
-    # mantissa on the GPU, an error of ~2e-3 of the output's scale, measured on an H200). The
+    # input_precision="ieee": fp32 K/V get exact products (tl.dot's default would round them to
+    # TF32's 10-bit mantissa on the GPU, an error of ~2e-3 of the output's scale, measured on an
+    # H200); 16-bit inputs are exact in the MMA anyway (the same sm_90 binary either way). The
     # price, accepted for a dtype kept for checking rather than speed: FMA-unit dots that spill
-    # registers in the larger tiles (sm_90: the small-grid 128 x 8-warp config at head_dim 128).
-    if q.dtype == tl.float32:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale    # (BLOCK_G, BLOCK_N)
-    else:
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+    # registers in the larger fp32 tiles (sm_90: the small-grid 128 x 8-warp config at head_dim 128).
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale    # (BLOCK_G, BLOCK_N)
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if q.dtype == tl.float32:
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
     return m_new, l_i, acc
 
 
@@ -1296,21 +1291,21 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         lse_part = torch.empty(batch, n_heads, num_splits, dtype=torch.float32, device=q.device)
     part_strides = (0, 0, 0) if direct else tuple(st // head_dim for st in o_part.stride()[:3])
     n_programs, sms = batch * n_kv_heads * num_splits, _num_sms(q.device)
-    args = (q, k_cache, v_cache, block_table, context_lens, o_part, lse_part, scale * LOG2E,
-            tokens_per_split, triton.next_power_of_2(tokens_per_split), triton.cdiv(n_programs, sms),
-            q.stride(0), q.stride(1),
-            *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0), *part_strides,
-            out, out.stride(0), out.stride(1), _counters(q.device, batch * n_kv_heads), *new_args)
-    meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                PAGE=block_size, DIRECT=direct, NEW_KV=new_kv is not None, **pdl_launch_args())
+    # both kernels' arguments; the tensor-core kernel also takes its autotuner's two keys between them
+    args_head = (q, k_cache, v_cache, block_table, context_lens, o_part, lse_part, scale * LOG2E, tokens_per_split)
+    args_tail = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
+                 *part_strides, out, out.stride(0), out.stride(1), _counters(q.device, batch * n_kv_heads), *new_args)
+    args = (*args_head, triton.next_power_of_2(tokens_per_split), triton.cdiv(n_programs, sms), *args_tail)
     grid = (batch, n_kv_heads, num_splits)
     if config is None and mha_decode_applies(q, group, new_kv, tokens_per_split, n_programs):
         _paged_decode_mha_kernel[grid](
-            *args[:9], *args[11:], HEAD_DIM=head_dim, PAGE=block_size, TILE=tokens_per_split, DIRECT=direct,
+            *args_head, *args_tail, HEAD_DIM=head_dim, PAGE=block_size, TILE=tokens_per_split, DIRECT=direct,
             EXIT_IF_EMPTY=(tokens_per_split == 128 if MHA_DECODE_EXIT_IF_EMPTY is None else MHA_DECODE_EXIT_IF_EMPTY)
             and not direct,
             num_warps=tokens_per_split // MHA_DECODE_TOKENS_PER_WARP, **pdl_launch_args())
         return out
+    meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                PAGE=block_size, DIRECT=direct, NEW_KV=new_kv is not None, **pdl_launch_args())
     # fewer programs than SMs, on Hopper or later: a config by rule (small_grid_decode_config)
     if config is None and not INTERPRET and n_programs <= sms and is_hopper_or_later(q.device):
         config = small_grid_decode_config(tokens_per_split, new_kv is not None)
