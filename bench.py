@@ -843,7 +843,7 @@ def _peak_extra_mb(fn, ctx):
 
 
 def _bench_prefill(ctx, dtype, causal, points):
-    """One table: our prefill (two load paths) vs SDPA cuDNN, SDPA FA2 and the naive path."""
+    """One table: our prefill (Part 3 with two load paths, Part 3b) vs SDPA cuDNN, SDPA FA2 and the naive path."""
     import flash_attn as fa
     from torch.nn.attention import SDPBackend
     seqs = [1024, 2048, 4096, 8192, 16384] if not ctx.quick else [64, 96]
@@ -859,24 +859,34 @@ def _bench_prefill(ctx, dtype, causal, points):
             q, k, v = (torch.randn(b, h, t, d, device=ctx.device, dtype=dtype) for _ in range(3))
             flops = fa.prefill_flops([t] * b, h, d, causal)
             nbytes = fa.prefill_bytes([t] * b, h, h, d)
-            ours = _try_time(lambda: fa.flash_attn(q, k, v, is_causal=causal), ctx)
-            ours_tma = _try_time(lambda: fa.flash_attn(q, k, v, is_causal=causal, use_tma=True), ctx)
+            hopper_was = fa.HOPPER_PREFILL        # Part 3's kernel even where Part 3b's applies
+            fa.HOPPER_PREFILL = False
+            try:
+                ours = _try_time(lambda: fa.flash_attn(q, k, v, is_causal=causal), ctx)
+                ours_tma = _try_time(lambda: fa.flash_attn(q, k, v, is_causal=causal, use_tma=True), ctx)
+            finally:
+                fa.HOPPER_PREFILL = hopper_was
+            ours_ws = _try_time(lambda: fa.flash_attn_hopper(q, k, v, is_causal=causal), ctx) \
+                if fa.hopper_prefill_unsupported(q, k, v) is None else None
             cudnn = _try_time(_sdpa(None, q, k, v, causal), ctx)
             fa2 = _try_time(_sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, causal), ctx)
             naive = _try_time(lambda: fa.attention_naive(q, k, v, is_causal=causal), ctx) \
                 if b * h * t * t * 2 <= 8 * 2**30 else None
-            best = min(x for x in (ours, ours_tma) if x is not None)
+            best = min(x for x in (ours, ours_tma, ours_ws) if x is not None)
             tf = lambda ms: None if ms is None else flops / ms / 1e9   # noqa: E731
-            rows.append([d, t, f"{b}x{h}", best, _num(tf(ours)), _num(tf(ours_tma)),
+            rows.append([d, t, f"{b}x{h}", best, _num(tf(ours)), _num(tf(ours_tma)), _num(tf(ours_ws)),
                          _num(tf(cudnn)), _num(tf(fa2)), _num(tf(naive)),
                          _speedup(best, fa2), _speedup(best, cudnn)])
             if causal:
                 points.append((f"prefill D={d} T={t}", flops / nbytes, tf(best)))
     ctx.table(f"Prefill attention, {'causal' if causal else 'non-causal'} {str(dtype)[6:]} "
               f"(TFLOP/s; {tokens} tokens per batch, H = 2048/D)",
-              ["D", "T", "BxH", "ours ms", "ours", "ours TMA", "SDPA default (cuDNN)",
-               "SDPA FA2", "naive", "ours vs FA2 (x)", "ours vs cuDNN (x)"], rows,
-              note="ours ms / ratios use the faster of our two load paths (pointer+cp.async, TMA). "
+              ["D", "T", "BxH", "ours ms", "ours (Part 3)", "ours TMA (Part 3)", "ours warp-specialised (Part 3b)",
+               "SDPA default (cuDNN)", "SDPA FA2", "naive", "ours vs FA2 (x)", "ours vs cuDNN (x)"], rows,
+              note="ours ms / ratios use the fastest of our three: Part 3's FlashAttention-2 kernel with "
+                   "pointer+cp.async or TMA loads, and Part 3b's FA3-style Gluon kernel (a producer warp and two "
+                   "consumer warpgroups; Hopper, T a multiple of 128, '-' where it does not apply). "
+                   "flash_attn takes Part 3b wherever hopper_prefill_unsupported allows it. "
                    "Targets: >= 1.0x FA2 everywhere, >= 0.85x cuDNN at T >= 4096. naive: '-' where "
                    "its T x T scores would exceed 8 GiB.", dtype=dtype)
 

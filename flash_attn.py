@@ -93,9 +93,12 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.experimental import gluon  # noqa: E402  (the batch-1 multi-head decode kernel)
 from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402  (Part 3b)
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 
 from attention import grouped_query_attention  # noqa: E402
-from model import HelpFormatter, is_hopper_or_later, pdl_launch_args  # noqa: E402
+from model import HelpFormatter, is_hopper, is_hopper_or_later, pdl_launch_args  # noqa: E402
 import triton_matmul as tm  # noqa: E402  (pdl_signal, pdl_wait: the decode kernel's PDL hand-off)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -483,7 +486,11 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, 
 
 def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
     """Batched convenience wrapper with SDPA's layout: q (B, H, T, D), k/v (B, Hkv, T, D) ->
-    (B, H, T, D). Same kernel as flash_attn_varlen (stride_s = batch stride, no copies)."""
+    (B, H, T, D). On a Hopper GPU, Part 3b's kernel where hopper_prefill_unsupported allows it
+    (HOPPER_PREFILL, and use_tma=False); otherwise the same kernel as flash_attn_varlen
+    (stride_s = batch stride, no copies)."""
+    if HOPPER_PREFILL and not use_tma and not INTERPRET and hopper_prefill_unsupported(q, k, v, out) is None:
+        return flash_attn_hopper(q, k, v, is_causal, scale, out)
     if upcast := _interpreter_bf16_workaround(q, k, v):
         res = flash_attn(*upcast, is_causal, scale, use_tma).bfloat16()
         return res if out is None else out.copy_(res)
@@ -503,41 +510,312 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 # times the ridge point (H200 measured: 746 TFLOP/s cuBLAS / 4.25 TB/s copy = 175 FLOP/byte).
 # So the kernel is limited by how busy it keeps the tensor cores: measured 381-500 TFLOP/s at
 # T >= 4096, 51-67% of cuBLAS (an attention tile also does softmax work a GEMM does not).
-# cuDNN reaches 565-605 at D=128. Two things keep us below cuDNN / FlashAttention-3:
-#   1. Producer/consumer warp specialisation. Here the same warps issue loads, run wgmma and
-#      do the softmax, so the tensor cores idle during exp2/max/sum. FA3 dedicates one warp
-#      group to TMA loads and ping-pongs two consumer warp groups so one group's softmax
-#      overlaps the other's GEMMs, and overlaps softmax with the next P@V inside a group.
-#      Triton 3.6 has `tl.range(..., warp_specialize=True)` for this, but its own docs say
-#      Blackwell only, and on sm_90 it leaves this loop alone: the kernel compiled with it is
-#      the same binary, byte for byte, at 8 warps (checked offline with ptxas; at 4 warps the
-#      pass fails). Nor does Triton's scheduler give the intra-group overlap by itself: in the
-#      compiled loop (TTGIR) each QK^T wgmma is waited for at once (pendings = 0) together
-#      with the previous tile's P@V, so the tensor cores idle through every softmax. FA3's
-#      ping-pong of two consumer warp groups and its intra-group overlap need hand-written
-#      warp-group code (CUTLASS/ThunderKittens-style, or Triton's lower-level Gluon dialect,
-#      with explicit async wgmma waits), which is what the remaining 15-25% at D=128 is (against
-#      cuDNN, H200).
-#   2. TMA for all tiles (use_tma=True here does this with device-side descriptors): one thread
-#      issues a whole-tile copy, freeing registers and issue slots compared with cp.async. On
-#      its own (measured) it is not a win: the loads were not the bottleneck; TMA pays off when
-#      a dedicated producer warp issues it, i.e. together with point 1.
-# Rough budget per 128x128 tile at D=128: two GEMMs of 2*128^3 FLOPs at ~4096 dense bf16
-# FLOP/clock/SM = 2048 clocks, versus 128*128 exp2 at 16/clock/SM (the special-function unit)
-# = 1024 clocks: unless the two overlap, the exponentials alone add 50% to the GEMM time.
-# Two ways around that which can be written in plain Triton were measured on the H200
-# (2026-11-28, results/perf_notes.md) and were slower, so neither is here: issuing tile j+1's
-# QK^T before tile j's softmax (FA3's intra-warpgroup overlap at the source level: 0.74 vs
-# 0.63 ms at D=128 T=4k; it needs a second fp32 score tile in registers), and computing half
-# of the exponentials with a cubic on the FMA pipe (FA4's trick: 0.66 vs 0.63 ms).
-# The Gluon route of point 1 was tried too (branch wip/gluon-prefill, not merged): a Hopper
-# forward with TMA, mbarriers and async wgmma with explicit waits, the next tile's QK^T issued
-# before this tile's softmax, plain and warp-specialised (a producer warp feeding full/empty
-# barriers). Both ran correctly and lost to this file's kernel (H200, causal bf16, one run per
-# variant, every ratio against cuDNN in its own run): at D=128 the plain variant reached
-# 0.61-0.67x and the warp-specialised one 0.58-0.68x where this kernel reached 0.70-0.86x; at
-# D=64 0.77-0.83x and 0.63-0.83x against 0.89-0.97x. Writing FA3's schedule is not enough; its register
-# allocation and instruction scheduling are the rest of the work.
+# cuDNN reaches 565-605 at D=128. Rough budget per 128x128 tile at D=128: two GEMMs of 2*128^3
+# FLOPs at ~4096 dense bf16 FLOP/clock/SM = 2048 clocks, versus 128*128 exp2 at 16/clock/SM
+# (the special-function unit) = 1024 clocks: unless the two overlap, the exponentials alone add
+# 50% to the GEMM time. In this kernel they do not overlap: the same warps issue loads, run
+# wgmma and do the softmax, and in the compiled loop (TTGIR) each QK^T wgmma is waited for at
+# once (pendings = 0) together with the previous tile's P@V, so the tensor cores idle through
+# every softmax. What was tried in plain Triton, measured on the H200 (results/perf_notes.md):
+#   - tl.range(..., warp_specialize=True): on sm_90 Triton 3.6 leaves this loop alone (the same
+#     binary, byte for byte, at 8 warps; at 4 warps the pass fails);
+#   - issuing tile j+1's QK^T before tile j's softmax (FA3's intra-warpgroup overlap at the
+#     source level): 0.74 vs 0.63 ms at D=128 T=4k, it needs a second fp32 score tile in registers;
+#   - half of the exponentials as a cubic on the FMA pipe (FA4's trick): 0.66 vs 0.63 ms;
+#   - TMA loads (use_tma=True, device-side descriptors): within -26%..+3%, the loads were not
+#     the bottleneck; BLOCK_M=256 with 16 warps: slower.
+# What closes the gap is FlashAttention-3's structure, warps with different jobs, which needs
+# Gluon: Part 3b.
+
+
+# -----------------------------------------------------------------------------
+# Part 3b. Prefill on Hopper: FlashAttention-3's warp specialisation, written in Gluon.
+#
+# The kernel above leaves the tensor cores idle while a warpgroup computes its softmax (the
+# budget above: 2048 clocks of wgmma and ~1024 of exp2 per 128 x 128 tile, one after the
+# other). FlashAttention-3's answer is to give different warps different jobs, which plain
+# Triton cannot express on sm_90 but Gluon (Triton's lower-level dialect: explicit layouts,
+# shared memory, mbarriers, async wgmma) can. One program (CTA) owns 128 query rows of one head
+# and has three partitions (gl.warp_specialize):
+#
+#   producer   1 warp, 24 registers: TMA-copies Q once, then K_j and V_j into a ring of
+#              STAGES shared-memory slots; it waits on each slot's "empty" mbarrier before
+#              refilling it, and the copy itself arrives on the slot's "ready" mbarrier.
+#   consumer 0 4 warps (one warpgroup), 240 registers: query rows 0..63 of the tile.
+#   consumer 1 4 warps, 240 registers: rows 64..127.
+#
+# Each consumer runs FlashAttention-2's online softmax (Part 2) on its 64 rows, but the two are
+# independent instruction streams: while one does exp2/max/sum on the FMA and special-function
+# units, the other's wgmma keeps the tensor cores busy, so per tile the SM spends roughly
+# max(GEMMs of both warpgroups, one softmax) instead of GEMMs + softmax. With PINGPONG the
+# consumers also take turns to *issue* their wgmmas (two mbarriers, FA3's "warp scheduler
+# barrier"): warpgroup 0 issues S_j = Q K_j^T and P_{j-1} V_{j-1}, hands the turn over, and
+# computes its softmax while warpgroup 1's pair runs. Inside a warpgroup the order is FA3's
+# intra-warpgroup pipeline: S_j is issued before P_{j-1} V_{j-1}, waited for first
+# (warpgroup_mma_wait(1)), and the softmax of S_j is meant to run while P_{j-1} V_{j-1} is still
+# on the tensor cores.
+#
+# What the compiler made of it (sm_90 SASS, checked offline by a test): no spills, the
+# registers handed over as asked (USETMAXREG), P fed to the second wgmma from registers (no
+# round trip through shared memory). One thing did not survive: ptxas schedules the wait for
+# P_{j-1} V_{j-1} early in the softmax (before the first exp2), whatever the PTX order, so the
+# intra-warpgroup overlap is lost and what overlaps is the two warpgroups. Measured (H200, one
+# process, causal bf16, 16k tokens per batch): with and without the turn-taking within 0-3% of
+# each other, and 2 or 3 stages the same; both far above the kernel of Part 3:
+#   D=128, T = 1k / 2k / 4k / 8k / 16k: 384 / 473 / 532 / 575 / 621 TFLOP/s, 0.91x / 0.96x /
+#   1.01x / 1.02x / 1.07x cuDNN in the same process (Part 3's kernel: 0.74x-0.85x);
+#   D=64: 274 / 351 / 403 / 430 / 456 TFLOP/s, 0.81x / 0.92x / 0.97x / 0.99x / 1.02x (Part 3's:
+#   0.89x-0.94x, better at T=1k: hopper_prefill_unsupported sends D=64 below 2k tokens there).
+# Why the earlier Gluon attempt (eighth session, 0.58-0.68x cuDNN) lost and this one wins: it
+# had one 8-warp consumer doing all 128 rows, so its two warpgroups ran in lockstep (CTA-wide
+# barriers around each refill) and nothing overlapped the softmax; here each warpgroup is its
+# own partition with its own 64 rows, and the only thing they share is the K/V ring.
+#
+# Shapes it takes (hopper_prefill_unsupported says why not, and flash_attn falls back to Part
+# 3): a Hopper GPU, fp16/bf16, D = 64 or 128, the batched (B, H, T, D) layout contiguous, and
+# T a multiple of 128, so that every tile is whole and TMA boxes never straddle two heads (the
+# tensors are viewed as 2-D (rows, D) with one descriptor each). Causal tiles: BLOCK_N =
+# BLOCK_M = 128, so only the last key tile of a query tile needs the mask.
+
+HOPPER_PREFILL = True          # flash_attn takes flash_attn_hopper where it applies
+HOPPER_PREFILL_STAGES = 2      # K/V ring slots: 2 x (K + V) x 128 x D x 2 bytes (128 KB at D=128)
+HOPPER_PREFILL_PINGPONG = True
+_HOPPER_HALF = 64              # query rows per consumer warpgroup (the wgmma M)
+_HOPPER_BLOCK_M = 2 * _HOPPER_HALF
+_HOPPER_BLOCK_N = 128
+_HOPPER_MAXNREG = 168          # 12 warps x 32 x 168 = 64,512 of the SM's 65,536 registers
+
+
+@gluon.jit
+def _hopper_prefill_producer(q_desc, k_desc, v_desc, o_desc, q_smem, k_ring, v_ring, q_ready, k_ready, v_ready,
+                             k_empty, v_empty, turns, q_row, kv_row, m0, n_tiles, qk_scale,
+                             WG: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    STAGES: gl.constexpr = k_ring.shape[0]
+    mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_ready, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [q_row + HALF, 0], q_ready, q_smem.index(1))
+    for j in range(n_tiles):
+        slot = j % STAGES
+        # a fresh mbarrier counts as having completed the phase before phase 0, so the first
+        # pass over the ring (parity 1) does not wait
+        empty_phase = ((j // STAGES) & 1) ^ 1
+        mbarrier.wait(k_empty.index(slot), empty_phase)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, 0], k_ready.index(slot), k_ring.index(slot))
+        mbarrier.wait(v_empty.index(slot), empty_phase)
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, 0], v_ready.index(slot), v_ring.index(slot))
+
+
+@gluon.jit
+def _hopper_prefill_consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_ring, v_ring, q_ready, k_ready, v_ready,
+                             k_empty, v_empty, turns, q_row, kv_row, m0, n_tiles, qk_scale,
+                             WG: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    STAGES: gl.constexpr = k_ring.shape[0]
+    dtype: gl.constexpr = q_desc.dtype
+    # wgmma's register layouts for 4 warps: S = Q K^T is (64, BLOCK_N) fp32, O is (64, D) fp32
+    # (each thread: 64 of S, 64 of O at D=128); P enters the second wgmma from registers in the
+    # operand layout of O's MMA, which the conversion below reaches without moving data.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    q = q_smem.index(WG)
+    my_turn = turns.index(WG)
+    their_turn = turns.index(1 - WG)
+    turn_phase = 1 - WG          # warpgroup 0's first wait passes at once; 1 waits for 0's turn
+    rows = m0 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))   # in the sequence
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    zeros_s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_ready, 0)
+
+    # turn 0: S_0 alone (there is no P V yet)
+    if PINGPONG:
+        mbarrier.wait(my_turn, turn_phase)
+        turn_phase ^= 1
+    mbarrier.wait(k_ready.index(0), 0)
+    s_token = warpgroup_mma(q, k_ring.index(0).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(their_turn, count=1)
+    s = warpgroup_mma_wait(0, deps=[s_token])
+    mbarrier.arrive(k_empty.index(0), count=1)
+    if CAUSAL:
+        if n_tiles == 1:
+            s = gl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+    m_i = gl.max(s, 1) * qk_scale        # every row sees key 0, so m_i is finite
+    p = gl.exp2(s * qk_scale - m_i[:, None])
+    l_i = gl.sum(p, 1)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    o = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
+
+    # turns 1..n-1: S_j and P_{j-1} V_{j-1} issued together, the softmax of S_j in between
+    for j in range(1, n_tiles):
+        slot = j % STAGES
+        prev = (j - 1) % STAGES
+        if PINGPONG:
+            mbarrier.wait(my_turn, turn_phase)
+            turn_phase ^= 1
+        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        s_token = warpgroup_mma(q, k_ring.index(slot).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        o_token = warpgroup_mma(p_op, v_ring.index(prev), o, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(their_turn, count=1)
+        s = warpgroup_mma_wait(1, deps=[s_token])      # S_j done; P_{j-1} V_{j-1} may still run
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        if CAUSAL:
+            if j == n_tiles - 1:                       # the diagonal tile: key > row is hidden
+                s = gl.where((j * BLOCK_N + cols)[None, :] <= rows[:, None], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        p_next = gl.convert_layout(p.to(dtype), p_layout)
+        # P_{j-1} is still read by the wgmma in flight, so it is named in the wait (its
+        # registers must not receive P_j before then)
+        o, p_op, p_next = warpgroup_mma_wait(0, deps=[o_token, p_op, p_next])
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        o = o * gl.convert_layout(alpha, o_rows)[:, None]
+        p_op = p_next
+
+    # the last turn: P_{n-1} V_{n-1}
+    last = (n_tiles - 1) % STAGES
+    if PINGPONG:
+        mbarrier.wait(my_turn, turn_phase)
+    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    o_token = warpgroup_mma(p_op, v_ring.index(last), o, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(their_turn, count=1)
+    o = warpgroup_mma_wait(0, deps=[o_token])
+    o = o / gl.convert_layout(l_i, o_rows)[:, None]
+    # Q's slot is no longer read: it stages the output for one TMA store
+    q.store(o.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [q_row + WG * HALF, 0], q)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, qk_scale, seq_len, n_heads, n_kv_heads,
+                           CAUSAL: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                           num_warps: gl.constexpr):
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    BLOCK_M: gl.constexpr = 2 * HALF
+    gl.static_assert(BLOCK_M == BLOCK_N)     # one diagonal key tile per query tile
+    dtype: gl.constexpr = q_desc.dtype
+    tile, head, batch = gl.program_id(0), gl.program_id(1), gl.program_id(2)
+    if CAUSAL:
+        tile = gl.num_programs(0) - 1 - tile          # the longest rows first (Part 3: why)
+    kv_head = head // (n_heads // n_kv_heads)
+    m0 = tile * BLOCK_M
+    q_row = (batch * n_heads + head) * seq_len + m0               # rows of the 2-D (rows, D) views
+    kv_row = (batch * n_kv_heads + kv_head) * seq_len
+    if CAUSAL:
+        n_tiles = tile + 1
+    else:
+        n_tiles = seq_len // BLOCK_N
+    q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)      # both consumers release a slot
+        mbarrier.init(v_empty.index(i), count=2)
+    mbarrier.init(turns.index(0), count=1)
+    mbarrier.init(turns.index(1), count=1)
+    # (every partition takes the same arguments: worker partitions must share one signature)
+    gl.warp_specialize([
+        (_hopper_prefill_consumer, (q_desc, k_desc, v_desc, o_desc, q_smem, k_ring, v_ring, q_ready, k_ready,
+                                    v_ready, k_empty, v_empty, turns, q_row, kv_row, m0, n_tiles, qk_scale,
+                                    0, CAUSAL, PINGPONG)),
+        (_hopper_prefill_consumer, (q_desc, k_desc, v_desc, o_desc, q_smem, k_ring, v_ring, q_ready, k_ready,
+                                    v_ready, k_empty, v_empty, turns, q_row, kv_row, m0, n_tiles, qk_scale,
+                                    1, CAUSAL, PINGPONG)),
+        (_hopper_prefill_producer, (q_desc, k_desc, v_desc, o_desc, q_smem, k_ring, v_ring, q_ready, k_ready,
+                                    v_ready, k_empty, v_empty, turns, q_row, kv_row, m0, n_tiles, qk_scale,
+                                    0, CAUSAL, PINGPONG)),
+    ], [4, 1], [240, 24])
+
+
+def hopper_prefill_unsupported(q, k, v, out=None, capability=None):
+    """None if flash_attn_hopper takes these (B, H, T, D) / (B, Hkv, T, D) tensors, else why
+    not. capability: the GPU's (major, minor); None asks q's device (CPU tensors: unsupported)."""
+    if capability is None:
+        if INTERPRET or q.device.type != "cuda" or not is_hopper(q.device):
+            return "needs a Hopper GPU (sm_90: wgmma) outside the interpreter"
+    elif capability[0] != 9:
+        return f"needs a Hopper GPU (sm_90: wgmma), not sm_{capability[0]}{capability[1]}"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"needs fp16/bf16 q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] \
+            or k.shape[2:] != q.shape[2:] or q.shape[1] % k.shape[1]:
+        return f"needs (B, H, T, D) and (B, Hkv, T, D) with Hkv | H, got {tuple(q.shape)}, {tuple(k.shape)}"
+    seq_len, head_dim = q.shape[2], q.shape[3]
+    if head_dim not in (64, 128):
+        return f"head_dim {head_dim}: only 64 and 128"
+    if seq_len % _HOPPER_BLOCK_M:
+        return f"T = {seq_len} is not a multiple of {_HOPPER_BLOCK_M}"
+    if head_dim == 64 and seq_len < 2048:
+        return "D=64 below 2048 tokens: Part 3's kernel is faster there (H200)"
+    tensors = (q, k, v) if out is None else (q, k, v, out)
+    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors):
+        return "needs contiguous, 16-byte aligned tensors (one TMA descriptor per tensor)"
+    if q.numel() // head_dim >= 2**31:
+        return "more than 2^31 rows: TMA coordinates are 32-bit"
+    return None
+
+
+def hopper_prefill_compile_job(head_dim, causal, dtype="bf16"):
+    """The kernel as flash_attn_hopper launches it, as a job for tm.compile_offline (sm_90
+    without a GPU: registers, spills, shared memory, SASS)."""
+    half, tile = f"tma:{dtype}:{_HOPPER_HALF}x{head_dim}", f"tma:{dtype}:{_HOPPER_BLOCK_N}x{head_dim}"
+    return ("flash_attn._hopper_prefill_kernel", dict(q_desc=half, k_desc=tile, v_desc=tile, o_desc=half),
+            dict(qk_scale=0.5, seq_len=4096, n_heads=16, n_kv_heads=16),
+            dict(CAUSAL=causal, STAGES=HOPPER_PREFILL_STAGES, PINGPONG=HOPPER_PREFILL_PINGPONG), 4, 1,
+            dict(maxnreg=_HOPPER_MAXNREG))
+
+
+def flash_attn_hopper(q, k, v, is_causal=True, scale=None, out=None):
+    """FA3-style prefill (Part 3b): q (B, H, T, D), k/v (B, Hkv, T, D) -> (B, H, T, D), for the
+    shapes hopper_prefill_unsupported accepts (it raises ValueError with its reason otherwise)."""
+    if reason := hopper_prefill_unsupported(q, k, v, out):
+        raise ValueError(f"flash_attn_hopper: {reason}")
+    batch, n_heads, seq_len, head_dim = q.shape
+    out = torch.empty_like(q) if out is None else _checked_out(q, out, k=k, v=v)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if scale <= 0:
+        raise ValueError("scale must be positive (the kernel folds it into the row max)")
+    elem = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    half = gl.NVMMASharedLayout.get_default_for([_HOPPER_HALF, head_dim], elem)
+    tile = gl.NVMMASharedLayout.get_default_for([_HOPPER_BLOCK_N, head_dim], elem)
+    rows = lambda t: t.view(-1, head_dim)    # noqa: E731  (B, H, T, D) as (B*H*T, D)
+    q_desc = TensorDescriptor.from_tensor(rows(q), [_HOPPER_HALF, head_dim], half)
+    k_desc = TensorDescriptor.from_tensor(rows(k), [_HOPPER_BLOCK_N, head_dim], tile)
+    v_desc = TensorDescriptor.from_tensor(rows(v), [_HOPPER_BLOCK_N, head_dim], tile)
+    o_desc = TensorDescriptor.from_tensor(rows(out), [_HOPPER_HALF, head_dim], half)
+    grid = (seq_len // _HOPPER_BLOCK_M, n_heads, batch)
+    _hopper_prefill_kernel[grid](q_desc, k_desc, v_desc, o_desc, scale * LOG2E, seq_len, n_heads, k.shape[1],
+                                 is_causal, HOPPER_PREFILL_STAGES, HOPPER_PREFILL_PINGPONG,
+                                 num_warps=4, maxnreg=_HOPPER_MAXNREG)
+    return out
+
 
 # -----------------------------------------------------------------------------
 # Part 4. Decode over a paged KV cache (flash-decoding).
@@ -1427,6 +1705,14 @@ def main():
         out = flash_attn_varlen(q, k, v, cu, max(lens), causal=causal)
         err = _max_rel_err(out, attention_reference(q, k, v, cu, causal=causal))
         rows.append((f"prefill varlen causal={causal}", f"lens={lens} H=4 Hkv=2 D=64", err))
+    # batched prefill in SDPA's layout (on a Hopper GPU: Part 3b's warp-specialised kernel)
+    t, d = (40, 32) if INTERPRET else (1024, 128)
+    q = torch.randn(2, 8, t, d, dtype=dtype, device=device)
+    k, v = (torch.randn(2, 4, t, d, dtype=dtype, device=device) for _ in range(2))
+    part = "3b" if HOPPER_PREFILL and hopper_prefill_unsupported(q, k, v) is None else "3"
+    want = attention_naive(q.float(), k.float(), v.float(), is_causal=True)
+    rows.append((f"prefill batched causal (Part {part})", f"B=2 T={t} H=8 Hkv=4 D={d}",
+                 _max_rel_err(flash_attn(q, k, v, is_causal=True), want)))
     # paged decode, random block table, contexts ending mid-block
     for block_size in (16, 32):
         ctx = [1, 45, 100] if INTERPRET else [1, 45, 1000, 5000]

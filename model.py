@@ -346,6 +346,12 @@ def is_hopper_or_later(device=None) -> bool:
     return device.type == "cuda" and _capability(device)[0] >= 9
 
 
+def is_hopper(device=None) -> bool:
+    """Exactly compute capability 9.x (H100 / H200): wgmma, Hopper's warpgroup tensor-core
+    instruction, exists there and nowhere else (Blackwell has tcgen05 instead)."""
+    return is_hopper_or_later(device) and _capability(torch.device(device or "cuda"))[0] == 9
+
+
 @functools.cache       # a driver query, asked on every decode-attention launch
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)

@@ -1572,6 +1572,52 @@ def test_paged_decode_mha_kernel_compiles_without_spills_wherever_paged_decode_t
     assert spills.get("n_spills", 0) > 0, spills        # why the limit is where it is (as measured offline)
 
 
+def test_hopper_prefill_compiles_for_sm90_as_designed():
+    """Part 3b's FA3-style kernel compiled offline for sm_90, as flash_attn_hopper launches it:
+    no spills within maxnreg, the two consumers given more registers than the producer
+    (USETMAXREG), P fed to the P V wgmma from registers (an HGMMA whose A operand is a
+    register, no shared-memory round trip), K/V ring + Q within the 227 KB of shared memory, and
+    the number of wgmmas that the tile loop implies: QK^T (D/16 of them per 64-row slice) and
+    P V (BLOCK_N/16) for each consumer's three turn kinds (first, loop, last)."""
+    jobs = [(128, True, "bf16"), (128, False, "fp16"), (64, True, "bf16")]
+    results = tm.compile_offline([fa.hopper_prefill_compile_job(d, c, t) for d, c, t in jobs], sass=True)
+    for (d, causal, dtype), res in zip(jobs, results):
+        assert "error" not in res and res["n_spills"] == 0 and res["n_regs"] <= fa._HOPPER_MAXNREG, (d, res)
+        assert res["shared_bytes"] <= 232448, (d, res["shared_bytes"])
+        sass = res["sass"]
+        assert any(x.startswith("USETMAXREG.TRY_ALLOC") for x in sass), d
+        assert not any(x.split()[0] in ("STL", "LDL") for x in sass), d
+        wgmma = [x for x in sass if x.startswith("HGMMA")]
+        from_registers = [x for x in wgmma if re.match(r"HGMMA\S+ R\d+, R\d+, gdesc", x)]
+        qk, pv = d // 16, fa._HOPPER_BLOCK_N // 16
+        # per consumer: QK^T in the first turn and the loop, P V in the loop and the last turn
+        assert len(from_registers) == 2 * 2 * pv and len(wgmma) == 2 * 2 * (qk + pv), (d, len(wgmma))
+
+
+def test_hopper_prefill_rule():
+    """Which shapes flash_attn sends to Part 3b's kernel (asked with capability=(9, 0), so on any
+    machine), and why the others go to Part 3's."""
+    def ask(shape_q, shape_kv=None, dtype=torch.bfloat16, capability=(9, 0), transpose=False):
+        q = torch.empty(shape_q, dtype=dtype)
+        k = torch.empty(shape_kv or shape_q, dtype=dtype)
+        if transpose:
+            q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        return fa.hopper_prefill_unsupported(q, k, k, capability=capability)
+    assert ask((2, 16, 4096, 128)) is None
+    assert ask((1, 6, 384, 128), (1, 2, 384, 128)) is None                # GQA ratio 3
+    assert ask((2, 32, 2048, 64), dtype=torch.float16) is None
+    assert "multiple of 128" in ask((2, 16, 4097, 128))
+    assert "64 and 128" in ask((2, 16, 4096, 96))
+    assert "faster there" in ask((2, 32, 1024, 64))
+    assert "fp16/bf16" in ask((2, 16, 4096, 128), dtype=torch.float32)
+    assert "Hopper" in ask((2, 16, 4096, 128), capability=(10, 0))
+    assert "contiguous" in ask((2, 16, 4096, 128), transpose=True)
+    assert "Hkv | H" in ask((2, 16, 4096, 128), (2, 5, 4096, 128))
+    assert "Hopper" in fa.hopper_prefill_unsupported(*(torch.empty(1, 2, 128, 128, dtype=torch.bfloat16),) * 3)
+    with pytest.raises(ValueError, match="flash_attn_hopper: needs a Hopper GPU"):
+        fa.flash_attn_hopper(*(torch.empty(1, 2, 128, 128, dtype=torch.bfloat16),) * 3)
+
+
 def test_mha_decode_split_tokens_rule(monkeypatch):
     """The multi-head kernel's splits on a 132-SM GPU: 512 tokens where that still launches a third
     of the SMs' worth of programs (GPT-2 1.5B's 25 heads x 2 at a 1024-token graph), else 256
@@ -2436,6 +2482,26 @@ def test_flash_cuda_prefill_batched_vs_sdpa(t, head_dim, causal, use_tma):
     out = torch.full_like(q, float("nan"))
     fa.flash_attn(q, k, v, is_causal=causal, use_tma=use_tma, out=out)
     _fa_assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.skipif(not HOPPER_GPU, reason="needs a Hopper GPU (sm_90): Gluon has no CPU interpreter")
+@pytest.mark.parametrize("shape", [(1, 2, 2, 128, 128), (2, 4, 4, 256, 128), (1, 6, 2, 384, 128),
+                                   (2, 16, 16, 4096, 128), (1, 8, 4, 2048, 64), (1, 4, 4, 4096, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_cuda_prefill_hopper_kernel(shape, causal, dtype):
+    """Part 3b's kernel against SDPA in fp32 (one tile, two, GQA ratio 3, 32 tiles, D=64), and
+    flash_attn sending these shapes to it (HOPPER_PREFILL)."""
+    b, h, hkv, t, d = shape
+    q = torch.randn(b, h, t, d, device=FA_DEVICE, dtype=dtype)
+    k, v = (torch.randn(b, hkv, t, d, device=FA_DEVICE, dtype=dtype) for _ in range(2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal,
+                                                           enable_gqa=h != hkv)
+    assert fa.hopper_prefill_unsupported(q, k, v) is None
+    out = torch.full_like(q, float("nan"))
+    fa.flash_attn_hopper(q, k, v, is_causal=causal, out=out)
+    _fa_assert_close(out, ref, dtype)
+    assert torch.equal(fa.flash_attn(q, k, v, is_causal=causal), out)   # the dispatch takes it
 
 
 @needs_cuda

@@ -529,7 +529,8 @@ def _launch_signature(fn, tensors: dict, ints: dict, constexprs: dict):
     """(signature, constexprs, attrs) for ASTSource, as a launch with these values would make
     them for this file's GEMM and GEMV kernels: tensors name -> dtype string ("fp16"), scalars
     name -> value (a float is fp32; an int32 of 1 becomes a constant, a multiple of 16 is marked
-    divisible); "tma:fp16:32" is v6's weight descriptor with 32-row boxes. Not covered, since
+    divisible); "tma:fp16:32" is v6's weight descriptor with 32-row boxes, "tma:bf16:64x128" a
+    descriptor with (64, 128) boxes in the default shared layout. Not covered, since
     those kernels need neither: do_not_specialize, int64 values."""
     signature, consts, divisible = {}, dict(constexprs), []
     for i, name in enumerate(fn.arg_names):
@@ -560,12 +561,17 @@ def _launch_signature(fn, tensors: dict, ints: dict, constexprs: dict):
 
 
 def _tma_descriptor_type(spec):
-    """"tma:fp16:32" -> the signature type of v6's weight descriptor (the box and its shared
-    layout are part of the type; the tensor's own shape is not, so any tensor will do)."""
+    """"tma:fp16:32" -> the signature type of v6's weight descriptor; "tma:bf16:64x128" -> that
+    of a descriptor with (64, 128) boxes (the box and its shared layout are part of the type; the
+    tensor's own shape is not, so any tensor will do)."""
     from triton.runtime.jit import mangle_type
-    _, dtype, rows = spec.split(":")
-    weight = torch.empty(int(rows), TMA_BOX_K, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
-    return mangle_type(_weight_descriptor(weight, int(rows)))
+    _, dtype, box = spec.split(":")
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    if "x" not in box:
+        return mangle_type(_weight_descriptor(torch.empty(int(box), TMA_BOX_K, dtype=torch_dtype), int(box)))
+    shape = [int(n) for n in box.split("x")]
+    layout = gl.NVMMASharedLayout.get_default_for(shape, gl.float16 if dtype == "fp16" else gl.bfloat16)
+    return mangle_type(TensorDescriptor.from_tensor(torch.empty(shape, dtype=torch_dtype), shape, layout))
 
 
 HOPPER = 90            # the compute capability compiled for offline (H100 / H200)
@@ -582,7 +588,7 @@ def _compile_offline_here(jobs, sass=False):
     from triton.compiler import ASTSource
     from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
     results = []
-    for fn_name, tensors, ints, constexprs, num_warps, num_stages in jobs:
+    for fn_name, tensors, ints, constexprs, num_warps, num_stages, *more_options in jobs:
         module, _, fn_name = fn_name.rpartition(".")    # "flash_attn._paged_decode_split_kernel", or this file's
         fn = getattr(importlib.import_module(module), fn_name) if module else globals()[fn_name]
         gluon_kernel = isinstance(fn, GluonJITFunction)  # v6: num_warps is one of its constexpr arguments
@@ -593,7 +599,7 @@ def _compile_offline_here(jobs, sass=False):
             src = (GluonASTSource if gluon_kernel else ASTSource)(
                 fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", HOPPER, 32),
-                                      options=dict(num_warps=num_warps, num_stages=num_stages))
+                                      options=dict(num_warps=num_warps, num_stages=num_stages, **dict(*more_options)))
         except Exception as err:                # noqa: BLE001 (a job that does not compile: report it)
             results.append(dict(error=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"))
             continue
@@ -624,7 +630,8 @@ def _compile_offline_here(jobs, sass=False):
 def compile_offline(jobs, sass=False):
     """Compile kernels for an H100/H200 (sm_90) without one. jobs: (kernel name: one of this
     file's, or "module.name" for another file's, {tensor arg: dtype string}, {scalar arg: value},
-    {constexpr: value; the ones left out keep their defaults}, num_warps, num_stages).
+    {constexpr: value; the ones left out keep their defaults}, num_warps, num_stages[, {more
+    compile options, e.g. maxnreg}]).
     Returns one dict per job: n_regs (per thread), n_spills (local memory per thread in 4-byte
     words, as kernel.n_spills counts it), shared_bytes (per program), with sass=True the SASS
     instructions (a list of strings), or error."""
