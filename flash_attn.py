@@ -8,6 +8,9 @@ What you will learn:
   - FlashAttention-2 tiling in Triton: one program per (query tile, head), K/V streamed
     through shared memory, causal tiles above the diagonal skipped, GQA without copying K/V,
     packed variable-length batches (the layout a serving engine's batched prefill uses)
+  - FlashAttention-3 on Hopper, in Gluon (Triton's lower-level dialect): warp specialisation,
+    a producer warp feeding a shared-memory ring by TMA against mbarriers, and two consumer
+    warpgroups whose softmax and tensor-core work overlap each other (Part 3b)
   - flash-decoding: one new token per sequence against a *paged* KV cache, with the sequence
     split across programs (split-K) and the pieces merged by whichever program finishes last
   - when a kernel is latency, not bandwidth: batch-1 multi-head decode written in Gluon (Triton's
@@ -39,6 +42,13 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
   prefill v3  same kernel with use_tma=True (tiles moved by Hopper's TMA engine through
               device-side tensor descriptors) -> within -26%..+3% of v2; it wins only at D=128,
               T=2k-4k, so v2 (pointer loads) stays the default
+  prefill v4  (eighteenth session, Hopper) flash_attn_hopper, Part 3b: a TMA producer warp and
+              two consumer warpgroups (64 query rows each, their own online softmax, turns on
+              mbarriers), in Gluon; flash_attn takes it for fp16/bf16, D=128 (D=64 from 2k
+              tokens), T % 128 == 0
+              -> causal D=128: 391-580 TFLOP/s, 0.957x / 0.945x / 1.04x cuDNN at T = 4k / 8k /
+                 16k (v2/v3 in the same run: 0.78x / 0.77x / 0.88x); D=64 0.92x / 0.95x / 1.01x;
+                 1.32-1.88x the FA2 backend; non-causal D=128 T=4k 1.03x cuDNN
   long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.76 ms, 100k tokens 159 ms
               (515 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
               path would need 1,192 GiB. cuDNN: 1.40 ms and 140 ms.
@@ -560,12 +570,14 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 # round trip through shared memory). One thing did not survive: ptxas schedules the wait for
 # P_{j-1} V_{j-1} early in the softmax (before the first exp2), whatever the PTX order, so the
 # intra-warpgroup overlap is lost and what overlaps is the two warpgroups. Measured (H200, one
-# process, causal bf16, 16k tokens per batch): with and without the turn-taking within 0-3% of
-# each other, and 2 or 3 stages the same; both far above the kernel of Part 3:
+# process, causal bf16, 16k tokens per batch, eighteenth session): with and without the
+# turn-taking within 0-3% of each other, and 2 or 3 stages the same; all far above Part 3:
 #   D=128, T = 1k / 2k / 4k / 8k / 16k: 384 / 473 / 532 / 575 / 621 TFLOP/s, 0.91x / 0.96x /
 #   1.01x / 1.02x / 1.07x cuDNN in the same process (Part 3's kernel: 0.74x-0.85x);
 #   D=64: 274 / 351 / 403 / 430 / 456 TFLOP/s, 0.81x / 0.92x / 0.97x / 0.99x / 1.02x (Part 3's:
-#   0.89x-0.94x, better at T=1k: hopper_prefill_unsupported sends D=64 below 2k tokens there).
+#   0.89x-0.94x, and faster at T=1k, so hopper_prefill_unsupported leaves D=64 below 2k tokens
+#   to it). bench.py --topic flash in another call: 0.957x / 0.945x / 1.04x cuDNN at D=128,
+#   T = 4k / 8k / 16k (results/flash.md): cuDNN's side moves by ~5% between runs.
 # Why the earlier Gluon attempt (eighth session, 0.58-0.68x cuDNN) lost and this one wins: it
 # had one 8-warp consumer doing all 128 rows, so its two warpgroups ran in lockstep (CTA-wide
 # barriers around each refill) and nothing overlapped the softmax; here each warpgroup is its
