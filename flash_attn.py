@@ -599,9 +599,12 @@ _HOPPER_MAXNREG = 168          # 12 warps x 32 x 168 = 64,512 of the SM's 65,536
 
 
 @gluon.jit
-def _hopper_prefill_producer(q_desc, k_desc, v_desc, o_desc, q_smem, k_ring, v_ring, q_ready, k_ready, v_ready,
-                             k_empty, v_empty, turns, q_row, kv_row, m0, n_tiles, qk_scale,
-                             WG: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+def _hopper_prefill_producer(descs, smem, bars, where, WG: gl.constexpr, CAUSAL: gl.constexpr,
+                             PINGPONG: gl.constexpr):
+    q_desc, k_desc, v_desc, o_desc = descs
+    q_smem, k_ring, v_ring = smem
+    q_ready, k_ready, v_ready, k_empty, v_empty, turns = bars
+    q_row, kv_row, m0, n_tiles, qk_scale = where
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     STAGES: gl.constexpr = k_ring.shape[0]
@@ -622,9 +625,12 @@ def _hopper_prefill_producer(q_desc, k_desc, v_desc, o_desc, q_smem, k_ring, v_r
 
 
 @gluon.jit
-def _hopper_prefill_consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_ring, v_ring, q_ready, k_ready, v_ready,
-                             k_empty, v_empty, turns, q_row, kv_row, m0, n_tiles, qk_scale,
-                             WG: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+def _hopper_prefill_consumer(descs, smem, bars, where, WG: gl.constexpr, CAUSAL: gl.constexpr,
+                             PINGPONG: gl.constexpr):
+    q_desc, k_desc, v_desc, o_desc = descs
+    q_smem, k_ring, v_ring = smem
+    q_ready, k_ready, v_ready, k_empty, v_empty, turns = bars
+    q_row, kv_row, m0, n_tiles, qk_scale = where
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -753,16 +759,14 @@ def _hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, qk_scale, seq_len, n_
     mbarrier.init(turns.index(0), count=1)
     mbarrier.init(turns.index(1), count=1)
     # (every partition takes the same arguments: worker partitions must share one signature)
+    descs = (q_desc, k_desc, v_desc, o_desc)
+    smem = (q_smem, k_ring, v_ring)
+    bars = (q_ready, k_ready, v_ready, k_empty, v_empty, turns)
+    where = (q_row, kv_row, m0, n_tiles, qk_scale)
     gl.warp_specialize([
-        (_hopper_prefill_consumer, (q_desc, k_desc, v_desc, o_desc, q_smem, k_ring, v_ring, q_ready, k_ready,
-                                    v_ready, k_empty, v_empty, turns, q_row, kv_row, m0, n_tiles, qk_scale,
-                                    0, CAUSAL, PINGPONG)),
-        (_hopper_prefill_consumer, (q_desc, k_desc, v_desc, o_desc, q_smem, k_ring, v_ring, q_ready, k_ready,
-                                    v_ready, k_empty, v_empty, turns, q_row, kv_row, m0, n_tiles, qk_scale,
-                                    1, CAUSAL, PINGPONG)),
-        (_hopper_prefill_producer, (q_desc, k_desc, v_desc, o_desc, q_smem, k_ring, v_ring, q_ready, k_ready,
-                                    v_ready, k_empty, v_empty, turns, q_row, kv_row, m0, n_tiles, qk_scale,
-                                    0, CAUSAL, PINGPONG)),
+        (_hopper_prefill_consumer, (descs, smem, bars, where, 0, CAUSAL, PINGPONG)),   # rows 0..63
+        (_hopper_prefill_consumer, (descs, smem, bars, where, 1, CAUSAL, PINGPONG)),   # rows 64..127
+        (_hopper_prefill_producer, (descs, smem, bars, where, 0, CAUSAL, PINGPONG)),
     ], [4, 1], [240, 24])
 
 
