@@ -601,10 +601,11 @@ _HOPPER_MAXNREG = 168          # 12 warps x 32 x 168 = 64,512 of the SM's 65,536
 @gluon.jit
 def _hopper_prefill_producer(descs, smem, bars, where, WG: gl.constexpr, CAUSAL: gl.constexpr,
                              PINGPONG: gl.constexpr):
-    q_desc, k_desc, v_desc, o_desc = descs
+    # (the consumers' signature; the producer uses neither the output nor the turns)
+    q_desc, k_desc, v_desc = descs[0], descs[1], descs[2]
     q_smem, k_ring, v_ring = smem
-    q_ready, k_ready, v_ready, k_empty, v_empty, turns = bars
-    q_row, kv_row, m0, n_tiles, qk_scale = where
+    q_ready, k_ready, v_ready, k_empty, v_empty = bars[0], bars[1], bars[2], bars[3], bars[4]
+    q_row, kv_row, n_tiles = where[0], where[1], where[3]
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     STAGES: gl.constexpr = k_ring.shape[0]
