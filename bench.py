@@ -886,7 +886,8 @@ def _bench_prefill(ctx, dtype, causal, points):
               note="ours ms / ratios use the fastest of our three: Part 3's FlashAttention-2 kernel with "
                    "pointer+cp.async or TMA loads, and Part 3b's FA3-style Gluon kernel (a producer warp and two "
                    "consumer warpgroups; Hopper, T a multiple of 128, '-' where it does not apply). "
-                   "flash_attn takes Part 3b wherever hopper_prefill_unsupported allows it. "
+                   "flash_attn takes Part 3b where hopper_prefill_unsupported allows it and hopper_prefill_preferred "
+                   "(D=128; D=64 from 2k tokens). "
                    "Targets: >= 1.0x FA2 everywhere, >= 0.85x cuDNN at T >= 4096. naive: '-' where "
                    "its T x T scores would exceed 8 GiB.", dtype=dtype)
 

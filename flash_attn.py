@@ -497,9 +497,10 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, 
 def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
     """Batched convenience wrapper with SDPA's layout: q (B, H, T, D), k/v (B, Hkv, T, D) ->
     (B, H, T, D). On a Hopper GPU, Part 3b's kernel where hopper_prefill_unsupported allows it
-    (HOPPER_PREFILL, and use_tma=False); otherwise the same kernel as flash_attn_varlen
-    (stride_s = batch stride, no copies)."""
-    if HOPPER_PREFILL and not use_tma and not INTERPRET and hopper_prefill_unsupported(q, k, v, out) is None:
+    and hopper_prefill_preferred (HOPPER_PREFILL, and use_tma=False); otherwise the same kernel
+    as flash_attn_varlen (stride_s = batch stride, no copies)."""
+    if (HOPPER_PREFILL and not use_tma and not INTERPRET and hopper_prefill_unsupported(q, k, v, out) is None
+            and hopper_prefill_preferred(q)):
         return flash_attn_hopper(q, k, v, is_causal, scale, out)
     if upcast := _interpreter_bf16_workaround(q, k, v):
         res = flash_attn(*upcast, is_causal, scale, use_tma).bfloat16()
@@ -556,8 +557,9 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 #
 # Each consumer runs FlashAttention-2's online softmax (Part 2) on its 64 rows, but the two are
 # independent instruction streams: while one does exp2/max/sum on the FMA and special-function
-# units, the other's wgmma keeps the tensor cores busy, so per tile the SM spends roughly
-# max(GEMMs of both warpgroups, one softmax) instead of GEMMs + softmax. With PINGPONG the
+# units, the other's wgmma keeps the tensor cores busy, so per 128 x 128 tile the SM spends
+# roughly max(both warpgroups' GEMMs ~2048 clocks, both softmaxes ~1024: the special-function
+# units are the SM's, shared by the two) instead of their sum. With PINGPONG the
 # consumers also take turns to *issue* their wgmmas (two mbarriers, FA3's "warp scheduler
 # barrier"): warpgroup 0 issues S_j = Q K_j^T and P_{j-1} V_{j-1}, hands the turn over, and
 # computes its softmax while warpgroup 1's pair runs. Inside a warpgroup the order is FA3's
@@ -575,7 +577,7 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 #   D=128, T = 1k / 2k / 4k / 8k / 16k: 384 / 473 / 532 / 575 / 621 TFLOP/s, 0.91x / 0.96x /
 #   1.01x / 1.02x / 1.07x cuDNN in the same process (Part 3's kernel: 0.74x-0.85x);
 #   D=64: 274 / 351 / 403 / 430 / 456 TFLOP/s, 0.81x / 0.92x / 0.97x / 0.99x / 1.02x (Part 3's:
-#   0.89x-0.94x, and faster at T=1k, so hopper_prefill_unsupported leaves D=64 below 2k tokens
+#   0.89x-0.94x, and faster at T=1k, so hopper_prefill_preferred leaves D=64 below 2k tokens
 #   to it). bench.py --topic flash in another call: 0.957x / 0.945x / 1.04x cuDNN at D=128,
 #   T = 4k / 8k / 16k (results/flash.md): cuDNN's side moves by ~5% between runs.
 # Why the earlier Gluon attempt (eighth session, 0.58-0.68x cuDNN) lost and this one wins: it
@@ -584,7 +586,8 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 # own partition with its own 64 rows, and the only thing they share is the K/V ring.
 #
 # Shapes it takes (hopper_prefill_unsupported says why not, and flash_attn falls back to Part
-# 3): a Hopper GPU, fp16/bf16, D = 64 or 128, the batched (B, H, T, D) layout contiguous, and
+# 3; hopper_prefill_preferred leaves D=64 below 2k tokens to Part 3, which is faster there):
+# a Hopper GPU, fp16/bf16, D = 64 or 128, the batched (B, H, T, D) layout contiguous, and
 # T a multiple of 128, so that every tile is whole and TMA boxes never straddle two heads (the
 # tensors are viewed as 2-D (rows, D) with one descriptor each). Causal tiles: BLOCK_N =
 # BLOCK_M = 128, so only the last key tile of a query tile needs the mask.
@@ -599,13 +602,10 @@ _HOPPER_MAXNREG = 168          # 12 warps x 32 x 168 = 64,512 of the SM's 65,536
 
 
 @gluon.jit
-def _hopper_prefill_producer(descs, smem, bars, where, WG: gl.constexpr, CAUSAL: gl.constexpr,
-                             PINGPONG: gl.constexpr):
-    # (the consumers' signature; the producer uses neither the output nor the turns)
-    q_desc, k_desc, v_desc = descs[0], descs[1], descs[2]
+def _hopper_prefill_producer(descs, smem, bars, q_row, kv_row, n_tiles):
+    q_desc, k_desc, v_desc = descs
     q_smem, k_ring, v_ring = smem
-    q_ready, k_ready, v_ready, k_empty, v_empty = bars[0], bars[1], bars[2], bars[3], bars[4]
-    q_row, kv_row, n_tiles = where[0], where[1], where[3]
+    q_ready, k_ready, v_ready, k_empty, v_empty = bars
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     STAGES: gl.constexpr = k_ring.shape[0]
@@ -759,7 +759,6 @@ def _hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, qk_scale, seq_len, n_
         mbarrier.init(v_empty.index(i), count=2)
     mbarrier.init(turns.index(0), count=1)
     mbarrier.init(turns.index(1), count=1)
-    # (every partition takes the same arguments: worker partitions must share one signature)
     descs = (q_desc, k_desc, v_desc, o_desc)
     smem = (q_smem, k_ring, v_ring)
     bars = (q_ready, k_ready, v_ready, k_empty, v_empty, turns)
@@ -767,7 +766,8 @@ def _hopper_prefill_kernel(q_desc, k_desc, v_desc, o_desc, qk_scale, seq_len, n_
     gl.warp_specialize([
         (_hopper_prefill_consumer, (descs, smem, bars, where, 0, CAUSAL, PINGPONG)),   # rows 0..63
         (_hopper_prefill_consumer, (descs, smem, bars, where, 1, CAUSAL, PINGPONG)),   # rows 64..127
-        (_hopper_prefill_producer, (descs, smem, bars, where, 0, CAUSAL, PINGPONG)),
+        (_hopper_prefill_producer, ((q_desc, k_desc, v_desc), smem, (q_ready, k_ready, v_ready, k_empty, v_empty),
+                                    q_row, kv_row, n_tiles)),
     ], [4, 1], [240, 24])
 
 
@@ -782,21 +782,29 @@ def hopper_prefill_unsupported(q, k, v, out=None, capability=None):
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"needs fp16/bf16 q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] \
-            or k.shape[2:] != q.shape[2:] or q.shape[1] % k.shape[1]:
+            or k.shape[2:] != q.shape[2:] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         return f"needs (B, H, T, D) and (B, Hkv, T, D) with Hkv | H, got {tuple(q.shape)}, {tuple(k.shape)}"
     seq_len, head_dim = q.shape[2], q.shape[3]
     if head_dim not in (64, 128):
         return f"head_dim {head_dim}: only 64 and 128"
     if seq_len % _HOPPER_BLOCK_M:
         return f"T = {seq_len} is not a multiple of {_HOPPER_BLOCK_M}"
-    if head_dim == 64 and seq_len < 2048:
-        return "D=64 below 2048 tokens: Part 3's kernel is faster there (H200)"
+    if q.numel() == 0 or k.numel() == 0:
+        return "empty input (a TMA descriptor needs every dimension > 0)"
     tensors = (q, k, v) if out is None else (q, k, v, out)
+    if not all(t.device == q.device for t in tensors):
+        return "q, k, v (and out) must be on one device"
     if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors):
         return "needs contiguous, 16-byte aligned tensors (one TMA descriptor per tensor)"
     if q.numel() // head_dim >= 2**31:
         return "more than 2^31 rows: TMA coordinates are 32-bit"
     return None
+
+
+def hopper_prefill_preferred(q):
+    """Where flash_attn takes Part 3b among the shapes it supports: everywhere at D=128, from 2k
+    tokens at D=64 (at 1k Part 3's kernel ran 0.89x cuDNN against Part 3b's 0.81x, H200)."""
+    return q.shape[-1] == 128 or q.shape[2] >= 2048
 
 
 def hopper_prefill_compile_job(head_dim, causal, dtype="bf16"):
@@ -815,7 +823,7 @@ def flash_attn_hopper(q, k, v, is_causal=True, scale=None, out=None):
     if reason := hopper_prefill_unsupported(q, k, v, out):
         raise ValueError(f"flash_attn_hopper: {reason}")
     batch, n_heads, seq_len, head_dim = q.shape
-    out = torch.empty_like(q) if out is None else _checked_out(q, out, k=k, v=v)
+    out = _checked_out(q, out, k=k, v=v)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if scale <= 0:
         raise ValueError("scale must be positive (the kernel folds it into the row max)")

@@ -349,7 +349,10 @@ def is_hopper_or_later(device=None) -> bool:
 def is_hopper(device=None) -> bool:
     """Exactly compute capability 9.x (H100 / H200): wgmma, Hopper's warpgroup tensor-core
     instruction, exists there and nowhere else (Blackwell has tcgen05 instead)."""
-    return is_hopper_or_later(device) and _capability(torch.device(device or "cuda"))[0] == 9
+    if not is_hopper_or_later(device):
+        return False
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    return _capability(device)[0] == 9
 
 
 @functools.cache       # a driver query, asked on every decode-attention launch

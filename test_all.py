@@ -1606,9 +1606,21 @@ def test_hopper_prefill_rule():
     assert ask((2, 16, 4096, 128)) is None
     assert ask((1, 6, 384, 128), (1, 2, 384, 128)) is None                # GQA ratio 3
     assert ask((2, 32, 2048, 64), dtype=torch.float16) is None
+    assert ask((2, 32, 128, 64)) is None                                   # supported; not preferred:
+    assert not fa.hopper_prefill_preferred(torch.empty(2, 32, 1024, 64))   # D=64 below 2k tokens
+    assert fa.hopper_prefill_preferred(torch.empty(2, 32, 2048, 64))
+    assert fa.hopper_prefill_preferred(torch.empty(2, 16, 128, 128))
     assert "multiple of 128" in ask((2, 16, 4097, 128))
     assert "64 and 128" in ask((2, 16, 4096, 96))
-    assert "faster there" in ask((2, 32, 1024, 64))
+    assert "empty" in ask((2, 16, 0, 128)) and "empty" in ask((0, 16, 256, 128))
+    assert "Hkv | H" in ask((2, 16, 256, 128), (2, 0, 256, 128))
+    q = torch.empty(1, 4, 256, 128, dtype=torch.bfloat16)
+    meta = torch.empty(1, 4, 256, 128, dtype=torch.bfloat16, device="meta")
+    assert "one device" in fa.hopper_prefill_unsupported(q, meta, meta, capability=(9, 0))
+    assert "one device" in fa.hopper_prefill_unsupported(q, q, q, out=meta, capability=(9, 0))
+    assert "contiguous" in fa.hopper_prefill_unsupported(q, q, q, out=torch.empty(1, 256, 4, 128).transpose(1, 2),
+                                                         capability=(9, 0))
+    assert fa.hopper_prefill_unsupported(q, q, q, out=torch.empty_like(q), capability=(9, 0)) is None
     assert "fp16/bf16" in ask((2, 16, 4096, 128), dtype=torch.float32)
     assert "Hopper" in ask((2, 16, 4096, 128), capability=(10, 0))
     assert "contiguous" in ask((2, 16, 4096, 128), transpose=True)
@@ -2486,12 +2498,13 @@ def test_flash_cuda_prefill_batched_vs_sdpa(t, head_dim, causal, use_tma):
 
 @pytest.mark.skipif(not HOPPER_GPU, reason="needs a Hopper GPU (sm_90): Gluon has no CPU interpreter")
 @pytest.mark.parametrize("shape", [(1, 2, 2, 128, 128), (2, 4, 4, 256, 128), (1, 6, 2, 384, 128),
-                                   (2, 16, 16, 4096, 128), (1, 8, 4, 2048, 64), (1, 4, 4, 4096, 64)])
+                                   (2, 16, 16, 4096, 128), (1, 4, 4, 128, 64), (1, 6, 2, 384, 64),
+                                   (1, 8, 4, 2048, 64), (1, 4, 4, 4096, 64)])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_flash_cuda_prefill_hopper_kernel(shape, causal, dtype):
-    """Part 3b's kernel against SDPA in fp32 (one tile, two, GQA ratio 3, 32 tiles, D=64), and
-    flash_attn sending these shapes to it (HOPPER_PREFILL)."""
+    """Part 3b's kernel against SDPA in fp32 (one tile, two, GQA ratio 3, 32 tiles, D=64 with
+    1-3 key tiles and with many), and flash_attn sending the shapes it prefers to it."""
     b, h, hkv, t, d = shape
     q = torch.randn(b, h, t, d, device=FA_DEVICE, dtype=dtype)
     k, v = (torch.randn(b, hkv, t, d, device=FA_DEVICE, dtype=dtype) for _ in range(2))
@@ -2501,7 +2514,28 @@ def test_flash_cuda_prefill_hopper_kernel(shape, causal, dtype):
     out = torch.full_like(q, float("nan"))
     fa.flash_attn_hopper(q, k, v, is_causal=causal, out=out)
     _fa_assert_close(out, ref, dtype)
-    assert torch.equal(fa.flash_attn(q, k, v, is_causal=causal), out)   # the dispatch takes it
+    if fa.hopper_prefill_preferred(q):
+        assert torch.equal(fa.flash_attn(q, k, v, is_causal=causal), out)   # the dispatch takes it
+
+
+@pytest.mark.skipif(not HOPPER_GPU, reason="needs a Hopper GPU (sm_90): Gluon has no CPU interpreter")
+@pytest.mark.parametrize("stages,pingpong", [(2, False), (1, True), (3, True)])
+def test_flash_cuda_prefill_hopper_settings(monkeypatch, stages, pingpong):
+    """The ring sizes and the turn-taking that Part 3b's comment reports as measured, a scale
+    that is not 1/sqrt(D), the output written over q (each program reads only its own rows of q
+    before it writes them), and k/v on another device (a ValueError, not a TMA read of host memory)."""
+    monkeypatch.setattr(fa, "HOPPER_PREFILL_STAGES", stages)
+    monkeypatch.setattr(fa, "HOPPER_PREFILL_PINGPONG", pingpong)
+    for t, causal in ((128, True), (384, False), (1024, True)):
+        q = torch.randn(1, 6, t, 128, device=FA_DEVICE, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 2, t, 128, device=FA_DEVICE, dtype=torch.bfloat16) for _ in range(2))
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal,
+                                                               enable_gqa=True, scale=0.3)
+        _fa_assert_close(fa.flash_attn_hopper(q, k, v, is_causal=causal, scale=0.3, out=q), ref, torch.bfloat16)
+    with pytest.raises(ValueError, match="one device"):
+        fa.flash_attn_hopper(q, k.cpu(), v.cpu())
+    with pytest.raises(ValueError):
+        fa.flash_attn(q, k.cpu(), v.cpu())
 
 
 @needs_cuda
