@@ -46,9 +46,10 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               two consumer warpgroups (64 query rows each, their own online softmax, turns on
               mbarriers), in Gluon; flash_attn takes it for fp16/bf16, D=128 (D=64 from 2k
               tokens), T % 128 == 0
-              -> causal D=128: 391-580 TFLOP/s, 0.957x / 0.945x / 1.04x cuDNN at T = 4k / 8k /
-                 16k (v2/v3 in the same run: 0.78x / 0.77x / 0.88x); D=64 0.92x / 0.95x / 1.01x;
-                 1.32-1.88x the FA2 backend; non-causal D=128 T=4k 1.03x cuDNN
+              -> causal D=128: 391-580 TFLOP/s, 0.933-0.957x / 0.945-0.95x / 0.968-1.04x cuDNN
+                 at T = 4k / 8k / 16k in two runs (v2/v3 in the same runs: 0.76-0.78x / 0.77-0.79x /
+                 0.80-0.88x); D=64 0.88-0.92x / 0.92-0.95x / 1.00-1.01x; 1.32-1.88x the FA2
+                 backend; non-causal D=128 T=4k 0.99-1.03x cuDNN
   long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.76 ms, 100k tokens 159 ms
               (515 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
               path would need 1,192 GiB. cuDNN: 1.40 ms and 140 ms.
@@ -578,8 +579,9 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
 #   1.01x / 1.02x / 1.07x cuDNN in the same process (Part 3's kernel: 0.74x-0.85x);
 #   D=64: 274 / 351 / 403 / 430 / 456 TFLOP/s, 0.81x / 0.92x / 0.97x / 0.99x / 1.02x (Part 3's:
 #   0.89x-0.94x, and faster at T=1k, so hopper_prefill_preferred leaves D=64 below 2k tokens
-#   to it). bench.py --topic flash in another call: 0.957x / 0.945x / 1.04x cuDNN at D=128,
-#   T = 4k / 8k / 16k (results/flash.md): cuDNN's side moves by ~5% between runs.
+#   to it). bench.py --topic flash in two other calls: 0.957x / 0.945x / 1.04x and 0.933x /
+#   0.95x / 0.968x cuDNN at D=128, T = 4k / 8k / 16k (results/flash.md): cuDNN's side moves by
+#   up to 8% between runs (557 and 599 TFLOP/s at 16k), ours by ~2%.
 # Why the earlier Gluon attempt (eighth session, 0.58-0.68x cuDNN) lost and this one wins: it
 # had one 8-warp consumer doing all 128 rows, so its two warpgroups ran in lockstep (CTA-wide
 # barriers around each refill) and nothing overlapped the softmax; here each warpgroup is its
