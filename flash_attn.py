@@ -106,11 +106,10 @@ from triton.experimental import gluon  # noqa: E402  (the batch-1 multi-head dec
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: E402  (Part 3b)
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
 
 from attention import grouped_query_attention  # noqa: E402
 from model import HelpFormatter, is_hopper, is_hopper_or_later, pdl_launch_args  # noqa: E402
-import triton_matmul as tm  # noqa: E402  (pdl_signal, pdl_wait: the decode kernel's PDL hand-off)
+import triton_matmul as tm  # noqa: E402  (pdl_signal, pdl_wait: the decode kernels' PDL hand-off; tma_descriptor: Part 3b)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -438,6 +437,15 @@ def _tma_allocator(size, alignment, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def _prefill_qk_scale(scale, head_dim):
+    """The prefill kernels' scale argument: softmax scale (default 1/sqrt(D)) times log2(e), for
+    exp2 (Part 2). It must be positive: both kernels fold it into the row max."""
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if scale <= 0:
+        raise ValueError("scale must be positive (the kernel folds it into the row max)")
+    return scale * LOG2E
+
+
 def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causal, scale,
                     varlen, use_tma):
     head_dim, n_heads, n_kv_heads = q.shape[-1], strides["n_heads"], strides["n_kv_heads"]
@@ -446,15 +454,13 @@ def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causa
         raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype {q.dtype} not supported")
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if scale <= 0:
-        raise ValueError("scale must be positive (the kernel folds it into the row max)")
+    qk_scale = _prefill_qk_scale(scale, head_dim)
     for name, heads in (("q", n_heads), ("k", n_kv_heads), ("v", n_kv_heads), ("o", n_heads)):
         _, stride_t, stride_h = strides[name]
         _check_int32_span(name, max_seqlen, stride_t, heads, stride_h, head_dim)
     if use_tma and not INTERPRET:
         triton.set_allocator(_tma_allocator)
-    args = (q, k, v, out, cu_seqlens, scale * LOG2E, max_seqlen, triton.next_power_of_2(max_seqlen),
+    args = (q, k, v, out, cu_seqlens, qk_scale, max_seqlen, triton.next_power_of_2(max_seqlen),
             *strides["q"], *strides["k"], *strides["v"], *strides["o"])
     meta = dict(GROUP=n_heads // n_kv_heads, HEAD_DIM=head_dim, CAUSAL=causal, VARLEN=varlen,
                 USE_TMA=use_tma)
@@ -500,8 +506,7 @@ def flash_attn(q, k, v, is_causal=True, scale=None, use_tma=False, out=None):
     (B, H, T, D). On a Hopper GPU, Part 3b's kernel where hopper_prefill_unsupported allows it
     and hopper_prefill_preferred (HOPPER_PREFILL, and use_tma=False); otherwise the same kernel
     as flash_attn_varlen (stride_s = batch stride, no copies)."""
-    if (HOPPER_PREFILL and not use_tma and not INTERPRET and hopper_prefill_unsupported(q, k, v, out) is None
-            and hopper_prefill_preferred(q)):
+    if hopper_prefill_taken(q, k, v, out, use_tma):
         return flash_attn_hopper(q, k, v, is_causal, scale, out)
     if upcast := _interpreter_bf16_workaround(q, k, v):
         res = flash_attn(*upcast, is_causal, scale, use_tma).bfloat16()
@@ -809,6 +814,12 @@ def hopper_prefill_preferred(q):
     return q.shape[-1] == 128 or q.shape[2] >= 2048
 
 
+def hopper_prefill_taken(q, k, v, out=None, use_tma=False):
+    """Whether flash_attn runs Part 3b for these inputs (else Part 3's kernel)."""
+    return (HOPPER_PREFILL and not use_tma and not INTERPRET
+            and hopper_prefill_unsupported(q, k, v, out) is None and hopper_prefill_preferred(q))
+
+
 def hopper_prefill_compile_job(head_dim, causal, dtype="bf16"):
     """The kernel as flash_attn_hopper launches it, as a job for tm.compile_offline (sm_90
     without a GPU: registers, spills, shared memory, SASS)."""
@@ -826,19 +837,13 @@ def flash_attn_hopper(q, k, v, is_causal=True, scale=None, out=None):
         raise ValueError(f"flash_attn_hopper: {reason}")
     batch, n_heads, seq_len, head_dim = q.shape
     out = _checked_out(q, out, k=k, v=v)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if scale <= 0:
-        raise ValueError("scale must be positive (the kernel folds it into the row max)")
-    elem = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    half = gl.NVMMASharedLayout.get_default_for([_HOPPER_HALF, head_dim], elem)
-    tile = gl.NVMMASharedLayout.get_default_for([_HOPPER_BLOCK_N, head_dim], elem)
+    qk_scale = _prefill_qk_scale(scale, head_dim)
+    half, tile = [_HOPPER_HALF, head_dim], [_HOPPER_BLOCK_N, head_dim]    # TMA boxes
     rows = lambda t: t.view(-1, head_dim)    # noqa: E731  (B, H, T, D) as (B*H*T, D)
-    q_desc = TensorDescriptor.from_tensor(rows(q), [_HOPPER_HALF, head_dim], half)
-    k_desc = TensorDescriptor.from_tensor(rows(k), [_HOPPER_BLOCK_N, head_dim], tile)
-    v_desc = TensorDescriptor.from_tensor(rows(v), [_HOPPER_BLOCK_N, head_dim], tile)
-    o_desc = TensorDescriptor.from_tensor(rows(out), [_HOPPER_HALF, head_dim], half)
+    q_desc, o_desc = tm.tma_descriptor(rows(q), half), tm.tma_descriptor(rows(out), half)
+    k_desc, v_desc = tm.tma_descriptor(rows(k), tile), tm.tma_descriptor(rows(v), tile)
     grid = (seq_len // _HOPPER_BLOCK_M, n_heads, batch)
-    _hopper_prefill_kernel[grid](q_desc, k_desc, v_desc, o_desc, scale * LOG2E, seq_len, n_heads, k.shape[1],
+    _hopper_prefill_kernel[grid](q_desc, k_desc, v_desc, o_desc, qk_scale, seq_len, n_heads, k.shape[1],
                                  is_causal, HOPPER_PREFILL_STAGES, HOPPER_PREFILL_PINGPONG,
                                  num_warps=4, maxnreg=_HOPPER_MAXNREG)
     return out
@@ -1736,7 +1741,7 @@ def main():
     t, d = (40, 32) if INTERPRET else (1024, 128)
     q = torch.randn(2, 8, t, d, dtype=dtype, device=device)
     k, v = (torch.randn(2, 4, t, d, dtype=dtype, device=device) for _ in range(2))
-    part = "3b" if HOPPER_PREFILL and hopper_prefill_unsupported(q, k, v) is None else "3"
+    part = "3b" if hopper_prefill_taken(q, k, v) else "3"
     want = attention_naive(q.float(), k.float(), v.float(), is_causal=True)
     rows.append((f"prefill batched causal (Part {part})", f"B=2 T={t} H=8 Hkv=4 D={d}",
                  _max_rel_err(flash_attn(q, k, v, is_causal=True), want)))

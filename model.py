@@ -336,23 +336,28 @@ def default_dtype(device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def is_hopper_or_later(device=None) -> bool:
-    """A CUDA GPU of compute capability 9.0 (Hopper) or later? device: None = the current one."""
+def _cuda_capability(device=None):
+    """(major, minor) of a CUDA device (None: the current one), or None for any other device or
+    without CUDA. The index is resolved first, so the cached query below is per GPU."""
     if device is None:
         if not torch.cuda.is_available():
-            return False
+            return None
         device = torch.device("cuda", torch.cuda.current_device())
     device = torch.device(device)
-    return device.type == "cuda" and _capability(device)[0] >= 9
+    return _capability(device) if device.type == "cuda" else None
+
+
+def is_hopper_or_later(device=None) -> bool:
+    """A CUDA GPU of compute capability 9.0 (Hopper) or later? device: None = the current one."""
+    capability = _cuda_capability(device)
+    return capability is not None and capability[0] >= 9
 
 
 def is_hopper(device=None) -> bool:
     """Exactly compute capability 9.x (H100 / H200): wgmma, Hopper's warpgroup tensor-core
     instruction, exists there and nowhere else (Blackwell has tcgen05 instead)."""
-    if not is_hopper_or_later(device):
-        return False
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-    return _capability(device)[0] == 9
+    capability = _cuda_capability(device)
+    return capability is not None and capability[0] == 9
 
 
 @functools.cache       # a driver query, asked on every decode-attention launch

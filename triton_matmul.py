@@ -566,12 +566,9 @@ def _tma_descriptor_type(spec):
     tensor's own shape is not, so any tensor will do)."""
     from triton.runtime.jit import mangle_type
     _, dtype, box = spec.split(":")
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    if "x" not in box:
-        return mangle_type(_weight_descriptor(torch.empty(int(box), TMA_BOX_K, dtype=torch_dtype), int(box)))
-    shape = [int(n) for n in box.split("x")]
-    layout = gl.NVMMASharedLayout.get_default_for(shape, gl.float16 if dtype == "fp16" else gl.bfloat16)
-    return mangle_type(TensorDescriptor.from_tensor(torch.empty(shape, dtype=torch_dtype), shape, layout))
+    shape = [int(n) for n in box.split("x")] if "x" in box else [int(box), TMA_BOX_K]
+    return mangle_type(tma_descriptor(torch.empty(shape, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]),
+                                      shape))
 
 
 HOPPER = 90            # the compute capability compiled for offline (H100 / H200)
@@ -1890,9 +1887,14 @@ def _weight_descriptor(weight, block_n):
     Python object (it holds the tensor, so it is not cached: a cache would keep every weight it
     ever saw alive), and Triton 3.6 encodes the 128-byte CUtensorMap from it at each launch
     anyway. A CUDA graph replays the encoded one."""
-    elem = gl.float16 if weight.dtype == torch.float16 else gl.bfloat16
-    layout = gl.NVMMASharedLayout.get_default_for([block_n, TMA_BOX_K], elem)
-    return TensorDescriptor.from_tensor(weight, [block_n, TMA_BOX_K], layout)
+    return tma_descriptor(weight, [block_n, TMA_BOX_K])
+
+
+def tma_descriptor(tensor, box):
+    """A TMA descriptor of a 2-D fp16/bf16 tensor copied in `box`-shaped tiles, in the default
+    shared-memory layout for that box (swizzled as wgmma and conflict-free loads want it)."""
+    elem = gl.float16 if tensor.dtype == torch.float16 else gl.bfloat16
+    return TensorDescriptor.from_tensor(tensor, list(box), gl.NVMMASharedLayout.get_default_for(list(box), elem))
 
 
 def _is_power_of_two(n):
