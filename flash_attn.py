@@ -13,6 +13,9 @@ What you will learn:
     warpgroups whose softmax and tensor-core work overlap each other (Part 3b)
   - flash-decoding: one new token per sequence against a *paged* KV cache, with the sequence
     split across programs (split-K) and the pieces merged by whichever program finishes last
+  - what paging costs: on a contiguous cache a decode kernel can ask for its first K/V tiles
+    before loading anything else; the paged kernel first waits for a length and a block id
+    (~1% of a 240 us call at batch 32: Part 4c)
   - when a kernel is latency, not bandwidth: batch-1 multi-head decode written in Gluon (Triton's
     lower-level dialect) with a layout where each warp runs its own online softmax on the FMA
     units and one block barrier combines the warps, instead of a padded tensor-core tile
@@ -82,6 +85,12 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               _paged_decode_mha_kernel in Gluon, a softmax per warp and 1 block barrier after the
               PDL wait instead of 43, splits of up to 512 tokens -> GPT-2 1.5B batch-1 decode
               +8.6%, 124M +7% (one-process A/B); bench's rows (GQA, no new token): unchanged.
+  decode  v7  (nineteenth session) contiguous_decode, Part 4c: SDPA's contract, no block table and
+              no context length, so nothing to wait for before the first K/V loads; KV head
+              fastest in the grid -> batch 32 in bench (3 interleaved rounds, median): 0.995x /
+              0.993x / 1.00x SDPA at 32 x 8k / 32 x 16k (32/8 heads) / 32 x 8k (32/32), where the
+              paged kernel on the same tensors ran 0.988x / 0.99x / 0.989x. No split: 0.37x at
+              batch 4 x 32k, where paged_decode (0.977x) is the one to use.
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -1669,6 +1678,123 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 
 
 # -----------------------------------------------------------------------------
+# Part 4c. Decode over a contiguous cache, with no indirection: what paging costs.
+#
+# The paged kernel above reads SDPA's own (B, Hkv, T, D) tensors through an identity block
+# table (contiguous_as_paged), and there it ran 0.985-0.994x SDPA (cuDNN) at batch 32 on the
+# H200. Its streaming rate is cuDNN's: from 8k to 16k tokens both took 234-235 us more (32 x 8
+# KV heads; nineteenth session, one process). What differs is a fixed cost, ~10 us a call
+# against cuDNN's ~8. Each program of the paged kernel starts with two dependent round trips
+# before its first K/V byte is asked for: the context length (the loop bound and the masks),
+# then the first tile's block id (at roughly 1 us each under load: our estimate, not measured
+# alone). All programs pay it at once, at the start: ~1% of a 240 us call.
+# SDPA's contract has neither: every sequence attends to all T keys and (b, kv_head) sits at a
+# fixed offset. A kernel for exactly that contract asks for its first tiles at once: the
+# addresses depend only on program ids and scalars, the loop bound and masks on T, a kernel
+# argument (a test checks the sm_90 SASS: no global load before the first K/V cp.async).
+# Measured on two H200s (nineteenth session, one process each, 5 rounds, every call timed with
+# SDPA just before and after it, median ratio), batch 32, D=128, bf16, first card / second:
+#                              32 x 8k, 32/8     32 x 16k, 32/8    32 x 8k, 32/32
+#   paged kernel (identity)    0.986x / 0.985x   0.993x / 0.991x   0.994x / 0.990x
+#   this kernel, best config   0.997x / 0.993x   0.999x / 0.993x   1.005x / 1.003x
+# Closer, not past: at 32/8 heads cuDNN is still 0.1-0.7% ahead.
+# The programs are ordered KV head fastest (grid (Hkv, B), as cuDNN's launch is), so programs
+# resident together read neighbouring 2 MB slabs: with one program per SM (the 128-token,
+# 3-stage config: two 64 KB K+V buffers) that ran 244.5 vs 245.1 us at 32 x 8k (first card).
+# Tried the same day and not kept (scratch kernels): a persistent kernel walking its (sequence,
+# KV head) pairs in one flattened loop, 0.968-0.972x at 32 x 8k where the paged kernel ran 0.988x
+# (the per-tile index arithmetic and q reloads cost more than the second wave it removes); and
+# exactly two pairs per program, the second pair's first tiles in flight while the first pair
+# finishes, 0.995x / 0.994x at 8k / 16k where this kernel ran 0.992x / 0.992x: +0.2%, within the
+# rounds' spread, for more code.
+# One program per (sequence, KV head) and no split: small batches (4 x 32k: 32 programs on 132
+# SMs) leave most of the GPU idle (0.37x SDPA in bench.py). That is the case split-K solves; use
+# paged_decode there (contiguous_as_paged gives it these same tensors).
+
+
+@triton.jit(do_not_specialize=["seq_bucket", "grid_per_sm"])
+def _contiguous_decode_kernel(
+    Q, K, V, Out, seq_len, qk_scale,
+    seq_bucket, grid_per_sm,               # unused; the autotuner's keys
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    kv_head, seq = tl.program_id(0), tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + offs_g
+    k_rows = K + seq.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_rows = V + seq.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=offs_g[:, None] < GROUP, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    for start in tl.range(0, seq_len, BLOCK_N):
+        tok = start + offs_n
+        valid = tok < seq_len            # a scalar bound: nothing to wait for before the loads
+        k = tl.load(k_rows + tok.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_rows + tok.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale)
+    tl.store(Out + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=offs_g[:, None] < GROUP)
+
+
+# (BLOCK_N, num_warps, num_stages). The best per shape on the first card: 64/8/3 at 32 x 8k
+# (32/8 heads), 128/8/3 at 32 x 16k, 128/4/3 at 32/32; on the second 128/4/3 everywhere, the
+# others within 0.5% at 32/8 heads (the 64-token ones 3-8% behind at 32/32).
+_CONTIGUOUS_DECODE_CONFIGS = [(128, 4, 3), (128, 8, 3), (64, 8, 3), (64, 4, 3), (64, 2, 3)]
+
+
+@functools.cache
+def _contiguous_decode_launcher():
+    configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _CONTIGUOUS_DECODE_CONFIGS]
+    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "seq_bucket", "grid_per_sm"])(
+        _contiguous_decode_kernel)
+
+
+def contiguous_decode(q, k, v, scale=None, out=None, config=None):
+    """One decode step over a contiguous cache, SDPA's contract: q (B, H, D), k/v (B, Hkv, T, D)
+    (any strides with a contiguous last dim, e.g. SDPA's own tensors or model.py's KVCache slab),
+    every sequence attending to all T keys -> (B, H, D). The same math as
+    F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0].
+    One program per (sequence, KV head), no split: made for batches that fill the GPU (B * Hkv
+    of at least ~1.5 programs per SM); for small batches use paged_decode, which splits the
+    sequence. config: a fixed dict(BLOCK_N, num_warps, num_stages) instead of the autotuner's."""
+    if upcast := _interpreter_bf16_workaround(q, k, v):
+        res = contiguous_decode(*upcast, scale=scale, config=config).bfloat16()
+        return res if out is None else out.copy_(res)
+    if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, D) and two "
+                         f"(B, Hkv, T, D) with the same B and D")
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads, seq_len = k.shape[1], k.shape[2]
+    _check_head_dim(head_dim)
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
+    if seq_len < 1:
+        raise ValueError("the cache must hold at least one token (T >= 1)")
+    out = _checked_out(q, out, k=k, v=v)
+    for name, t in (("q", q), ("out", out)):
+        _check_int32_span(name, batch, t.stride(0), n_heads, t.stride(1), head_dim)
+    if batch == 0:
+        return out
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    group = n_heads // n_kv_heads
+    grid = (n_kv_heads, batch)        # KV head fastest: programs resident together read neighbouring slabs
+    args = (q, k, v, out, seq_len, scale * LOG2E, triton.next_power_of_2(seq_len),
+            triton.cdiv(batch * n_kv_heads, _num_sms(q.device)), q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1))
+    meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim)
+    if INTERPRET or config is not None:
+        _contiguous_decode_kernel[grid](*args, **meta, **(config or _INTERPRET_DECODE_CONFIG))
+    else:
+        _contiguous_decode_launcher()[grid](*args, **meta)
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Part 5. Roofline bookkeeping (bench.py divides these by measured time).
 #
 # A kernel can go no faster than min(peak FLOP/s, intensity * peak bytes/s), with
@@ -1754,6 +1880,12 @@ def main():
         out = paged_decode(q, kc, vc, table, cl, num_splits=2)
         err = _max_rel_err(out, paged_decode_reference(q, kc, vc, table, cl))
         rows.append((f"paged decode bs={block_size}", f"ctx={ctx} H=6 Hkv=2 D=64", err))
+    # decode over a contiguous cache in SDPA's layout (Part 4c): GQA ratio 3, T not a multiple of the tile
+    b, t = (3, 50) if INTERPRET else (32, 4097)
+    k, v = (torch.randn(b, 2, t, 64, dtype=dtype, device=device) for _ in range(2))
+    q = torch.randn(b, 6, 64, dtype=dtype, device=device)
+    want = attention_naive(q[:, :, None].float(), k.float(), v.float(), is_causal=False)[:, :, 0]
+    rows.append(("contiguous decode", f"B={b} T={t} H=6 Hkv=2 D=64", _max_rel_err(contiguous_decode(q, k, v), want)))
     # the engine's decode step: one sequence, multi-head, its new token's K/V passed in and stored by
     # the kernel (on a Hopper GPU: the Gluon kernel of "Batch-1 multi-head decode")
     ctx = [100] if INTERPRET else [700]

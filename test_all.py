@@ -1520,6 +1520,30 @@ def test_paged_decode_rule_config_compiles_no_loop_prologue():
         assert cp_async[1] == 0 < cp_async[fa._SMALL_GRID_LOOP_STAGES], (tokens_per_split, cp_async)
 
 
+def test_contiguous_decode_asks_for_k_v_before_any_other_global_load():
+    """Part 4c's point, in the sm_90 SASS of every autotuned config at 32 x 8k, 32/8 heads (D=128,
+    bf16): the first K/V cp.async (LDGSTS) is issued before any plain global load (LDG): nothing is
+    loaded that the K/V addresses could wait for. The paged kernel, for contrast, loads the context
+    length and a block id first. No spills, and the shared memory fits an SM (227 KB)."""
+    tensors = dict(Q="bf16", K="bf16", V="bf16", Out="bf16")
+    scalars = dict(seq_len=8192, qk_scale=0.1, seq_bucket=8192, grid_per_sm=2, stride_qb=4096, stride_qh=128,
+                   stride_kb=8 * 8192 * 128, stride_kh=8192 * 128, stride_kt=128, stride_vb=8 * 8192 * 128,
+                   stride_vh=8192 * 128, stride_vt=128, stride_ob=4096, stride_oh=128)
+    jobs = [("flash_attn._contiguous_decode_kernel", tensors, scalars,
+             dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=n), w, s) for n, w, s in fa._CONTIGUOUS_DECODE_CONFIGS]
+    jobs.append(_paged_decode_job(128, 8, 4, 256, config=(64, 4, 3), tokens_per_split=8192))
+    *ours, paged = tm.compile_offline(jobs, sass=True)
+    loads_first = {}
+    for config, res in zip(fa._CONTIGUOUS_DECODE_CONFIGS + ["paged"], ours + [paged]):
+        assert "error" not in res, (config, res)
+        assert res["n_spills"] == 0 and res["shared_bytes"] <= 232448, (config, res["n_spills"], res["shared_bytes"])
+        ops = [x.split()[0].split(".")[0] for x in res["sass"] if x.split()]
+        loads_first[config] = ops[:ops.index("LDGSTS")].count("LDG")
+    # (2 warps: q, which no K/V address needs, is loaded by LDG there)
+    assert all(n == 0 for c, n in loads_first.items() if c != "paged" and c[1] >= 4), loads_first
+    assert loads_first["paged"] > 0, loads_first
+
+
 def test_paged_decode_signals_its_dependents_before_its_first_load():
     """The decode kernel lets the next kernels launch (griddepcontrol.launch_dependents: PREEXIT
     in the sm_90 SASS) before its first global load, the context length, so the dependent loads
@@ -2387,6 +2411,43 @@ def test_flash_paged_decode_on_sdpa_layout(block_size):
         _fa_assert_close(out[i], ref, torch.float16)
 
 
+@pytest.mark.parametrize("b,h,hkv,t,d", [(2, 4, 2, 1, 32), (3, 6, 2, 17, 64), (2, 8, 8, 100, 32), (1, 3, 1, 33, 16)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flash_contiguous_decode(b, h, hkv, t, d, dtype):
+    # SDPA's contract (every sequence attends to all T keys): T of 1, and T not a multiple of the
+    # tile; GQA ratio 2 and 3, MHA, MQA
+    k, v = (torch.randn(b, hkv, t, d, device=FA_DEVICE, dtype=dtype) for _ in range(2))
+    q = torch.randn(b, h, d, device=FA_DEVICE, dtype=dtype)
+    ref = fa.attention_naive(q[:, :, None].float(), k.float(), v.float(), is_causal=False)[:, :, 0]
+    _fa_assert_close(fa.contiguous_decode(q, k, v), ref, dtype)
+
+
+def test_flash_contiguous_decode_strides_scale_out():
+    # the engine's token-major (B, T, Hkv, D) cache read through a transposed view (no copy), q
+    # and out as strided slices of a wider buffer, a scale that is not 1/sqrt(D)
+    b, t, hkv, h, d = 3, 70, 2, 4, 32
+    k, v = (torch.randn(b, t, hkv, d, device=FA_DEVICE, dtype=torch.float16) for _ in range(2))
+    q = torch.randn(b, h, 2 * d, device=FA_DEVICE, dtype=torch.float16)[..., :d]
+    out = torch.full((b, h, 2 * d), float("nan"), device=FA_DEVICE, dtype=torch.float16)[..., d:]
+    fa.contiguous_decode(q, k.transpose(1, 2), v.transpose(1, 2), scale=0.3, out=out)
+    ref = fa.attention_naive(q[:, :, None].float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
+                             is_causal=False, scale=0.3)[:, :, 0]
+    _fa_assert_close(out, ref, torch.float16)
+
+
+def test_flash_contiguous_decode_rejects_bad_inputs():
+    f16 = dict(device=FA_DEVICE, dtype=torch.float16)
+    q, k, k3 = torch.randn(2, 4, 32, **f16), torch.randn(2, 2, 10, 32, **f16), torch.randn(2, 3, 10, 32, **f16)
+    for q_, k_, v_ in ((q, k[:1], k[:1]),                              # another batch size
+                       (q, k[..., :16], k[..., :16]),                  # another head_dim
+                       (q, k3, k3),                                    # 4 query heads over 3 KV heads
+                       (q, k[:, :, :0], k[:, :, :0]),                  # an empty cache
+                       (q, k, k.float()),                              # v in another dtype
+                       (q[..., :24], k[..., :24], k[..., :24])):       # head_dim 24
+        with pytest.raises(ValueError):
+            fa.contiguous_decode(q_, k_, v_)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_flash_paged_decode_tile_spans_pages(num_splits):
     # BLOCK_N 32 over 16-token pages: the per-token page lookup (the engine's layout on the GPU);
@@ -2581,6 +2642,20 @@ def test_flash_cuda_paged_decode_on_sdpa_layout(num_splits):
     out = torch.full_like(q, float("nan"))
     fa.paged_decode(q, kc, vc, table, lens, num_splits=num_splits, out=out)
     _fa_assert_close(out, fa.paged_decode_reference(q, kc, vc, table, lens), torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("b,h,hkv,t", [(40, 24, 8, 4097), (64, 3, 3, 17), (16, 32, 8, 1), (2, 6, 2, 8192)])
+@pytest.mark.parametrize("config", [None, dict(BLOCK_N=64, num_warps=8, num_stages=3)])
+def test_flash_cuda_contiguous_decode(b, h, hkv, t, config):
+    # against SDPA on its own tensors: GQA ratio 3, MHA, T of 1 and 17 and one past 4096, a grid
+    # that fills the GPU and one that does not; the autotuner's pick and a fixed config
+    k, v = (torch.randn(b, hkv, t, 128, device=FA_DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(b, h, 128, device=FA_DEVICE, dtype=torch.bfloat16)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(),
+                                                           enable_gqa=True)[:, :, 0]
+    out = torch.full_like(q, float("nan"))
+    _fa_assert_close(fa.contiguous_decode(q, k, v, out=out, config=config), ref, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------
