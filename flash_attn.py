@@ -87,10 +87,11 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               +8.6%, 124M +7% (one-process A/B); bench's rows (GQA, no new token): unchanged.
   decode  v7  (nineteenth session) contiguous_decode, Part 4c: SDPA's contract, no block table and
               no context length, so nothing to wait for before the first K/V loads; KV head
-              fastest in the grid -> batch 32 in bench (3 interleaved rounds, median): 0.995x /
-              0.993x / 1.00x SDPA at 32 x 8k / 32 x 16k (32/8 heads) / 32 x 8k (32/32), where the
-              paged kernel on the same tensors ran 0.988x / 0.99x / 0.989x. No split: 0.37x at
-              batch 4 x 32k, where paged_decode (0.977x) is the one to use.
+              fastest in the launch order -> batch 32 in bench (3 interleaved rounds, median): 0.994x /
+              0.995x / 1.01x SDPA at 32 x 8k / 32 x 16k (32/8 heads) / 32 x 8k (32/32), where the
+              paged kernel on the same tensors ran 0.987x / 0.991x / 0.996x (another H200: 0.995x /
+              0.993x / 1.00x against 0.988x / 0.99x / 0.989x). No split: 0.38x at batch 4 x 32k,
+              where paged_decode (0.975x) is the one to use.
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -161,6 +162,30 @@ def _checked_out(q, out, **tensors):
         if t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous last dim (stride {t.stride(-1)})")
     return out
+
+
+def _memory_span(t):
+    """[first byte, one past the last byte] that a view can touch (non-negative strides)."""
+    start = t.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def _check_out_apart(out, **inputs):
+    """The autotuned kernels refuse an output that overlaps an input: Triton's autotuner runs
+    every config on the real arguments before the final launch, so an output written over q (say)
+    would be read back as q by the next config (a wrong result, silently, on a tuning call only).
+    Conservative: views whose byte spans interleave count as overlapping."""
+    if out.numel() == 0 or out.is_meta:        # (meta tensors have no memory)
+        return
+    out_lo, out_hi = _memory_span(out)
+    for name, t in inputs.items():
+        if t.numel() == 0:
+            continue
+        lo, hi = _memory_span(t)
+        if lo < out_hi and out_lo < hi:
+            raise ValueError(f"out overlaps {name} in memory; pass a separate output tensor (the autotuner "
+                             f"replays the kernel on the real arguments)")
 
 
 def _check_int32_span(name, rows, stride_row, heads, stride_head, head_dim):
@@ -467,6 +492,7 @@ def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causa
     for name, heads in (("q", n_heads), ("k", n_kv_heads), ("v", n_kv_heads), ("o", n_heads)):
         _, stride_t, stride_h = strides[name]
         _check_int32_span(name, max_seqlen, stride_t, heads, stride_h, head_dim)
+    _check_out_apart(out, q=q, k=k, v=v)
     if use_tma and not INTERPRET:
         triton.set_allocator(_tma_allocator)
     args = (q, k, v, out, cu_seqlens, qk_scale, max_seqlen, triton.next_power_of_2(max_seqlen),
@@ -1557,6 +1583,7 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
     out = _checked_out(q, out, k_cache=k_cache, v_cache=v_cache)
+    _check_out_apart(out, q=q, k_cache=k_cache, v_cache=v_cache)
     # the kernel reads one row of the table and one length per sequence, with unit stride
     for name, t, dims in (("block_table", block_table, 2), ("context_lens", context_lens, 1)):
         if (t.dim() != dims or t.shape[0] != batch or t.dtype not in (torch.int32, torch.int64)
@@ -1680,27 +1707,30 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # -----------------------------------------------------------------------------
 # Part 4c. Decode over a contiguous cache, with no indirection: what paging costs.
 #
-# The paged kernel above reads SDPA's own (B, Hkv, T, D) tensors through an identity block
-# table (contiguous_as_paged), and there it ran 0.985-0.994x SDPA (cuDNN) at batch 32 on the
-# H200. Its streaming rate is cuDNN's: from 8k to 16k tokens both took 234-235 us more (32 x 8
-# KV heads; nineteenth session, one process). What differs is a fixed cost, ~10 us a call
-# against cuDNN's ~8. Each program of the paged kernel starts with two dependent round trips
-# before its first K/V byte is asked for: the context length (the loop bound and the masks),
-# then the first tile's block id (at roughly 1 us each under load: our estimate, not measured
-# alone). All programs pay it at once, at the start: ~1% of a 240 us call.
+# The paged kernel above reads SDPA's own (B, Hkv, T, D) tensors through a block table
+# (contiguous_as_paged: block ids b*Hkv*T/page + j, no copy), and there it ran 0.985-0.994x
+# SDPA (cuDNN) at batch 32 on the H200. Its streaming rate is cuDNN's: from 8k to 16k tokens
+# both took 234-235 us more (32 x 8 KV heads; nineteenth session, one process). What differs is
+# a fixed cost, ~10 us a call against cuDNN's ~8. Each program of the paged kernel starts with
+# two dependent round trips before its first K/V byte is asked for: the context length (the
+# loop bound and the masks), then the first tile's block id (roughly 1 us each under load: our
+# estimate, not measured alone). All programs pay it at once, at the start: ~1% of a 240 us call.
 # SDPA's contract has neither: every sequence attends to all T keys and (b, kv_head) sits at a
 # fixed offset. A kernel for exactly that contract asks for its first tiles at once: the
 # addresses depend only on program ids and scalars, the loop bound and masks on T, a kernel
 # argument (a test checks the sm_90 SASS: no global load before the first K/V cp.async).
 # Measured on two H200s (nineteenth session, one process each, 5 rounds, every call timed with
 # SDPA just before and after it, median ratio), batch 32, D=128, bf16, first card / second:
-#                              32 x 8k, 32/8     32 x 16k, 32/8    32 x 8k, 32/32
-#   paged kernel (identity)    0.986x / 0.985x   0.993x / 0.991x   0.994x / 0.990x
-#   this kernel, best config   0.997x / 0.993x   0.999x / 0.993x   1.005x / 1.003x
-# Closer, not past: at 32/8 heads cuDNN is still 0.1-0.7% ahead.
-# The programs are ordered KV head fastest (grid (Hkv, B), as cuDNN's launch is), so programs
-# resident together read neighbouring 2 MB slabs: with one program per SM (the 128-token,
-# 3-stage config: two 64 KB K+V buffers) that ran 244.5 vs 245.1 us at 32 x 8k (first card).
+#                               32 x 8k, 32/8     32 x 16k, 32/8    32 x 8k, 32/32
+#   paged kernel (autotuned)      0.986x / 0.985x   0.993x / 0.991x   0.994x / 0.990x
+#   this kernel, best config      0.997x / 0.993x   0.999x / 0.993x   1.005x / 1.003x
+#   this kernel, autotuned        -      / 0.993x   -      / 0.989x   -      / 1.003x
+# (the autotuner, timing each config once, picked a 0.4% slower one at 16k on the second card).
+# Closer, not past: at 32/8 heads cuDNN is still 0.1-0.7% ahead of the best config.
+# The programs are ordered KV head fastest (program p: sequence p // Hkv, KV head p % Hkv, the
+# order of cuDNN's launch), so programs resident together read neighbouring 2 MB slabs: with one
+# program per SM (the 128-token, 3-stage config: two 64 KB K+V buffers) that ran 244.5 vs
+# 245.1 us at 32 x 8k (first card).
 # Tried the same day and not kept (scratch kernels): a persistent kernel walking its (sequence,
 # KV head) pairs in one flattened loop, 0.968-0.972x at 32 x 8k where the paged kernel ran 0.988x
 # (the per-tile index arithmetic and q reloads cost more than the second wave it removes); and
@@ -1708,7 +1738,7 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # finishes, 0.995x / 0.994x at 8k / 16k where this kernel ran 0.992x / 0.992x: +0.2%, within the
 # rounds' spread, for more code.
 # One program per (sequence, KV head) and no split: small batches (4 x 32k: 32 programs on 132
-# SMs) leave most of the GPU idle (0.37x SDPA in bench.py). That is the case split-K solves; use
+# SMs) leave most of the GPU idle (0.38x SDPA in bench.py). That is the case split-K solves; use
 # paged_decode there (contiguous_as_paged gives it these same tensors).
 
 
@@ -1717,9 +1747,11 @@ def _contiguous_decode_kernel(
     Q, K, V, Out, seq_len, qk_scale,
     seq_bucket, grid_per_sm,               # unused; the autotuner's keys
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_ob, stride_oh,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    kv_head, seq = tl.program_id(0), tl.program_id(1)
+    pair = tl.program_id(0)                   # one 1-D grid (y would cap the batch at 65,535)
+    seq, kv_head = pair // N_KV_HEADS, pair % N_KV_HEADS   # KV head fastest
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
@@ -1743,14 +1775,16 @@ def _contiguous_decode_kernel(
 
 # (BLOCK_N, num_warps, num_stages). The best per shape on the first card: 64/8/3 at 32 x 8k
 # (32/8 heads), 128/8/3 at 32 x 16k, 128/4/3 at 32/32; on the second 128/4/3 everywhere, the
-# others within 0.5% at 32/8 heads (the 64-token ones 3-8% behind at 32/32).
-_CONTIGUOUS_DECODE_CONFIGS = [(128, 4, 3), (128, 8, 3), (64, 8, 3), (64, 4, 3), (64, 2, 3)]
+# others within 0.5% at 32/8 heads (the 64-token ones 3-8% behind at 32/32). 32/4/3 is there for
+# fp32 at head_dim 128: two buffers of the others' K/V tiles take 143-278 KB of shared memory there
+# (the autotuner skips a config that does not fit), 64 KB with 32-token tiles.
+_CONTIGUOUS_DECODE_CONFIGS = [(128, 4, 3), (128, 8, 3), (64, 8, 3), (64, 4, 3), (64, 2, 3), (32, 4, 3)]
 
 
 @functools.cache
 def _contiguous_decode_launcher():
     configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _CONTIGUOUS_DECODE_CONFIGS]
-    return triton.autotune(configs=configs, key=["GROUP", "HEAD_DIM", "seq_bucket", "grid_per_sm"])(
+    return triton.autotune(configs=configs, key=["N_KV_HEADS", "GROUP", "HEAD_DIM", "seq_bucket", "grid_per_sm"])(
         _contiguous_decode_kernel)
 
 
@@ -1761,10 +1795,9 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None):
     F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0].
     One program per (sequence, KV head), no split: made for batches that fill the GPU (B * Hkv
     of at least ~1.5 programs per SM); for small batches use paged_decode, which splits the
-    sequence. config: a fixed dict(BLOCK_N, num_warps, num_stages) instead of the autotuner's."""
-    if upcast := _interpreter_bf16_workaround(q, k, v):
-        res = contiguous_decode(*upcast, scale=scale, config=config).bfloat16()
-        return res if out is None else out.copy_(res)
+    sequence. out: a preallocated (B, H, D) that overlaps none of q, k, v. config: a fixed
+    dict(BLOCK_N, num_warps, num_stages) instead of the autotuner's (it must fit the GPU's shared
+    memory: two K and V tiles of BLOCK_N x D)."""
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, D) and two "
                          f"(B, Hkv, T, D) with the same B and D")
@@ -1772,25 +1805,28 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None):
     n_kv_heads, seq_len = k.shape[1], k.shape[2]
     _check_head_dim(head_dim)
     if n_kv_heads < 1 or n_heads % n_kv_heads:
-        raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
+        raise ValueError(f"n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads} >= 1")
     if seq_len < 1:
         raise ValueError("the cache must hold at least one token (T >= 1)")
     out = _checked_out(q, out, k=k, v=v)
+    _check_out_apart(out, q=q, k=k, v=v)
     for name, t in (("q", q), ("out", out)):
         _check_int32_span(name, batch, t.stride(0), n_heads, t.stride(1), head_dim)
-    if batch == 0:
+    if out.numel() == 0:                  # no sequence or no query head: nothing to compute
         return out
+    if upcast := _interpreter_bf16_workaround(q, k, v):
+        return out.copy_(contiguous_decode(*upcast, scale=scale, config=config))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = n_heads // n_kv_heads
-    grid = (n_kv_heads, batch)        # KV head fastest: programs resident together read neighbouring slabs
+    n_programs = batch * n_kv_heads
     args = (q, k, v, out, seq_len, scale * LOG2E, triton.next_power_of_2(seq_len),
-            triton.cdiv(batch * n_kv_heads, _num_sms(q.device)), q.stride(0), q.stride(1),
+            triton.cdiv(n_programs, _num_sms(q.device)), q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1))
-    meta = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim)
+    meta = dict(N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim)
     if INTERPRET or config is not None:
-        _contiguous_decode_kernel[grid](*args, **meta, **(config or _INTERPRET_DECODE_CONFIG))
+        _contiguous_decode_kernel[(n_programs,)](*args, **meta, **(config or _INTERPRET_DECODE_CONFIG))
     else:
-        _contiguous_decode_launcher()[grid](*args, **meta)
+        _contiguous_decode_launcher()[(n_programs,)](*args, **meta)
     return out
 
 

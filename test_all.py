@@ -1530,7 +1530,7 @@ def test_contiguous_decode_asks_for_k_v_before_any_other_global_load():
                    stride_kb=8 * 8192 * 128, stride_kh=8192 * 128, stride_kt=128, stride_vb=8 * 8192 * 128,
                    stride_vh=8192 * 128, stride_vt=128, stride_ob=4096, stride_oh=128)
     jobs = [("flash_attn._contiguous_decode_kernel", tensors, scalars,
-             dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=n), w, s) for n, w, s in fa._CONTIGUOUS_DECODE_CONFIGS]
+             dict(N_KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=n), w, s) for n, w, s in fa._CONTIGUOUS_DECODE_CONFIGS]
     jobs.append(_paged_decode_job(128, 8, 4, 256, config=(64, 4, 3), tokens_per_split=8192))
     *ours, paged = tm.compile_offline(jobs, sass=True)
     loads_first = {}
@@ -2423,29 +2423,53 @@ def test_flash_contiguous_decode(b, h, hkv, t, d, dtype):
 
 
 def test_flash_contiguous_decode_strides_scale_out():
-    # the engine's token-major (B, T, Hkv, D) cache read through a transposed view (no copy), q
-    # and out as strided slices of a wider buffer, a scale that is not 1/sqrt(D)
+    # k: the engine's token-major (B, T, Hkv, D) cache read through a transposed view (no copy);
+    # v: SDPA's (B, Hkv, T, D) layout, the first T of T + 5 slots; q and out: slices of two
+    # buffers with different row strides; a scale that is not 1/sqrt(D). Every stride of k differs
+    # from v's, and q's from out's, so a kernel that used one tensor's strides for another fails.
     b, t, hkv, h, d = 3, 70, 2, 4, 32
-    k, v = (torch.randn(b, t, hkv, d, device=FA_DEVICE, dtype=torch.float16) for _ in range(2))
+    k = torch.randn(b, t, hkv, d, device=FA_DEVICE, dtype=torch.float16).transpose(1, 2)
+    v = torch.randn(b, hkv, t + 5, d, device=FA_DEVICE, dtype=torch.float16)[:, :, :t]
     q = torch.randn(b, h, 2 * d, device=FA_DEVICE, dtype=torch.float16)[..., :d]
-    out = torch.full((b, h, 2 * d), float("nan"), device=FA_DEVICE, dtype=torch.float16)[..., d:]
-    fa.contiguous_decode(q, k.transpose(1, 2), v.transpose(1, 2), scale=0.3, out=out)
-    ref = fa.attention_naive(q[:, :, None].float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(),
-                             is_causal=False, scale=0.3)[:, :, 0]
+    out = torch.full((b, h, 3 * d), float("nan"), device=FA_DEVICE, dtype=torch.float16)[..., d:2 * d]
+    fa.contiguous_decode(q, k, v, scale=0.3, out=out)
+    ref = fa.attention_naive(q[:, :, None].float(), k.float(), v.float(), is_causal=False, scale=0.3)[:, :, 0]
     _fa_assert_close(out, ref, torch.float16)
 
 
-def test_flash_contiguous_decode_rejects_bad_inputs():
-    f16 = dict(device=FA_DEVICE, dtype=torch.float16)
-    q, k, k3 = torch.randn(2, 4, 32, **f16), torch.randn(2, 2, 10, 32, **f16), torch.randn(2, 3, 10, 32, **f16)
-    for q_, k_, v_ in ((q, k[:1], k[:1]),                              # another batch size
-                       (q, k[..., :16], k[..., :16]),                  # another head_dim
-                       (q, k3, k3),                                    # 4 query heads over 3 KV heads
-                       (q, k[:, :, :0], k[:, :, :0]),                  # an empty cache
-                       (q, k, k.float()),                              # v in another dtype
-                       (q[..., :24], k[..., :24], k[..., :24])):       # head_dim 24
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flash_contiguous_decode_rejects_bad_inputs(dtype):
+    # (bf16 on the CPU takes the interpreter's upcast path: checked before it too)
+    f = dict(device=FA_DEVICE, dtype=dtype)
+    q, k, k3 = torch.randn(2, 4, 32, **f), torch.randn(2, 2, 10, 32, **f), torch.randn(2, 3, 10, 32, **f)
+    for q_, k_, v_, out in ((q, k[:1], k[:1], None),                     # another batch size
+                            (q, k[..., :16], k[..., :16], None),         # another head_dim
+                            (q, k3, k3, None),                           # 4 query heads over 3 KV heads
+                            (q, k[:, :0], k[:, :0], None),               # no KV head
+                            (q, k[:, :, :0], k[:, :, :0], None),         # an empty cache
+                            (q, k, k.float(), None),                     # v in another dtype
+                            (q[..., :24], k[..., :24], k[..., :24], None),   # head_dim 24
+                            (q, k, torch.randn(2, 2, 10, 64, **f)[..., ::2], None),  # v's last dim strided
+                            (q, k, k, torch.empty(2, 4, 16, **f)),       # out of another shape
+                            (q, k, k, q)):                               # out over q
         with pytest.raises(ValueError):
-            fa.contiguous_decode(q_, k_, v_)
+            fa.contiguous_decode(q_, k_, v_, out=out)
+
+
+def test_flash_autotuned_kernels_refuse_an_output_over_an_input():
+    # the autotuner replays a kernel on the real arguments before the final launch: an output over
+    # q would be read back as q (the Part 3 prefill and the paged decode are autotuned on a GPU)
+    q = torch.randn(2, 4, 32, device=FA_DEVICE, dtype=torch.float16)
+    lens = torch.tensor([5, 9], dtype=torch.int32, device=FA_DEVICE)
+    kc, vc, table = fa.random_paged_cache([5, 9], 2, 32, 16, torch.float16, FA_DEVICE)
+    with pytest.raises(ValueError, match="overlaps q"):
+        fa.paged_decode(q, kc, vc, table, lens, out=q)
+    qp, kp, vp, cu = _fa_packed([7, 3], 4, 2, 32, torch.float16)
+    with pytest.raises(ValueError, match="overlaps"):
+        fa.flash_attn_varlen(qp, kp, vp, cu, 7, out=qp)
+    out = torch.empty_like(qp)          # apart from every input: accepted
+    _fa_assert_close(fa.flash_attn_varlen(qp, kp, vp, cu, 7, out=out), fa.attention_reference(qp, kp, vp, cu),
+                     torch.float16)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -2656,6 +2680,22 @@ def test_flash_cuda_contiguous_decode(b, h, hkv, t, config):
                                                            enable_gqa=True)[:, :, 0]
     out = torch.full_like(q, float("nan"))
     _fa_assert_close(fa.contiguous_decode(q, k, v, out=out, config=config), ref, torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 64), (torch.float32, 128), (torch.float32, 64)])
+def test_flash_cuda_contiguous_decode_dtypes_and_views(dtype, head_dim):
+    # fp16, and fp32 through the autotuner (at head_dim 128 only the 64- and 32-token configs fit
+    # shared memory); k as a transposed token-major view, v contiguous, out a strided slice
+    b, t, hkv, h = 50, 1000, 4, 12
+    k = torch.randn(b, t, hkv, head_dim, device=FA_DEVICE, dtype=dtype).transpose(1, 2)
+    v = torch.randn(b, hkv, t, head_dim, device=FA_DEVICE, dtype=dtype)
+    q = torch.randn(b, h, head_dim, device=FA_DEVICE, dtype=dtype)
+    out = torch.full((b, h, 2 * head_dim), float("nan"), device=FA_DEVICE, dtype=dtype)[..., head_dim:]
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None].double(), k.double(), v.double(),
+                                                           enable_gqa=True)[:, :, 0]
+    fa.contiguous_decode(q, k, v, out=out)
+    _fa_assert_close(out, ref, dtype, tol=1e-4 if dtype == torch.float32 else None)
 
 
 # ----------------------------------------------------------------------------------------------
