@@ -517,7 +517,8 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=None, 
     (not checked: reading cu_seqlens would cost a GPU->CPU sync per call; too small a max_seqlen
     leaves rows unwritten).
     Returns out (total_tokens, n_heads, D). Sequence s is rows cu_seqlens[s]:cu_seqlens[s+1];
-    tokens of different sequences never attend to each other. `out` (like q) may be preallocated."""
+    tokens of different sequences never attend to each other. `out` (like q) may be preallocated,
+    apart from q, k and v (an overlapping one is refused: the autotuner replays the kernel)."""
     if upcast := _interpreter_bf16_workaround(q, k, v):
         res = flash_attn_varlen(*upcast, cu_seqlens, max_seqlen, causal, scale, use_tma).bfloat16()
         return res if out is None else out.copy_(res)
@@ -1557,7 +1558,7 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     max_context: an upper bound of context_lens (pass it to avoid a GPU->CPU sync; not checked,
     for the same reason: tokens past a too small max_context are left out of the attention).
     config: a fixed kernel config (dict of BLOCK_N, num_warps, num_stages, ...) instead of the
-    autotuner's choice, for sweeps.
+    autotuner's choice, for sweeps. out: a preallocated (B, H, D) apart from q and the caches.
     new_kv: (k_new, v_new, slot_mapping), each sequence's new token's K and V (B, Hkv, D) and the
     cache slot (B,) it goes to (block * block_size + offset; -1 = store nothing, a padded row).
     The cache then holds only positions 0..context_lens-2; the kernel takes the new token from
