@@ -175,14 +175,15 @@ def _check_out_apart(out, **inputs):
     """The autotuned kernels refuse an output that overlaps an input: Triton's autotuner runs
     every config on the real arguments before the final launch, so an output written over q (say)
     would be read back as q by the next config (a wrong result, silently, on a tuning call only).
-    Conservative: views whose byte spans interleave count as overlapping."""
+    Only views of one allocation can overlap, so the byte spans are compared only for those (this
+    runs on every eager decode call); conservative: spans that interleave count as overlapping."""
     if out.numel() == 0 or out.is_meta:        # (meta tensors have no memory)
         return
-    out_lo, out_hi = _memory_span(out)
+    storage = out.untyped_storage().data_ptr()
     for name, t in inputs.items():
-        if t.numel() == 0:
+        if t.numel() == 0 or t.untyped_storage().data_ptr() != storage:
             continue
-        lo, hi = _memory_span(t)
+        (lo, hi), (out_lo, out_hi) = _memory_span(t), _memory_span(out)
         if lo < out_hi and out_lo < hi:
             raise ValueError(f"out overlaps {name} in memory; pass a separate output tensor (the autotuner "
                              f"replays the kernel on the real arguments)")
@@ -471,13 +472,18 @@ def _tma_allocator(size, alignment, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def _qk_scale(scale, head_dim):
+    """The kernels' scale argument: the softmax scale (default 1/sqrt(D)) times log2(e), for exp2
+    (Part 2)."""
+    return (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E
+
+
 def _prefill_qk_scale(scale, head_dim):
-    """The prefill kernels' scale argument: softmax scale (default 1/sqrt(D)) times log2(e), for
-    exp2 (Part 2). It must be positive: both kernels fold it into the row max."""
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if scale <= 0:
+    """_qk_scale for the two prefill kernels, which fold it into the row max: it must be positive."""
+    qk_scale = _qk_scale(scale, head_dim)
+    if qk_scale <= 0:
         raise ValueError("scale must be positive (the kernel folds it into the row max)")
-    return scale * LOG2E
+    return qk_scale
 
 
 def _launch_prefill(q, k, v, out, cu_seqlens, n_seqs, max_seqlen, strides, causal, scale,
@@ -1609,7 +1615,6 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
         new_args = (k_new, v_new, slot_mapping, k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1))
     else:
         new_args = (q, q, context_lens, 0, 0, 0, 0)        # unused by the kernel
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if max_context is None:
         max_context = int(context_lens.max())
     if max_context < 1:
@@ -1639,7 +1644,8 @@ def paged_decode(q, k_cache, v_cache, block_table, context_lens, scale=None, num
     part_strides = (0, 0, 0) if direct else tuple(st // head_dim for st in o_part.stride()[:3])
     n_programs, sms = batch * n_kv_heads * num_splits, _num_sms(q.device)
     # both kernels' arguments; the tensor-core kernel also takes its autotuner's two keys between them
-    args_head = (q, k_cache, v_cache, block_table, context_lens, o_part, lse_part, scale * LOG2E, tokens_per_split)
+    args_head = (q, k_cache, v_cache, block_table, context_lens, o_part, lse_part, _qk_scale(scale, head_dim),
+                 tokens_per_split)
     args_tail = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
                  *part_strides, out, out.stride(0), out.stride(1), _counters(q.device, batch * n_kv_heads), *new_args)
     args = (*args_head, triton.next_power_of_2(tokens_per_split), triton.cdiv(n_programs, sms), *args_tail)
@@ -1817,10 +1823,9 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None):
         return out
     if upcast := _interpreter_bf16_workaround(q, k, v):
         return out.copy_(contiguous_decode(*upcast, scale=scale, config=config))
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     group = n_heads // n_kv_heads
     n_programs = batch * n_kv_heads
-    args = (q, k, v, out, seq_len, scale * LOG2E, triton.next_power_of_2(seq_len),
+    args = (q, k, v, out, seq_len, _qk_scale(scale, head_dim), triton.next_power_of_2(seq_len),
             triton.cdiv(n_programs, _num_sms(q.device)), q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1))
     meta = dict(N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim)
