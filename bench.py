@@ -901,6 +901,47 @@ def _bench_prefill(ctx, dtype, causal, points):
                    "its T x T scores would exceed 8 GiB.", dtype=dtype)
 
 
+def _decode_tail(ctx: BenchContext, dtype) -> None:
+    """When each program of a one-wave decode kernel ends. contiguous_decode at 32 x 8k, 32/8
+    heads: 256 programs on 132 SMs, all resident at once (2 on 124 SMs, 1 on 8 on an H100/H200),
+    all started within ~0.1 us. The kernel ends with its slowest program; as programs finish,
+    fewer are left to keep HBM busy. Each program writes its start, end (%globaltimer) and SM id
+    (contiguous_decode's trace): the table groups programs by how many shared their SM."""
+    import flash_attn as fa
+    b, t, h, hkv, d = 32, 8192, 32, 8, 128
+    q = torch.randn(b, h, d, device=ctx.device, dtype=dtype)
+    ks = torch.randn(b, hkv, t, d, device=ctx.device, dtype=dtype)
+    vs = torch.randn(b, hkv, t, d, device=ctx.device, dtype=dtype)
+    trace = torch.zeros(b * hkv, 3, dtype=torch.int64, device=ctx.device)
+    fa.contiguous_decode(q, ks, vs)     # the autotuner's pick first: the traced calls run that config
+    for _ in range(3):                  # back to back, as in a decode loop; the last one is read
+        fa.contiguous_decode(q, ks, vs, trace=trace)
+    torch.cuda.synchronize()
+    start_ns, end_ns, sm = trace.cpu().unbind(1)
+    first = start_ns.min()
+    start_us, end_us = (start_ns - first) / 1e3, (end_ns - first).double() / 1e3
+    per_sm = torch.bincount(sm, minlength=int(sm.max()) + 1)[sm]      # programs on each program's SM
+    quantiles = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    rows = []
+    for n, label in [(n, f"{n} on their SM") for n in per_sm.unique().tolist()] + [(None, "all")]:
+        ends = end_us if n is None else end_us[per_sm == n]
+        rows.append([label, len(ends) if n is None else f"{len(ends)} ({len(ends) // n} SMs)",
+                     *torch.quantile(ends, quantiles).tolist(), ends.mean().item()])
+    ctx.table(f"Decode, one wave: when each program of contiguous_decode ends ({b} x {t // 1024}k, {h}/{hkv} heads, "
+              f"{str(dtype)[6:]}; us after the first program started)",
+              ["programs", "count", "first", "p10", "median", "p90", "last", "mean"], rows,
+              note=f"One call, after 3 back to back; programs started within {start_us.max().item():.2f} us of each "
+                   f"other on {len(sm.unique())} SMs. The kernel takes as long as its last program; the gap from "
+                   "the median to the last program is the tail, during which fewer and fewer programs keep HBM "
+                   "busy. Splitting sequences into more programs (paged_decode's num_splits) adds merges and "
+                   "lost more than that here (perf_notes, twentieth session).", dtype=dtype)
+    if ctx.plot:
+        order = end_us.sort().values.tolist()
+        _plot_lines(ctx, "flash_decode_tail", f"contiguous_decode {b} x {t // 1024}k, {h}/{hkv} heads: programs' end "
+                    "times", "programs, by end time", "us after the first program started",
+                    {"end time": (list(range(1, len(order) + 1)), order)}, logx=False, logy=False)
+
+
 @register("flash")
 def topic_flash(ctx: BenchContext) -> None:
     import flash_attn as fa
@@ -991,6 +1032,9 @@ def topic_flash(ctx: BenchContext) -> None:
                    "table. With pages >= BLOCK_N the kernel loads one block id per tile and pipelines its "
                    "loads; the engine's 16-token pages take the per-token gather. "
                    "Targets: >= 1.0x SDPA, paged >= 70% of copy BW.", dtype=dtype)
+
+    if gpu:
+        _decode_tail(ctx, dtype)
 
     # ---- long context: one sequence, 10k and 100k tokens
     rows = []

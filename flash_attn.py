@@ -15,7 +15,8 @@ What you will learn:
     split across programs (split-K) and the pieces merged by whichever program finishes last
   - what paging costs: on a contiguous cache a decode kernel can ask for its first K/V tiles
     before loading anything else; the paged kernel first waits for a length and a block id
-    (~1% of a 240 us call at batch 32: Part 4c)
+    (~1% of a 240 us call at batch 32: Part 4c), and what is left after that: the tail of a
+    kernel that fits in one wave, seen by having each program record its start, end and SM
   - when a kernel is latency, not bandwidth: batch-1 multi-head decode written in Gluon (Triton's
     lower-level dialect) with a layout where each warp runs its own online softmax on the FMA
     units and one block barrier combines the warps, instead of a padded tensor-core tile
@@ -53,9 +54,9 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
                  at T = 4k / 8k / 16k in two runs (v2/v3 in the same runs: 0.76-0.78x / 0.77-0.79x /
                  0.80-0.88x); D=64 0.88-0.92x / 0.92-0.95x / 1.00-1.01x; 1.32-1.88x the FA2
                  backend; non-causal D=128 T=4k 0.99-1.03x cuDNN
-  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.76 ms, 100k tokens 159 ms
-              (515 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
-              path would need 1,192 GiB. cuDNN: 1.40 ms and 140 ms.
+  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.75 ms, 100k tokens 158 ms
+              (517 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
+              path would need 1,192 GiB. cuDNN: 1.30 ms and 135 ms (results/flash.md, H200).
   decode  v0  paged_decode_reference (Python loop over sequences; correctness only, not timed)
   decode  v1  paged_decode with num_splits=1: one program per (sequence, KV head)
               -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs; 2026-11-27)
@@ -91,7 +92,9 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               0.995x / 1.01x SDPA at 32 x 8k / 32 x 16k (32/8 heads) / 32 x 8k (32/32), where the
               paged kernel on the same tensors ran 0.987x / 0.991x / 0.996x (another H200: 0.995x /
               0.993x / 1.00x against 0.988x / 0.99x / 0.989x). No split: 0.38x at batch 4 x 32k,
-              where paged_decode (0.975x) is the one to use.
+              where paged_decode (0.975x) is the one to use. Twentieth session: trace= (each
+              program's start, end and SM): at 32 x 8k the median program ends at 228 us, the
+              last at 235; bench 0.993x / 0.992x / 1.00x in that run.
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -1744,9 +1747,37 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # exactly two pairs per program, the second pair's first tiles in flight while the first pair
 # finishes, 0.995x / 0.994x at 8k / 16k where this kernel ran 0.992x / 0.992x: +0.2%, within the
 # rounds' spread, for more code.
+# Where the last ~0.5% at 32/8 heads goes (twentieth session, H200). Not the fixed cost any more:
+# at T = 64 this kernel takes 5.1-5.3 us a call in a CUDA graph against cuDNN's 6.1 (an empty
+# kernel: 2.55 us, the same for Triton's and PyTorch's). It is the end of a one-wave kernel. Each
+# program can write its start and end (%globaltimer) and SM (%smid) (trace=, bench.py's one-wave
+# table): at 32 x 8k all 256 programs start within 0.13 us and end between 206 and 237 us (64/8/3),
+# the 8 alone on an SM ~19 us before the rest, half of them by 229 us. In the last ~8 us fewer and
+# fewer programs keep HBM busy. Tried against it, none kept (paired rounds against SDPA): more
+# programs, the paged kernel on these tensors with 2 / 4 / 8 / 32 splits (0.978x / 0.965x / 0.947x /
+# 0.868x where one split ran 0.988x), and this kernel with 2 / 4 / 8 splits merged in-kernel
+# (0.967x / 0.943x / 0.917x against 0.996x: partials, merges and refilled pipelines cost more
+# than the tail, and with 3 programs per SM HBM reads slower still); starting
+# each program at another tile, to spread them over DRAM channels (0.6% slower to 0.3% faster);
+# CUTLASS's cp.async L2 prefetch hint, patched into the PTX by a Triton stage hook
+# (knobs.runtime.add_stages_inspection_hook), .L2::128B no change and .L2::256B 7-10% slower;
+# unmasked loads when T is a multiple of the tile, no change.
 # One program per (sequence, KV head) and no split: small batches (4 x 32k: 32 programs on 132
 # SMs) leave most of the GPU idle (0.38x SDPA in bench.py). That is the case split-K solves; use
 # paged_decode there (contiguous_as_paged gives it these same tensors).
+
+
+@triton.jit
+def _global_timer_ns():
+    """The GPU's nanosecond clock (PTX %globaltimer): one clock for all SMs, so programs' times
+    compare. Inline PTX: the Triton interpreter cannot run it."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _sm_id():
+    """The SM this program runs on (PTX %smid)."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit(do_not_specialize=["seq_bucket", "grid_per_sm"])
@@ -1754,10 +1785,13 @@ def _contiguous_decode_kernel(
     Q, K, V, Out, seq_len, qk_scale,
     seq_bucket, grid_per_sm,               # unused; the autotuner's keys
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_ob, stride_oh,
+    Trace,                                 # TRACE: int64 (programs, 3): start ns, end ns, SM id
     N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, TRACE: tl.constexpr = False,
 ):
     pair = tl.program_id(0)                   # one 1-D grid (y would cap the batch at 65,535)
+    if TRACE:
+        t_start = _global_timer_ns()
     seq, kv_head = pair // N_KV_HEADS, pair % N_KV_HEADS   # KV head fastest
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -1778,6 +1812,10 @@ def _contiguous_decode_kernel(
         m_i, l_i, acc = _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale)
     tl.store(Out + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
              (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=offs_g[:, None] < GROUP)
+    if TRACE:       # after the store was issued: the time this program's work took
+        tl.store(Trace + pair * 3 + 1, _global_timer_ns())
+        tl.store(Trace + pair * 3, t_start)
+        tl.store(Trace + pair * 3 + 2, _sm_id().to(tl.int64))
 
 
 # (BLOCK_N, num_warps, num_stages). The best per shape on the first card: 64/8/3 at 32 x 8k
@@ -1795,7 +1833,7 @@ def _contiguous_decode_launcher():
         _contiguous_decode_kernel)
 
 
-def contiguous_decode(q, k, v, scale=None, out=None, config=None):
+def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
     """One decode step over a contiguous cache, SDPA's contract: q (B, H, D), k/v (B, Hkv, T, D)
     (any strides with a contiguous last dim, e.g. SDPA's own tensors or model.py's KVCache slab),
     every sequence attending to all T keys -> (B, H, D). The same math as
@@ -1804,7 +1842,9 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None):
     of at least ~1.5 programs per SM); for small batches use paged_decode, which splits the
     sequence. out: a preallocated (B, H, D) that overlaps none of q, k, v. config: a fixed
     dict(BLOCK_N, num_warps, num_stages) instead of the autotuner's (it must fit the GPU's shared
-    memory: two K and V tiles of BLOCK_N x D)."""
+    memory: two K and V tiles of BLOCK_N x D). trace: a contiguous int64 (B * Hkv, 3) CUDA tensor;
+    program p (sequence p // Hkv, KV head p % Hkv) writes its start and end time (ns, the GPU's
+    %globaltimer) and its SM id into row p (bench.py's one-wave tail table; GPU only)."""
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, D) and two "
                          f"(B, Hkv, T, D) with the same B and D")
@@ -1819,16 +1859,23 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None):
     _check_out_apart(out, q=q, k=k, v=v)
     for name, t in (("q", q), ("out", out)):
         _check_int32_span(name, batch, t.stride(0), n_heads, t.stride(1), head_dim)
+    group = n_heads // n_kv_heads
+    n_programs = batch * n_kv_heads
+    if trace is not None and (INTERPRET or not q.is_cuda or trace.device != q.device or trace.dtype != torch.int64
+                              or tuple(trace.shape) != (n_programs, 3) or not trace.is_contiguous()):
+        raise ValueError(f"trace must be a contiguous int64 ({n_programs}, 3) tensor on q's GPU (inline PTX timers: "
+                         f"no CPU or interpreter), got {tuple(trace.shape)} {trace.dtype} on {trace.device}"
+                         + (" with TRITON_INTERPRET=1" if INTERPRET else ""))
     if out.numel() == 0:                  # no sequence or no query head: nothing to compute
         return out
     if upcast := _interpreter_bf16_workaround(q, k, v):
         return out.copy_(contiguous_decode(*upcast, scale=scale, config=config))
-    group = n_heads // n_kv_heads
-    n_programs = batch * n_kv_heads
     args = (q, k, v, out, seq_len, _qk_scale(scale, head_dim), triton.next_power_of_2(seq_len),
             triton.cdiv(n_programs, _num_sms(q.device)), q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1))
-    meta = dict(N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim)
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+            out if trace is None else trace)
+    meta = dict(N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                TRACE=trace is not None)
     if INTERPRET or config is not None:
         _contiguous_decode_kernel[(n_programs,)](*args, **meta, **(config or _INTERPRET_DECODE_CONFIG))
     else:

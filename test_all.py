@@ -1525,7 +1525,7 @@ def test_contiguous_decode_asks_for_k_v_before_any_other_global_load():
     bf16): the first K/V cp.async (LDGSTS) is issued before any plain global load (LDG): nothing is
     loaded that the K/V addresses could wait for. The paged kernel, for contrast, loads the context
     length and a block id first. No spills, and the shared memory fits an SM (227 KB)."""
-    tensors = dict(Q="bf16", K="bf16", V="bf16", Out="bf16")
+    tensors = dict(Q="bf16", K="bf16", V="bf16", Out="bf16", Trace="i64")
     scalars = dict(seq_len=8192, qk_scale=0.1, seq_bucket=8192, grid_per_sm=2, stride_qb=4096, stride_qh=128,
                    stride_kb=8 * 8192 * 128, stride_kh=8192 * 128, stride_kt=128, stride_vb=8 * 8192 * 128,
                    stride_vh=8192 * 128, stride_vt=128, stride_ob=4096, stride_oh=128)
@@ -2456,6 +2456,21 @@ def test_flash_contiguous_decode_rejects_bad_inputs(dtype):
             fa.contiguous_decode(q_, k_, v_, out=out)
 
 
+def test_flash_contiguous_decode_trace_is_checked():
+    # the trace is inline PTX (%globaltimer, %smid): refused on the CPU and under the interpreter;
+    # on a GPU a trace of the wrong shape, dtype or layout is refused
+    q, k = torch.randn(2, 4, 32, device=FA_DEVICE, dtype=torch.float16), torch.randn(2, 2, 10, 32, device=FA_DEVICE,
+                                                                                    dtype=torch.float16)
+    bad = [torch.zeros(3, 3, dtype=torch.int64, device=FA_DEVICE),          # 2 x 2 programs: a row short
+           torch.zeros(4, 3, dtype=torch.int32, device=FA_DEVICE),          # int32
+           torch.zeros(3, 4, dtype=torch.int64, device=FA_DEVICE).t()]      # (4, 3), not contiguous
+    if not CUDA or fa.INTERPRET:
+        bad.append(torch.zeros(4, 3, dtype=torch.int64, device=FA_DEVICE))  # the right one, but no GPU
+    for trace in bad:
+        with pytest.raises(ValueError, match="trace"):
+            fa.contiguous_decode(q, k, k, trace=trace)
+
+
 def test_flash_autotuned_kernels_refuse_an_output_over_an_input():
     # the autotuner replays a kernel on the real arguments before the final launch: an output over
     # q would be read back as q (the Part 3 prefill and the paged decode are autotuned on a GPU)
@@ -2680,6 +2695,23 @@ def test_flash_cuda_contiguous_decode(b, h, hkv, t, config):
                                                            enable_gqa=True)[:, :, 0]
     out = torch.full_like(q, float("nan"))
     _fa_assert_close(fa.contiguous_decode(q, k, v, out=out, config=config), ref, torch.bfloat16)
+
+
+@needs_cuda
+def test_flash_cuda_contiguous_decode_trace():
+    # every program writes its row of the trace (start, end, SM id) and the output is unchanged
+    b, hkv, h, t = 24, 8, 24, 4097
+    k, v = (torch.randn(b, hkv, t, 128, device=FA_DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.randn(b, h, 128, device=FA_DEVICE, dtype=torch.bfloat16)
+    trace = torch.full((b * hkv, 3), -1, dtype=torch.int64, device=FA_DEVICE)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(),
+                                                           enable_gqa=True)[:, :, 0]
+    _fa_assert_close(fa.contiguous_decode(q, k, v, trace=trace), ref, torch.bfloat16)
+    start, end, sm = trace.cpu().unbind(1)
+    assert (start > 0).all() and (end > start).all(), trace
+    assert (end - start).max() < 10**9, "a program took over a second"        # one clock, in ns
+    # (%smid numbers need not be contiguous: count the distinct ones)
+    assert (sm >= 0).all() and 1 < len(sm.unique()) <= torch.cuda.get_device_properties(0).multi_processor_count, sm
 
 
 @needs_cuda
