@@ -903,19 +903,23 @@ def _bench_prefill(ctx, dtype, causal, points):
 
 def _decode_tail(ctx: BenchContext, dtype) -> None:
     """When each program of a one-wave decode kernel ends. contiguous_decode at 32 x 8k, 32/8
-    heads: 256 programs on 132 SMs, all resident at once (2 on 124 SMs, 1 on 8 on an H100/H200),
-    all started within ~0.1 us. The kernel ends with its slowest program; as programs finish,
-    fewer are left to keep HBM busy. Each program writes its start, end (%globaltimer) and SM id
-    (contiguous_decode's trace): the table groups programs by how many shared their SM."""
+    heads: 256 programs on 132 SMs, all resident at once with the 64-token configs (2 on 124 SMs,
+    1 on 8 on an H100/H200), all started within ~0.2 us. The kernel ends with its slowest program;
+    as programs finish, fewer are left to keep HBM busy. Each program writes its start, end
+    (%globaltimer) and SM id (contiguous_decode's trace): the table groups programs by how many
+    shared their SM. The traced calls run the config the autotuner picked for the untraced one
+    (a traced call is another autotuner key: the trace's dtype is part of it)."""
     import flash_attn as fa
     b, t, h, hkv, d = 32, 8192, 32, 8, 128
     q = torch.randn(b, h, d, device=ctx.device, dtype=dtype)
     ks = torch.randn(b, hkv, t, d, device=ctx.device, dtype=dtype)
     vs = torch.randn(b, hkv, t, d, device=ctx.device, dtype=dtype)
     trace = torch.zeros(b * hkv, 3, dtype=torch.int64, device=ctx.device)
-    fa.contiguous_decode(q, ks, vs)     # the autotuner's pick first: the traced calls run that config
+    fa.contiguous_decode(q, ks, vs)     # the autotuner's pick for the untraced kernel, run traced below
+    best = fa._contiguous_decode_launcher().best_config
+    config = dict(BLOCK_N=best.kwargs["BLOCK_N"], num_warps=best.num_warps, num_stages=best.num_stages)
     for _ in range(3):                  # back to back, as in a decode loop; the last one is read
-        fa.contiguous_decode(q, ks, vs, trace=trace)
+        fa.contiguous_decode(q, ks, vs, trace=trace, config=config)
     torch.cuda.synchronize()
     start_ns, end_ns, sm = trace.cpu().unbind(1)
     first = start_ns.min()
@@ -927,11 +931,15 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
         ends = end_us if n is None else end_us[per_sm == n]
         rows.append([label, len(ends) if n is None else f"{len(ends)} ({len(ends) // n} SMs)",
                      *torch.quantile(ends, quantiles).tolist(), ends.mean().item()])
-    ctx.table(f"Decode, one wave: when each program of contiguous_decode ends ({b} x {t // 1024}k, {h}/{hkv} heads, "
-              f"{str(dtype)[6:]}; us after the first program started)",
+    spread = start_us.max().item()
+    started = (f"programs started within {spread:.2f} us of each other (one wave)" if spread < 1 else
+               f"programs started over {spread:.0f} us (not all resident at once: more than one wave)")
+    ctx.table(f"Decode: when each program of contiguous_decode ends ({b} x {t // 1024}k, {h}/{hkv} heads, "
+              f"{str(dtype)[6:]}, the autotuner's config {config['BLOCK_N']}/{config['num_warps']}/"
+              f"{config['num_stages']}; us after the first program started)",
               ["programs", "count", "first", "p10", "median", "p90", "last", "mean"], rows,
-              note=f"One call, after 3 back to back; programs started within {start_us.max().item():.2f} us of each "
-                   f"other on {len(sm.unique())} SMs. The kernel takes as long as its last program; the gap from "
+              note=f"One call, after 3 back to back; {started}, on {len(sm.unique())} SMs. "
+                   "The kernel takes as long as its last program; the gap from "
                    "the median to the last program is the tail, during which fewer and fewer programs keep HBM "
                    "busy. Splitting sequences into more programs (paged_decode's num_splits) adds merges and "
                    "lost more than that here (perf_notes, twentieth session).", dtype=dtype)
@@ -1033,7 +1041,7 @@ def topic_flash(ctx: BenchContext) -> None:
                    "loads; the engine's 16-token pages take the per-token gather. "
                    "Targets: >= 1.0x SDPA, paged >= 70% of copy BW.", dtype=dtype)
 
-    if gpu:
+    if gpu and torch.version.hip is None:      # (the trace's timers are NVIDIA PTX)
         _decode_tail(ctx, dtype)
 
     # ---- long context: one sequence, 10k and 100k tokens

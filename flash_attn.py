@@ -54,9 +54,9 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
                  at T = 4k / 8k / 16k in two runs (v2/v3 in the same runs: 0.76-0.78x / 0.77-0.79x /
                  0.80-0.88x); D=64 0.88-0.92x / 0.92-0.95x / 1.00-1.01x; 1.32-1.88x the FA2
                  backend; non-causal D=128 T=4k 0.99-1.03x cuDNN
-  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.75 ms, 100k tokens 158 ms
-              (517 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
-              path would need 1,192 GiB. cuDNN: 1.30 ms and 135 ms (results/flash.md, H200).
+  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.72 ms, 100k tokens 159 ms
+              (514 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
+              path would need 1,192 GiB. cuDNN: 1.31 ms and 136 ms (results/flash.md, H200).
   decode  v0  paged_decode_reference (Python loop over sequences; correctness only, not timed)
   decode  v1  paged_decode with num_splits=1: one program per (sequence, KV head)
               -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs; 2026-11-27)
@@ -94,7 +94,7 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               0.993x / 1.00x against 0.988x / 0.99x / 0.989x). No split: 0.38x at batch 4 x 32k,
               where paged_decode (0.975x) is the one to use. Twentieth session: trace= (each
               program's start, end and SM): at 32 x 8k the median program ends at 228 us, the
-              last at 235; bench 0.993x / 0.992x / 1.00x in that run.
+              last at 235-237; bench 0.993x / 0.992x / 1.00x in that run.
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -174,21 +174,22 @@ def _memory_span(t):
     return start, start + (last + 1) * t.element_size()
 
 
-def _check_out_apart(out, **inputs):
+def _check_out_apart(written, /, written_name="out", **inputs):
     """The autotuned kernels refuse an output that overlaps an input: Triton's autotuner runs
     every config on the real arguments before the final launch, so an output written over q (say)
     would be read back as q by the next config (a wrong result, silently, on a tuning call only).
     Only views of one allocation can overlap, so the byte spans are compared only for those (this
-    runs on every eager decode call); conservative: spans that interleave count as overlapping."""
-    if out.numel() == 0 or out.is_meta:        # (meta tensors have no memory)
+    runs on every eager decode call); conservative: spans that interleave count as overlapping.
+    written: the tensor the kernel writes (named written_name in the error)."""
+    if written.numel() == 0 or written.is_meta:        # (meta tensors have no memory)
         return
-    storage = out.untyped_storage().data_ptr()
+    storage = written.untyped_storage().data_ptr()
     for name, t in inputs.items():
         if t.numel() == 0 or t.untyped_storage().data_ptr() != storage:
             continue
-        (lo, hi), (out_lo, out_hi) = _memory_span(t), _memory_span(out)
-        if lo < out_hi and out_lo < hi:
-            raise ValueError(f"out overlaps {name} in memory; pass a separate output tensor (the autotuner "
+        (lo, hi), (w_lo, w_hi) = _memory_span(t), _memory_span(written)
+        if lo < w_hi and w_lo < hi:
+            raise ValueError(f"{written_name} overlaps {name} in memory; pass a separate tensor (the autotuner "
                              f"replays the kernel on the real arguments)")
 
 
@@ -1751,8 +1752,9 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # at T = 64 this kernel takes 5.1-5.3 us a call in a CUDA graph against cuDNN's 6.1 (an empty
 # kernel: 2.55 us, the same for Triton's and PyTorch's). It is the end of a one-wave kernel. Each
 # program can write its start and end (%globaltimer) and SM (%smid) (trace=, bench.py's one-wave
-# table): at 32 x 8k all 256 programs start within 0.13 us and end between 206 and 237 us (64/8/3),
-# the 8 alone on an SM ~19 us before the rest, half of them by 229 us. In the last ~8 us fewer and
+# table). At 32 x 8k all 256 programs start within 0.2 us and end over 20-30 us: 206 to 237 us in a
+# CUDA graph with the 64/8/3 config (half of them by 229 us; the 8 alone on an SM at ~210, ~19 us
+# before the rest), 213 to 235-237 us (median 228) in two eager runs of bench's table. In the last ~7-8 us fewer and
 # fewer programs keep HBM busy. Tried against it, none kept (paired rounds against SDPA): more
 # programs, the paged kernel on these tensors with 2 / 4 / 8 / 32 splits (0.978x / 0.965x / 0.947x /
 # 0.868x where one split ran 0.988x), and this kernel with 2 / 4 / 8 splits merged in-kernel
@@ -1813,9 +1815,10 @@ def _contiguous_decode_kernel(
     tl.store(Out + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
              (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=offs_g[:, None] < GROUP)
     if TRACE:       # after the store was issued: the time this program's work took
-        tl.store(Trace + pair * 3 + 1, _global_timer_ns())
-        tl.store(Trace + pair * 3, t_start)
-        tl.store(Trace + pair * 3 + 2, _sm_id().to(tl.int64))
+        row = Trace + pair.to(tl.int64) * 3
+        tl.store(row + 1, _global_timer_ns())
+        tl.store(row, t_start)
+        tl.store(row + 2, _sm_id().to(tl.int64))
 
 
 # (BLOCK_N, num_warps, num_stages). The best per shape on the first card: 64/8/3 at 32 x 8k
@@ -1844,7 +1847,8 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
     dict(BLOCK_N, num_warps, num_stages) instead of the autotuner's (it must fit the GPU's shared
     memory: two K and V tiles of BLOCK_N x D). trace: a contiguous int64 (B * Hkv, 3) CUDA tensor;
     program p (sequence p // Hkv, KV head p % Hkv) writes its start and end time (ns, the GPU's
-    %globaltimer) and its SM id into row p (bench.py's one-wave tail table; GPU only)."""
+    %globaltimer) and its SM id into row p (bench.py's one-wave tail table; NVIDIA GPUs only; rows
+    are left as they are when there is nothing to compute, e.g. no query head)."""
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, D) and two "
                          f"(B, Hkv, T, D) with the same B and D")
@@ -1861,11 +1865,15 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
         _check_int32_span(name, batch, t.stride(0), n_heads, t.stride(1), head_dim)
     group = n_heads // n_kv_heads
     n_programs = batch * n_kv_heads
-    if trace is not None and (INTERPRET or not q.is_cuda or trace.device != q.device or trace.dtype != torch.int64
-                              or tuple(trace.shape) != (n_programs, 3) or not trace.is_contiguous()):
-        raise ValueError(f"trace must be a contiguous int64 ({n_programs}, 3) tensor on q's GPU (inline PTX timers: "
-                         f"no CPU or interpreter), got {tuple(trace.shape)} {trace.dtype} on {trace.device}"
-                         + (" with TRITON_INTERPRET=1" if INTERPRET else ""))
+    if trace is not None:
+        if trace.dtype != torch.int64 or tuple(trace.shape) != (n_programs, 3) or not trace.is_contiguous():
+            raise ValueError(f"trace must be a contiguous int64 ({n_programs}, 3) tensor (a row per program), got "
+                             f"{tuple(trace.shape)} {trace.dtype} with strides {trace.stride()}")
+        if INTERPRET or not q.is_cuda or trace.device != q.device or torch.version.hip is not None:
+            raise ValueError(f"trace needs q and trace on one NVIDIA GPU (its timers are inline PTX: no CPU, no "
+                             f"interpreter, no ROCm); q on {q.device}, trace on {trace.device}"
+                             + (", TRITON_INTERPRET=1" if INTERPRET else ""))
+        _check_out_apart(trace, "trace", q=q, k=k, v=v, out=out)
     if out.numel() == 0:                  # no sequence or no query head: nothing to compute
         return out
     if upcast := _interpreter_bf16_workaround(q, k, v):

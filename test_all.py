@@ -2457,18 +2457,23 @@ def test_flash_contiguous_decode_rejects_bad_inputs(dtype):
 
 
 def test_flash_contiguous_decode_trace_is_checked():
-    # the trace is inline PTX (%globaltimer, %smid): refused on the CPU and under the interpreter;
-    # on a GPU a trace of the wrong shape, dtype or layout is refused
-    q, k = torch.randn(2, 4, 32, device=FA_DEVICE, dtype=torch.float16), torch.randn(2, 2, 10, 32, device=FA_DEVICE,
-                                                                                    dtype=torch.float16)
-    bad = [torch.zeros(3, 3, dtype=torch.int64, device=FA_DEVICE),          # 2 x 2 programs: a row short
-           torch.zeros(4, 3, dtype=torch.int32, device=FA_DEVICE),          # int32
-           torch.zeros(3, 4, dtype=torch.int64, device=FA_DEVICE).t()]      # (4, 3), not contiguous
-    if not CUDA or fa.INTERPRET:
-        bad.append(torch.zeros(4, 3, dtype=torch.int64, device=FA_DEVICE))  # the right one, but no GPU
-    for trace in bad:
-        with pytest.raises(ValueError, match="trace"):
+    # the trace's shape, dtype and layout are checked everywhere; its timers are inline PTX, so a
+    # CPU or interpreter run, or a trace on another device than q, is refused; and on a GPU a
+    # trace over the output (the autotuner replays the kernel) is refused too
+    f = dict(device=FA_DEVICE, dtype=torch.float16)
+    q, k = torch.randn(2, 4, 32, **f), torch.randn(2, 2, 10, 32, **f)
+    for trace in (torch.zeros(3, 3, dtype=torch.int64, device=FA_DEVICE),      # 2 x 2 programs: a row short
+                  torch.zeros(4, 3, dtype=torch.int32, device=FA_DEVICE),      # int32
+                  torch.zeros(3, 4, dtype=torch.int64, device=FA_DEVICE).t()):  # (4, 3), not contiguous
+        with pytest.raises(ValueError, match="a row per program"):
             fa.contiguous_decode(q, k, k, trace=trace)
+    with pytest.raises(ValueError, match="one NVIDIA GPU"):    # on the CPU: q there too, or q on the GPU
+        fa.contiguous_decode(q, k, k, trace=torch.zeros(4, 3, dtype=torch.int64))
+    if CUDA and not fa.INTERPRET:
+        buf = torch.zeros(1024, dtype=torch.uint8, device=FA_DEVICE)
+        out, trace = buf[:512].view(torch.float16).view(2, 4, 32), buf[:96].view(torch.int64).view(4, 3)
+        with pytest.raises(ValueError, match="trace overlaps out"):
+            fa.contiguous_decode(q, k, k, out=out, trace=trace)
 
 
 def test_flash_autotuned_kernels_refuse_an_output_over_an_input():
