@@ -2688,6 +2688,12 @@ def test_flash_cuda_paged_decode_on_sdpa_layout(num_splits):
     _fa_assert_close(out, fa.paged_decode_reference(q, kc, vc, table, lens), torch.bfloat16)
 
 
+def _sdpa_decode_reference(q, k, v, dtype=torch.float32):
+    """SDPA on q (B, H, D) against k/v (B, Hkv, T, D), every key, in `dtype` -> (B, H, D)."""
+    return torch.nn.functional.scaled_dot_product_attention(q[:, :, None].to(dtype), k.to(dtype), v.to(dtype),
+                                                            enable_gqa=True)[:, :, 0]
+
+
 @needs_cuda
 @pytest.mark.parametrize("b,h,hkv,t", [(40, 24, 8, 4097), (64, 3, 3, 17), (16, 32, 8, 1), (2, 6, 2, 8192)])
 @pytest.mark.parametrize("config", [None, dict(BLOCK_N=64, num_warps=8, num_stages=3)])
@@ -2696,8 +2702,7 @@ def test_flash_cuda_contiguous_decode(b, h, hkv, t, config):
     # that fills the GPU and one that does not; the autotuner's pick and a fixed config
     k, v = (torch.randn(b, hkv, t, 128, device=FA_DEVICE, dtype=torch.bfloat16) for _ in range(2))
     q = torch.randn(b, h, 128, device=FA_DEVICE, dtype=torch.bfloat16)
-    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(),
-                                                           enable_gqa=True)[:, :, 0]
+    ref = _sdpa_decode_reference(q, k, v)
     out = torch.full_like(q, float("nan"))
     _fa_assert_close(fa.contiguous_decode(q, k, v, out=out, config=config), ref, torch.bfloat16)
 
@@ -2709,8 +2714,7 @@ def test_flash_cuda_contiguous_decode_trace():
     k, v = (torch.randn(b, hkv, t, 128, device=FA_DEVICE, dtype=torch.bfloat16) for _ in range(2))
     q = torch.randn(b, h, 128, device=FA_DEVICE, dtype=torch.bfloat16)
     trace = torch.full((b * hkv, 3), -1, dtype=torch.int64, device=FA_DEVICE)
-    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(),
-                                                           enable_gqa=True)[:, :, 0]
+    ref = _sdpa_decode_reference(q, k, v)
     _fa_assert_close(fa.contiguous_decode(q, k, v, trace=trace), ref, torch.bfloat16)
     start, end, sm = trace.cpu().unbind(1)
     assert (start > 0).all() and (end > start).all(), trace
@@ -2729,8 +2733,7 @@ def test_flash_cuda_contiguous_decode_dtypes_and_views(dtype, head_dim):
     v = torch.randn(b, hkv, t, head_dim, device=FA_DEVICE, dtype=dtype)
     q = torch.randn(b, h, head_dim, device=FA_DEVICE, dtype=dtype)
     out = torch.full((b, h, 2 * head_dim), float("nan"), device=FA_DEVICE, dtype=dtype)[..., head_dim:]
-    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None].double(), k.double(), v.double(),
-                                                           enable_gqa=True)[:, :, 0]
+    ref = _sdpa_decode_reference(q, k, v, torch.float64)
     fa.contiguous_decode(q, k, v, out=out)
     _fa_assert_close(out, ref, dtype, tol=1e-4 if dtype == torch.float32 else None)
 
