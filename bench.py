@@ -904,8 +904,10 @@ def _bench_prefill(ctx, dtype, causal, points):
 def _decode_tail(ctx: BenchContext, dtype) -> None:
     """When each program of a one-wave decode kernel ends. contiguous_decode at 32 x 8k, 32/8
     heads: 256 programs on 132 SMs, all resident at once with the 64-token configs (2 on 124 SMs,
-    1 on 8 on an H100/H200), all started within ~0.2 us. The kernel ends with its slowest program;
-    as programs finish, fewer are left to keep HBM busy. Each program writes its start, end
+    1 on 8 on an H100/H200), all started within ~0.2 us. The kernel ends with its slowest program,
+    but a ragged end costs a bandwidth-bound kernel little: as programs finish, the rest stream
+    faster (work stealing that drew the ends together did not end it sooner: perf_notes, twenty-first
+    session). Each program writes its start, end
     (%globaltimer) and SM id (contiguous_decode's trace): the table groups programs by how many
     shared their SM. The traced calls run the config the autotuner picked for the untraced one
     (a traced call is another autotuner key: the trace's dtype is part of it)."""
@@ -916,8 +918,7 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
     vs = torch.randn(b, hkv, t, d, device=ctx.device, dtype=dtype)
     trace = torch.zeros(b * hkv, 3, dtype=torch.int64, device=ctx.device)
     fa.contiguous_decode(q, ks, vs)     # the autotuner's pick for the untraced kernel, run traced below
-    best = fa._contiguous_decode_launcher().best_config
-    config = dict(BLOCK_N=best.kwargs["BLOCK_N"], num_warps=best.num_warps, num_stages=best.num_stages)
+    config = fa.contiguous_decode_config()
     for _ in range(3):                  # back to back, as in a decode loop; the last one is read
         fa.contiguous_decode(q, ks, vs, trace=trace, config=config)
     torch.cuda.synchronize()
@@ -939,10 +940,11 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
               f"{config['num_stages']}; us after the first program started)",
               ["programs", "count", "first", "p10", "median", "p90", "last", "mean"], rows,
               note=f"One call, after 3 back to back; {started}, on {len(sm.unique())} SMs. "
-                   "The kernel takes as long as its last program; the gap from "
-                   "the median to the last program is the tail, during which fewer and fewer programs keep HBM "
-                   "busy. Splitting sequences into more programs (paged_decode's num_splits) adds merges and "
-                   "lost more than that here (perf_notes, twentieth session).", dtype=dtype)
+                   "The kernel takes as long as its last program, but the spread from the median to the last "
+                   "is not idle HBM: a program that finishes leaves its bandwidth to the others. Work stealing "
+                   "(programs with nothing left take the last tiles of others) drew the ends to within ~7 us and "
+                   "the last program ended no sooner; splitting sequences into more programs (paged_decode's "
+                   "num_splits) lost 1-12% (perf_notes, twentieth and twenty-first sessions).", dtype=dtype)
     if ctx.plot:
         order = end_us.sort().values.tolist()
         _plot_lines(ctx, "flash_decode_tail", f"contiguous_decode {b} x {t // 1024}k, {h}/{hkv} heads: programs' end "
@@ -1881,9 +1883,15 @@ def topic_tune(ctx: BenchContext) -> None:
                    and tm.gemv_tma_config(*lin.weight.shape, True, False) is not None]
 
         # a multi-head model's batch-1 attention is flash_attn's Gluon kernel, whose knob is its split size
+        # (asked of paged_decode's own test, with a q and a new token shaped like the engine's)
         cfg = model.cfg
         mha_tokens = FA.mha_decode_split_tokens(1, cfg.n_head, cfg.max_seq_len, ctx.device, cfg.head_dim)
-        mha = FA.MHA_DECODE and cfg.kv_heads == cfg.n_head and mha_tokens is not None
+        probe_q = torch.empty(1, cfg.n_head, cfg.head_dim, device=ctx.device, dtype=dt)
+        probe_kv = torch.empty(1, cfg.kv_heads, cfg.head_dim, device=ctx.device, dtype=dt)
+        probe_new_kv = (probe_kv, probe_kv, torch.zeros(1, dtype=torch.int32, device=ctx.device))
+        mha = mha_tokens is not None and FA.mha_decode_applies(
+            probe_q, cfg.n_head // cfg.kv_heads, probe_new_kv, mha_tokens,
+            cfg.kv_heads * triton.cdiv(cfg.max_seq_len, mha_tokens))
 
         def rule(key):
             if key == "attention":

@@ -15,8 +15,9 @@ What you will learn:
     split across programs (split-K) and the pieces merged by whichever program finishes last
   - what paging costs: on a contiguous cache a decode kernel can ask for its first K/V tiles
     before loading anything else; the paged kernel first waits for a length and a block id
-    (~1% of a 240 us call at batch 32: Part 4c), and what is left after that: the tail of a
-    kernel that fits in one wave, seen by having each program record its start, end and SM
+    (~1% of a 240 us call at batch 32: Part 4c); and why the ragged end of a kernel that fits
+    in one wave, seen by having each program record its start, end and SM, costs a
+    bandwidth-bound kernel little: evening it out by work stealing did not end it sooner
   - when a kernel is latency, not bandwidth: batch-1 multi-head decode written in Gluon (Triton's
     lower-level dialect) with a layout where each warp runs its own online softmax on the FMA
     units and one block barrier combines the warps, instead of a padded tensor-core tile
@@ -54,9 +55,9 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
                  at T = 4k / 8k / 16k in two runs (v2/v3 in the same runs: 0.76-0.78x / 0.77-0.79x /
                  0.80-0.88x); D=64 0.88-0.92x / 0.92-0.95x / 1.00-1.01x; 1.32-1.88x the FA2
                  backend; non-causal D=128 T=4k 0.99-1.03x cuDNN
-  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.72 ms, 100k tokens 159 ms
-              (514 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
-              path would need 1,192 GiB. cuDNN: 1.31 ms and 136 ms (results/flash.md, H200).
+  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.75 ms, 100k tokens 161 ms
+              (509 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
+              path would need 1,192 GiB. cuDNN: 1.31 ms and 138 ms (results/flash.md, H200).
   decode  v0  paged_decode_reference (Python loop over sequences; correctness only, not timed)
   decode  v1  paged_decode with num_splits=1: one program per (sequence, KV head)
               -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs; 2026-11-27)
@@ -94,7 +95,9 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               0.993x / 1.00x against 0.988x / 0.99x / 0.989x). No split: 0.38x at batch 4 x 32k,
               where paged_decode (0.975x) is the one to use. Twentieth session: trace= (each
               program's start, end and SM): at 32 x 8k the median program ends at 228 us, the
-              last at 235-237; bench 0.993x / 0.992x / 1.00x in that run.
+              last at 235-237; bench 0.993x / 0.992x / 1.00x in that run. Twenty-first session:
+              work stealing between programs drew the ends together and lost (Part 4c); bench
+              0.993x / 0.995x / 1.01x.
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -1748,22 +1751,31 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # exactly two pairs per program, the second pair's first tiles in flight while the first pair
 # finishes, 0.995x / 0.994x at 8k / 16k where this kernel ran 0.992x / 0.992x: +0.2%, within the
 # rounds' spread, for more code.
-# Where the last ~0.5% at 32/8 heads goes (twentieth session, H200). Not the fixed cost any more:
-# at T = 64 this kernel takes 5.1-5.3 us a call in a CUDA graph against cuDNN's 6.1 (an empty
-# kernel: 2.55 us, the same for Triton's and PyTorch's). It is the end of a one-wave kernel. Each
-# program can write its start and end (%globaltimer) and SM (%smid) (trace=, bench.py's one-wave
-# table). At 32 x 8k all 256 programs start within 0.2 us and end over 20-30 us: 206 to 237 us in a
-# CUDA graph with the 64/8/3 config (half of them by 229 us; the 8 alone on an SM at ~210, ~19 us
-# before the rest), 213 to 235-237 us (median 228) in two eager runs of bench's table. In the last ~7-8 us fewer and
-# fewer programs keep HBM busy. Tried against it, none kept (paired rounds against SDPA): more
-# programs, the paged kernel on these tensors with 2 / 4 / 8 / 32 splits (0.978x / 0.965x / 0.947x /
-# 0.868x where one split ran 0.988x), and this kernel with 2 / 4 / 8 splits merged in-kernel
-# (0.967x / 0.943x / 0.917x against 0.996x: partials, merges and refilled pipelines cost more
-# than the tail, and with 3 programs per SM HBM reads slower still); starting
-# each program at another tile, to spread them over DRAM channels (0.6% slower to 0.3% faster);
-# CUTLASS's cp.async L2 prefetch hint, patched into the PTX by a Triton stage hook
-# (knobs.runtime.add_stages_inspection_hook), .L2::128B no change and .L2::256B 7-10% slower;
-# unmasked loads when T is a multiple of the tile, no change.
+# Where the last ~0.5% at 32/8 heads goes (twentieth and twenty-first sessions, H200). Not the
+# fixed cost any more: at T = 64 this kernel takes 5.1-5.3 us a call in a CUDA graph against
+# cuDNN's 6.1 (an empty kernel: 2.55 us, the same for Triton's and PyTorch's). Nor, although it
+# looks like it, the uneven end of a one-wave kernel. Each program can write its start and end
+# (%globaltimer) and SM (%smid) (trace=, bench.py's one-wave table): at 32 x 8k all 256 programs
+# start within 0.2 us and end over 20-30 us (213-217 to 235-240 us in three eager runs, median
+# 228-232; the 8 alone on an SM up to ~19 us before the rest). But a program that ends early leaves HBM to the others,
+# which then stream faster. Work stealing showed it (a scratch kernel, not kept): the last 2-8
+# tiles of each (sequence, KV head) were handed out by an atomic counter; a program with nothing
+# left took tiles of others and wrote a partial, the last contributor merged, the last program out
+# zeroed the counters. The ends drew together (first 231, last 238.1 us, 69 tiles stolen) and the
+# last program ended no sooner than in the same kernel with nothing to steal (238.1-238.9 us;
+# this kernel 236.6 in that run). Paired against SDPA it lost: 0.981-0.989x where this kernel ran
+# 0.993x, the two atomics every program needs alone 0.991x. So HBM is busy to the end, and what
+# is left is the streaming rate: at batch 31 / 32 / 33 (8k, a CUDA graph) this kernel takes
+# 0.932-0.934 us per (sequence, KV head), cuDNN 0.942 / 0.922 / 0.939: cuDNN is at its best at
+# exactly batch 32, and we did not find why. Also tried, none kept (paired rounds against SDPA):
+# more programs, the paged kernel on these tensors with 2 / 4 / 8 / 32 splits (0.978x / 0.965x /
+# 0.947x / 0.868x where one split ran 0.988x), and this kernel with 2 / 4 / 8 splits merged
+# in-kernel (0.967x / 0.943x / 0.917x against 0.996x: partials, merges and refilled pipelines
+# cost, and with 3 programs per SM HBM reads slower still); starting each program at another
+# tile, to spread them over DRAM channels (0.6% slower to 0.3% faster); CUTLASS's cp.async L2
+# prefetch hint, patched into the PTX by a Triton stage hook (knobs.runtime.add_stages_inspection_hook),
+# .L2::128B no change and .L2::256B 7-10% slower; unmasked loads when T is a multiple of the
+# tile, no change.
 # One program per (sequence, KV head) and no split: small batches (4 x 32k: 32 programs on 132
 # SMs) leave most of the GPU idle (0.38x SDPA in bench.py). That is the case split-K solves; use
 # paged_decode there (contiguous_as_paged gives it these same tensors).
@@ -1889,6 +1901,17 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
     else:
         _contiguous_decode_launcher()[(n_programs,)](*args, **meta)
     return out
+
+
+def contiguous_decode_config():
+    """The config the last autotuned contiguous_decode call ran, as a dict for config=; None before
+    the first one (and on a CPU, where the interpreter runs one fixed config). bench.py traces the
+    timed call's config this way: a traced call is another autotuner key (the trace's dtype is part
+    of it), and could pick another config."""
+    best = getattr(_contiguous_decode_launcher(), "best_config", None)      # set by every autotuned call
+    if best is None:
+        return None
+    return dict(BLOCK_N=best.kwargs["BLOCK_N"], num_warps=best.num_warps, num_stages=best.num_stages)
 
 
 # -----------------------------------------------------------------------------
