@@ -1838,6 +1838,10 @@ def _contiguous_decode_kernel(
 # others within 0.5% at 32/8 heads (the 64-token ones 3-8% behind at 32/32). 32/4/3 is there for
 # fp32 at head_dim 128: two buffers of the others' K/V tiles take 143-278 KB of shared memory there
 # (the autotuner skips a config that does not fit), 64 KB with 32-token tiles.
+# More buffers lose (H200, twenty-first session, paired against SDPA at 32 x 8k / 16k, 32/8):
+# three 64-token buffers (96 KB in flight a program, still 2 programs an SM) 0.4-2.7% slower than
+# two, 32-token tiles with 4-6 buffers 2.4-7.5% slower: more requests in flight read HBM slower. One
+# 128-token buffer with 2 warps ties the best (0.9935x / 0.9977x, 0.965x at 32/32): not added.
 _CONTIGUOUS_DECODE_CONFIGS = [(128, 4, 3), (128, 8, 3), (64, 8, 3), (64, 4, 3), (64, 2, 3), (32, 4, 3)]
 
 
