@@ -905,9 +905,8 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
     """When each program of a one-wave decode kernel ends. contiguous_decode at 32 x 8k, 32/8
     heads: 256 programs on 132 SMs, all resident at once with the 64-token configs (2 on 124 SMs,
     1 on 8 on an H100/H200), all started within ~0.2 us. The kernel ends with its slowest program,
-    but a ragged end costs a bandwidth-bound kernel little: as programs finish, the rest stream
-    faster (work stealing that drew the ends together did not end it sooner: perf_notes, twenty-first
-    session). Each program writes its start, end
+    but the ragged end cost little here: work stealing that drew the ends together did not end it
+    sooner (perf_notes, twenty-first session). Each program writes its start, end
     (%globaltimer) and SM id (contiguous_decode's trace): the table groups programs by how many
     shared their SM. The traced calls run the config the autotuner picked for the untraced one
     (a traced call is another autotuner key: the trace's dtype is part of it)."""
@@ -940,11 +939,11 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
               f"{config['num_stages']}; us after the first program started)",
               ["programs", "count", "first", "p10", "median", "p90", "last", "mean"], rows,
               note=f"One call, after 3 back to back; {started}, on {len(sm.unique())} SMs. "
-                   "The kernel takes as long as its last program, but the spread from the median to the last "
-                   "is not idle HBM: a program that finishes leaves its bandwidth to the others. Work stealing "
-                   "(programs with nothing left take the last tiles of others) drew the ends to within ~7 us and "
-                   "the last program ended no sooner; splitting sequences into more programs (paged_decode's "
-                   "num_splits) lost 1-12% (perf_notes, twentieth and twenty-first sessions).", dtype=dtype)
+                   "The kernel takes as long as its last program, but evening the ends out did not help: work "
+                   "stealing (programs with nothing left take the last tiles of others) drew them to within ~7 us "
+                   "and the last program ended no sooner, as if a program that finishes leaves its bandwidth to the "
+                   "others; splitting sequences into more programs (paged_decode's num_splits) lost 1-12% "
+                   "(perf_notes, twentieth and twenty-first sessions).", dtype=dtype)
     if ctx.plot:
         order = end_us.sort().values.tolist()
         _plot_lines(ctx, "flash_decode_tail", f"contiguous_decode {b} x {t // 1024}k, {h}/{hkv} heads: programs' end "
@@ -1845,6 +1844,20 @@ def coordinate_descent(keys, candidates, start, apply, measure, tol=0.003):
     return chosen, best_ms, trials, start_ms
 
 
+def _batch1_mha_decode_test(runner, cfg, dtype, device):
+    """tokens -> whether the engine's batch-1 decode step, at the full context its CUDA graphs are
+    captured at, runs flash_attn's multi-head Gluon kernel with splits of that many tokens: asked of
+    paged_decode's own test (mha_decode_applies), with a q shaped like the engine's and its new
+    token where the engine passes one."""
+    import triton
+    import flash_attn as FA
+    q = torch.empty(1, cfg.n_head, cfg.head_dim, device=device, dtype=dtype)
+    kv = torch.empty(1, cfg.kv_heads, cfg.head_dim, device=device, dtype=dtype)
+    new_kv = (kv, kv, torch.zeros(1, dtype=torch.int32, device=device)) if runner.new_kv_in_decode else None
+    return lambda tokens: FA.mha_decode_applies(q, cfg.n_head // cfg.kv_heads, new_kv, tokens,
+                                                cfg.kv_heads * triton.cdiv(cfg.max_seq_len, tokens))
+
+
 @register("tune")
 def topic_tune(ctx: BenchContext) -> None:
     """The decode kernels' config rules against a search timed inside the whole decode step."""
@@ -1883,15 +1896,10 @@ def topic_tune(ctx: BenchContext) -> None:
                    and tm.gemv_tma_config(*lin.weight.shape, True, False) is not None]
 
         # a multi-head model's batch-1 attention is flash_attn's Gluon kernel, whose knob is its split size
-        # (asked of paged_decode's own test, with a q and a new token shaped like the engine's)
-        cfg = model.cfg
-        mha_tokens = FA.mha_decode_split_tokens(1, cfg.n_head, cfg.max_seq_len, ctx.device, cfg.head_dim)
-        probe_q = torch.empty(1, cfg.n_head, cfg.head_dim, device=ctx.device, dtype=dt)
-        probe_kv = torch.empty(1, cfg.kv_heads, cfg.head_dim, device=ctx.device, dtype=dt)
-        probe_new_kv = (probe_kv, probe_kv, torch.zeros(1, dtype=torch.int32, device=ctx.device))
-        mha = mha_tokens is not None and FA.mha_decode_applies(
-            probe_q, cfg.n_head // cfg.kv_heads, probe_new_kv, mha_tokens,
-            cfg.kv_heads * triton.cdiv(cfg.max_seq_len, mha_tokens))
+        mha_takes = _batch1_mha_decode_test(runner, model.cfg, dt, ctx.device)
+        mha_tokens = FA.mha_decode_split_tokens(1, model.cfg.n_head, model.cfg.max_seq_len, ctx.device,
+                                                model.cfg.head_dim)
+        mha = mha_tokens is not None and mha_takes(mha_tokens)
 
         def rule(key):
             if key == "attention":
@@ -1905,8 +1913,10 @@ def topic_tune(ctx: BenchContext) -> None:
             # attention's candidates become the small-grid rule's config (used as they are, but a
             # one-stage one gets the loop's stages where a loop runs), so its pre-wait flags apply as in
             # the engine (timed at the full context, where no split is empty)
-            if key == "attention" and mha:      # the multi-head kernel's split sizes (its rule's first)
-                return [mha_tokens] + [t for t in (128, 256, 512) if t != mha_tokens]
+            if key == "attention" and mha:      # the multi-head kernel's split sizes (its rule's first),
+                # those it takes: GPT-2 1.5B's 128-token splits are 200 programs on 132 SMs, where
+                # paged_decode runs the tensor-core kernel instead (timed under the wrong name before)
+                return [mha_tokens] + [t for t in (128, 256, 512) if t != mha_tokens and mha_takes(t)]
             if key == "attention":      # the rule's own (one stage: no tile loop runs) and the tuner's
                 return [rule_attention] + [dict(BLOCK_N=n, num_warps=w, num_stages=st)
                                            for n, w, st in FA._DECODE_GPU_CONFIGS]

@@ -1753,21 +1753,24 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # rounds' spread, for more code.
 # Where the last ~0.5% at 32/8 heads goes (twentieth and twenty-first sessions, H200). Not the
 # fixed cost any more: at T = 64 this kernel takes 5.1-5.3 us a call in a CUDA graph against
-# cuDNN's 6.1 (an empty kernel: 2.55 us, the same for Triton's and PyTorch's). Nor, although it
-# looks like it, the uneven end of a one-wave kernel. Each program can write its start and end
+# cuDNN's 6.1 (an empty kernel: 2.55 us, the same for Triton's and PyTorch's). Nor, as far as we
+# could measure, the uneven end of a one-wave kernel. Each program can write its start and end
 # (%globaltimer) and SM (%smid) (trace=, bench.py's one-wave table): at 32 x 8k all 256 programs
 # start within 0.2 us and end over 20-30 us (213-217 to 235-240 us in three eager runs, median
-# 228-232; the 8 alone on an SM up to ~19 us before the rest). But a program that ends early leaves HBM to the others,
-# which then stream faster. Work stealing showed it (a scratch kernel, not kept): the last 2-8
-# tiles of each (sequence, KV head) were handed out by an atomic counter; a program with nothing
-# left took tiles of others and wrote a partial, the last contributor merged, the last program out
-# zeroed the counters. The ends drew together (first 231, last 238.1 us, 69 tiles stolen) and the
-# last program ended no sooner than in the same kernel with nothing to steal (238.1-238.9 us;
-# this kernel 236.6 in that run). Paired against SDPA it lost: 0.981-0.989x where this kernel ran
-# 0.993x, the two atomics every program needs alone 0.991x. So HBM is busy to the end, and what
-# is left is the streaming rate: at batch 31 / 32 / 33 (8k, a CUDA graph) this kernel takes
-# 0.932-0.934 us per (sequence, KV head), cuDNN 0.942 / 0.922 / 0.939: cuDNN is at its best at
-# exactly batch 32, and we did not find why. Also tried, none kept (paired rounds against SDPA):
+# 228-232; in a CUDA-graph trace at 64/8/3 the 8 programs alone on an SM ended ~19 us before the
+# rest, in the eager runs 4-5 us). Work stealing was built to use that slack (a scratch kernel,
+# not kept): the last 2-16 tiles of each (sequence, KV head) were handed out by an atomic counter;
+# a program with nothing left took tiles of others and wrote a partial, the last contributor
+# merged, the last program out zeroed the counters. The ends drew together (first 231, last 238.1
+# us, 69 tiles stolen) but the last program ended no sooner than in the same kernel with nothing
+# to steal (238.0-238.8 us; this kernel 236.6 in that run, one eager call each, where run-to-run
+# noise is ~2 us). Paired against SDPA it lost: 0.981-0.989x for the best variants where this
+# kernel ran 0.993x (the two atomics every program needs alone 0.990x), down to 0.95x with larger
+# pools. That is consistent with a program that ends early leaving HBM to the others, which then
+# stream faster (not measured directly), so what is left looks like the streaming rate: in one
+# unpaired trace at batch 31 / 32 / 33 (8k, a CUDA graph, 64/8/3) this kernel took 0.932-0.934 us
+# per (sequence, KV head), cuDNN 0.942 / 0.922 / 0.939; cuDNN is at its best at batch 32-33 (the
+# paired batch sweep of perf_notes), and we did not find why. Also tried, none kept (paired rounds against SDPA):
 # more programs, the paged kernel on these tensors with 2 / 4 / 8 / 32 splits (0.978x / 0.965x /
 # 0.947x / 0.868x where one split ran 0.988x), and this kernel with 2 / 4 / 8 splits merged
 # in-kernel (0.967x / 0.943x / 0.917x against 0.996x: partials, merges and refilled pipelines
@@ -1838,10 +1841,11 @@ def _contiguous_decode_kernel(
 # others within 0.5% at 32/8 heads (the 64-token ones 3-8% behind at 32/32). 32/4/3 is there for
 # fp32 at head_dim 128: two buffers of the others' K/V tiles take 143-278 KB of shared memory there
 # (the autotuner skips a config that does not fit), 64 KB with 32-token tiles.
-# More buffers lose (H200, twenty-first session, paired against SDPA at 32 x 8k / 16k, 32/8):
-# three 64-token buffers (96 KB in flight a program, still 2 programs an SM) 0.4-2.7% slower than
-# two, 32-token tiles with 4-6 buffers 2.4-7.5% slower: more requests in flight read HBM slower. One
-# 128-token buffer with 2 warps ties the best (0.9935x / 0.9977x, 0.965x at 32/32): not added.
+# Other depths (H200, twenty-first session, paired against SDPA): at 32 x 8k / 16k, 32/8 heads,
+# three 64-token buffers (96 KB in flight a program, still 2 programs an SM) ran 0.4-2.7% slower
+# than two and one buffer 9-16% slower; 32-token tiles with 4-6 buffers 2.4-7.5% slower than the
+# best 64-token config. At 32/32 three 64-token buffers beat two (by 1-6%) but not 128/4/3. One
+# 128-token buffer with 2 warps ties the best at 32/8 (0.9935x / 0.9977x; 0.965x at 32/32): not added.
 _CONTIGUOUS_DECODE_CONFIGS = [(128, 4, 3), (128, 8, 3), (64, 8, 3), (64, 4, 3), (64, 2, 3), (32, 4, 3)]
 
 
@@ -1863,7 +1867,7 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
     dict(BLOCK_N, num_warps, num_stages) instead of the autotuner's (it must fit the GPU's shared
     memory: two K and V tiles of BLOCK_N x D). trace: a contiguous int64 (B * Hkv, 3) CUDA tensor;
     program p (sequence p // Hkv, KV head p % Hkv) writes its start and end time (ns, the GPU's
-    %globaltimer) and its SM id into row p (bench.py's one-wave tail table; NVIDIA GPUs only; rows
+    %globaltimer) and its SM id into row p (bench.py's one-wave table; NVIDIA GPUs only; rows
     are left as they are when there is nothing to compute, e.g. no query head)."""
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, D) and two "
