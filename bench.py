@@ -902,26 +902,32 @@ def _bench_prefill(ctx, dtype, causal, points):
 
 
 def _decode_tail(ctx: BenchContext, dtype) -> None:
-    """When each program of a one-wave decode kernel ends. contiguous_decode at 32 x 8k, 32/8
-    heads: 256 programs on 132 SMs, all resident at once with the 64-token configs (2 on 124 SMs,
-    1 on 8 on an H100/H200), all started within ~0.2 us. The kernel ends with its slowest program,
-    but the ragged end cost little here: work stealing that drew the ends together did not end it
-    sooner (perf_notes, twenty-first session). Each program writes its start, end
-    (%globaltimer) and SM id (contiguous_decode's trace): the table groups programs by how many
-    shared their SM. The traced calls run the config the autotuner picked for the untraced one
-    (a traced call is another autotuner key: the trace's dtype is part of it)."""
+    """When each program of a one-wave decode kernel ends, and what the GPU reads meanwhile.
+    contiguous_decode at 32 x 8k, 32/8 heads: 256 programs on 132 SMs, all resident at once with
+    the 64-token configs (2 on 124 SMs, 1 on 8 on an H100/H200), all started within ~0.2 us. Each
+    program writes its start, end (%globaltimer) and SM id (contiguous_decode's trace): the first
+    table groups programs by how many shared their SM. A second traced call also writes 64
+    progress marks a program (when it finished each 128-token share of its K/V): summed over
+    programs in 4 us bins, the GPU's read rate over time. The kernel runs at a plateau, then the
+    rate falls as programs finish, since the ones still running barely speed up (perf_notes,
+    twenty-first session). The traced calls run the config the autotuner picked for the untraced
+    one (a traced call is another autotuner key: the trace's dtype is part of it)."""
     import flash_attn as fa
     b, t, h, hkv, d = 32, 8192, 32, 8, 128
+    n_marks, bin_us = 64, 4.0          # a program finishes a 64 KB mark every ~3.5 us
     q = torch.randn(b, h, d, device=ctx.device, dtype=dtype)
     ks = torch.randn(b, hkv, t, d, device=ctx.device, dtype=dtype)
     vs = torch.randn(b, hkv, t, d, device=ctx.device, dtype=dtype)
-    trace = torch.zeros(b * hkv, 3, dtype=torch.int64, device=ctx.device)
     fa.contiguous_decode(q, ks, vs)     # the autotuner's pick for the untraced kernel, run traced below
     config = fa.contiguous_decode_config()
-    for _ in range(3):                  # back to back, as in a decode loop; the last one is read
-        fa.contiguous_decode(q, ks, vs, trace=trace, config=config)
-    torch.cuda.synchronize()
-    start_ns, end_ns, sm = trace.cpu().unbind(1)
+    traces = []
+    for width in (3, 3 + n_marks):      # ends without the marks' stores (~1% slower), then the marks
+        trace = torch.zeros(b * hkv, width, dtype=torch.int64, device=ctx.device)
+        for _ in range(3):              # back to back, as in a decode loop; the last one is read
+            fa.contiguous_decode(q, ks, vs, trace=trace, config=config)
+        torch.cuda.synchronize()
+        traces.append(trace.cpu())
+    start_ns, end_ns, sm = traces[0].unbind(1)
     first = start_ns.min()
     start_us, end_us = (start_ns - first) / 1e3, (end_ns - first).double() / 1e3
     per_sm = torch.bincount(sm, minlength=int(sm.max()) + 1)[sm]      # programs on each program's SM
@@ -934,21 +940,56 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
     spread = start_us.max().item()
     started = (f"programs started within {spread:.2f} us of each other (one wave)" if spread < 1 else
                f"programs started over {spread:.0f} us (not all resident at once: more than one wave)")
-    ctx.table(f"Decode: when each program of contiguous_decode ends ({b} x {t // 1024}k, {h}/{hkv} heads, "
-              f"{str(dtype)[6:]}, the autotuner's config {config['BLOCK_N']}/{config['num_warps']}/"
-              f"{config['num_stages']}; us after the first program started)",
+    shape = f"{b} x {t // 1024}k, {h}/{hkv} heads, {str(dtype)[6:]}, the autotuner's config " \
+            f"{config['BLOCK_N']}/{config['num_warps']}/{config['num_stages']}"
+    ctx.table(f"Decode: when each program of contiguous_decode ends ({shape}; us after the first program started)",
               ["programs", "count", "first", "p10", "median", "p90", "last", "mean"], rows,
-              note=f"One call, after 3 back to back; {started}, on {len(sm.unique())} SMs. "
-                   "The kernel takes as long as its last program, but evening the ends out did not help: work "
-                   "stealing (programs with nothing left take the last tiles of others) drew them to within ~7 us "
-                   "and the last program ended no sooner, as if a program that finishes leaves its bandwidth to the "
-                   "others; splitting sequences into more programs (paged_decode's num_splits) lost 1-12% "
-                   "(perf_notes, twentieth and twenty-first sessions).", dtype=dtype)
+              note=f"One call, after 3 back to back; {started}, on {len(sm.unique())} SMs. The kernel takes as "
+                   "long as its last program; the next table shows what that end costs.", dtype=dtype)
+
+    # The read rate over time, from the second call's marks: each mark is t / n_marks tokens of K
+    # and V (128 x 128 x 2 x 2 bytes = 64 KB here) read by one program.
+    marks = traces[1][:, 3:]
+    m_start, m_end = traces[1][:, 0], traces[1][:, 1]
+    m_first = m_start.min()
+    marks_us = (marks - m_first).double() / 1e3
+    mark_bytes = t // n_marks * d * 2 * dtype.itemsize
+    n_bins = int(marks_us.max().item() // bin_us) + 1
+    tbps = torch.bincount((marks_us / bin_us).long().flatten(), minlength=n_bins).double() * mark_bytes / bin_us / 1e6
+    ends_us = (m_end - m_first).double() / 1e3
+    running = torch.tensor([(ends_us > i * bin_us).sum().item() for i in range(n_bins)], dtype=torch.float64)
+    steady = tbps[int(20 / bin_us):max(int(ends_us.min().item() / bin_us), int(20 / bin_us) + 1)]
+    plateau = steady.median().item()
+    at_plateau_us = marks.numel() * mark_bytes / plateau / 1e6
+    last = marks_us.max().item()
+    plateau_each = plateau * 1e3 / (b * hkv)
+    rows = [[f"20 us to the first program's end (median of {bin_us:.0f} us bins)", plateau, b * hkv, plateau_each]]
+    late_each = []
+    for lo in (16, 12, 8, 4):          # the last 16 us, in 4 us windows
+        window = slice(max(0, n_bins - int(lo / bin_us)), n_bins - int((lo - 4) / bin_us))
+        rate, progs = tbps[window].mean().item(), running[window].mean().item()
+        late_each.append(rate * 1e3 / progs if progs else NAN)
+        rows.append([f"last {lo}-{lo - 4} us", rate, progs, late_each[-1]])
+    ctx.table(f"Decode: the GPU's read rate over the end of the same kernel ({shape}; a second call with 64 "
+              "progress marks a program)",
+              ["window", "TB/s (all programs)", "programs still running", "GB/s each"], rows,
+              note=f"At the plateau's {plateau:.2f} TB/s the {marks.numel() * mark_bytes / 1e9:.2f} GB would take "
+                   f"{at_plateau_us:.0f} us; the last program ends at {last:.0f} us (the marks' stores cost the "
+                   f"kernel ~1%). The programs still running at the end read {min(late_each):.0f}-{max(late_each):.0f} "
+                   f"GB/s each, against {plateau_each:.0f} on the plateau: they do not take up what the finished ones "
+                   "leave, so the rate falls and HBM idles through the ragged end. Work stealing (programs "
+                   "with nothing left take the last tiles of others) drew the ends together but lost more to its "
+                   "atomics and refilled pipelines; a deeper pipeline for the last tiles did not speed them; "
+                   "splitting sequences into more programs (paged_decode's num_splits) lost 1-12% (perf_notes, "
+                   "twentieth and twenty-first sessions).", dtype=dtype)
     if ctx.plot:
         order = end_us.sort().values.tolist()
         _plot_lines(ctx, "flash_decode_tail", f"contiguous_decode {b} x {t // 1024}k, {h}/{hkv} heads: programs' end "
                     "times", "programs, by end time", "us after the first program started",
                     {"end time": (list(range(1, len(order) + 1)), order)}, logx=False, logy=False)
+        _plot_lines(ctx, "flash_decode_bandwidth", f"contiguous_decode {b} x {t // 1024}k, {h}/{hkv} heads: read rate "
+                    f"over time ({bin_us:.0f} us bins)", "us after the first program started", "TB/s, all programs",
+                    {"read rate": ([(i + 0.5) * bin_us for i in range(n_bins)], tbps.tolist())}, logx=False, logy=False)
 
 
 @register("flash")

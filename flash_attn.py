@@ -15,9 +15,10 @@ What you will learn:
     split across programs (split-K) and the pieces merged by whichever program finishes last
   - what paging costs: on a contiguous cache a decode kernel can ask for its first K/V tiles
     before loading anything else; the paged kernel first waits for a length and a block id
-    (~1% of a 240 us call at batch 32: Part 4c); and why the ragged end of a kernel that fits
-    in one wave, seen by having each program record its start, end and SM, costs a
-    bandwidth-bound kernel little: evening it out by work stealing did not end it sooner
+    (~1% of a 240 us call at batch 32: Part 4c); and what the ragged end of a kernel that fits
+    in one wave costs, seen by having each program record its start, end and SM (~11 us of
+    240 at batch 32 x 8k, HBM idling while the last programs finish), and why work stealing
+    did not win it back
   - when a kernel is latency, not bandwidth: batch-1 multi-head decode written in Gluon (Triton's
     lower-level dialect) with a layout where each warp runs its own online softmax on the FMA
     units and one block barrier combines the warps, instead of a padded tensor-core tile
@@ -55,9 +56,9 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
                  at T = 4k / 8k / 16k in two runs (v2/v3 in the same runs: 0.76-0.78x / 0.77-0.79x /
                  0.80-0.88x); D=64 0.88-0.92x / 0.92-0.95x / 1.00-1.01x; 1.32-1.88x the FA2
                  backend; non-causal D=128 T=4k 0.99-1.03x cuDNN
-  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.75 ms, 100k tokens 161 ms
-              (509 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
-              path would need 1,192 GiB. cuDNN: 1.31 ms and 138 ms (results/flash.md, H200).
+  long        one sequence, 32 heads / 8 KV heads, D=128: 10k tokens 1.77 ms, 100k tokens 162 ms
+              (507 TFLOP/s); extra memory = the output only (781 MiB at 100k), where the naive
+              path would need 1,192 GiB. cuDNN: 1.49 ms and 140 ms (results/flash.md, H200).
   decode  v0  paged_decode_reference (Python loop over sequences; correctness only, not timed)
   decode  v1  paged_decode with num_splits=1: one program per (sequence, KV head)
               -> batch 4, context 32k: 0.61 ms (only 32 programs for 132 SMs; 2026-11-27)
@@ -96,8 +97,9 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               where paged_decode (0.975x) is the one to use. Twentieth session: trace= (each
               program's start, end and SM): at 32 x 8k the median program ends at 228 us, the
               last at 235-237; bench 0.993x / 0.992x / 1.00x in that run. Twenty-first session:
-              work stealing between programs drew the ends together and lost (Part 4c); bench
-              0.993x / 0.995x / 1.01x.
+              progress marks in trace=: the ragged end as a bandwidth timeline (~11 us of idle
+              HBM at 32 x 8k); work stealing drew the ends together and lost (Part 4c); bench
+              0.994x / 0.996x / 1.01x.
 
 What this file leaves out: the backward pass (inference only), dropout, attention bias/ALiBi,
 sliding windows, and causal attention where queries are a suffix of a longer key sequence
@@ -1753,24 +1755,32 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # rounds' spread, for more code.
 # Where the last ~0.5% at 32/8 heads goes (twentieth and twenty-first sessions, H200). Not the
 # fixed cost any more: at T = 64 this kernel takes 5.1-5.3 us a call in a CUDA graph against
-# cuDNN's 6.1 (an empty kernel: 2.55 us, the same for Triton's and PyTorch's). Nor, as far as we
-# could measure, the uneven end of a one-wave kernel. Each program can write its start and end
-# (%globaltimer) and SM (%smid) (trace=, bench.py's one-wave table): at 32 x 8k all 256 programs
-# start within 0.2 us and end over 20-30 us (213-217 to 235-240 us in three eager runs, median
-# 228-232; in a CUDA-graph trace at 64/8/3 the 8 programs alone on an SM ended ~19 us before the
-# rest, in the eager runs 4-5 us). Work stealing was built to use that slack (a scratch kernel,
-# not kept): the last 2-16 tiles of each (sequence, KV head) were handed out by an atomic counter;
-# a program with nothing left took tiles of others and wrote a partial, the last contributor
-# merged, the last program out zeroed the counters. The ends drew together (first 231, last 238.1
-# us, 69 tiles stolen) but the last program ended no sooner than in the same kernel with nothing
-# to steal (238.0-238.8 us; this kernel 236.6 in that run, one eager call each, where run-to-run
-# noise is ~2 us). Paired against SDPA it lost: 0.981-0.989x for the best variants where this
-# kernel ran 0.993x (the two atomics every program needs alone 0.990x), down to 0.95x with larger
-# pools. That is consistent with a program that ends early leaving HBM to the others, which then
-# stream faster (not measured directly), so what is left looks like the streaming rate: in one
-# unpaired trace at batch 31 / 32 / 33 (8k, a CUDA graph, 64/8/3) this kernel took 0.932-0.934 us
-# per (sequence, KV head), cuDNN 0.942 / 0.922 / 0.939; cuDNN is at its best at batch 32-33 (the
-# paired batch sweep of perf_notes), and we did not find why. Also tried, none kept (paired rounds against SDPA):
+# cuDNN's 6.1 (an empty kernel: 2.55 us, the same for Triton's and PyTorch's). It is the end of a
+# one-wave kernel. Each program can write its start and end (%globaltimer) and SM (%smid) (trace=,
+# bench.py's one-wave table): at 32 x 8k all 256 programs start within 0.2 us and end over 20-30
+# us (213-218 to 235-240 us in five eager runs, median 228-233; in a CUDA-graph trace at 64/8/3 the
+# 8 programs alone on an SM ended ~19 us before the rest). With a mark after every tile (trace=
+# with progress marks; twenty-first session) the trace becomes a bandwidth timeline (bench.py's
+# second one-wave table, results/flash_decode_bandwidth.png): all programs together
+# read ~4.65 TB/s in 2 us bins until ~230 us, then 4.3, 3.0, 1.4, 0.7, 0.2 TB/s in the next 2 us
+# bins, and the last program ends at 242 us. At 4.65 TB/s the 1.07 GB would have taken 231 us: the
+# ragged end costs ~11 us of a 242 us call (16k: 461 against 485 us). The programs still running
+# do not speed up as the others finish: 16-24 GB/s each in those last bins, against 18 GB/s each
+# (4.65 TB/s / 256) on the plateau. A fourth pipeline stage for a program's last 512-2048 tokens
+# (tl.range(..., num_stages=4), more bytes in flight) did not speed them either (0.986-0.989x SDPA
+# against 0.996x), so what caps a late program is not its pipeline depth; we did not find what.
+# Work stealing, to hand the late programs' last tiles to idle ones (a scratch kernel, not kept):
+# the last 2-16 tiles of each (sequence, KV head) were handed out by an atomic counter; a program
+# with nothing left took tiles of others and wrote a partial, the last contributor merged, the
+# last program out zeroed the counters. The ends drew together (first 231, last 238.1 us, 69 tiles
+# stolen) but the kernel ended no sooner: every program paid the claim and exit atomics and a
+# refilled pipeline right at the end (with nothing to steal, the last end moved 236.6 -> 238.0-
+# 238.8 us), more than the stealing won back. Paired against SDPA it lost: 0.981-0.989x for the
+# best variants where this kernel ran 0.993x (the two atomics alone 0.990x), down to 0.95x with
+# larger pools. cuDNN's kernel, of the same structure, presumably has the same end; at batch 31 /
+# 32 / 33 (8k, one unpaired trace, 64/8/3) this kernel took 0.932-0.934 us per (sequence, KV head)
+# and cuDNN 0.942 / 0.922 / 0.939 (its best batch is 32-33 in the paired sweep of perf_notes), and
+# we did not find why. Also tried, none kept (paired rounds against SDPA):
 # more programs, the paged kernel on these tensors with 2 / 4 / 8 / 32 splits (0.978x / 0.965x /
 # 0.947x / 0.868x where one split ran 0.988x), and this kernel with 2 / 4 / 8 splits merged
 # in-kernel (0.967x / 0.943x / 0.917x against 0.996x: partials, merges and refilled pipelines
@@ -1797,18 +1807,19 @@ def _sm_id():
     return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
-@triton.jit(do_not_specialize=["seq_bucket", "grid_per_sm"])
+@triton.jit(do_not_specialize=["seq_bucket", "grid_per_sm", "n_marks"])
 def _contiguous_decode_kernel(
     Q, K, V, Out, seq_len, qk_scale,
     seq_bucket, grid_per_sm,               # unused; the autotuner's keys
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_ob, stride_oh,
-    Trace,                                 # TRACE: int64 (programs, 3): start ns, end ns, SM id
+    Trace, n_marks,                        # TRACE: int64 (programs, 3 + n_marks): start, end, SM id, marks
     N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, TRACE: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, TRACE: tl.constexpr = False, MARKS: tl.constexpr = False,
 ):
     pair = tl.program_id(0)                   # one 1-D grid (y would cap the batch at 65,535)
     if TRACE:
         t_start = _global_timer_ns()
+        row = Trace + pair.to(tl.int64) * (3 + n_marks)
     seq, kv_head = pair // N_KV_HEADS, pair % N_KV_HEADS   # KV head fastest
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -1827,10 +1838,16 @@ def _contiguous_decode_kernel(
         k = tl.load(k_rows + tok.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=valid[:, None], other=0.0)
         v = tl.load(v_rows + tok.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=valid[:, None], other=0.0)
         m_i, l_i, acc = _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale)
+        if MARKS:
+            # Progress: mark j holds when this program finished the tile that ends in the j-th of
+            # n_marks equal shares of the T tokens (a later tile of the same share overwrites it).
+            # The "+ 0 * l_i" makes the clock read wait for this tile's math, so for its K/V.
+            end_tok = tl.minimum(start + BLOCK_N, seq_len).to(tl.int64)
+            tl.store(row + 3 + (end_tok * n_marks - 1) // seq_len,
+                     _global_timer_ns() + (tl.sum(l_i) * 0).to(tl.int64))
     tl.store(Out + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
              (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=offs_g[:, None] < GROUP)
     if TRACE:       # after the store was issued: the time this program's work took
-        row = Trace + pair.to(tl.int64) * 3
         tl.store(row + 1, _global_timer_ns())
         tl.store(row, t_start)
         tl.store(row + 2, _sm_id().to(tl.int64))
@@ -1865,10 +1882,13 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
     of at least ~1.5 programs per SM); for small batches use paged_decode, which splits the
     sequence. out: a preallocated (B, H, D) that overlaps none of q, k, v. config: a fixed
     dict(BLOCK_N, num_warps, num_stages) instead of the autotuner's (it must fit the GPU's shared
-    memory: two K and V tiles of BLOCK_N x D). trace: a contiguous int64 (B * Hkv, 3) CUDA tensor;
-    program p (sequence p // Hkv, KV head p % Hkv) writes its start and end time (ns, the GPU's
-    %globaltimer) and its SM id into row p (bench.py's one-wave table; NVIDIA GPUs only; rows
-    are left as they are when there is nothing to compute, e.g. no query head)."""
+    memory: two K and V tiles of BLOCK_N x D). trace: a contiguous int64 (B * Hkv, 3 + n_marks)
+    CUDA tensor, n_marks >= 0; program p (sequence p // Hkv, KV head p % Hkv) writes its start and
+    end time (ns, the GPU's %globaltimer) and its SM id into row p, and into column 3 + j when it
+    finished the tile that ends in the j-th of n_marks equal shares of its T tokens (a share no
+    tile ends in, when n_marks exceeds the tiles, is left as it is): bench.py's one-wave table and
+    bandwidth timeline. NVIDIA GPUs only; rows are left as they are when there is nothing to
+    compute, e.g. no query head. The marks' stores cost the kernel ~1%."""
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, D) and two "
                          f"(B, Hkv, T, D) with the same B and D")
@@ -1886,9 +1906,10 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
     group = n_heads // n_kv_heads
     n_programs = batch * n_kv_heads
     if trace is not None:
-        if trace.dtype != torch.int64 or tuple(trace.shape) != (n_programs, 3) or not trace.is_contiguous():
-            raise ValueError(f"trace must be a contiguous int64 ({n_programs}, 3) tensor (a row per program), got "
-                             f"{tuple(trace.shape)} {trace.dtype} with strides {trace.stride()}")
+        if (trace.dtype != torch.int64 or trace.dim() != 2 or trace.shape[0] != n_programs or trace.shape[1] < 3
+                or not trace.is_contiguous()):
+            raise ValueError(f"trace must be a contiguous int64 ({n_programs}, 3 + n_marks) tensor (a row per "
+                             f"program), got {tuple(trace.shape)} {trace.dtype} with strides {trace.stride()}")
         if INTERPRET or not q.is_cuda or trace.device != q.device or torch.version.hip is not None:
             raise ValueError(f"trace needs q and trace on one NVIDIA GPU (its timers are inline PTX: no CPU, no "
                              f"interpreter, no ROCm); q on {q.device}, trace on {trace.device}"
@@ -1901,9 +1922,9 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
     args = (q, k, v, out, seq_len, _qk_scale(scale, head_dim), triton.next_power_of_2(seq_len),
             triton.cdiv(n_programs, _num_sms(q.device)), q.stride(0), q.stride(1),
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-            out if trace is None else trace)
+            out if trace is None else trace, 0 if trace is None else trace.shape[1] - 3)
     meta = dict(N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                TRACE=trace is not None)
+                TRACE=trace is not None, MARKS=trace is not None and trace.shape[1] > 3)
     if INTERPRET or config is not None:
         _contiguous_decode_kernel[(n_programs,)](*args, **meta, **(config or _INTERPRET_DECODE_CONFIG))
     else:

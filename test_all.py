@@ -1528,7 +1528,7 @@ def test_contiguous_decode_asks_for_k_v_before_any_other_global_load():
     tensors = dict(Q="bf16", K="bf16", V="bf16", Out="bf16", Trace="i64")
     scalars = dict(seq_len=8192, qk_scale=0.1, seq_bucket=8192, grid_per_sm=2, stride_qb=4096, stride_qh=128,
                    stride_kb=8 * 8192 * 128, stride_kh=8192 * 128, stride_kt=128, stride_vb=8 * 8192 * 128,
-                   stride_vh=8192 * 128, stride_vt=128, stride_ob=4096, stride_oh=128)
+                   stride_vh=8192 * 128, stride_vt=128, stride_ob=4096, stride_oh=128, n_marks=0)
     jobs = [("flash_attn._contiguous_decode_kernel", tensors, scalars,
              dict(N_KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=n), w, s) for n, w, s in fa._CONTIGUOUS_DECODE_CONFIGS]
     jobs.append(_paged_decode_job(128, 8, 4, 256, config=(64, 4, 3), tokens_per_split=8192))
@@ -2463,12 +2463,15 @@ def test_flash_contiguous_decode_trace_is_checked():
     f = dict(device=FA_DEVICE, dtype=torch.float16)
     q, k = torch.randn(2, 4, 32, **f), torch.randn(2, 2, 10, 32, **f)
     for trace in (torch.zeros(3, 3, dtype=torch.int64, device=FA_DEVICE),      # 2 x 2 programs: a row short
+                  torch.zeros(4, 2, dtype=torch.int64, device=FA_DEVICE),      # no room for start, end, SM
+                  torch.zeros(12, dtype=torch.int64, device=FA_DEVICE),        # 1-D
                   torch.zeros(4, 3, dtype=torch.int32, device=FA_DEVICE),      # int32
                   torch.zeros(3, 4, dtype=torch.int64, device=FA_DEVICE).t()):  # (4, 3), not contiguous
         with pytest.raises(ValueError, match="a row per program"):
             fa.contiguous_decode(q, k, k, trace=trace)
-    with pytest.raises(ValueError, match="one NVIDIA GPU"):    # on the CPU: q there too, or q on the GPU
-        fa.contiguous_decode(q, k, k, trace=torch.zeros(4, 3, dtype=torch.int64))
+    for width in (3, 3 + 5):                                    # without and with progress marks
+        with pytest.raises(ValueError, match="one NVIDIA GPU"):    # on the CPU: q there too, or q on the GPU
+            fa.contiguous_decode(q, k, k, trace=torch.zeros(4, width, dtype=torch.int64))
     if CUDA and not fa.INTERPRET:
         buf = torch.zeros(1024, dtype=torch.uint8, device=FA_DEVICE)
         out, trace = buf[:512].view(torch.float16).view(2, 4, 32), buf[:96].view(torch.int64).view(4, 3)
@@ -2708,13 +2711,15 @@ def test_flash_cuda_contiguous_decode(b, h, hkv, t, config):
 
 
 @needs_cuda
-def test_flash_cuda_contiguous_decode_trace():
-    # every program writes its row of the trace (start, end, SM id); run as bench.py runs it, with
-    # the config the autotuner picked for the untraced call, the output is the untraced one, bit for bit
+@pytest.mark.parametrize("n_marks", [0, 8])
+def test_flash_cuda_contiguous_decode_trace(n_marks):
+    # every program writes its row of the trace (start, end, SM id, and n_marks progress marks);
+    # run as bench.py runs it, with the config the autotuner picked for the untraced call, the
+    # output is the untraced one, bit for bit
     b, hkv, h, t = 24, 8, 24, 4097
     k, v = (torch.randn(b, hkv, t, 128, device=FA_DEVICE, dtype=torch.bfloat16) for _ in range(2))
     q = torch.randn(b, h, 128, device=FA_DEVICE, dtype=torch.bfloat16)
-    trace = torch.full((b * hkv, 3), -1, dtype=torch.int64, device=FA_DEVICE)
+    trace = torch.full((b * hkv, 3 + n_marks), -1, dtype=torch.int64, device=FA_DEVICE)
     ref = _sdpa_decode_reference(q, k, v)
     untraced = fa.contiguous_decode(q, k, v)
     config = fa.contiguous_decode_config()
@@ -2722,11 +2727,16 @@ def test_flash_cuda_contiguous_decode_trace():
     traced = fa.contiguous_decode(q, k, v, trace=trace, config=config)
     _fa_assert_close(traced, ref, torch.bfloat16)
     assert torch.equal(traced, untraced)
-    start, end, sm = trace.cpu().unbind(1)
+    start, end, sm = trace[:, :3].cpu().unbind(1)
     assert (start > 0).all() and (end > start).all(), trace
     assert (end - start).max() < 10**9, "a program took over a second"        # one clock, in ns
     # (%smid numbers need not be contiguous: count the distinct ones)
     assert (sm >= 0).all() and 1 < len(sm.unique()) <= torch.cuda.get_device_properties(0).multi_processor_count, sm
+    # 4097 tokens in 33-65 tiles: every one of 8 shares ends a tile, so every mark is written, in
+    # order, between the program's start and end (the last tile's mark, the 4097th token, last)
+    marks = trace[:, 3:].cpu()
+    assert (marks >= start[:, None]).all() and (marks <= end[:, None]).all(), marks
+    assert (marks[:, 1:] >= marks[:, :-1]).all(), marks
 
 
 @needs_cuda
