@@ -962,6 +962,10 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
     plateau = steady.median().item()
     at_plateau_us = marks.numel() * mark_bytes / plateau / 1e6
     last = marks_us.max().item()
+    # what the ragged end costs: from the bin in which the first program ends to the last, how
+    # much less the GPU read than the plateau's rate would have, in microseconds of that rate
+    first_end = ends_us.min().item()
+    end_cost_us = ((plateau - tbps[int(first_end // bin_us):]).sum() * bin_us / plateau).item()
     plateau_each = plateau * 1e3 / (b * hkv)
     rows = [[f"20 us to the first program's end (median of {bin_us:.0f} us bins)", plateau, b * hkv, plateau_each]]
     late_each = []
@@ -973,9 +977,12 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
     ctx.table(f"Decode: the GPU's read rate over the end of the same kernel ({shape}; a second call with 64 "
               "progress marks a program)",
               ["window", "TB/s (all programs)", "programs still running", "GB/s each"], rows,
-              note=f"At the plateau's {plateau:.2f} TB/s the {marks.numel() * mark_bytes / 1e9:.2f} GB would take "
-                   f"{at_plateau_us:.0f} us; the last program ends at {last:.0f} us (the marks' stores cost the "
-                   f"kernel ~1%). The programs still running at the end read {min(late_each):.0f}-{max(late_each):.0f} "
+              note=f"From the first program's end ({first_end:.0f} us) to the last ({last:.0f} us) the GPU read "
+                   f"{end_cost_us:.1f} us' worth of the plateau's {plateau:.2f} TB/s less than it would have at that "
+                   f"rate: what the ragged end costs. (At the plateau's rate all {marks.numel() * mark_bytes / 1e9:.2f} "
+                   f"GB would take {at_plateau_us:.0f} us; the rest of the difference is the first microseconds, "
+                   "before any program finishes a mark, and dips mid-kernel. The marks' stores cost the kernel "
+                   f"~1%.) The programs still running at the end read {min(late_each):.0f}-{max(late_each):.0f} "
                    f"GB/s each, against {plateau_each:.0f} on the plateau: they do not take up what the finished ones "
                    "leave, so the rate falls and HBM idles through the ragged end. Work stealing (programs "
                    "with nothing left take the last tiles of others) drew the ends together but lost more to its "

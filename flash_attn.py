@@ -16,7 +16,7 @@ What you will learn:
   - what paging costs: on a contiguous cache a decode kernel can ask for its first K/V tiles
     before loading anything else; the paged kernel first waits for a length and a block id
     (~1% of a 240 us call at batch 32: Part 4c); and what the ragged end of a kernel that fits
-    in one wave costs, seen by having each program record its start, end and SM (~11 us of
+    in one wave costs, seen by having each program record its start, end and SM (~8 us of
     240 at batch 32 x 8k, HBM idling while the last programs finish), and why work stealing
     did not win it back
   - when a kernel is latency, not bandwidth: batch-1 multi-head decode written in Gluon (Triton's
@@ -97,7 +97,7 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               where paged_decode (0.975x) is the one to use. Twentieth session: trace= (each
               program's start, end and SM): at 32 x 8k the median program ends at 228 us, the
               last at 235-237; bench 0.993x / 0.992x / 1.00x in that run. Twenty-first session:
-              progress marks in trace=: the ragged end as a bandwidth timeline (~11 us of idle
+              progress marks in trace=: the ragged end as a bandwidth timeline (~8 us of idle
               HBM at 32 x 8k); work stealing drew the ends together and lost (Part 4c); bench
               0.994x / 0.996x / 1.01x.
 
@@ -1763,8 +1763,9 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # with progress marks; twenty-first session) the trace becomes a bandwidth timeline (bench.py's
 # second one-wave table, results/flash_decode_bandwidth.png): all programs together
 # read ~4.65 TB/s in 2 us bins until ~230 us, then 4.3, 3.0, 1.4, 0.7, 0.2 TB/s in the next 2 us
-# bins, and the last program ends at 242 us. At 4.65 TB/s the 1.07 GB would have taken 231 us: the
-# ragged end costs ~11 us of a 242 us call (16k: 461 against 485 us). The programs still running
+# bins, and the last program ends at 242 us. From the first program's end (228 us) on, the GPU
+# read ~8 us' worth of that plateau less: what the ragged end costs, 3% of the call (16k: ~16 us of
+# 485; 7.7 us in bench.py's run, results/flash.md). The programs still running
 # do not speed up as the others finish: 16-24 GB/s each in those last bins, against 18 GB/s each
 # (4.65 TB/s / 256) on the plateau. A fourth pipeline stage for a program's last 512-2048 tokens
 # (tl.range(..., num_stages=4), more bytes in flight) did not speed them either (0.986-0.989x SDPA
