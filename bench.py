@@ -908,13 +908,13 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
     program writes its start, end (%globaltimer) and SM id (contiguous_decode's trace): the first
     table groups programs by how many shared their SM. A second traced call also writes 64
     progress marks a program (when it finished each 128-token share of its K/V): summed over
-    programs in 4 us bins, the GPU's read rate over time. The kernel runs at a plateau, then the
-    rate falls as programs finish, since the ones still running barely speed up (perf_notes,
-    twenty-first session). The traced calls run the config the autotuner picked for the untraced
+    programs over time, the GPU's read rate. The kernel runs at a plateau, then the rate falls as
+    programs finish, since the ones still reading speed up by far less than the finished ones
+    leave (perf_notes, twenty-first session). The traced calls run the config the autotuner picked for the untraced
     one (a traced call is another autotuner key: the trace's dtype is part of it)."""
     import flash_attn as fa
     b, t, h, hkv, d = 32, 8192, 32, 8, 128
-    n_marks, bin_us = 64, 4.0          # a program finishes a 64 KB mark every ~3.5 us
+    n_marks, bin_us = 64, 2.0          # bin_us: the plot's steps
     q = torch.randn(b, h, d, device=ctx.device, dtype=dtype)
     ks = torch.randn(b, hkv, t, d, device=ctx.device, dtype=dtype)
     vs = torch.randn(b, hkv, t, d, device=ctx.device, dtype=dtype)
@@ -948,47 +948,60 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
                    "long as its last program; the next table shows what that end costs.", dtype=dtype)
 
     # The read rate over time, from the second call's marks: each mark is t / n_marks tokens of K
-    # and V (128 x 128 x 2 x 2 bytes = 64 KB here) read by one program.
+    # and V (128 x 128 x 2 x 2 bytes = 64 KB here) read by one program. A program's bytes so far
+    # at any time: linear between its start (0 bytes) and its marks, so a window's bytes are not
+    # booked all at once when a mark completes.
     marks = traces[1][:, 3:]
-    m_start, m_end = traces[1][:, 0], traces[1][:, 1]
-    m_first = m_start.min()
-    marks_us = (marks - m_first).double() / 1e3
+    assert (marks > 0).all(), "a share got no mark: n_marks must be <= t // BLOCK_N"
+    t0 = traces[1][:, 0].min()
+    knots = torch.cat([traces[1][:, :1], marks], 1).sub(t0).double().div(1e3).contiguous()   # (programs, 1 + marks) us
     mark_bytes = t // n_marks * d * 2 * dtype.itemsize
-    n_bins = int(marks_us.max().item() // bin_us) + 1
-    tbps = torch.bincount((marks_us / bin_us).long().flatten(), minlength=n_bins).double() * mark_bytes / bin_us / 1e6
-    ends_us = (m_end - m_first).double() / 1e3
-    running = torch.tensor([(ends_us > i * bin_us).sum().item() for i in range(n_bins)], dtype=torch.float64)
-    steady = tbps[int(20 / bin_us):max(int(ends_us.min().item() / bin_us), int(20 / bin_us) + 1)]
-    plateau = steady.median().item()
-    at_plateau_us = marks.numel() * mark_bytes / plateau / 1e6
-    last = marks_us.max().item()
-    # what the ragged end costs: from the bin in which the first program ends to the last, how
-    # much less the GPU read than the plateau's rate would have, in microseconds of that rate
-    first_end = ends_us.min().item()
-    end_cost_us = ((plateau - tbps[int(first_end // bin_us):]).sum() * bin_us / plateau).item()
-    plateau_each = plateau * 1e3 / (b * hkv)
-    rows = [[f"20 us to the first program's end (median of {bin_us:.0f} us bins)", plateau, b * hkv, plateau_each]]
+    cum_bytes = torch.arange(n_marks + 1, dtype=torch.float64) * mark_bytes
+
+    def bytes_by(when_us):              # every program's bytes read by that time
+        when = torch.full((knots.shape[0], 1), float(when_us), dtype=torch.float64)
+        hi = torch.searchsorted(knots, when).clamp(1, n_marks)[:, 0]
+        lo = hi - 1
+        k_lo, k_hi = knots.gather(1, lo[:, None])[:, 0], knots.gather(1, hi[:, None])[:, 0]
+        frac = ((when[:, 0] - k_lo) / (k_hi - k_lo).clamp(min=1e-9)).clamp(0, 1)
+        return cum_bytes[lo] + frac * mark_bytes
+
+    def running(a, b):                  # programs reading during [a, b], time-weighted
+        return ((knots[:, -1].clamp(max=b) - knots[:, 0].clamp(min=a)).clamp(min=0).sum() / (b - a)).item()
+
+    def rate(a, b):                     # TB/s, all programs, over [a, b] us
+        return ((bytes_by(b) - bytes_by(a)).sum() / (b - a) / 1e6).item()
+
+    first_end, last = knots[:, -1].min().item(), knots[:, -1].max().item()
+    calm = min(20.0, first_end / 2)     # past the first tiles' latency
+    plateau = rate(calm, first_end)     # every program reading
+    # What the ragged end costs: from the first program's end to the last, the time it took minus
+    # the time the bytes read in it would have taken at the plateau's rate.
+    end_cost_us = (last - first_end) - (bytes_by(last) - bytes_by(first_end)).sum().item() / plateau / 1e6
+    rows = [[f"{calm:.0f} us to the first program's end ({first_end:.0f} us)", plateau, running(calm, first_end),
+             plateau * 1e3 / running(calm, first_end)]]
     late_each = []
-    for lo in (16, 12, 8, 4):          # the last 16 us, in 4 us windows
-        window = slice(max(0, n_bins - int(lo / bin_us)), n_bins - int((lo - 4) / bin_us))
-        rate, progs = tbps[window].mean().item(), running[window].mean().item()
-        late_each.append(rate * 1e3 / progs if progs else NAN)
-        rows.append([f"last {lo}-{lo - 4} us", rate, progs, late_each[-1]])
+    for lo in (16, 12, 8, 4):          # the last 16 us, in 4 us windows, back from the last mark
+        w0, w1 = last - lo, last - lo + 4
+        progs = running(w0, w1)
+        late_each.append(rate(w0, w1) * 1e3 / progs)
+        rows.append([f"last {lo}-{lo - 4} us", rate(w0, w1), progs, late_each[-1]])
     ctx.table(f"Decode: the GPU's read rate over the end of the same kernel ({shape}; a second call with 64 "
               "progress marks a program)",
-              ["window", "TB/s (all programs)", "programs still running", "GB/s each"], rows,
-              note=f"From the first program's end ({first_end:.0f} us) to the last ({last:.0f} us) the GPU read "
-                   f"{end_cost_us:.1f} us' worth of the plateau's {plateau:.2f} TB/s less than it would have at that "
-                   f"rate: what the ragged end costs. (At the plateau's rate all {marks.numel() * mark_bytes / 1e9:.2f} "
-                   f"GB would take {at_plateau_us:.0f} us; the rest of the difference is the first microseconds, "
-                   "before any program finishes a mark, and dips mid-kernel. The marks' stores cost the kernel "
-                   f"~1%.) The programs still running at the end read {min(late_each):.0f}-{max(late_each):.0f} "
-                   f"GB/s each, against {plateau_each:.0f} on the plateau: they do not take up what the finished ones "
-                   "leave, so the rate falls and HBM idles through the ragged end. Work stealing (programs "
-                   "with nothing left take the last tiles of others) drew the ends together but lost more to its "
-                   "atomics and refilled pipelines; a deeper pipeline for the last tiles did not speed them; "
-                   "splitting sequences into more programs (paged_decode's num_splits) lost 1-12% (perf_notes, "
-                   "twentieth and twenty-first sessions).", dtype=dtype)
+              ["window", "TB/s (all programs)", "programs reading (time-weighted)", "GB/s each"], rows,
+              note=f"From the first program's end ({first_end:.0f} us) to the last mark ({last:.0f} us), "
+                   f"{last - first_end:.1f} us, the GPU read what {last - first_end - end_cost_us:.1f} us at the "
+                   f"plateau's {plateau:.2f} TB/s would have: the ragged end costs {end_cost_us:.1f} us. The "
+                   f"programs still reading at the end take {min(late_each):.0f}-{max(late_each):.0f} GB/s each, "
+                   f"against {rows[0][3]:.0f} on the plateau: far from what the finished ones leave, so the rate "
+                   "falls and HBM idles through the ragged end. (Bytes between a program's marks are spread "
+                   "evenly over the time between them; the marks' stores cost the kernel ~1%.) Work stealing "
+                   "(programs with nothing left take the last tiles of others) drew the ends together but lost "
+                   "more to its atomics and refilled pipelines; a deeper pipeline for the last tiles did not speed "
+                   "them; splitting sequences into more programs (paged_decode's num_splits) lost 1-12% "
+                   "(perf_notes, twentieth and twenty-first sessions).", dtype=dtype)
+    grid = [i * bin_us for i in range(int(last // bin_us) + 1)]
+    grid += [last] if last > grid[-1] else []
     if ctx.plot:
         order = end_us.sort().values.tolist()
         _plot_lines(ctx, "flash_decode_tail", f"contiguous_decode {b} x {t // 1024}k, {h}/{hkv} heads: programs' end "
@@ -996,7 +1009,8 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
                     {"end time": (list(range(1, len(order) + 1)), order)}, logx=False, logy=False)
         _plot_lines(ctx, "flash_decode_bandwidth", f"contiguous_decode {b} x {t // 1024}k, {h}/{hkv} heads: read rate "
                     f"over time ({bin_us:.0f} us bins)", "us after the first program started", "TB/s, all programs",
-                    {"read rate": ([(i + 0.5) * bin_us for i in range(n_bins)], tbps.tolist())}, logx=False, logy=False)
+                    {"read rate": ([(w0 + w1) / 2 for w0, w1 in zip(grid, grid[1:])],
+                                   [rate(w0, w1) for w0, w1 in zip(grid, grid[1:])])}, logx=False, logy=False)
 
 
 @register("flash")

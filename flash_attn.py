@@ -16,7 +16,7 @@ What you will learn:
   - what paging costs: on a contiguous cache a decode kernel can ask for its first K/V tiles
     before loading anything else; the paged kernel first waits for a length and a block id
     (~1% of a 240 us call at batch 32: Part 4c); and what the ragged end of a kernel that fits
-    in one wave costs, seen by having each program record its start, end and SM (~8 us of
+    in one wave costs, seen by having each program record its start, end and SM (~5 us of
     240 at batch 32 x 8k, HBM idling while the last programs finish), and why work stealing
     did not win it back
   - when a kernel is latency, not bandwidth: batch-1 multi-head decode written in Gluon (Triton's
@@ -97,7 +97,7 @@ prefill: causal bf16, 16k tokens per batch, H = 2048/D; decode: bf16, D=128, 32 
               where paged_decode (0.975x) is the one to use. Twentieth session: trace= (each
               program's start, end and SM): at 32 x 8k the median program ends at 228 us, the
               last at 235-237; bench 0.993x / 0.992x / 1.00x in that run. Twenty-first session:
-              progress marks in trace=: the ragged end as a bandwidth timeline (~8 us of idle
+              progress marks in trace=: the ragged end as a bandwidth timeline (~5 us of idle
               HBM at 32 x 8k); work stealing drew the ends together and lost (Part 4c); bench
               0.994x / 0.996x / 1.01x.
 
@@ -1758,16 +1758,17 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # cuDNN's 6.1 (an empty kernel: 2.55 us, the same for Triton's and PyTorch's). It is the end of a
 # one-wave kernel. Each program can write its start and end (%globaltimer) and SM (%smid) (trace=,
 # bench.py's one-wave table): at 32 x 8k all 256 programs start within 0.2 us and end over 20-30
-# us (213-218 to 235-240 us in five eager runs, median 228-233; in a CUDA-graph trace at 64/8/3 the
+# us (213-219 to 235-241 us in six eager runs, median 228-234; in a CUDA-graph trace at 64/8/3 the
 # 8 programs alone on an SM ended ~19 us before the rest). With a mark after every tile (trace=
 # with progress marks; twenty-first session) the trace becomes a bandwidth timeline (bench.py's
 # second one-wave table, results/flash_decode_bandwidth.png): all programs together
 # read ~4.65 TB/s in 2 us bins until ~230 us, then 4.3, 3.0, 1.4, 0.7, 0.2 TB/s in the next 2 us
-# bins, and the last program ends at 242 us. From the first program's end (228 us) on, the GPU
-# read ~8 us' worth of that plateau less: what the ragged end costs, 3% of the call (16k: ~16 us of
-# 485; 7.7 us in bench.py's run, results/flash.md). The programs still running
-# do not speed up as the others finish: 16-24 GB/s each in those last bins, against 18 GB/s each
-# (4.65 TB/s / 256) on the plateau. A fourth pipeline stage for a program's last 512-2048 tokens
+# bins, and the last program ends at 242 us. bench.py, spreading each program's bytes evenly
+# between its marks: in the 23 us from the first program's end to the last the GPU read what 18
+# us at its 4.61 TB/s plateau would have, so the ragged end costs 5 us of 240 (6-8 us estimated
+# from the binned scratch runs; ~15 us of 485 at 16k). The programs still reading speed up, but
+# only to 21-29 GB/s each, against 18 GB/s each (4.61 TB/s / 256) on the plateau: far from what
+# the finished ones leave. A fourth pipeline stage for a program's last 512-2048 tokens
 # (tl.range(..., num_stages=4), more bytes in flight) did not speed them either (0.986-0.989x SDPA
 # against 0.996x), so what caps a late program is not its pipeline depth; we did not find what.
 # Work stealing, to hand the late programs' last tiles to idle ones (a scratch kernel, not kept):
@@ -1840,12 +1841,13 @@ def _contiguous_decode_kernel(
         v = tl.load(v_rows + tok.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=valid[:, None], other=0.0)
         m_i, l_i, acc = _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale)
         if MARKS:
-            # Progress: mark j holds when this program finished the tile that ends in the j-th of
-            # n_marks equal shares of the T tokens (a later tile of the same share overwrites it).
-            # The "+ 0 * l_i" makes the clock read wait for this tile's math, so for its K/V.
-            end_tok = tl.minimum(start + BLOCK_N, seq_len).to(tl.int64)
-            tl.store(row + 3 + (end_tok * n_marks - 1) // seq_len,
-                     _global_timer_ns() + (tl.sum(l_i) * 0).to(tl.int64))
+            # Progress: mark j holds when this program got through the tile that ends in the j-th
+            # of n_marks equal shares of the T tokens (a later tile of the same share overwrites
+            # it). The clock is read after the wait for this tile's K/V and its two dots (where
+            # ptxas puts it in the sm_90 SASS; nothing in the source orders it). int32: the host
+            # checks n_marks * T < 2^31.
+            end_tok = tl.minimum(start + BLOCK_N, seq_len)
+            tl.store(row + 3 + (end_tok * n_marks - 1) // seq_len, _global_timer_ns())
     tl.store(Out + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
              (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=offs_g[:, None] < GROUP)
     if TRACE:       # after the store was issued: the time this program's work took
@@ -1886,9 +1888,9 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
     memory: two K and V tiles of BLOCK_N x D). trace: a contiguous int64 (B * Hkv, 3 + n_marks)
     CUDA tensor, n_marks >= 0; program p (sequence p // Hkv, KV head p % Hkv) writes its start and
     end time (ns, the GPU's %globaltimer) and its SM id into row p, and into column 3 + j when it
-    finished the tile that ends in the j-th of n_marks equal shares of its T tokens (a share no
-    tile ends in, when n_marks exceeds the tiles, is left as it is): bench.py's one-wave table and
-    bandwidth timeline. NVIDIA GPUs only; rows are left as they are when there is nothing to
+    got through the tile that ends in the j-th of n_marks equal shares of its T tokens. Every
+    share gets a mark when n_marks <= T // BLOCK_N (the config's tile); otherwise a share no tile
+    ends in is left as it is. bench.py's one-wave table and bandwidth timeline. NVIDIA GPUs only; rows are left as they are when there is nothing to
     compute, e.g. no query head. The marks' stores cost the kernel ~1%."""
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, D) and two "
@@ -1915,6 +1917,9 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
             raise ValueError(f"trace needs q and trace on one NVIDIA GPU (its timers are inline PTX: no CPU, no "
                              f"interpreter, no ROCm); q on {q.device}, trace on {trace.device}"
                              + (", TRITON_INTERPRET=1" if INTERPRET else ""))
+        if (trace.shape[1] - 3) * seq_len >= 2**31:
+            raise ValueError(f"trace: {trace.shape[1] - 3} marks x {seq_len} tokens must stay below 2^31 (int32 "
+                             f"arithmetic in the kernel)")
         _check_out_apart(trace, "trace", q=q, k=k, v=v, out=out)
     if out.numel() == 0:                  # no sequence or no query head: nothing to compute
         return out
