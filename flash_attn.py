@@ -1765,8 +1765,8 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # read ~4.65 TB/s in 2 us bins until ~230 us, then 4.3, 3.0, 1.4, 0.7, 0.2 TB/s in the next 2 us
 # bins, and the last program ends at 242 us. bench.py, spreading each program's bytes evenly
 # between its marks: in the 23 us from the first program's end to the last the GPU read what 18
-# us at its 4.61 TB/s plateau would have, so the ragged end costs 5 us of 240 (6-8 us estimated
-# from the binned scratch runs; ~15 us of 485 at 16k). The programs still reading speed up, but
+# us at its 4.61 TB/s plateau would have, so the ragged end costs 5 us of 240 (~6-7 us estimated
+# from a binned scratch run; ~15 us of 485 at 16k). The programs still reading speed up, but
 # only to 21-29 GB/s each, against 18 GB/s each (4.61 TB/s / 256) on the plateau: far from what
 # the finished ones leave. A fourth pipeline stage for a program's last 512-2048 tokens
 # (tl.range(..., num_stages=4), more bytes in flight) did not speed them either (0.986-0.989x SDPA
