@@ -1761,9 +1761,9 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # us (213-219 to 235-241 us in six eager runs, median 228-234; in a CUDA-graph trace at 64/8/3 the
 # 8 programs alone on an SM ended ~19 us before the rest). With a mark after every tile (trace=
 # with progress marks; twenty-first session) the trace becomes a bandwidth timeline (bench.py's
-# second one-wave table, results/flash_decode_bandwidth.png): all programs together
-# read ~4.65 TB/s in 2 us bins until ~230 us, then 4.3, 3.0, 1.4, 0.7, 0.2 TB/s in the next 2 us
-# bins, and the last program ends at 242 us. bench.py, spreading each program's bytes evenly
+# second one-wave table, results/flash_decode_bandwidth.png). In a scratch run with a mark per tile
+# all programs together read ~4.65 TB/s in 2 us bins until ~230 us, then 4.3, 3.0, 1.4, 0.7, 0.2
+# TB/s in the next 2 us bins, and the last program ended at 242 us. bench.py, spreading each program's bytes evenly
 # between its marks: in the 23 us from the first program's end to the last the GPU read what 18
 # us at its 4.61 TB/s plateau would have, so the ragged end costs 5 us of 240 (~6-7 us estimated
 # from a binned scratch run; ~15 us of 485 at 16k). The programs still reading speed up, but
