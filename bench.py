@@ -910,8 +910,8 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
     progress marks a program (when it finished each 128-token share of its K/V): summed over
     programs over time, the GPU's read rate. The kernel runs at a plateau, then the rate falls as
     programs finish, since the ones still reading speed up by far less than the finished ones
-    leave (perf_notes, twenty-first session). The traced calls run the config the autotuner picked for the untraced
-    one (a traced call is another autotuner key: the trace's dtype is part of it)."""
+    leave (perf_notes, twenty-first session). The traced calls run the config the autotuner picked
+    for the untraced one (a traced call is another autotuner key: the trace's dtype is part of it)."""
     import flash_attn as fa
     b, t, h, hkv, d = 32, 8192, 32, 8, 128
     n_marks, bin_us = 64, 2.0          # bin_us: the plot's steps
@@ -978,16 +978,15 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
     # What the ragged end costs: from the first program's end to the last, the time it took minus
     # the time the bytes read in it would have taken at the plateau's rate.
     end_cost_us = (last - first_end) - (bytes_by(last) - bytes_by(first_end)).sum().item() / plateau / 1e6
-    rows = [[f"{calm:.0f} us to the first program's end ({first_end:.0f} us)", plateau, running(calm, first_end),
-             plateau * 1e3 / running(calm, first_end)]]
-    late_each = []
-    for lo in (16, 12, 8, 4):          # the last 16 us, in 4 us windows, back from the last mark
-        w0, w1 = last - lo, last - lo + 4
-        progs = running(w0, w1)
-        late_each.append(rate(w0, w1) * 1e3 / progs)
-        rows.append([f"last {lo}-{lo - 4} us", rate(w0, w1), progs, late_each[-1]])
-    ctx.table(f"Decode: the GPU's read rate over the end of the same kernel ({shape}; a second call with 64 "
-              "progress marks a program)",
+    rows = []
+    for label, w0, w1 in ([(f"{calm:.0f} us to the first program's end ({first_end:.0f} us)", calm, first_end)]
+                          + [(f"last {lo}-{lo - 4} us", last - lo, last - lo + 4)     # back from the last mark
+                             for lo in (16, 12, 8, 4)]):
+        window_rate, progs = rate(w0, w1), running(w0, w1)
+        rows.append([label, window_rate, progs, window_rate * 1e3 / progs])
+    late_each = [row[3] for row in rows[1:]]
+    ctx.table(f"Decode: the GPU's read rate over the end of the same kernel ({shape}; a second call with "
+              f"{n_marks} progress marks a program)",
               ["window", "TB/s (all programs)", "programs reading (time-weighted)", "GB/s each"], rows,
               note=f"From the first program's end ({first_end:.0f} us) to the last mark ({last:.0f} us), "
                    f"{last - first_end:.1f} us, the GPU read what {last - first_end - end_cost_us:.1f} us at the "
@@ -1000,9 +999,9 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
                    "more to its atomics and refilled pipelines; a deeper pipeline for the last tiles did not speed "
                    "them; splitting sequences into more programs (paged_decode's num_splits) lost 1-12% "
                    "(perf_notes, twentieth and twenty-first sessions).", dtype=dtype)
-    grid = [i * bin_us for i in range(int(last // bin_us) + 1)]
-    grid += [last] if last > grid[-1] else []
     if ctx.plot:
+        grid = [i * bin_us for i in range(int(last // bin_us) + 1)]
+        grid += [last] if last > grid[-1] else []
         order = end_us.sort().values.tolist()
         _plot_lines(ctx, "flash_decode_tail", f"contiguous_decode {b} x {t // 1024}k, {h}/{hkv} heads: programs' end "
                     "times", "programs, by end time", "us after the first program started",

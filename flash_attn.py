@@ -1890,8 +1890,9 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
     end time (ns, the GPU's %globaltimer) and its SM id into row p, and into column 3 + j when it
     got through the tile that ends in the j-th of n_marks equal shares of its T tokens. Every
     share gets a mark when n_marks <= T // BLOCK_N (the config's tile); otherwise a share no tile
-    ends in is left as it is. bench.py's one-wave table and bandwidth timeline. NVIDIA GPUs only; rows are left as they are when there is nothing to
-    compute, e.g. no query head. The marks' stores cost the kernel ~1%."""
+    ends in is left as it is. bench.py's one-wave table and bandwidth timeline. NVIDIA GPUs only;
+    rows are left as they are when there is nothing to compute, e.g. no query head. The marks'
+    stores cost the kernel ~1%."""
     if q.dim() != 3 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, D) and two "
                          f"(B, Hkv, T, D) with the same B and D")
@@ -1944,9 +1945,7 @@ def contiguous_decode_config():
     timed call's config this way: a traced call is another autotuner key (the trace's dtype is part
     of it), and could pick another config."""
     best = getattr(_contiguous_decode_launcher(), "best_config", None)      # set by every autotuned call
-    if best is None:
-        return None
-    return dict(BLOCK_N=best.kwargs["BLOCK_N"], num_warps=best.num_warps, num_stages=best.num_stages)
+    return None if best is None else dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
 
 
 # -----------------------------------------------------------------------------
