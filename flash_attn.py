@@ -189,10 +189,11 @@ def _check_out_apart(written, /, written_name="out", **inputs):
     if written.numel() == 0 or written.is_meta:        # (meta tensors have no memory)
         return
     storage = written.untyped_storage().data_ptr()
+    w_lo, w_hi = _memory_span(written)
     for name, t in inputs.items():
         if t.numel() == 0 or t.untyped_storage().data_ptr() != storage:
             continue
-        (lo, hi), (w_lo, w_hi) = _memory_span(t), _memory_span(written)
+        lo, hi = _memory_span(t)
         if lo < w_hi and w_lo < hi:
             raise ValueError(f"{written_name} overlaps {name} in memory; pass a separate tensor (the autotuner "
                              f"replays the kernel on the real arguments)")
