@@ -1780,14 +1780,7 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # refilled pipeline right at the end (with nothing to steal, the last end moved 236.6 -> 238.0-
 # 238.8 us), more than the stealing won back. Paired against SDPA it lost: 0.981-0.989x for the
 # best variants where this kernel ran 0.993x (the two atomics alone 0.990x), down to 0.95x with
-# larger pools. Stream-K (twenty-second session; the thirteenth tried it on the split kernel): the
-# B x Hkv x T tokens cut into 264 equal ranges (two programs on every SM, none alone, 3% fewer
-# tokens each), a range covering the tail of one (sequence, KV head) and the head of the next, the
-# head published as a partial and merged in-kernel by the tail's owner. 0.983x at best where this
-# kernel ran 0.995x: the median program ended ~4 us later although it read 3% less, most likely
-# as the switch between pairs drains and refills its pipeline; one flattened loop keeps the
-# pipeline full but pays per-tile selects of q, offsets and bounds (0.957x at best).
-# cuDNN's kernel, of the same structure, presumably has the same end; at batch 31 /
+# larger pools. cuDNN's kernel, of the same structure, presumably has the same end; at batch 31 /
 # 32 / 33 (8k, one unpaired trace, 64/8/3) this kernel took 0.932-0.934 us per (sequence, KV head)
 # and cuDNN 0.942 / 0.922 / 0.939 (its best batch is 32-33 in the paired sweep of perf_notes), and
 # we did not find why. Also tried, none kept (paired rounds against SDPA):
@@ -1799,6 +1792,14 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # prefetch hint, patched into the PTX by a Triton stage hook (knobs.runtime.add_stages_inspection_hook),
 # .L2::128B no change and .L2::256B 7-10% slower; unmasked loads when T is a multiple of the
 # tile, no change.
+# Stream-K (twenty-second session; the thirteenth tried it on the split kernel): the B x Hkv x T
+# tokens cut into 264 equal ranges (two 64-token-config programs on every SM, none alone, 3% fewer
+# tokens each), a range covering the tail of one (sequence, KV head) and the head of the next, the
+# head published as a partial and merged in-kernel by the tail's owner. 0.983x at best where this
+# kernel ran 0.995x: the median program ended ~4 us later although it read 3% less, most likely
+# as the switch between pairs drains and refills its pipeline. One flattened loop keeps the
+# pipeline full but ran slower still (0.957x at best), most likely from its per-tile selects of
+# q, offsets and bounds.
 # One program per (sequence, KV head) and no split: small batches (4 x 32k: 32 programs on 132
 # SMs) leave most of the GPU idle (0.38x SDPA in bench.py). That is the case split-K solves; use
 # paged_decode there (contiguous_as_paged gives it these same tensors).
