@@ -189,10 +189,11 @@ def _check_out_apart(written, /, written_name="out", **inputs):
     if written.numel() == 0 or written.is_meta:        # (meta tensors have no memory)
         return
     storage = written.untyped_storage().data_ptr()
+    sharing = {name: t for name, t in inputs.items() if t.numel() and t.untyped_storage().data_ptr() == storage}
+    if not sharing:                 # the common case: nothing more to compute
+        return
     w_lo, w_hi = _memory_span(written)
-    for name, t in inputs.items():
-        if t.numel() == 0 or t.untyped_storage().data_ptr() != storage:
-            continue
+    for name, t in sharing.items():
         lo, hi = _memory_span(t)
         if lo < w_hi and w_lo < hi:
             raise ValueError(f"{written_name} overlaps {name} in memory; pass a separate tensor (the autotuner "
@@ -1766,9 +1767,10 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # all programs together read ~4.65 TB/s in 2 us bins until ~230 us, then 4.3, 3.0, 1.4, 0.7, 0.2
 # TB/s in the next 2 us bins, and the last program ended at 242 us. bench.py, spreading each program's bytes evenly
 # between its marks: in the 23 us from the first program's end to the last the GPU read what 18
-# us at its 4.61 TB/s plateau would have, so the ragged end costs 5 us of 240 (~6-7 us estimated
-# from a binned scratch run; ~15 us of 485 at 16k). The programs still reading speed up, but
-# only to 21-29 GB/s each, against 18 GB/s each (4.61 TB/s / 256) on the plateau: far from what
+# us at its 4.61 TB/s plateau would have, so the ragged end costs 5 us of 240 (4.9 us in the
+# twenty-second session's run; ~6-7 us estimated from a binned scratch run; ~15 us of 485 at
+# 16k). The programs still reading speed up, but only to 21-29 GB/s each (23-31 in that later
+# run), against 18 GB/s each (4.61 TB/s / 256) on the plateau: far from what
 # the finished ones leave. A fourth pipeline stage for a program's last 512-2048 tokens
 # (tl.range(..., num_stages=4), more bytes in flight) did not speed them either (0.986-0.989x SDPA
 # against 0.996x), so what caps a late program is not its pipeline depth; we did not find what.
