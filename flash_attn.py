@@ -1820,6 +1820,48 @@ def _sm_id():
     return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
+@triton.jit
+def _decode_mark(row, start, seq_len, n_marks, BLOCK_N: tl.constexpr):
+    """Progress mark (trace= with marks): mark j holds when this program got through the tile that
+    ends in the j-th of n_marks equal shares of the T tokens (a later tile of the same share
+    overwrites it). The clock is read after the wait for this tile's K/V and its two dots (where
+    ptxas puts it in the sm_90 SASS; nothing in the source orders it). int32: the host checks
+    n_marks * T < 2^31."""
+    end_tok = tl.minimum(start + BLOCK_N, seq_len)
+    tl.store(row + 3 + (end_tok * n_marks - 1) // seq_len, _global_timer_ns())
+
+
+@triton.jit
+def _contiguous_decode_running_max(q, k_first, v_first, k_step, v_step, seq_len, qk_scale, row, n_marks,
+                                   BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   MARKS: tl.constexpr, STAGES: tl.constexpr):
+    """All T tokens with the running max of Part 2 (paged_decode's tile update): any scores, any
+    dtype. fp16 (no bf16's exponent range for p = 2^s) takes only this pass; bf16 and fp32 take it
+    when the one pass below found a score outside its window. STAGES: the loop's num_stages
+    (None: the config's). -> (l, acc)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    k_ptrs, v_ptrs = k_first, v_first
+    for start in tl.range(0, seq_len, BLOCK_N, num_stages=STAGES):
+        valid = start + offs_n < seq_len
+        k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+        m_i, l_i, acc = _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale)
+        k_ptrs += k_step
+        v_ptrs += v_step
+        if MARKS:
+            _decode_mark(row, start, seq_len, n_marks, BLOCK_N)
+    return l_i, acc
+
+
+# The fixed reference's window (log2 units, the kernel's s = q.k * scale * log2 e): the unified
+# pass is kept when every query row's top score lies in [UNIFIED_MIN_TOP, ~127] (about [-41.6, 88]
+# in natural-log units of q.k * scale) and nothing overflowed; otherwise the program recomputes.
+UNIFIED_MIN_TOP = tl.constexpr(-60.0)
+
+
 @triton.jit(do_not_specialize=["seq_bucket", "grid_per_sm", "n_marks"])
 def _contiguous_decode_kernel(
     Q, K, V, Out, seq_len, qk_scale,
@@ -1827,38 +1869,60 @@ def _contiguous_decode_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_ob, stride_oh,
     Trace, n_marks,                        # TRACE: int64 (programs, 3 + n_marks): start, end, SM id, marks
     N_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, TRACE: tl.constexpr = False, MARKS: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, UNIFIED: tl.constexpr, TRACE: tl.constexpr = False, MARKS: tl.constexpr = False,
 ):
     pair = tl.program_id(0)                   # one 1-D grid (y would cap the batch at 65,535)
     if TRACE:
         t_start = _global_timer_ns()
-        row = Trace + pair.to(tl.int64) * (3 + n_marks)
+    row = Trace + pair.to(tl.int64) * (3 + n_marks)       # this program's trace row (read with TRACE only)
     seq, kv_head = pair // N_KV_HEADS, pair % N_KV_HEADS   # KV head fastest
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + offs_g
-    k_rows = K + seq.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_rows = V + seq.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    # The first tile's addresses, then one 64-bit step a tile: indexing every row by
+    # tok.to(int64) * stride instead cost ~100 instructions of address arithmetic a tile on the
+    # path to the next tile's loads (sm_90 SASS).
+    k_first = (K + seq.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+               + offs_n.to(tl.int64)[:, None] * stride_kt + offs_d[None, :])
+    v_first = (V + seq.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+               + offs_n.to(tl.int64)[:, None] * stride_vt + offs_d[None, :])
+    k_step = tl.full([], BLOCK_N, tl.int64) * stride_kt
+    v_step = tl.full([], BLOCK_N, tl.int64) * stride_vt
     q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=offs_g[:, None] < GROUP, other=0.0)
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-    for start in tl.range(0, seq_len, BLOCK_N):
-        tok = start + offs_n
-        valid = tok < seq_len            # a scalar bound: nothing to wait for before the loads
-        k = tl.load(k_rows + tok.to(tl.int64)[:, None] * stride_kt + offs_d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(v_rows + tok.to(tl.int64)[:, None] * stride_vt + offs_d[None, :], mask=valid[:, None], other=0.0)
-        m_i, l_i, acc = _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale)
-        if MARKS:
-            # Progress: mark j holds when this program got through the tile that ends in the j-th
-            # of n_marks equal shares of the T tokens (a later tile of the same share overwrites
-            # it). The clock is read after the wait for this tile's K/V and its two dots (where
-            # ptxas puts it in the sm_90 SASS; nothing in the source orders it). int32: the host
-            # checks n_marks * T < 2^31.
-            end_tok = tl.minimum(start + BLOCK_N, seq_len)
-            tl.store(row + 3 + (end_tok * n_marks - 1) // seq_len, _global_timer_ns())
+    if UNIFIED:
+        # One pass with the fixed reference 0: p = 2^s, no running max, no rescaling. A padded
+        # token (past T) reads K = V = 0, so s = 0 and p = 1 meets v = 0 in the second dot; only
+        # the sum l and the top score need the mask, and neither is on the path to the dot.
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+        l_cols = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)        # summed over columns once, after
+        top_cols = tl.full([BLOCK_G, BLOCK_N], float("-inf"), dtype=tl.float32)
+        k_ptrs, v_ptrs = k_first, v_first
+        for start in tl.range(0, seq_len, BLOCK_N):
+            valid = start + offs_n < seq_len      # a scalar bound: nothing to wait for before the loads
+            k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale      # (BLOCK_G, BLOCK_N)
+            p = tl.math.exp2(s)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+            l_cols += tl.where(valid[None, :], p, 0.0)
+            top_cols = tl.maximum(top_cols, tl.where(valid[None, :], s, float("-inf")))
+            k_ptrs += k_step
+            v_ptrs += v_step
+            if MARKS:
+                _decode_mark(row, start, seq_len, n_marks, BLOCK_N)
+        l_i = tl.sum(l_cols, 1)
+        acc_sum = tl.sum(acc, 1)               # inf or NaN if any element is (or the sum overflows)
+        out_of_window = ((offs_g < GROUP) & ((tl.max(top_cols, 1) < UNIFIED_MIN_TOP) | (l_i != l_i)
+                         | (l_i == float("inf")) | (acc_sum != acc_sum) | (tl.abs(acc_sum) == float("inf"))))
+        if tl.max(out_of_window.to(tl.int32), 0) > 0:
+            # a rare path, unpipelined: three stages of it next to the one pass would spill
+            l_i, acc = _contiguous_decode_running_max(q, k_first, v_first, k_step, v_step, seq_len, qk_scale, row,
+                                                      n_marks, BLOCK_G, HEAD_DIM, BLOCK_N, MARKS, 1)
+    else:
+        l_i, acc = _contiguous_decode_running_max(q, k_first, v_first, k_step, v_step, seq_len, qk_scale, row,
+                                                  n_marks, BLOCK_G, HEAD_DIM, BLOCK_N, MARKS, None)
     tl.store(Out + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
              (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=offs_g[:, None] < GROUP)
     if TRACE:       # after the store was issued: the time this program's work took
@@ -1942,6 +2006,7 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
             out if trace is None else trace, 0 if trace is None else trace.shape[1] - 3)
     meta = dict(N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                UNIFIED=q.dtype in (torch.bfloat16, torch.float32),   # p = 2^s needs fp32's exponent range
                 TRACE=trace is not None, MARKS=trace is not None and trace.shape[1] > 3)
     if INTERPRET or config is not None:
         _contiguous_decode_kernel[(n_programs,)](*args, **meta, **(config or _INTERPRET_DECODE_CONFIG))

@@ -1530,9 +1530,16 @@ def test_contiguous_decode_asks_for_k_v_before_any_other_global_load():
                    stride_kb=8 * 8192 * 128, stride_kh=8192 * 128, stride_kt=128, stride_vb=8 * 8192 * 128,
                    stride_vh=8192 * 128, stride_vt=128, stride_ob=4096, stride_oh=128, n_marks=0)
     jobs = [("flash_attn._contiguous_decode_kernel", tensors, scalars,
-             dict(N_KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=n), w, s) for n, w, s in fa._CONTIGUOUS_DECODE_CONFIGS]
+             dict(N_KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=n, UNIFIED=True), w, s)
+            for n, w, s in fa._CONTIGUOUS_DECODE_CONFIGS]
+    # fp16 (no one pass: the running max only), compiled and free of spills too
+    fp16 = [("flash_attn._contiguous_decode_kernel", dict(tensors, Q="fp16", K="fp16", V="fp16", Out="fp16"), scalars,
+             dict(N_KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=n, UNIFIED=False), w, s)
+            for n, w, s in fa._CONTIGUOUS_DECODE_CONFIGS]
     jobs.append(_paged_decode_job(128, 8, 4, 256, config=(64, 4, 3), tokens_per_split=8192))
     *ours, paged = tm.compile_offline(jobs, sass=True)
+    for config, res in zip(fa._CONTIGUOUS_DECODE_CONFIGS, tm.compile_offline(fp16)):
+        assert "error" not in res and res["n_spills"] == 0, (config, res)
     loads_first = {}
     for config, res in zip(fa._CONTIGUOUS_DECODE_CONFIGS + ["paged"], ours + [paged]):
         assert "error" not in res, (config, res)
@@ -2419,6 +2426,30 @@ def test_flash_contiguous_decode(b, h, hkv, t, d, dtype):
     k, v = (torch.randn(b, hkv, t, d, device=FA_DEVICE, dtype=dtype) for _ in range(2))
     q = torch.randn(b, h, d, device=FA_DEVICE, dtype=dtype)
     ref = fa.attention_naive(q[:, :, None].float(), k.float(), v.float(), is_causal=False)[:, :, 0]
+    _fa_assert_close(fa.contiguous_decode(q, k, v), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_flash_contiguous_decode_scores_outside_the_unified_window(dtype):
+    # Part 4c's one pass takes p = 2^s against the fixed reference 0 (bf16, fp32) and a program
+    # recomputes with the running max when a query row's top score s (log2 units) falls below
+    # UNIFIED_MIN_TOP or anything overflowed. One launch, four sequences: 0 in the window, 1 with
+    # one key at s ~ +200 (2^s overflows), 2 with every key at s ~ -170 (2^s under fp32's
+    # smallest, 2^-149: 0), 3 with one key at s ~ +100
+    # (2^s finite: kept by the one pass). fp16 has no one pass: the running max only.
+    b, hkv, h, t, d = 4, 2, 6, 77, 64
+    to_key = 1 / (d ** -0.5 * math.log2(math.e))           # a key's first entry per unit of s
+    q = torch.randn(b, h, d, device=FA_DEVICE) * 0.1
+    k, v = torch.randn(b, hkv, t, d, device=FA_DEVICE) * 0.1, torch.randn(b, hkv, t, d, device=FA_DEVICE)
+    q[..., 0] = 1.0
+    k[1, :, 40, 0] = 200 * to_key
+    k[2, ..., 0] = -170 * to_key
+    k[3, :, 5, 0] = 100 * to_key
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    s_top = (torch.einsum("bgd,btd->bgt", q.float().view(b, hkv, -1, d).flatten(0, 1), k.float().flatten(0, 1))
+             .amax(-1) * d ** -0.5 * math.log2(math.e)).view(b, -1)
+    assert s_top[1].min() > 150 and s_top[2].max() < fa.UNIFIED_MIN_TOP.value and 60 < s_top[3].min() < 127, s_top
+    ref = fa.attention_naive(q[:, :, None].double(), k.double(), v.double(), is_causal=False)[:, :, 0]
     _fa_assert_close(fa.contiguous_decode(q, k, v), ref, dtype)
 
 
