@@ -94,9 +94,12 @@ class BenchContext:
 
     def table(self, title: str, headers: list[str], rows: list[list], note: str = "",
               dtype: torch.dtype | None = None) -> None:
-        """Print (and record) a markdown table; floats get 3 significant digits. `dtype`: the one
-        the table was measured in, when a topic fixes its own instead of the CLI's --dtype."""
+        """Print (and record) a markdown table; floats get 3 significant digits, a Ratio 3 decimals.
+        `dtype`: the one the table was measured in, when a topic fixes its own instead of the
+        CLI's --dtype."""
         def cell(x):
+            if isinstance(x, Ratio) and not math.isnan(x):
+                return f"{x:.3f}"
             if isinstance(x, float):
                 if math.isnan(x):
                     return "-"
@@ -820,9 +823,13 @@ def _num(x):
     return NAN if x is None else float(x)
 
 
+class Ratio(float):
+    """A ratio to a peer, printed with 3 decimals: 3 significant digits would print 1.0007 as 1."""
+
+
 def _speedup(ours_ms, peer_ms):
     """peer time / our time: > 1 means we are faster."""
-    return NAN if ours_ms is None or peer_ms is None else peer_ms / ours_ms
+    return Ratio(NAN if ours_ms is None or peer_ms is None else peer_ms / ours_ms)
 
 
 DECODE_ROUNDS = 3     # bench flash: interleaved rounds of SDPA and our decode kernels

@@ -2435,8 +2435,8 @@ def test_flash_contiguous_decode_scores_outside_the_unified_window(dtype):
     # recomputes with the running max when a query row's top score s (log2 units) falls below
     # UNIFIED_MIN_TOP or anything overflowed. One launch, four sequences: 0 in the window, 1 with
     # one key at s ~ +200 (2^s overflows), 2 with every key at s ~ -170 (2^s under fp32's
-    # smallest, 2^-149: 0), 3 with one key at s ~ +100
-    # (2^s finite: kept by the one pass). fp16 has no one pass: the running max only.
+    # smallest, 2^-149: 0), 3 with one key at s ~ +100 (2^s finite: kept by the one pass). fp16
+    # has no one pass: the running max only.
     b, hkv, h, t, d = 4, 2, 6, 77, 64
     to_key = 1 / (d ** -0.5 * math.log2(math.e))           # a key's first entry per unit of s
     q = torch.randn(b, h, d, device=FA_DEVICE) * 0.1
