@@ -19,10 +19,11 @@ What you will learn:
     in one wave costs, seen by having each program record its start, end and SM (~5 us of
     240 at batch 32 x 8k, HBM idling while the last programs finish), and why work stealing
     did not win it back
-  - what a memory-bound loop waits for: Triton issues the next tile's copies after the current
-    tile's math, so that math's latency (barriers, address arithmetic) is on the memory path;
-    FlashDecoding++'s unified max (a fixed softmax reference, checked after the loop, recomputed
-    when it does not hold) takes the reductions out of the loop and decode past cuDNN (Part 4c)
+  - what a memory-bound loop waits for: with two buffers Triton issues tile j+2's copies after
+    tile j's math, so that math (barriers, address arithmetic) most likely sits on the memory
+    path; FlashDecoding++'s unified max (a fixed softmax reference, checked after the loop,
+    recomputed when it does not hold) takes the reductions out of the loop and brings decode to
+    parity with cuDNN, a little ahead (Part 4c)
   - when a kernel is latency, not bandwidth: batch-1 multi-head decode written in Gluon (Triton's
     lower-level dialect) with a layout where each warp runs its own online softmax on the FMA
     units and one block barrier combines the warps, instead of a padded tensor-core tile
@@ -1818,21 +1819,26 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 # SMs) leave most of the GPU idle (0.38x SDPA in bench.py). That is the case split-K solves; use
 # paged_decode there (contiguous_as_paged gives it these same tensors).
 #
-# What closed the gap (twenty-third session, H200): the tile loop's critical path, not HBM.
+# What closed the gap (twenty-third session, H200): the tile loop's own instructions, not HBM.
 # Triton 3.6's pipeliner, at num_stages=3, keeps two K/V buffers and writes tile j+2 into the
 # buffer tile j has just been read from, so tile j+2's copies go out only after tile j's two dots
 # and its softmax: in the sm_90 SASS the 16 cp.async (LDGSTS) come last in the loop body. While
-# a tile is computed only one tile is in flight, and every cycle of that computation delays the
-# next request. The loop (64-token tiles, 4 warps) held, per tile:
+# tile j is computed, only tile j+1 is in flight, so that computation most likely delays the next
+# request (our reading of the SASS; not timed on its own). A third buffer, which keeps two tiles
+# in flight during the math, measured slower (below): more bytes in flight is not the cure. What
+# was measured is that fewer instructions and barriers a tile made the loop faster; whether
+# through the delayed copies or through issue slots and barrier stalls shared by an SM's warps
+# was not separated. The loop (64-token tiles, 4 warps) held, per tile:
 #   - 9 block barriers: the 4 warps split the tile's keys, so the row max and the row sum are
 #     each a reduction across warps through shared memory (3 barriers each), and P's change of
 #     layout for the second dot, the wait for the copies and the guard before the next copies
 #     into the read buffer add the rest;
 #   - ~100 instructions of 64-bit address arithmetic, tok.to(int64) * stride for every row.
-# Diagnostics, one process, paired against SDPA (32 x 8k, 32/8 heads): the same kernel with the
-# softmax removed (wrong math: a bound) ran 1.003-1.006x where the kernel ran 0.992-0.995x; with
-# the row max removed (a fixed reference) and the row sum kept per column, 0.999-1.001x.
-# Two changes, both exact for any input:
+# Diagnostics, paired against SDPA within each of four processes (32 x 8k, 32/8 heads): the same
+# kernel with the softmax removed (wrong math: a bound) ran 1.003-1.006x where the kernel ran
+# 0.992-0.995x; with the row max removed (a fixed reference) and the row sum kept per column,
+# 0.999-1.001x.
+# Two changes that keep the result for any scores (within rounding; see the caveat on tiny V):
 # 1. Pointers that step one tile a loop (k_ptrs += BLOCK_N * stride_kt): 373 -> 290 instructions
 #    a tile (sm_90 SASS, running max), +0.1-0.5% alone.
 # 2. FlashDecoding++'s unified max (Hong et al., 2023). Softmax does not care where its exponent
@@ -1840,25 +1846,33 @@ def random_paged_cache(context_lens, n_kv_heads, head_dim, block_size, dtype, de
 #    max of Part 2 is one choice of c, made safe for any scores at the price of a reduction per
 #    tile. With c = 0 and p = 2^s there is no max to find, nothing to rescale, and the row sum can
 #    be kept per column and summed once after the loop: no reduction across warps inside the loop
-#    (3 barriers a tile, 220 instructions). It is right as long as 2^s neither overflows nor
-#    underflows where it matters. bf16 has fp32's 8-bit exponent: 2^s is finite below s = 128 and
-#    a normal float above -126 (s in log2 units, q.k * scale * log2 e; +-88 in natural units).
+#    (3 barriers a tile remain: P's change of layout, the copy wait and the buffer guard; 220
+#    instructions). FlashDecoding++ picks its reference per model from offline statistics; c = 0
+#    is this kernel's choice, checked at run time instead. It is right as long as 2^s neither
+#    overflows nor underflows where it matters. bf16 has fp32's 8-bit exponent: 2^s is finite
+#    below s = 128 and a normal float above -126 (s in log2 units, q.k * scale * log2 e; +-88 in
+#    natural units).
 #    So after the loop each program checks every query row: its top score at least
-#    UNIFIED_MIN_TOP = -60 (the largest p a normal float; the terms that underflow weigh < 2^-66
-#    of it), and acc and l finite. A program that fails recomputes its (sequence, KV head) with
-#    the running max: always right, at twice the reads for that program (test_all.py places one
-#    key at s = +200 and a whole sequence at s = -170 to take that path). fp16's 5-bit exponent
-#    (2^s overflows at s = 16) leaves too narrow a window: fp16 keeps the running max only.
+#    UNIFIED_MIN_TOP = -60 (66 above -126, fp32's smallest normal exponent, as headroom: the
+#    largest p is a normal float, and the terms that underflow weigh < 2^-66 of it), and acc and
+#    l finite (nothing overflowed). A
+#    program that fails recomputes its (sequence, KV head) with the running max, unpipelined:
+#    always right, at more than twice that program's time, and in a one-wave call one such
+#    program can lengthen the whole call (not measured). test_all.py sends a case through each
+#    check. The caveat: the check sees p, not p * v; with |v| below ~2^-66 and the top score near
+#    -60, p * v underflows to 0 unseen (no real cache holds such values). fp16 keeps the running
+#    max only: p is cast to V's dtype for the second dot, and fp16's 5-bit exponent overflows at
+#    s = 16.
 # Measured with the autotuner's pick, H200, paired against SDPA in 5 rounds (three processes)
 # and in bench.py's 3 interleaved rounds (three runs; results/flash.md is the last):
 #                               32 x 8k, 32/8     32 x 16k, 32/8    32 x 8k, 32/32
 #   paired, median of 5         1.003-1.004x      1.001-1.003x      1.014x (one process)
 #   bench.py                    1.001-1.003x      0.999-1.000x      1.004-1.011x
 # Parity with cuDNN, a little ahead: at 16k the margin is the size of the run-to-run noise.
-# Tried the same day and not kept: every warp its own slice of each tile with its own max and
-# sum (3-D dots, no reduction across warps until one merge after the loop, 2 barriers a tile),
-# 0.92-0.989x, and no faster without its rescaling: we did not find why; one warp a program (no
-# barrier at all, every multiply on one warp), 0.94-0.99x.
+# Tried the same day and not kept (32 x 8k, 32/8): every warp its own slice of each tile with its
+# own max and sum (3-D dots, no reduction across warps until one merge after the loop, 2 barriers
+# a tile), 0.92-0.989x, and no faster without its rescaling: we did not find why; one warp a
+# program (no barrier at all, every multiply on one warp), 0.94-0.99x.
 
 
 @triton.jit
@@ -1911,8 +1925,9 @@ def _contiguous_decode_running_max(q, k_first, v_first, k_step, v_step, seq_len,
 
 
 # The fixed reference's window (log2 units, the kernel's s = q.k * scale * log2 e): the unified
-# pass is kept when every query row's top score lies in [UNIFIED_MIN_TOP, ~127] (about [-41.6, 88]
-# in natural-log units of q.k * scale) and nothing overflowed; otherwise the program recomputes.
+# pass is kept when every query row's top score is at least UNIFIED_MIN_TOP (-41.6 in natural-log
+# units of q.k * scale) and acc and l are finite (at the top, 2^s overflows from s = 128, 88 in
+# natural units); otherwise the program recomputes.
 UNIFIED_MIN_TOP = tl.constexpr(-60.0)
 
 
@@ -1987,7 +2002,8 @@ def _contiguous_decode_kernel(
 
 # (BLOCK_N, num_warps, num_stages). Since the one pass (twenty-third session, H200, paired):
 # 64/2/3 and 64/4/3 best at 32/8 heads (1.002-1.005x SDPA at 8k, 1.000-1.003x at 16k), 128/4/3
-# 0.99x there; at 32/32 128/4/3 best (1.004-1.009x) and the 64-token ones 0.91-0.999x. Before it:
+# 0.99x there; at 32/32 128/8/3 (the autotuner's pick, 1.014x, one process) and 128/4/3
+# (1.004-1.009x) best, the 64-token ones 0.91-0.999x. Before it:
 # the best per shape on the first card: 64/8/3 at 32 x 8k
 # (32/8 heads), 128/8/3 at 32 x 16k, 128/4/3 at 32/32; on the second 128/4/3 everywhere, the
 # others within 0.5% at 32/8 heads (the 64-token ones 3-8% behind at 32/32). 32/4/3 is there for
@@ -2015,7 +2031,8 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
     F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0].
     bf16 and fp32 take one pass against a fixed softmax reference (the unified max, Part 4c) and
     a program whose scores leave its window reads its K/V again with the running max; fp16 takes
-    the running max only. The result is the same either way, within the dtype's rounding.
+    the running max only. The result is the same either way, within the dtype's rounding
+    (unless |v| is below ~2^-66, where the one pass can round p * v to 0: Part 4c).
     One program per (sequence, KV head), no split: made for batches that fill the GPU (B * Hkv
     of at least ~1.5 programs per SM); for small batches use paged_decode, which splits the
     sequence. out: a preallocated (B, H, D) that overlaps none of q, k, v. config: a fixed
@@ -2067,13 +2084,21 @@ def contiguous_decode(q, k, v, scale=None, out=None, config=None, trace=None):
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
             out if trace is None else trace, 0 if trace is None else trace.shape[1] - 3)
     meta = dict(N_KV_HEADS=n_kv_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                UNIFIED=q.dtype in (torch.bfloat16, torch.float32),   # p = 2^s needs fp32's exponent range
+                UNIFIED=contiguous_decode_one_pass(q.dtype),
                 TRACE=trace is not None, MARKS=trace is not None and trace.shape[1] > 3)
     if INTERPRET or config is not None:
         _contiguous_decode_kernel[(n_programs,)](*args, **meta, **(config or _INTERPRET_DECODE_CONFIG))
     else:
         _contiguous_decode_launcher()[(n_programs,)](*args, **meta)
     return out
+
+
+def contiguous_decode_one_pass(dtype) -> bool:
+    """Whether contiguous_decode runs the unified one pass for K/V of this dtype (bf16, fp32: p =
+    2^s is cast to V's dtype for the second dot, and their 8-bit exponent holds it over ~+-88
+    nats) or the running max only (fp16: its 5-bit exponent overflows at s = 16). A function so
+    that a test can force the running max and compare the two paths."""
+    return dtype in (torch.bfloat16, torch.float32)
 
 
 def contiguous_decode_config():

@@ -1551,6 +1551,33 @@ def test_contiguous_decode_asks_for_k_v_before_any_other_global_load():
     assert loads_first["paged"] > 0, loads_first
 
 
+def test_contiguous_decode_one_pass_loop_has_no_reduction_across_warps():
+    """Part 4c's twenty-third-session point, in the sm_90 SASS of the tile loop (bf16, 32/8 heads,
+    D=128, 64-token tiles, 3 stages, 2 and 4 warps): with the running max the loop holds 9 block
+    barriers a tile (the row max and the row sum are reductions across the warps that split the
+    keys); the unified one pass holds 3 (P's change of layout, the copy wait, the buffer guard)
+    and fewer instructions. The loop: from its copy wait (DEPBAR.LE) to its backward branch."""
+    tensors = dict(Q="bf16", K="bf16", V="bf16", Out="bf16", Trace="i64")
+    scalars = dict(seq_len=8192, qk_scale=0.1, seq_bucket=8192, grid_per_sm=2, stride_qb=4096, stride_qh=128,
+                   stride_kb=8 * 8192 * 128, stride_kh=8192 * 128, stride_kt=128, stride_vb=8 * 8192 * 128,
+                   stride_vh=8192 * 128, stride_vt=128, stride_ob=4096, stride_oh=128, n_marks=0)
+    kinds = [(one_pass, warps) for one_pass in (True, False) for warps in (4, 2)]
+    jobs = [("flash_attn._contiguous_decode_kernel", tensors, scalars,
+             dict(N_KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=64, UNIFIED=one_pass), warps, 3)
+            for one_pass, warps in kinds]
+    loops = {}
+    for kind, res in zip(kinds, tm.compile_offline(jobs, sass=True)):
+        assert "error" not in res and res["n_spills"] == 0, (kind, res)
+        sass = res["sass"]
+        start = next(i for i, x in enumerate(sass) if x.startswith("DEPBAR.LE"))
+        end = next(i for i in range(start, len(sass)) if "BRA" in sass[i].split()[:2])
+        body = sass[start:end + 1]
+        loops[kind] = (sum(x.startswith("BAR.SYNC") for x in body), len(body), sum("LDGSTS" in x for x in body))
+    for warps in (4, 2):
+        (bars_one, n_one, copies_one), (bars_run, n_run, copies_run) = loops[True, warps], loops[False, warps]
+        assert bars_one <= 3 < 9 <= bars_run and n_one < n_run and copies_one == copies_run > 0, loops
+
+
 def test_paged_decode_signals_its_dependents_before_its_first_load():
     """The decode kernel lets the next kernels launch (griddepcontrol.launch_dependents: PREEXIT
     in the sm_90 SASS) before its first global load, the context length, so the dependent loads
@@ -2430,14 +2457,21 @@ def test_flash_contiguous_decode(b, h, hkv, t, d, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-def test_flash_contiguous_decode_scores_outside_the_unified_window(dtype):
+def test_flash_contiguous_decode_scores_outside_the_unified_window(dtype, monkeypatch):
     # Part 4c's one pass takes p = 2^s against the fixed reference 0 (bf16, fp32) and a program
     # recomputes with the running max when a query row's top score s (log2 units) falls below
-    # UNIFIED_MIN_TOP or anything overflowed. One launch, four sequences: 0 in the window, 1 with
-    # one key at s ~ +200 (2^s overflows), 2 with every key at s ~ -170 (2^s under fp32's
-    # smallest, 2^-149: 0), 3 with one key at s ~ +100 (2^s finite: kept by the one pass). fp16
-    # has no one pass: the running max only.
-    b, hkv, h, t, d = 4, 2, 6, 77, 64
+    # UNIFIED_MIN_TOP or acc or l is not finite. One launch, a sequence per case, each case
+    # caught by one check only (a mutation that drops that check fails it):
+    cases = {0: "in the window",
+             1: "one key at s ~ +200: 2^s overflows (l and acc)",
+             2: "every key at s ~ -170: 2^s under fp32's smallest, 2^-149: 0",
+             3: "one key at s ~ +100: 2^s finite, kept by the one pass",
+             4: "one key at s ~ +126 with v = 10: p * v overflows, l finite (the acc check)",
+             5: "every key at s ~ +127, v / 1000: l overflows, acc finite (the l check)",
+             6: "one query head of a group at s ~ -170, the others at -10 (every row checked)",
+             7: "every key at s ~ -147..-146: 2^s subnormal on a CPU, 0 on a GPU (the top check)",
+             8: "every key at s ~ -130..-129: 0 on a GPU (flush to zero), where a window down to -140 fails"}
+    b, hkv, h, t, d = len(cases), 2, 6, 77, 64
     to_key = 1 / (d ** -0.5 * math.log2(math.e))           # a key's first entry per unit of s
     q = torch.randn(b, h, d, device=FA_DEVICE) * 0.1
     k, v = torch.randn(b, hkv, t, d, device=FA_DEVICE) * 0.1, torch.randn(b, hkv, t, d, device=FA_DEVICE)
@@ -2445,12 +2479,40 @@ def test_flash_contiguous_decode_scores_outside_the_unified_window(dtype):
     k[1, :, 40, 0] = 200 * to_key
     k[2, ..., 0] = -170 * to_key
     k[3, :, 5, 0] = 100 * to_key
+    k[4, :, 40, 0], v[4, :, 40] = 126 * to_key, 10.0
+    k[5, ..., 0], v[5] = 127 * to_key, v[5] / 1000
+    k[6, ..., 0], q[6, 1, 0] = -10 * to_key, 17.0
+    k[7, ..., 0] = (-147 + torch.rand(hkv, t, device=FA_DEVICE)) * to_key
+    k[8, ..., 0] = (-130 + torch.rand(hkv, t, device=FA_DEVICE)) * to_key
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     s_top = (torch.einsum("bgd,btd->bgt", q.float().view(b, hkv, -1, d).flatten(0, 1), k.float().flatten(0, 1))
              .amax(-1) * d ** -0.5 * math.log2(math.e)).view(b, -1)
-    assert s_top[1].min() > 150 and s_top[2].max() < fa.UNIFIED_MIN_TOP.value and 60 < s_top[3].min() < 127, s_top
+    low = fa.UNIFIED_MIN_TOP.value
+    assert (s_top[0].abs() < 30).all() and s_top[1].min() > 150 and s_top[2].max() < low, s_top
+    assert (60 < s_top[3]).all() and (s_top[3] < 127).all() and (125 < s_top[4]).all() and (s_top[4] < 127).all(), s_top
+    assert (126 < s_top[5]).all() and (s_top[5] < 127.9).all() and s_top[6].min() < low < s_top[6].max(), s_top
+    assert s_top[7].max() < -140 and (-131 < s_top[8]).all() and (s_top[8] < -128).all(), s_top
     ref = fa.attention_naive(q[:, :, None].double(), k.double(), v.double(), is_causal=False)[:, :, 0]
-    _fa_assert_close(fa.contiguous_decode(q, k, v), ref, dtype)
+    out = fa.contiguous_decode(q, k, v)
+    _fa_assert_close(out, ref, dtype)
+    if dtype != torch.float32:    # (bf16 rounds away the last bits that tell the two paths apart)
+        return
+    # Which path ran: a program that recomputes runs the running max, the same arithmetic as the
+    # kernel with the one pass turned off (bit for bit under the interpreter); one that kept its
+    # one pass differs from it in the last bits (so "always recompute" fails here too).
+    monkeypatch.setattr(fa, "contiguous_decode_one_pass", lambda dtype: False)
+    running = fa.contiguous_decode(q, k, v)
+    _fa_assert_close(running, ref, dtype)
+    # per program (sequence, KV head); in sequence 6 only KV head 0's group has the head at -170
+    by_program = lambda x: x.view(b, hkv, h // hkv, d)          # noqa: E731
+    recomputed = [(i, j) for i in (1, 2, 4, 5, 6, 7, 8) for j in range(hkv) if (i, j) != (6, 1)]
+    for i, j in [(0, 0), (0, 1), (6, 1)]:        # (sequence 3's one key takes all: exact either way)
+        assert not torch.equal(by_program(out)[i, j], by_program(running)[i, j]), (i, j, cases[i])
+    for i, j in recomputed:
+        if fa.INTERPRET or not out.is_cuda:
+            assert torch.equal(by_program(out)[i, j], by_program(running)[i, j]), (i, j, cases[i])
+        else:       # two compiled kernels: allow their last bits to differ
+            torch.testing.assert_close(by_program(out)[i, j], by_program(running)[i, j], rtol=1e-6, atol=0)
 
 
 def test_flash_contiguous_decode_strides_scale_out():
