@@ -2511,8 +2511,8 @@ def test_flash_contiguous_decode_scores_outside_the_unified_window(dtype, monkey
     for i, j in recomputed:
         if fa.INTERPRET or not out.is_cuda:
             assert torch.equal(by_program(out)[i, j], by_program(running)[i, j]), (i, j, cases[i])
-        else:       # two compiled kernels: allow their last bits to differ
-            torch.testing.assert_close(by_program(out)[i, j], by_program(running)[i, j], rtol=1e-6, atol=0)
+        else:       # two compiled kernels (the recompute unpipelined): allow their last bits to differ
+            torch.testing.assert_close(by_program(out)[i, j], by_program(running)[i, j], rtol=1e-5, atol=1e-7)
 
 
 def test_flash_contiguous_decode_strides_scale_out():
