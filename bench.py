@@ -1009,6 +1009,7 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
     if ctx.plot:
         grid = [i * bin_us for i in range(int(last // bin_us) + 1)]
         grid += [last] if last > grid[-1] else []
+        read_by = [bytes_by(x).sum().item() for x in grid]     # all programs' bytes at each edge, once
         order = end_us.sort().values.tolist()
         _plot_lines(ctx, "flash_decode_tail", f"contiguous_decode {b} x {t // 1024}k, {h}/{hkv} heads: programs' end "
                     "times", "programs, by end time", "us after the first program started",
@@ -1016,7 +1017,8 @@ def _decode_tail(ctx: BenchContext, dtype) -> None:
         _plot_lines(ctx, "flash_decode_bandwidth", f"contiguous_decode {b} x {t // 1024}k, {h}/{hkv} heads: read rate "
                     f"over time ({bin_us:.0f} us bins)", "us after the first program started", "TB/s, all programs",
                     {"read rate": ([(w0 + w1) / 2 for w0, w1 in zip(grid, grid[1:])],
-                                   [rate(w0, w1) for w0, w1 in zip(grid, grid[1:])])}, logx=False, logy=False)
+                                   [(b1 - b0) / (w1 - w0) / 1e6 for w0, w1, b0, b1
+                                    in zip(grid, grid[1:], read_by, read_by[1:])])}, logx=False, logy=False)
 
 
 @register("flash")

@@ -1900,28 +1900,54 @@ def _decode_mark(row, start, seq_len, n_marks, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _contiguous_decode_running_max(q, k_first, v_first, k_step, v_step, seq_len, qk_scale, row, n_marks,
-                                   BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                                   MARKS: tl.constexpr, STAGES: tl.constexpr):
-    """All T tokens with the running max of Part 2 (paged_decode's tile update): any scores, any
-    dtype. fp16 (no bf16's exponent range for p = 2^s) takes only this pass; bf16 and fp32 take it
-    when the one pass below found a score outside its window. STAGES: the loop's num_stages
-    (None: the config's). -> (l, acc)."""
+def _decode_tile_unified(q, k, v, valid, l_cols, top_cols, acc, qk_scale):
+    """The unified-max counterpart of _decode_tile_update (Part 4c): p = 2^s against the fixed
+    reference 0, no max to find, nothing to rescale. The row sum and the top score stay per column
+    (reduced once after the loop, not across warps every tile). A padded token (past T) reads
+    K = V = 0, so s = 0 and p = 1 meets v = 0 in the second dot; only the sum and the top score
+    need the mask, and neither is on the path to the dot."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale      # (BLOCK_G, BLOCK_N)
+    p = tl.math.exp2(s)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    l_cols += tl.where(valid[None, :], p, 0.0)
+    top_cols = tl.maximum(top_cols, tl.where(valid[None, :], s, float("-inf")))
+    return l_cols, top_cols, acc
+
+
+@triton.jit
+def _contiguous_decode_pass(q, k_first, v_first, k_step, v_step, seq_len, qk_scale, row, n_marks,
+                            BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                            MARKS: tl.constexpr, ONE_PASS: tl.constexpr, STAGES: tl.constexpr):
+    """All T tokens of one (sequence, KV head), one tile a loop -> (l, acc, top): the row sums,
+    the unnormalised outputs and each row's top score s. ONE_PASS: the fixed reference 0
+    (_decode_tile_unified); else the running max of Part 2 (paged_decode's tile update), right for
+    any scores and any dtype, whose final max is the top score. STAGES: the loop's num_stages
+    (None: the config's)."""
     offs_n = tl.arange(0, BLOCK_N)
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    if ONE_PASS:
+        l_cols = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+        top_cols = tl.full([BLOCK_G, BLOCK_N], float("-inf"), dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     k_ptrs, v_ptrs = k_first, v_first
     for start in tl.range(0, seq_len, BLOCK_N, num_stages=STAGES):
-        valid = start + offs_n < seq_len
+        valid = start + offs_n < seq_len      # a scalar bound: nothing to wait for before the loads
         k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
-        m_i, l_i, acc = _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale)
+        if ONE_PASS:
+            l_cols, top_cols, acc = _decode_tile_unified(q, k, v, valid, l_cols, top_cols, acc, qk_scale)
+        else:
+            m_i, l_i, acc = _decode_tile_update(q, k, v, valid, m_i, l_i, acc, qk_scale)
         k_ptrs += k_step
         v_ptrs += v_step
         if MARKS:
             _decode_mark(row, start, seq_len, n_marks, BLOCK_N)
-    return l_i, acc
+    if ONE_PASS:
+        return tl.sum(l_cols, 1), acc, tl.max(top_cols, 1)
+    else:
+        return l_i, acc, m_i
 
 
 # The fixed reference's window (log2 units, the kernel's s = q.k * scale * log2 e): the unified
@@ -1961,37 +1987,19 @@ def _contiguous_decode_kernel(
     q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=offs_g[:, None] < GROUP, other=0.0)
     if UNIFIED:
-        # One pass with the fixed reference 0: p = 2^s, no running max, no rescaling. A padded
-        # token (past T) reads K = V = 0, so s = 0 and p = 1 meets v = 0 in the second dot; only
-        # the sum l and the top score need the mask, and neither is on the path to the dot.
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
-        l_cols = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)        # summed over columns once, after
-        top_cols = tl.full([BLOCK_G, BLOCK_N], float("-inf"), dtype=tl.float32)
-        k_ptrs, v_ptrs = k_first, v_first
-        for start in tl.range(0, seq_len, BLOCK_N):
-            valid = start + offs_n < seq_len      # a scalar bound: nothing to wait for before the loads
-            k = tl.load(k_ptrs, mask=valid[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale      # (BLOCK_G, BLOCK_N)
-            p = tl.math.exp2(s)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-            l_cols += tl.where(valid[None, :], p, 0.0)
-            top_cols = tl.maximum(top_cols, tl.where(valid[None, :], s, float("-inf")))
-            k_ptrs += k_step
-            v_ptrs += v_step
-            if MARKS:
-                _decode_mark(row, start, seq_len, n_marks, BLOCK_N)
-        l_i = tl.sum(l_cols, 1)
+        # One pass with the fixed reference 0, then a check of every query row of the group
+        l_i, acc, top = _contiguous_decode_pass(q, k_first, v_first, k_step, v_step, seq_len, qk_scale, row,
+                                                n_marks, BLOCK_G, HEAD_DIM, BLOCK_N, MARKS, True, None)
         acc_sum = tl.sum(acc, 1)               # inf or NaN if any element is (or the sum overflows)
-        out_of_window = ((offs_g < GROUP) & ((tl.max(top_cols, 1) < UNIFIED_MIN_TOP) | (l_i != l_i)
+        out_of_window = ((offs_g < GROUP) & ((top < UNIFIED_MIN_TOP) | (l_i != l_i)
                          | (l_i == float("inf")) | (acc_sum != acc_sum) | (tl.abs(acc_sum) == float("inf"))))
         if tl.max(out_of_window.to(tl.int32), 0) > 0:
             # a rare path, unpipelined: three stages of it next to the one pass would spill
-            l_i, acc = _contiguous_decode_running_max(q, k_first, v_first, k_step, v_step, seq_len, qk_scale, row,
-                                                      n_marks, BLOCK_G, HEAD_DIM, BLOCK_N, MARKS, 1)
+            l_i, acc, top = _contiguous_decode_pass(q, k_first, v_first, k_step, v_step, seq_len, qk_scale, row,
+                                                    n_marks, BLOCK_G, HEAD_DIM, BLOCK_N, MARKS, False, 1)
     else:
-        l_i, acc = _contiguous_decode_running_max(q, k_first, v_first, k_step, v_step, seq_len, qk_scale, row,
-                                                  n_marks, BLOCK_G, HEAD_DIM, BLOCK_N, MARKS, None)
+        l_i, acc, top = _contiguous_decode_pass(q, k_first, v_first, k_step, v_step, seq_len, qk_scale, row,
+                                                n_marks, BLOCK_G, HEAD_DIM, BLOCK_N, MARKS, False, None)
     tl.store(Out + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
              (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=offs_g[:, None] < GROUP)
     if TRACE:       # after the store was issued: the time this program's work took

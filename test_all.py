@@ -1520,22 +1520,25 @@ def test_paged_decode_rule_config_compiles_no_loop_prologue():
         assert cp_async[1] == 0 < cp_async[fa._SMALL_GRID_LOOP_STAGES], (tokens_per_split, cp_async)
 
 
+def _contiguous_decode_sm90_job(block_n, warps, stages, one_pass=True, dtype="bf16"):
+    """An offline sm_90 compile job (tm.compile_offline) of Part 4c's kernel at 32 x 8k, 32/8 heads,
+    D=128, no trace."""
+    tensors = dict(Q=dtype, K=dtype, V=dtype, Out=dtype, Trace="i64")
+    scalars = dict(seq_len=8192, qk_scale=0.1, seq_bucket=8192, grid_per_sm=2, stride_qb=4096, stride_qh=128,
+                   stride_kb=8 * 8192 * 128, stride_kh=8192 * 128, stride_kt=128, stride_vb=8 * 8192 * 128,
+                   stride_vh=8192 * 128, stride_vt=128, stride_ob=4096, stride_oh=128, n_marks=0)
+    return ("flash_attn._contiguous_decode_kernel", tensors, scalars,
+            dict(N_KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=block_n, UNIFIED=one_pass), warps, stages)
+
+
 def test_contiguous_decode_asks_for_k_v_before_any_other_global_load():
     """Part 4c's point, in the sm_90 SASS of every autotuned config at 32 x 8k, 32/8 heads (D=128,
     bf16): the first K/V cp.async (LDGSTS) is issued before any plain global load (LDG): nothing is
     loaded that the K/V addresses could wait for. The paged kernel, for contrast, loads the context
     length and a block id first. No spills, and the shared memory fits an SM (227 KB)."""
-    tensors = dict(Q="bf16", K="bf16", V="bf16", Out="bf16", Trace="i64")
-    scalars = dict(seq_len=8192, qk_scale=0.1, seq_bucket=8192, grid_per_sm=2, stride_qb=4096, stride_qh=128,
-                   stride_kb=8 * 8192 * 128, stride_kh=8192 * 128, stride_kt=128, stride_vb=8 * 8192 * 128,
-                   stride_vh=8192 * 128, stride_vt=128, stride_ob=4096, stride_oh=128, n_marks=0)
-    jobs = [("flash_attn._contiguous_decode_kernel", tensors, scalars,
-             dict(N_KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=n, UNIFIED=True), w, s)
-            for n, w, s in fa._CONTIGUOUS_DECODE_CONFIGS]
+    jobs = [_contiguous_decode_sm90_job(n, w, s) for n, w, s in fa._CONTIGUOUS_DECODE_CONFIGS]
     # fp16 (no one pass: the running max only), compiled and free of spills too
-    fp16 = [("flash_attn._contiguous_decode_kernel", dict(tensors, Q="fp16", K="fp16", V="fp16", Out="fp16"), scalars,
-             dict(N_KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=n, UNIFIED=False), w, s)
-            for n, w, s in fa._CONTIGUOUS_DECODE_CONFIGS]
+    fp16 = [_contiguous_decode_sm90_job(n, w, s, one_pass=False, dtype="fp16") for n, w, s in fa._CONTIGUOUS_DECODE_CONFIGS]
     jobs.append(_paged_decode_job(128, 8, 4, 256, config=(64, 4, 3), tokens_per_split=8192))
     *ours, paged = tm.compile_offline(jobs, sass=True)
     for config, res in zip(fa._CONTIGUOUS_DECODE_CONFIGS, tm.compile_offline(fp16)):
@@ -1557,14 +1560,8 @@ def test_contiguous_decode_one_pass_loop_has_no_reduction_across_warps():
     barriers a tile (the row max and the row sum are reductions across the warps that split the
     keys); the unified one pass holds 3 (P's change of layout, the copy wait, the buffer guard)
     and fewer instructions. The loop: from its copy wait (DEPBAR.LE) to its backward branch."""
-    tensors = dict(Q="bf16", K="bf16", V="bf16", Out="bf16", Trace="i64")
-    scalars = dict(seq_len=8192, qk_scale=0.1, seq_bucket=8192, grid_per_sm=2, stride_qb=4096, stride_qh=128,
-                   stride_kb=8 * 8192 * 128, stride_kh=8192 * 128, stride_kt=128, stride_vb=8 * 8192 * 128,
-                   stride_vh=8192 * 128, stride_vt=128, stride_ob=4096, stride_oh=128, n_marks=0)
     kinds = [(one_pass, warps) for one_pass in (True, False) for warps in (4, 2)]
-    jobs = [("flash_attn._contiguous_decode_kernel", tensors, scalars,
-             dict(N_KV_HEADS=8, GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_N=64, UNIFIED=one_pass), warps, 3)
-            for one_pass, warps in kinds]
+    jobs = [_contiguous_decode_sm90_job(64, warps, 3, one_pass=one_pass) for one_pass, warps in kinds]
     loops = {}
     for kind, res in zip(kinds, tm.compile_offline(jobs, sass=True)):
         assert "error" not in res and res["n_spills"] == 0, (kind, res)
